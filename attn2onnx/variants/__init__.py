@@ -1,0 +1,17 @@
+"""One PyTorch module per attention variant (variants.md), and the registry of them.
+
+Importing this package registers every variant; see :mod:`attn2onnx.variants.base`.
+"""
+from .base import (
+    VARIANTS,
+    AttentionConfig,
+    VariantError,
+    VariantInfo,
+    build_attention,
+    get_variant,
+    make_config,
+)
+
+# Variant modules register themselves on import (one line each, in variants.md order).
+
+__all__ = ["VARIANTS", "AttentionConfig", "VariantError", "VariantInfo", "build_attention", "get_variant", "make_config"]

@@ -1,0 +1,25 @@
+"""The ``ai.attn2onnx`` op set (version 1): one folder per op, every backend side by side.
+
+Importing this package registers every op with torch (``torch.ops.attn2onnx.*``) and its
+schema with onnx. :func:`translation_table` feeds ``torch.onnx.export`` and
+:func:`function_protos` gives the standard-op bodies to attach to exported models.
+"""
+from __future__ import annotations
+
+import onnx
+
+from ._common import DOMAIN, OPSET_VERSION, REGISTRY, OpDef
+from . import super_mix  # noqa: F401  (registers the op)
+
+
+def translation_table() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export``: torch overload -> translation."""
+    return {opdef.overload_packet: opdef.translation for opdef in REGISTRY.values()}
+
+
+def function_protos() -> dict[str, onnx.FunctionProto]:
+    """Op type -> FunctionProto (domain ai.attn2onnx) with the op's standard-op body."""
+    return {name: opdef.function_proto() for name, opdef in REGISTRY.items()}
+
+
+__all__ = ["DOMAIN", "OPSET_VERSION", "REGISTRY", "OpDef", "translation_table", "function_protos"]

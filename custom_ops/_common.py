@@ -1,0 +1,129 @@
+"""Shared machinery of the ``ai.attn2onnx`` op set.
+
+Every op folder defines three things and hands them to :func:`register_op`:
+
+* a ``torch.library.custom_op`` whose eager implementation is the op's pure-PyTorch
+  *reference* (the numerical contract of variants.md), with a fake (shape) function;
+* an ``onnx.defs.OpSchema`` so that exporters and checkers know the node's signature;
+* an onnxscript function body built from standard ONNX ops (opset 23), attached to every
+  exported model so that stock runtimes can run the node when no native kernel is registered,
+  plus the onnxscript *translation* used by ``torch.onnx.export(custom_translation_table=...)``
+  that emits one bare ``ai.attn2onnx`` node (the body is attached after export, never inlined).
+
+Training through the ops works because :func:`register_autograd_from_reference` gives each op
+a backward that differentiates its reference implementation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import onnx
+import onnx.defs
+import torch
+
+DOMAIN = "ai.attn2onnx"
+OPSET_VERSION = 1
+TORCH_NAMESPACE = "attn2onnx"
+# Standard ONNX opset that the function bodies are written against.
+BODY_OPSET = 23
+
+FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """Everything the exporter and the runtimes need to know about one op."""
+
+    onnx_name: str
+    torch_op: Any  # torch._library.custom_ops.CustomOpDef
+    schema: onnx.defs.OpSchema
+    translation: Any  # onnxscript OnnxFunction emitting the bare custom node
+    body: Any  # onnxscript OnnxFunction made of standard ops
+
+    @property
+    def overload_packet(self) -> Any:
+        """The ``torch.ops.attn2onnx.<name>`` overload the exporter sees in the graph."""
+        namespace, name = self.torch_op._qualname.split("::")
+        return getattr(getattr(torch.ops, namespace), name).default
+
+    def function_proto(self) -> onnx.FunctionProto:
+        """The op's standard-op body as an ONNX local function of the custom domain."""
+        proto = self.body.to_function_proto()
+        proto.domain = DOMAIN
+        proto.name = self.onnx_name
+        return proto
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def make_schema(
+    name: str,
+    doc: str,
+    inputs: Sequence[tuple[str, str, str]],
+    outputs: Sequence[tuple[str, str]],
+    attributes: Sequence[tuple[str, onnx.defs.OpSchema.AttrType, str]] = (),
+    type_constraints: Sequence[tuple[str, list[str], str]] = (("T", FLOAT_TYPES, "float tensors"),),
+) -> onnx.defs.OpSchema:
+    """Build an OpSchema. ``inputs`` are (name, type_str, option) with option one of
+    "" (single) or "optional"; ``outputs`` are (name, type_str)."""
+    param = onnx.defs.OpSchema.FormalParameter
+    option = {"": onnx.defs.OpSchema.FormalParameterOption.Single,
+              "optional": onnx.defs.OpSchema.FormalParameterOption.Optional}
+    return onnx.defs.OpSchema(
+        name,
+        DOMAIN,
+        OPSET_VERSION,
+        doc=doc,
+        inputs=[param(n, t, param_option=option[o]) for n, t, o in inputs],
+        outputs=[param(n, t) for n, t in outputs],
+        type_constraints=list(type_constraints),
+        attributes=[onnx.defs.OpSchema.Attribute(n, kind, d, required=False) for n, kind, d in attributes],
+    )
+
+
+def register_op(opdef: OpDef) -> OpDef:
+    """Register the schema with onnx (once per process) and the op in :data:`REGISTRY`."""
+    if not onnx.defs.has(opdef.onnx_name, DOMAIN):
+        onnx.defs.register_schema(opdef.schema)
+    REGISTRY[opdef.onnx_name] = opdef
+    return opdef
+
+
+def register_autograd_from_reference(torch_op: Any, reference: Callable[..., Any]) -> None:
+    """Give ``torch_op`` a backward pass by differentiating ``reference`` (same signature).
+
+    The reference is re-run under autograd in backward (recompute instead of storing
+    intermediates), so the custom ops train exactly like the plain-PyTorch math they stand for.
+    """
+
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.inputs = inputs
+
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple:
+        inputs = ctx.inputs
+        with torch.enable_grad():
+            leaves = [
+                t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                for t in inputs
+            ]
+            outputs = reference(*leaves)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            wanted = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+            pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs], allow_unused=True
+            ) if pairs else [None] * len(wanted)
+        result: list[Any] = [None] * len(inputs)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return tuple(result)
+
+    torch_op.register_autograd(backward, setup_context=setup_context)
+
+
+# NEG of variants.md: masked logits are replaced (never biased) by this finite negative.
+# Softmax always runs in fp32 or wider, where -1e30 is representable; a fully masked row
+# then gives a uniform distribution instead of NaN.
+NEG = -1e30

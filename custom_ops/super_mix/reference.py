@@ -1,0 +1,36 @@
+"""SuperMix: super attention's learned token mixing U = WA[:T,:T] x (variants.md section 4).
+
+Computed once per layer and shared by every head. With ``causal`` the mixing matrix is
+masked to its lower triangle on every call (without it the layer leaks future tokens); rows
+of padded tokens are zeroed before mixing, because WA would mix them into real tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._common import TORCH_NAMESPACE
+
+
+def super_mix_reference(
+    x: torch.Tensor, wa: torch.Tensor, key_padding_mask: torch.Tensor, causal: bool
+) -> torch.Tensor:
+    """x [B,T,D], wa [Lmax,Lmax], key_padding_mask [B,T] bool (True = real) -> U [B,T,D]."""
+    t = x.shape[1]
+    if t > wa.shape[0]:
+        raise ValueError(f"super attention: sequence length {t} exceeds the layer's max_len {wa.shape[0]}")
+    mix = wa[:t, :t]
+    if causal:
+        mix = torch.tril(mix)
+    x = x * key_padding_mask.unsqueeze(-1).to(x.dtype)
+    return torch.matmul(mix.to(x.dtype), x)
+
+
+@torch.library.custom_op(f"{TORCH_NAMESPACE}::super_mix", mutates_args=())
+def super_mix(x: torch.Tensor, wa: torch.Tensor, key_padding_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Custom op wrapper of :func:`super_mix_reference` (one ``ai.attn2onnx::SuperMix`` node)."""
+    return super_mix_reference(x, wa, key_padding_mask, causal)
+
+
+@super_mix.register_fake
+def _(x: torch.Tensor, wa: torch.Tensor, key_padding_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    return torch.empty_like(x)
