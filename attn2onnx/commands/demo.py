@@ -1,0 +1,37 @@
+"""The main job: export, run in ONNX Runtime and validate every variant, in one table.
+
+  attn2onnx demo                       writes demo_out/<variant>.onnx
+  attn2onnx demo --out /tmp/d --json
+  attn2onnx demo --variants dcmha,super
+
+For every variant: a small 2-layer model in a family it fits (causal LM when the variant can
+be causal, else a token encoder), exported with the ai.attn2onnx op set, validated against
+PyTorch at three dynamic shapes (fp32 tolerance), timed at batch 1 x 64 tokens.
+Exit 0 only if every row passes."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "export, run and validate every variant (the main job)"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="demo_out", metavar="DIR", help="folder for the ONNX files (default demo_out)")
+    parser.add_argument("--variants", help="comma-separated subset (default: all)")
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..demo import format_table, rows_json, run_demo
+    from ..variants import get_variant
+
+    names = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    for name in names or []:
+        get_variant(name)  # unknown names fail before any work
+    rows = run_demo(Path(args.out), names, progress=lambda n: print(f"  {n} ...", file=sys.stderr, flush=True))
+    print(json.dumps(rows_json(rows)) if args.json else format_table(rows))
+    return 0 if rows and all(r.passed for r in rows) else 1

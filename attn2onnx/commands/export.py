@@ -1,0 +1,62 @@
+"""Export a model to ONNX with the ai.attn2onnx op set, then check it against PyTorch.
+
+  attn2onnx export model.pt -o model.onnx                 dynamic batch and sequence
+  attn2onnx export model.pt -o model.onnx --static --batch 1 --seq-len 128
+  attn2onnx export model.pt -o model.onnx --optimize --target ort
+  attn2onnx export program.pt2 -o model.onnx              a torch.export program
+  attn2onnx export module.pkl -o model.onnx --trust-pickle   a pickled nn.Module (runs its code!)
+
+Right after export, ONNX Runtime runs the file on fresh random inputs at two shapes and the
+max abs / rel error against PyTorch is printed; exit 1 when out of fp32 tolerance."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "export a model to ONNX (custom ops + function bodies) and check parity"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="attn2onnx checkpoint (.pt), torch.export program (.pt2)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write")
+    parser.add_argument("--opset", type=int, default=23, help="standard ONNX opset (default 23)")
+    parser.add_argument("--static", action="store_true", help="fixed batch and sequence sizes instead of dynamic dims")
+    parser.add_argument("--batch", type=int, default=2, help="example batch size (the fixed one with --static)")
+    parser.add_argument("--seq-len", type=int, default=16, help="example sequence length (the fixed one with --static)")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module (unpickling runs code)")
+    parser.add_argument("--optimize", action="store_true", help="run the graph passes after export")
+    parser.add_argument("--target", choices=("ort", "trt", "portable"), default="ort", help="pass pipeline (with --optimize)")
+    parser.add_argument("--no-check", action="store_true", help="skip the ORT vs PyTorch check")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
+    from ..export import export
+    from ..sources import load_source
+    from ..validate import compare, ort_runner, TorchRunner
+
+    if args.batch < 1 or args.seq_len < 1:
+        raise UsageError("--batch and --seq-len must be positive")
+    if not args.output.endswith(".onnx"):
+        raise UsageError(f"output {args.output!r} should end in .onnx")
+    source = load_source(args.model, trust_pickle=args.trust_pickle)
+    if source.max_seq and args.seq_len > source.max_seq:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's maximum sequence length {source.max_seq}")
+    example = source.example_inputs(args.batch, args.seq_len)
+    result = export(source.module, example, args.output, specs=source.specs, output_names=source.output_names,
+                    opset=args.opset, dynamic=not args.static, max_seq=source.max_seq)
+    if args.optimize:
+        from ..passes import optimize
+
+        optimize(args.output, args.output, target=args.target)
+    print(f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, exported in {result.seconds:.1f} s")
+    if args.no_check:
+        return 0
+    shapes = [(args.batch, args.seq_len)]
+    if not args.static:
+        shapes.append((args.batch + 1, max(1, args.seq_len // 2 + 1)))
+    comparisons = compare(TorchRunner(source.module, result.inputs, source.output_names),
+                          {"ort": ort_runner(str(result.path))}, result.inputs, shapes)
+    for c in comparisons:
+        status = "ok" if c.passed else "MISMATCH"
+        print(f"check {c.backend} at batch={c.shape[0]} seq={c.shape[1]}: max abs err {c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} {status}")
+    return 0 if all(c.passed for c in comparisons) else 1

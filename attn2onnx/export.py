@@ -1,0 +1,146 @@
+"""PyTorch -> ONNX with the ``ai.attn2onnx`` op set.
+
+``torch.onnx.export(dynamo=True)`` runs with a custom translation table that turns each
+attn2onnx torch custom op into one bare ``ai.attn2onnx`` node; afterwards each op's
+standard-op body is attached as an ONNX local function, so any runtime can run the model and
+native kernels can replace the bodies. Dynamic dims are named ``batch`` and ``seq``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any, Sequence
+
+import onnx
+import torch
+
+from . import custom_ops
+from .io_spec import METADATA_KEY, InputSpec, specs_to_json
+from .onnx_io import attach_functions, check_model, save_model
+
+DEFAULT_OPSET = 23
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote and how the graph looks."""
+
+    path: Path
+    inputs: list[InputSpec]
+    output_names: list[str]
+    nodes: int
+    custom_nodes: int
+    seconds: float
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+
+def _dynamic_shapes(specs: Sequence[InputSpec], max_seq: int | None) -> tuple[dict[int, Any], ...]:
+    """torch.export dynamic_shapes from the specs' symbolic dims (shared Dim objects, so
+    inputs that share ``seq`` are constrained to be equal)."""
+    dims = {
+        "batch": torch.export.Dim("batch", max=4096),
+        "seq": torch.export.Dim("seq", max=max_seq) if max_seq else torch.export.Dim("seq"),
+    }
+    return tuple({i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in specs)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress lines and warnings; keep the CLI output to our table."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def to_onnx(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    specs: Sequence[InputSpec],
+    *,
+    output_names: Sequence[str] = ("output",),
+    opset: int = DEFAULT_OPSET,
+    max_seq: int | None = None,
+    custom: bool = True,
+) -> onnx.ModelProto:
+    """Export ``model`` to an in-memory ModelProto with bare ai.attn2onnx nodes and their bodies.
+
+    ``custom=False`` exports without the translation table (the stock exporter decomposes our
+    ops into its own graph): what a user gets from plain ``torch.onnx.export``.
+    """
+    model = model.eval()
+    dynamic = any(isinstance(d, str) for s in specs for d in s.dims)
+    with _quiet():
+        program = torch.onnx.export(
+            model,
+            tuple(example_inputs),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[s.name for s in specs],
+            output_names=list(output_names),
+            dynamic_shapes=_dynamic_shapes(specs, max_seq) if dynamic else None,
+            custom_translation_table=custom_ops.translation_table() if custom else None,
+            optimize=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    if custom:
+        attach_functions(proto)
+    onnx.helper.set_model_props(proto, {METADATA_KEY: specs_to_json(specs), "attn2onnx.version": package_version("attn2onnx")})
+    return proto
+
+
+def export(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    specs: Sequence[InputSpec] | None = None,
+    output_names: Sequence[str] = ("output",),
+    opset: int = DEFAULT_OPSET,
+    dynamic: bool = True,
+    max_seq: int | None = None,
+) -> ExportResult:
+    """Export ``model`` to ``path`` (atomically; external data above 2 GB) and check it with
+    ``onnx.checker`` (full_check). Parity with PyTorch is checked by the caller
+    (:func:`attn2onnx.validate.parity`), which the CLI does right after export."""
+    from .io_spec import specs_from_examples
+
+    if specs is None:
+        specs = specs_from_examples([f"input_{i}" for i in range(len(example_inputs))], example_inputs, dynamic)
+    if not dynamic:
+        specs = [InputSpec(s.name, tuple(example_inputs[i].shape), s.kind, s.high) for i, s in enumerate(specs)]
+    start = time.perf_counter()
+    proto = to_onnx(model, example_inputs, specs, output_names=output_names, opset=opset, max_seq=max_seq)
+    seconds = time.perf_counter() - start
+    path = save_model(proto, path)
+    try:
+        check_model(path)
+    except onnx.checker.ValidationError:
+        path.unlink(missing_ok=True)
+        raise
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        key = node.op_type if not node.domain else f"{node.domain}::{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return ExportResult(
+        path=path,
+        inputs=list(specs),
+        output_names=[o.name for o in proto.graph.output],
+        nodes=len(proto.graph.node),
+        custom_nodes=sum(1 for n in proto.graph.node if n.domain == custom_ops.DOMAIN),
+        seconds=seconds,
+        op_counts=counts,
+    )

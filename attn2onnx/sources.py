@@ -1,0 +1,103 @@
+"""Where models come from: attn2onnx checkpoints, torch.export programs (.pt2), and, only
+behind an explicit opt-in, pickled modules (unpickling runs the file's code).
+
+Every source becomes a :class:`ModelSource`: the module, its input specs (names, dynamic
+dims, kinds) and output names, which export, validate and the demo all share.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .io_spec import InputSpec
+
+
+@dataclass
+class ModelSource:
+    """A model ready for export: ``module(*example_inputs(b, t))`` runs it."""
+
+    module: nn.Module
+    specs: list[InputSpec]
+    output_names: list[str]
+    max_seq: int | None = None
+
+    def example_inputs(self, batch: int = 2, seq: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random torch inputs matching the specs (unpadded masks: export traces one path)."""
+        from .io_spec import random_inputs
+
+        seq = min(seq, self.max_seq) if self.max_seq else seq
+        feeds = random_inputs(self.specs, batch, seq, seed=seed, pad=False)
+        return tuple(torch.from_numpy(feeds[s.name]) for s in self.specs)
+
+
+def family_specs(model: nn.Module) -> tuple[list[InputSpec], list[str], int | None]:
+    """Input specs, output names and the longest sequence of an attn2onnx family model."""
+    config = model.config
+    mask = InputSpec("key_padding_mask", ("batch", "seq"), "mask")
+    if config.family == "lm":
+        return [InputSpec("input_ids", ("batch", "seq"), "ids", config.vocab_size), mask], ["logits"], config.max_len
+    if config.family == "encoder":
+        if config.is_image:
+            side = config.image_size
+            return [InputSpec("pixels", ("batch", config.channels, side, side), "float")], ["logits"], None
+        return [InputSpec("input_ids", ("batch", "seq"), "ids", config.vocab_size), mask], ["logits"], config.max_len - 1
+    return [InputSpec("x", ("batch", "seq", config.d_model), "float"), mask], ["y"], config.max_len
+
+
+def from_module(model: nn.Module) -> ModelSource:
+    """A family model built by attn2onnx (it carries ``model.config``)."""
+    if not hasattr(model, "config") or not hasattr(model.config, "family"):
+        raise UsageError("this module is not an attn2onnx model family; use attn2onnx.export with example inputs")
+    specs, outputs, max_seq = family_specs(model)
+    return ModelSource(model.eval(), specs, outputs, max_seq)
+
+
+def _program_source(path: Path) -> ModelSource:
+    """A torch.export program: inputs are its user inputs, all with dynamic batch and, for
+    rank 2-3 inputs, dynamic sequence dims as exported."""
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure to read is a bad file for the user
+        raise UsageError(f"{path}: not a readable torch.export program ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    module = program.module()
+    specs = []
+    for i, node in enumerate(n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs):
+        meta = node.meta["val"]
+        dims = tuple(d if isinstance(d, int) else ("batch" if j == 0 else "seq") for j, d in enumerate(meta.shape))
+        kind = "mask" if meta.dtype == torch.bool else "ids" if not meta.dtype.is_floating_point else "float"
+        specs.append(InputSpec(node.name, dims, kind, 2 if kind == "ids" else 0))
+    return ModelSource(module, specs, ["output"], None)
+
+
+def load_source(path: str | os.PathLike, *, trust_pickle: bool = False) -> ModelSource:
+    """Load a model file: an attn2onnx checkpoint (.pt), a torch.export program (.pt2), or a
+    pickled nn.Module when ``trust_pickle`` (never by default: unpickling runs code)."""
+    from .checkpoint import load, read_checkpoint
+    from .errors import CheckpointError
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if not path.is_file():
+        raise UsageError(f"{path} is not a file")
+    if path.suffix == ".pt2":
+        return _program_source(path)
+    try:
+        read_checkpoint(path)
+    except CheckpointError:
+        if not trust_pickle:
+            raise
+        try:
+            module = torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, zipfile.BadZipFile, AttributeError, ModuleNotFoundError) as e:
+            raise UsageError(f"{path}: cannot unpickle a module ({str(e).splitlines()[0]})") from None
+        if not isinstance(module, nn.Module):
+            raise UsageError(f"{path} holds a {type(module).__name__}, not a torch.nn.Module") from None
+        return from_module(module)
+    return from_module(load(path))
