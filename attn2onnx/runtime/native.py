@@ -1,0 +1,216 @@
+"""The native ONNX Runtime CPU kernel library (``ai.attn2onnx`` op kernels, C++).
+
+The library is compiled on first use, on the machine that runs it, from the sources shipped with
+the package (``custom_ops/native/*.cc`` and every ``custom_ops/<op>/kernel.cc``) against ONNX
+Runtime's C/C++ API headers, and cached. Because it is built where it runs, it is compiled for
+that CPU (``-march=native``: AVX2 / AVX-512 micro-kernels); the cache key holds the resolved
+target, the compiler, the flags and the sources, so a shared cache never hands one CPU another's
+build. Numerics stay IEEE (no ``-ffast-math``); ``-ffp-contract=fast`` lets multiply-adds fuse.
+
+ORT's pip wheels ship no headers: ``bash scripts/fetch_ort_headers.sh`` fetches Debian's
+``libonnxruntime-dev`` into ``build/ort-headers`` (nothing is installed), or point
+``ATTN2ONNX_ORT_INCLUDE`` at a folder holding ``onnxruntime_c_api.h``.
+
+Environment:
+    ATTN2ONNX_ORT_INCLUDE   folder with onnxruntime_c_api.h / _cxx_api.h / _lite_custom_op.h
+    ATTN2ONNX_NATIVE_LIB    use this prebuilt library instead of building one
+    ATTN2ONNX_CACHE_DIR     cache root (default $XDG_CACHE_HOME/attn2onnx or ~/.cache/attn2onnx)
+    CXX                     the C++ compiler (default g++)
+
+    python -m attn2onnx.runtime.native [--vec-report]   builds (if needed) and prints the path
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LIBRARY_NAME = "libattn2onnx_ort.so"
+HEADERS = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_lite_custom_op.h")
+CXXFLAGS = [
+    "-std=gnu++17", "-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared",
+    "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-pthread",
+]
+
+
+class NativeBuildError(RuntimeError):
+    """The kernel library could not be found or built; the message says what to do."""
+
+
+def custom_ops_dir() -> Path:
+    """The folder of the ``attn2onnx.custom_ops`` package (without importing it: no torch)."""
+    spec = importlib.util.find_spec("attn2onnx.custom_ops")
+    if spec is None or not spec.submodule_search_locations:
+        raise NativeBuildError("attn2onnx.custom_ops is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def sources() -> list[Path]:
+    """Every C++ source of the library: the shared register.cc and each op's kernel.cc."""
+    root = custom_ops_dir()
+    return sorted((root / "native").glob("*.cc")) + sorted(root.glob("*/kernel.cc"))
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("ATTN2ONNX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attn2onnx")
+    return Path(base)
+
+
+def _has_headers(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in HEADERS)
+
+
+def ort_include_dir() -> Path:
+    """The folder holding ONNX Runtime's C/C++ API headers, or NativeBuildError saying how to get them."""
+    given = os.environ.get("ATTN2ONNX_ORT_INCLUDE")
+    if given:
+        if _has_headers(Path(given)):
+            return Path(given)
+        raise NativeBuildError(f"ATTN2ONNX_ORT_INCLUDE={given} does not hold {', '.join(HEADERS)}")
+    candidates = [
+        custom_ops_dir().parent / "build" / "ort-headers" / "usr" / "include" / "onnxruntime",  # a checkout
+        cache_dir() / "ort-headers" / "usr" / "include" / "onnxruntime",
+        Path("/usr/include/onnxruntime"),
+        Path("/usr/local/include/onnxruntime"),
+    ]
+    for folder in candidates:
+        if _has_headers(folder):
+            return folder
+    raise NativeBuildError(
+        "ONNX Runtime's C/C++ API headers were not found (the onnxruntime pip wheel ships none). "
+        "Run `bash scripts/fetch_ort_headers.sh` in an attn2onnx checkout (Debian's libonnxruntime-dev, "
+        "unpacked, not installed), or set ATTN2ONNX_ORT_INCLUDE to a folder holding "
+        f"{', '.join(HEADERS)} (ONNX Runtime 1.21 or newer). Looked in: " + ", ".join(map(str, candidates)))
+
+
+def header_api_version(include: Path) -> int:
+    text = (include / "onnxruntime_c_api.h").read_text(errors="replace")
+    match = re.search(r"#define\s+ORT_API_VERSION\s+(\d+)", text)
+    if not match:
+        raise NativeBuildError(f"{include / 'onnxruntime_c_api.h'} defines no ORT_API_VERSION")
+    return int(match.group(1))
+
+
+def runtime_api_version() -> int:
+    """ONNX Runtime 1.x serves C API versions up to x."""
+    import onnxruntime
+
+    return int(onnxruntime.__version__.split(".")[1])
+
+
+def compiler() -> list[str]:
+    return shlex.split(os.environ.get("CXX") or "g++")
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise NativeBuildError(f"C++ compiler not found ({cmd[0]}): install g++ (or set CXX)") from exc
+
+
+@functools.lru_cache(maxsize=None)
+def _native_target(cxx: tuple[str, ...]) -> str:
+    """What -march=native resolves to here (the flags cc1plus gets), plus the compiler version."""
+    version = _run([*cxx, "--version"]).stdout.splitlines()[:1]
+    probe = _run([*cxx, "-march=native", "-E", "-v", "-x", "c++", "-"] + ["-o", os.devnull])
+    target = [line for line in probe.stderr.splitlines() if "cc1plus" in line or "-target-cpu" in line]
+    return "\n".join(version + target)
+
+
+def _build_key(include: Path, srcs: list[Path], flags: list[str]) -> str:
+    digest = hashlib.sha256()
+    for part in [" ".join(compiler()), " ".join(flags), _native_target(tuple(compiler())), str(header_api_version(include))]:
+        digest.update(part.encode() + b"\0")
+    for src in srcs + sorted((custom_ops_dir() / "native").glob("*.h")):
+        digest.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def build(force: bool = False, extra_flags: list[str] | None = None, verbose: bool = False) -> Path:
+    """Compile the library into the cache (unless already there) and return its path.
+
+    ``extra_flags`` (e.g. ``["-fopt-info-vec-optimized"]``) go to the compiler; with ``verbose``
+    the compiler's diagnostics are printed to stderr."""
+    include = ort_include_dir()
+    header_version, runtime_version = header_api_version(include), runtime_api_version()
+    if header_version > runtime_version:
+        raise NativeBuildError(
+            f"the ORT headers in {include} are API version {header_version}, newer than the installed "
+            f"onnxruntime (API {runtime_version}): use headers of ONNX Runtime 1.{runtime_version} or older")
+    srcs = sources()
+    flags = CXXFLAGS + list(extra_flags or [])
+    target = cache_dir() / "native" / _build_key(include, srcs, flags) / LIBRARY_NAME
+    if target.is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [*compiler(), *flags, "-I", str(include), "-I", str(custom_ops_dir() / "native"),
+           *map(str, srcs), "-o", tmp]
+    result = _run(cmd)
+    if verbose and result.stderr:
+        sys.stderr.write(result.stderr)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        raise NativeBuildError(
+            "building the attn2onnx ORT kernel library failed:\n  " + shlex.join(cmd) + "\n"
+            + result.stderr[-6000:])
+    os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def library_path() -> Path:
+    """Path of the kernel library: ATTN2ONNX_NATIVE_LIB, else the cached build (built if missing)."""
+    given = os.environ.get("ATTN2ONNX_NATIVE_LIB")
+    if given:
+        if not Path(given).is_file():
+            raise NativeBuildError(f"ATTN2ONNX_NATIVE_LIB={given} does not exist")
+        return Path(given)
+    return build()
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable_reason() -> str | None:
+    """None when the library can be used, else why not (headers missing, no compiler, ...)."""
+    try:
+        library_path()
+    except NativeBuildError as exc:
+        return str(exc)
+    return None
+
+
+def available() -> bool:
+    """True when the kernel library is built (or can be built now) for this machine."""
+    return unavailable_reason() is None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m attn2onnx.runtime.native", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--vec-report", action="store_true",
+                        help="rebuild with -fopt-info-vec-optimized and print what the compiler vectorised")
+    args = parser.parse_args(argv)
+    try:
+        extra = ["-fopt-info-vec-optimized"] if args.vec_report else None
+        path = build(force=args.force or args.vec_report, extra_flags=extra, verbose=args.vec_report)
+    except NativeBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

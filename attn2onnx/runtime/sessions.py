@@ -1,0 +1,57 @@
+"""ONNX Runtime sessions for attn2onnx models.
+
+A model exported by attn2onnx holds ``ai.attn2onnx`` nodes with their standard-op function
+bodies attached. With the native kernel library registered (:mod:`.native`), ORT runs each such
+node with its fused C++ kernel (a registered kernel wins over the function body); without it,
+ORT inlines the bodies and the model still runs, only slower and with more memory.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def session_options(*, native_kernels: bool = True, threads: int | None = None) -> Any:
+    """``onnxruntime.SessionOptions`` with the kernel library registered when it is available."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        options.intra_op_num_threads = threads
+    if native_kernels:
+        from . import native  # imported here: `python -m attn2onnx.runtime.native` stays clean
+
+        reason = native.unavailable_reason()
+        if reason is None:
+            options.register_custom_ops_library(str(native.library_path()))
+        else:
+            warnings.warn(f"attn2onnx native kernels unavailable, the ONNX function bodies run instead: {reason}",
+                          RuntimeWarning, stacklevel=3)
+    return options
+
+
+def session(path: Any, backend: str = "ort", *, native: bool = True, threads: int | None = None) -> Any:
+    """An ``onnxruntime.InferenceSession`` (CPU) for a model file, ``onnx.ModelProto`` or bytes.
+
+    ``native``: register the attn2onnx kernel library when it is available (built on first use,
+    see :mod:`attn2onnx.runtime.native`); otherwise, or with ``native=False``, the ops' function
+    bodies run. ``threads``: intra-op threads (default: ORT's choice, one per core); the kernels
+    run on that thread pool."""
+    if backend != "ort":
+        raise ValueError(f"unknown backend {backend!r}: only 'ort' builds an InferenceSession")
+    import onnxruntime as ort
+
+    options = session_options(native_kernels=native, threads=threads)
+    if isinstance(path, (str, os.PathLike)):
+        model: Any = str(Path(path))
+    elif isinstance(path, bytes):
+        model = path
+    elif hasattr(path, "SerializeToString"):
+        model = path.SerializeToString()
+    else:
+        raise TypeError(f"expected a model path, onnx.ModelProto or bytes, got {type(path).__name__}")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

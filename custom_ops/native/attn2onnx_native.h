@@ -1,0 +1,157 @@
+// Shared pieces of the attn2onnx ONNX Runtime CPU kernel library.
+//
+// Every op kernel (custom_ops/<op>/kernel.cc) includes this header and registers a factory with
+// ATTN2ONNX_REGISTER_OPS; register.cc's RegisterCustomOps creates every op once and adds them to
+// the ai.attn2onnx domain. The library is built against ONNX Runtime's C/C++ API headers with
+// ORT_API_MANUAL_INIT (the OrtApi comes from the OrtApiBase handed to RegisterCustomOps) and is
+// not linked against libonnxruntime, so it loads into any ORT at least as new as its headers.
+#pragma once
+
+#ifndef ORT_API_MANUAL_INIT
+#define ORT_API_MANUAL_INIT
+#endif
+#include <onnxruntime_cxx_api.h>
+#include <onnxruntime_lite_custom_op.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+namespace attn2onnx {
+
+inline constexpr const char* kDomain = "ai.attn2onnx";
+inline constexpr const char* kCpuEP = "CPUExecutionProvider";
+// Masked logits are replaced by this finite negative (never added as a bias).
+inline constexpr float kNeg = -1e30f;
+
+// ---------------------------------------------------------------- op registration
+// A factory appends the op's OrtCustomOp objects (one per supported element type). It runs once
+// per process and the objects are never freed: every session built with them points at them.
+using OpFactory = void (*)(std::vector<OrtCustomOp*>& ops);
+std::vector<OpFactory>& op_factories();
+struct OpRegistrar {
+  explicit OpRegistrar(OpFactory factory) { op_factories().push_back(factory); }
+};
+#define ATTN2ONNX_CONCAT_(a, b) a##b
+#define ATTN2ONNX_CONCAT(a, b) ATTN2ONNX_CONCAT_(a, b)
+#define ATTN2ONNX_REGISTER_OPS(factory) \
+  static ::attn2onnx::OpRegistrar ATTN2ONNX_CONCAT(attn2onnx_registrar_, __LINE__)(factory)
+
+// ---------------------------------------------------------------- SIMD helpers
+// One vector register of floats for the ISA the library is compiled for (-march=native at build
+// time). GCC/Clang vector extensions keep the register-blocked micro-kernels portable across
+// SSE / AVX2 / AVX-512; plain loops elsewhere are left to the auto-vectoriser.
+#if defined(__AVX512F__)
+inline constexpr int kVL = 16;
+#elif defined(__AVX__)
+inline constexpr int kVL = 8;
+#else
+inline constexpr int kVL = 4;
+#endif
+typedef float vf __attribute__((vector_size(kVL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kVL * sizeof(int32_t))));
+
+inline vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf vset1(float x) { return vf{} + x; }
+inline vi viota() {
+  vi v;
+  for (int i = 0; i < kVL; ++i) v[i] = i;
+  return v;
+}
+inline float hsum(vf v) {  // fixed order: deterministic whatever the thread
+  float s = 0.f;
+  for (int i = 0; i < kVL; ++i) s += v[i];
+  return s;
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kVL; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// exp for x <= 0 (softmax after max subtraction), accurate to ~1 ulp (Cephes expf polynomial,
+// Cody-Waite range reduction, exact 2^n). x < -87 returns exactly 0, so masked logits (NEG - max)
+// give probability 0 exactly, as in an fp32 softmax.
+inline vf vexp_nonpos(vf x) {
+  const vf lo = vset1(-87.0f);
+  vi underflow = x < lo;
+  x = x < lo ? lo : x;
+  x = x > vset1(0.f) ? vset1(0.f) : x;
+  const vf magic = vset1(12582912.0f);  // 1.5 * 2^23: adding it rounds to nearest integer
+  vf t = x * vset1(1.44269504088896341f) + magic;
+  vf n = t - magic;
+  vf r = x - n * vset1(0.693359375f);
+  r = r - n * vset1(-2.12194440e-4f);
+  vf p = vset1(1.9875691500e-4f);
+  p = p * r + vset1(1.3981999507e-3f);
+  p = p * r + vset1(8.3334519073e-3f);
+  p = p * r + vset1(4.1665795894e-2f);
+  p = p * r + vset1(1.6666665459e-1f);
+  p = p * r + vset1(5.0000001201e-1f);
+  p = p * r * r + r + vset1(1.0f);
+  vi ni = __builtin_convertvector(n, vi);
+  vi bits = (ni + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  vf result = p * scale;
+  return underflow ? vset1(0.f) : result;
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------- element types
+inline float to_float(float x) { return x; }
+inline float to_float(Ort::Float16_t x) { return x.ToFloat(); }
+inline float to_float(Ort::BFloat16_t x) { return x.ToFloat(); }
+template <typename T>
+inline T from_float(float x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    return T(x);
+  }
+}
+template <typename T>
+constexpr ONNXTensorElementDataType onnx_type() {
+  if constexpr (std::is_same_v<T, float>) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if constexpr (std::is_same_v<T, Ort::Float16_t>) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  if constexpr (std::is_same_v<T, Ort::BFloat16_t>) return ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+
+// ---------------------------------------------------------------- attributes
+inline int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t value = fallback;
+  if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, name, &value)) {
+    api->ReleaseStatus(status);
+    return fallback;
+  }
+  return value;
+}
+inline float attr_float(const OrtApi* api, const OrtKernelInfo* info, const char* name, float fallback) {
+  float value = fallback;
+  if (OrtStatus* status = api->KernelInfoGetAttribute_float(info, name, &value)) {
+    api->ReleaseStatus(status);
+    return fallback;
+  }
+  return value;
+}
+
+// ---------------------------------------------------------------- per-thread scratch
+// Reused across calls by the same thread (ORT's intra-op pool threads live as long as the
+// session), grown on demand; no call allocates in the hot loop.
+inline float* thread_scratch(size_t count) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < count) buffer.resize(count);
+  return buffer.data();
+}
+
+}  // namespace attn2onnx
