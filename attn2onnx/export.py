@@ -77,20 +77,26 @@ def to_onnx(
 ) -> onnx.ModelProto:
     """Export ``model`` to an in-memory ModelProto with bare ai.attn2onnx nodes and their bodies.
 
-    ``custom=False`` exports without the translation table (the stock exporter decomposes our
-    ops into its own graph): what a user gets from plain ``torch.onnx.export``.
+    ``custom=False`` is the stock path: our ops are decomposed into the aten ops of their
+    references first, which is what plain ``torch.onnx.export`` makes of the same model
+    written without attn2onnx.
     """
     model = model.eval()
     dynamic = any(isinstance(d, str) for s in specs for d in s.dims)
+    dynamic_shapes = _dynamic_shapes(specs, max_seq) if dynamic else None
     with _quiet():
+        target: Any = model
+        if not custom:
+            program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+            target = program.run_decompositions(custom_ops.decompositions())
         program = torch.onnx.export(
-            model,
+            target,
             tuple(example_inputs),
             dynamo=True,
             opset_version=opset,
             input_names=[s.name for s in specs],
             output_names=list(output_names),
-            dynamic_shapes=_dynamic_shapes(specs, max_seq) if dynamic else None,
+            dynamic_shapes=dynamic_shapes if custom else None,
             custom_translation_table=custom_ops.translation_table() if custom else None,
             optimize=True,
             verbose=False,

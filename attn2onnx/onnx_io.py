@@ -14,20 +14,27 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 
 def attach_functions(model: onnx.ModelProto) -> list[str]:
-    """Attach the standard-op body of every ai.attn2onnx op used in ``model``.
+    """Attach the standard-op body of every ai.attn2onnx op used in ``model``, and of every
+    op those bodies call in turn (DcmhaAttention's body calls DcmhaCompose).
 
     Adds the ``ai.attn2onnx`` opset import as well. Bodies already present are kept, so the
     call is idempotent. Returns the op types whose bodies were attached.
     """
-    used = {n.op_type for n in _all_nodes(model.graph) if n.domain == custom_ops.DOMAIN}
-    used |= {n.op_type for f in model.functions for n in f.node if n.domain == custom_ops.DOMAIN}
-    present = {(f.domain, f.name) for f in model.functions}
     bodies = custom_ops.function_protos()
+    present = {f.name for f in model.functions if f.domain == custom_ops.DOMAIN}
+    nodes = list(_all_nodes(model.graph)) + [n for f in model.functions for n in f.node]
+    pending = [n.op_type for n in nodes if n.domain == custom_ops.DOMAIN]
+    used: set[str] = set()
     attached = []
-    for op_type in sorted(used):
-        if (custom_ops.DOMAIN, op_type) not in present and op_type in bodies:
+    while pending:
+        op_type = pending.pop()
+        if op_type in used:
+            continue
+        used.add(op_type)
+        if op_type not in present and op_type in bodies:
             model.functions.append(bodies[op_type])
             attached.append(op_type)
+            pending += [n.op_type for n in bodies[op_type].node if n.domain == custom_ops.DOMAIN]
     if used and not any(o.domain == custom_ops.DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(custom_ops.DOMAIN, custom_ops.OPSET_VERSION))
     return attached

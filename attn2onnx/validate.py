@@ -17,7 +17,7 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.comparator import Comparator, SimpleCompareFunc
 from polygraphy.datatype import DataType
 from polygraphy.logger import G_LOGGER
 
@@ -93,8 +93,8 @@ def compare(
     """Run the reference and every backend on fresh random inputs at each (batch, seq) shape
     and compare every output with Polygraphy's Comparator."""
     rtol, atol = TOLERANCES[dtype]
-    G_LOGGER.module_severity = G_LOGGER.ERROR  # our table reports; Polygraphy's per-run logs are noise here
-    compare_func = CompareFunc.simple(rtol=rtol, atol=atol, check_error_stat="elemwise")
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # our table reports; Polygraphy's own logs would mix into --json
+    compare_func = SimpleCompareFunc(rtol=rtol, atol=atol, check_error_stat="elemwise")
     results = []
     for i, (batch, seq) in enumerate(shapes):
         feeds = random_inputs(specs, batch, seq, seed=seed + i)

@@ -56,6 +56,8 @@ class OpDef:
 
 
 REGISTRY: dict[str, OpDef] = {}
+# torch op qualname ("attn2onnx::super_mix") -> its pure-PyTorch reference implementation.
+REFERENCES: dict[str, Callable[..., Any]] = {}
 
 
 def make_schema(
@@ -96,7 +98,10 @@ def register_autograd_from_reference(torch_op: Any, reference: Callable[..., Any
 
     The reference is re-run under autograd in backward (recompute instead of storing
     intermediates), so the custom ops train exactly like the plain-PyTorch math they stand for.
+    It is also recorded in :data:`REFERENCES`, where the stock-export path finds it to
+    decompose the op into plain aten ops.
     """
+    REFERENCES[torch_op._qualname] = reference
 
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
         ctx.inputs = inputs

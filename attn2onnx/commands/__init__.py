@@ -1,0 +1,1 @@
+"""One module per ``attn2onnx`` subcommand (see attn2onnx.cli for the interface)."""
