@@ -107,6 +107,8 @@ CASES = {
     "plain": (2, 33, 33, 4, 16, 2, 0, 0, 0, None),
     "causal": (2, 40, 40, 4, 16, 2, 1, 0, 0, None),
     "causal-long": (1, 150, 150, 3, 8, 2, 1, 0, 0, None),
+    "many-chunks": (1, 600, 600, 2, 8, 2, 1, 0, 1, 0.1),  # several key chunks per query block
+    "window-many-chunks": (1, 700, 700, 2, 4, 1, 1, 150, 0, None),  # chunks a row cannot see
     "window": (2, 70, 70, 4, 8, 2, 1, 9, 0, None),
     "window-1": (1, 20, 20, 2, 8, 1, 1, 1, 0, None),
     "padded": (3, 29, 29, 4, 8, 2, 0, 0, 0, 0.3),

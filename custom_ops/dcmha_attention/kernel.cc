@@ -5,22 +5,25 @@
 // Compose on the head vector a at (t,s): a + (a U_t^T) V_t + (a U_s^T) V_s + a*g_t + a*g_s (+ a Wb).
 //
 // Scheme (exact, no [B,N,T,S] buffer): one work item = (batch, block of kTq query rows), run on
-// ORT's intra-op thread pool. A work item holds the scores of all N heads for its rows over the key
-// range they can see (a [N, kTq, W] row panel in thread-local scratch, W <= S), so every (t,s) has
-// all its heads at hand for the head-mixing composes:
-//   1. QK^T for every head (register-blocked micro-kernel, keys packed transposed);
-//   2. pre-compose in place, mask (causal / local window / key padding), running row max —
-//      swept in key chunks so the chunk's key-side factors stay in cache across rows;
-//   3. exp(L - max) in place and row sums (fp32, fixed summation order);
-//   4. normalise and post-compose in place (normalised probabilities, as the contract says);
-//   5. P·V for every head (register-blocked micro-kernel, values packed with padded rows).
-// Compared with a two-pass flash scheme this computes QK^T once instead of twice; the panel is
-// O(N * kTq * S) per thread. Key blocks that no row of the block can see (causal, window, padding)
-// are skipped: a masked (t,s) has probability 0 in every head (the mask is shared by the heads),
-// and compose maps a zero head vector to zero, so skipped keys contribute nothing. A row that sees
-// no key at all is a softmax over S entries of NEG (uniform), so a block holding such a row keeps
-// the full key range. Work items are independent and each row is computed in one fixed order:
-// any thread count gives bit-identical results.
+// ORT's intra-op thread pool. A work item keeps the scores of all N heads of its rows over the key
+// range they can see (a [kTq, N, W] panel in thread-local scratch, W <= S), so every (t,s) has all
+// its heads at hand for the head-mixing composes. Two sweeps over the keys, chunk by chunk (a
+// chunk's scores, all heads, stay in L2 between the steps):
+//   pass 1, per chunk: 1. QK^T for every head (register-blocked micro-kernel, keys packed);
+//     2. pre-compose in place on the unmasked logits, then mask (causal / local window / key
+//     padding) with NEG; 3. e = exp(L - chunk max) in place, chunk sums (fp32).
+//   between: row max m and sum l over the chunks (exact online-softmax rescaling: chunk c's
+//     probabilities are e * exp(m_c - m) / l).
+//   pass 2, per chunk: 4. normalise and post-compose in place (the contract composes normalised
+//     probabilities); 5. o += P v for every head (register-blocked micro-kernel, values packed).
+// QK^T is computed once (a flash-style scheme that keeps no panel would compute it twice, because
+// the post-compose needs the final normalisers of every head); the panel costs O(N * kTq * S) per
+// thread. Keys that no row of the block can see (causal, window, padding) are skipped: a masked
+// (t,s) has probability 0 in every head (the mask is shared by the heads), and compose maps a zero
+// head vector to zero, so skipped keys contribute nothing. A row that sees no key at all is a
+// softmax over S entries of NEG (uniform), so a block holding such a row keeps the full key range.
+// Work items are independent and each row is computed in one fixed order: any thread count gives
+// bit-identical results.
 #include "attn2onnx_native.h"
 
 #include <algorithm>
@@ -38,7 +41,7 @@ constexpr int kMR = 6;  // 12 accumulators + 3 out of 16
 #endif
 constexpr int kCB = 2 * kVL;     // micro-tile columns (keys for QK^T, head dims for PV)
 constexpr int kTq = 4 * kMR;     // query rows per work item
-constexpr int kChunk = 8 * kCB;  // keys per compose sweep
+constexpr int kChunk = 4 * kCB;  // keys per chunk: a chunk's scores, all heads, stay in L2
 constexpr int kMaxR = 16;
 
 struct Problem {
@@ -83,13 +86,20 @@ inline void qk_tile(const float* a, ptrdiff_t lda, const float* b, ptrdiff_t ldb
   }
 }
 
-// C[MR, ncols] = A[MR, K] * B[K, NV*kVL] (ncols <= NV*kVL columns stored).
+// C[MR, ncols] (+)= A[MR, K] * B[K, NV*kVL] (ncols <= NV*kVL columns loaded / stored).
 template <int MR, int NV>
 inline void pv_tile(const float* a, ptrdiff_t lda, const float* b, ptrdiff_t ldb, int64_t K, float* c,
-                    ptrdiff_t ldc, int ncols) {
+                    ptrdiff_t ldc, int ncols, bool accumulate) {
   vf acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
+  if (accumulate) {
+    float tmp[NV * kVL] = {};
+    for (int i = 0; i < MR; ++i) {
+      std::memcpy(tmp, c + i * ldc, sizeof(float) * ncols);
+      for (int v = 0; v < NV; ++v) acc[i][v] = vload(tmp + v * kVL);
+    }
+  }
   for (int64_t k = 0; k < K; ++k) {
     vf bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * kVL);
@@ -124,12 +134,12 @@ void qk_rows(int64_t rows, const float* a, ptrdiff_t lda, const float* b, ptrdif
 
 template <int MR, int NV>
 void pv_rows(int64_t rows, const float* a, ptrdiff_t lda, const float* b, ptrdiff_t ldb, int64_t K, float* c,
-             ptrdiff_t ldc, int ncols) {
+             ptrdiff_t ldc, int ncols, bool accumulate) {
   if constexpr (MR > 0) {
     if (rows >= MR) {
-      pv_tile<MR, NV>(a, lda, b, ldb, K, c, ldc, ncols);
+      pv_tile<MR, NV>(a, lda, b, ldb, K, c, ldc, ncols, accumulate);
     } else {
-      pv_rows<MR - 1, NV>(rows, a, lda, b, ldb, K, c, ldc, ncols);
+      pv_rows<MR - 1, NV>(rows, a, lda, b, ldb, K, c, ldc, ncols, accumulate);
     }
   }
 }
@@ -206,39 +216,43 @@ void run_block(const Problem& p, int64_t item) {
   s_lo = s_lo / kCB * kCB;  // so that s_lo + Wp <= Sp
   const int64_t W = s_hi - s_lo, Wp = round_up(W, kCB);
 
-  // Scratch: scores [kTq, N, Wld] | row max vectors [N*kTq] | 1/sum [kTq, N] | held [N] vectors.
+  // Scratch: scores [kTq, N, Wld] | chunk max vectors [kTq*N] | held [N] vectors |
+  // per-chunk row max and sum, then scale [nch, kTq, N] each.
   // Wld = Wp + kVL: consecutive heads' rows never sit a multiple of 4 KiB apart.
-  const int64_t Wld = Wp + kVL;
+  const int64_t Wld = Wp + kVL, nch = (Wp + kChunk - 1) / kChunk;
   const size_t panel = static_cast<size_t>(N * kTq * Wld);
-  float* scratch = thread_scratch(panel + (N * kTq + N) * kVL + kTq * N + kVL);
+  float* scratch = thread_scratch(panel + (N * kTq + N + 1) * kVL + 2 * nch * kTq * N);
   float* L = scratch;
-  // vf-aligned start for the vector arrays
-  uintptr_t base = reinterpret_cast<uintptr_t>(scratch + panel);
+  uintptr_t base = reinterpret_cast<uintptr_t>(scratch + panel);  // vf-aligned vector arrays
   base = (base + sizeof(vf) - 1) / sizeof(vf) * sizeof(vf);
   vf* maxv = reinterpret_cast<vf*>(base);
   vf* held = maxv + N * kTq;
-  float* inv_sum = reinterpret_cast<float*>(held + N);
+  float* chunk_max = reinterpret_cast<float*>(held + N);  // [nch, kTq, N]
+  float* chunk_scale = chunk_max + nch * kTq * N;        // [nch, kTq, N]: sums, then exp(m_c - m) / l
   auto row = [&](int64_t n, int64_t i) { return L + (i * N + n) * Wld; };
+  auto stat = [&](float* a, int64_t ci, int64_t i, int64_t n) -> float& { return a[(ci * kTq + i) * N + n]; };
 
-  // 1. scores = scale * q k^T, every head.
-  for (int64_t n = 0; n < N; ++n) {
-    const float* kb = p.kt + ((b * N + n) * (Sp / kCB) + s_lo / kCB) * d * kCB;
-    const float* qa = p.q + ((b * T + t0) * N + n) * d;
-    for (int64_t j = 0; j < Wp; j += kCB)
-      for (int64_t i = 0; i < tn; i += kMR)
-        qk_rows<kMR>(tn - i, qa + i * N * d, N * d, kb + j * d, kCB, d, row(n, i) + j, N * Wld, p.scale);
-  }
-
-  // 2. pre-compose (slot 0) on the unmasked logits, then mask and track the row max.
   const float* wb_pre = p.use_static ? p.wb : nullptr;
   const float* wb_post = p.use_static ? p.wb + N * N : nullptr;
   // key factors of key s_lo + c: kf_slot + c * F * N (c a multiple of kVL); (row, n) at (row*N + n)*kVL
   const float* kf_pre = p.kf + ((b * 2 + 0) * (Sp / kVL) + s_lo / kVL) * F * N * kVL;
   const float* kf_post = p.kf + ((b * 2 + 1) * (Sp / kVL) + s_lo / kVL) * F * N * kVL;
-  for (int64_t x = 0; x < N * kTq; ++x) maxv[x] = vset1(kNeg);
   const vi iota = viota();
-  for (int64_t c0 = 0; c0 < Wp; c0 += kChunk) {
-    const int64_t c1 = std::min<int64_t>(Wp, c0 + kChunk);
+
+  // Pass 1, one chunk of kChunk keys at a time (the chunk's scores stay in L2 throughout):
+  // scores, pre-compose, mask, chunk max, exp(L - chunk max) and chunk sums.
+  for (int64_t ci = 0; ci < nch; ++ci) {
+    const int64_t c0 = ci * kChunk, c1 = std::min<int64_t>(Wp, c0 + kChunk);
+    // 1. scores = scale * q k^T, every head.
+    for (int64_t n = 0; n < N; ++n) {
+      const float* kb = p.kt + ((b * N + n) * (Sp / kCB) + s_lo / kCB) * d * kCB;
+      const float* qa = p.q + ((b * T + t0) * N + n) * d;
+      for (int64_t j = c0; j < c1; j += kCB)
+        for (int64_t i = 0; i < tn; i += kMR)
+          qk_rows<kMR>(tn - i, qa + i * N * d, N * d, kb + j * d, kCB, d, row(n, i) + j, N * Wld, p.scale);
+    }
+    // 2. pre-compose (slot 0) on the unmasked logits, then mask, tracking the max.
+    for (int64_t x = 0; x < N * kTq; ++x) maxv[x] = vset1(kNeg);
     for (int64_t i = 0; i < tn; ++i) {
       const float* qfs = p.qf + ((b * T + t0 + i) * 2 + 0) * F * N;
       for (int64_t c = c0; c < c1; c += kVL) {
@@ -250,53 +264,75 @@ void run_block(const Problem& p, int64_t item) {
         compose_group<RT>(a, Wld, N, R, qfs, kf_pre + c * F * N, kVL, wb_pre, nullptr, held, [&](int64_t n, vf o) {
           o = allowed ? o : vset1(kNeg);
           vstore(a + n * Wld, o);
-          maxv[n * kTq + i] = vmax(maxv[n * kTq + i], o);
+          maxv[i * N + n] = vmax(maxv[i * N + n], o);
         });
       }
     }
-  }
-
-  // 3. exp(L - max) and row sums over the W real columns; padded columns become 0.
-  for (int64_t n = 0; n < N; ++n) {
+    // 3. exp(L - chunk max) and chunk sums over the W real columns; padded columns become 0.
     for (int64_t i = 0; i < tn; ++i) {
-      float* r = row(n, i);
-      const vf m = vset1(hmax(maxv[n * kTq + i]));
-      vf sum = vf{};
-      for (int64_t c = 0; c < Wp; c += kVL) {
-        vf e = vexp_nonpos(vload(r + c) - m);
-        e = (iota + static_cast<int32_t>(c)) < static_cast<int32_t>(W) ? e : vf{};
-        vstore(r + c, e);
-        sum += e;
+      for (int64_t n = 0; n < N; ++n) {
+        float* r = row(n, i);
+        const float m = hmax(maxv[i * N + n]);
+        const vf mv = vset1(m);
+        vf sum = vf{};
+        for (int64_t c = c0; c < c1; c += kVL) {
+          vf e = vexp_nonpos(vload(r + c) - mv);
+          e = (iota + static_cast<int32_t>(c)) < static_cast<int32_t>(W) ? e : vf{};
+          vstore(r + c, e);
+          sum += e;
+        }
+        stat(chunk_max, ci, i, n) = m;
+        stat(chunk_scale, ci, i, n) = hsum(sum);
       }
-      inv_sum[i * N + n] = 1.f / hsum(sum);
     }
   }
 
-  // 4. normalise and post-compose (slot 1) the probabilities in place.
-  for (int64_t c0 = 0; c0 < Wp; c0 += kChunk) {
-    const int64_t c1 = std::min<int64_t>(Wp, c0 + kChunk);
+  // Row max and sum over the chunks; chunk ci's probabilities are its e * exp(m_ci - m) / l.
+  // (A chunk a row cannot see has m_ci = NEG: its scale is exactly 0 unless the whole row is
+  // masked, where every m_ci = m = NEG and the row comes out uniform, as the contract says.)
+  for (int64_t i = 0; i < tn; ++i) {
+    for (int64_t n = 0; n < N; ++n) {
+      float m = kNeg;
+      for (int64_t ci = 0; ci < nch; ++ci) m = std::max(m, stat(chunk_max, ci, i, n));
+      float l = 0.f;
+      for (int64_t ci = 0; ci < nch; ++ci) {
+        const float f = std::exp(stat(chunk_max, ci, i, n) - m);
+        stat(chunk_max, ci, i, n) = f;
+        l += stat(chunk_scale, ci, i, n) * f;
+      }
+      const float inv = 1.f / l;
+      for (int64_t ci = 0; ci < nch; ++ci) stat(chunk_scale, ci, i, n) = stat(chunk_max, ci, i, n) * inv;
+    }
+  }
+
+  // Pass 2, chunk by chunk: normalise and post-compose (slot 1), then accumulate P v.
+  const int64_t dv = p.dv;
+  for (int64_t ci = 0; ci < nch; ++ci) {
+    const int64_t c0 = ci * kChunk, c1 = std::min<int64_t>(Wp, c0 + kChunk);
+    // 4. probabilities (normalised on load) post-composed in place.
     for (int64_t i = 0; i < tn; ++i) {
       const float* qfs = p.qf + ((b * T + t0 + i) * 2 + 1) * F * N;
+      const float* norm = &stat(chunk_scale, ci, i, 0);
       for (int64_t c = c0; c < c1; c += kVL) {
         float* a = row(0, i) + c;
-        compose_group<RT>(a, Wld, N, R, qfs, kf_post + c * F * N, kVL, wb_post, inv_sum + i * N, held,
+        compose_group<RT>(a, Wld, N, R, qfs, kf_post + c * F * N, kVL, wb_post, norm, held,
                           [&](int64_t n, vf o) { vstore(a + n * Wld, o); });
       }
     }
-  }
-
-  // 5. o = P v, every head, straight into the output rows.
-  for (int64_t n = 0; n < N; ++n) {
-    const float* vb = p.vp + (b * N + n) * p.dvb * Sp * kCB + s_lo * kCB;
-    const int64_t dv = p.dv;
-    float* ob = p.out + ((b * T + t0) * N + n) * dv;
-    for (int64_t i = 0; i < tn; i += kMR) {
-      for (int64_t dc = 0; dc < dv; dc += kCB) {
-        const int ncols = static_cast<int>(std::min<int64_t>(kCB, dv - dc));
-        if (ncols > kVL) {
-          pv_rows<kMR, 2>(tn - i, row(n, i), N * Wld, vb + dc * Sp, kCB, Wp, ob + i * N * dv + dc, N * dv, ncols);
-        } else {
-          pv_rows<kMR, 1>(tn - i, row(n, i), N * Wld, vb + dc * Sp, kCB, Wp, ob + i * N * dv + dc, N * dv, ncols);
+    // 5. o (+)= P v over the chunk, every head, straight into the output rows.
+    const bool accumulate = ci > 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* vb = p.vp + (b * N + n) * p.dvb * Sp * kCB + (s_lo + c0) * kCB;
+      float* ob = p.out + ((b * T + t0) * N + n) * dv;
+      for (int64_t i = 0; i < tn; i += kMR) {
+        for (int64_t dc = 0; dc < dv; dc += kCB) {
+          const int ncols = static_cast<int>(std::min<int64_t>(kCB, dv - dc));
+          float* c = ob + i * N * dv + dc;
+          if (ncols > kVL) {
+            pv_rows<kMR, 2>(tn - i, row(n, i) + c0, N * Wld, vb + dc * Sp, kCB, c1 - c0, c, N * dv, ncols, accumulate);
+          } else {
+            pv_rows<kMR, 1>(tn - i, row(n, i) + c0, N * Wld, vb + dc * Sp, kCB, c1 - c0, c, N * dv, ncols, accumulate);
+          }
         }
       }
     }
