@@ -10,6 +10,9 @@ import onnx
 
 from ._common import DOMAIN, OPSET_VERSION, REGISTRY, OpDef
 from . import super_mix  # noqa: F401  (registers the op)
+from . import prob_attention  # noqa: F401
+from . import landmark_attention  # noqa: F401
+from . import pooled_norm_attention  # noqa: F401
 
 
 def translation_table() -> dict:

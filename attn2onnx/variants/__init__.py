@@ -13,5 +13,10 @@ from .base import (
 )
 
 # Variant modules register themselves on import (one line each, in variants.md order).
+from . import mha  # noqa: F401,E402
+from . import hosseini  # noqa: F401,E402
+from . import imhsa  # noqa: F401,E402
+from . import reuse  # noqa: F401,E402
+from . import bn_sh  # noqa: F401,E402
 
 __all__ = ["VARIANTS", "AttentionConfig", "VariantError", "VariantInfo", "build_attention", "get_variant", "make_config"]

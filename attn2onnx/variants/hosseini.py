@@ -1,0 +1,121 @@
+"""optimised, efficient and super attention (variants.md sections 2-4): Hosseini & Hosseini,
+"You Need to Pay Better Attention" (arXiv 2403.01643).
+
+Heads take contiguous column slices of the *raw* input, X_i = x[..., i d:(i+1) d]:
+
+- optimised: no Wv. P_i = softmax((x Wq)_i (x Wk)_i^T / sqrt(d)); y = concat_i(P_i X_i) Wo.
+- efficient: no Wv, no Wk. P_i = softmax((x Wq)_i X_i^T / sqrt(d)); y = concat_i(P_i X_i) Wo.
+- super: efficient, with values mixed along tokens by one learned matrix WA [max_len, max_len]
+  shared by all heads: U = WA[:T,:T] x (padded rows of x zeroed first; tril(WA) when causal),
+  computed once per layer by the ``ai.attn2onnx`` SuperMix op; y = concat_i(P_i U_i) Wo.
+
+Parameters: ``q_proj``, ``o_proj`` (and ``k_proj`` for optimised) nn.Linear; super adds ``wa``
+[max_len, max_len], initialised to the identity (a fresh super layer equals efficient).
+
+Choice where the paper leaves a detail open: WA has no bias by default (U = WA x, as the paper
+writes it); ``wa_bias=True`` adds a per-token bias ``wa_bias`` [max_len] (U = WA x + b,
+b[:T] broadcast over channels), which is what a Keras ``Dense`` / torch ``nn.Linear(max_len,
+max_len)`` WA layer in the published re-implementations computes. With it D = L = 32, N = 4 gives
+3168 parameters (variants.md's table); without it 3136.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .. import custom_ops  # noqa: F401  (registers torch.ops.attn2onnx.super_mix)
+from ..custom_ops._attention_math import attention
+from .base import AttentionConfig, VariantError, VariantInfo, check_input, register_variant, split_heads
+
+PAPER = "Hosseini & Hosseini, You Need to Pay Better Attention (arXiv 2403.01643, 2024)"
+
+
+@dataclass
+class OptimisedConfig(AttentionConfig):
+    """Optimised attention has no options beyond :class:`AttentionConfig`."""
+
+
+@dataclass
+class EfficientConfig(AttentionConfig):
+    """Efficient attention has no options beyond :class:`AttentionConfig`."""
+
+
+@dataclass
+class SuperConfig(EfficientConfig):
+    """``max_len`` (from :class:`AttentionConfig`) fixes WA's size: longer inputs are an error.
+    ``wa_bias`` adds a learned per-token bias to the mixing (off by default, see the module
+    docstring)."""
+
+    wa_bias: bool = False
+
+
+class _SlicedHeadAttention(nn.Module):
+    """Shared body of the three variants: queries projected, keys projected (optimised) or raw
+    slices of x, values from :meth:`values` (raw slices of x unless overridden)."""
+
+    project_keys: ClassVar[bool]
+
+    def __init__(self, config: AttentionConfig) -> None:
+        super().__init__()
+        self.config = config
+        d_model = config.d_model
+        self.q_proj = nn.Linear(d_model, d_model, bias=config.bias)
+        if self.project_keys:
+            self.k_proj = nn.Linear(d_model, d_model, bias=config.bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=config.bias)
+
+    def values(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Values [B,T,D] before the head split."""
+        return x
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = check_input(x, key_padding_mask, self.config.d_model)
+        n = self.config.n_heads
+        q = split_heads(self.q_proj(x), n)
+        k = split_heads(self.k_proj(x) if self.project_keys else x, n)
+        v = split_heads(self.values(x, mask), n)
+        o, _ = attention(q, k, v, mask, causal=self.config.causal)
+        return self.o_proj(o.flatten(-2))
+
+
+class OptimisedAttention(_SlicedHeadAttention):
+    """forward(x [B,T,D], key_padding_mask [B,T] bool | None = None) -> y [B,T,D]. No Wv."""
+
+    project_keys = True
+
+
+class EfficientAttention(_SlicedHeadAttention):
+    """forward(x [B,T,D], key_padding_mask [B,T] bool | None = None) -> y [B,T,D]. No Wk, no Wv."""
+
+    project_keys = False
+
+
+class SuperAttention(EfficientAttention):
+    """forward(x [B,T,D], key_padding_mask [B,T] bool | None = None) -> y [B,T,D], T <= max_len."""
+
+    def __init__(self, config: SuperConfig) -> None:
+        super().__init__(config)
+        self.wa = nn.Parameter(torch.eye(config.max_len))
+        if config.wa_bias:
+            self.wa_bias = nn.Parameter(torch.zeros(config.max_len))
+
+    def values(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        if t > self.config.max_len:
+            raise VariantError(f"super attention: sequence length {t} exceeds max_len {self.config.max_len}")
+        u = torch.ops.attn2onnx.super_mix(x, self.wa, mask, self.config.causal)
+        if self.config.wa_bias:
+            u = u + self.wa_bias[:t, None]
+        return u
+
+
+for _name, _config, _module, _params in (
+    ("optimised", OptimisedConfig, OptimisedAttention, "3D^2"),
+    ("efficient", EfficientConfig, EfficientAttention, "2D^2"),
+    ("super", SuperConfig, SuperAttention, "2D^2 + Lmax^2"),
+):
+    register_variant(VariantInfo(name=_name, config_cls=_config, module_cls=_module, paper=PAPER, causal=True,
+                                 params=_params, families=("lm", "encoder", "layer")))

@@ -1,0 +1,83 @@
+"""PooledNormAttention: Attention-BN, Attention-SH and BN+SH (variants.md sections 8-10).
+
+SH: head h average-pools its keys and values along tokens by its factor r_h (kernel = stride =
+r_h, the last window partial; a masked mean over the real tokens, and a pooled window is real
+iff it holds one). Queries are not pooled, so the output keeps T tokens. Heads with equal
+factors are computed together and put back in the original head order.
+
+BN (after the pooling for BN+SH): per (batch, head, channel) the mean and population variance
+of that head's keys over its real (pooled) key tokens; q^ = (q - beta mu) / sqrt(var + eps),
+k^ = (k - beta mu) / sqrt(var + eps) (rescale off: centre only). No running statistics.
+Then standard masked softmax attention on (q^, k^, v). Not causal.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._attention_math import attention, masked_moments, window_pool
+from .._common import TORCH_NAMESPACE
+
+
+def pooled_norm_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor,
+    factors: list[int],
+    normalize: bool,
+    eps: float,
+    beta: float,
+    rescale: bool,
+    scale: float,
+) -> torch.Tensor:
+    """q [B,T,N,d], k/v [B,S,N,d], key_padding_mask [B,S] bool, factors (one int >= 1 per head)
+    -> o [B,T,N,d]."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"PooledNormAttention: expected q [B,T,N,d] and k, v [B,S,N,d], got {list(q.shape)}, "
+                         f"{list(k.shape)}, {list(v.shape)}")
+    if key_padding_mask.shape != k.shape[:2]:
+        raise ValueError(f"PooledNormAttention: key_padding_mask must be [B,S] = {list(k.shape[:2])}, "
+                         f"got {list(key_padding_mask.shape)}")
+    factors = [int(f) for f in factors]
+    if len(factors) != q.shape[2] or min(factors) < 1:
+        raise ValueError(f"PooledNormAttention: factors must be one integer >= 1 per head ({q.shape[2]}), "
+                         f"got {factors}")
+    mask = key_padding_mask.to(torch.bool)
+    groups = []
+    for factor in sorted(set(factors)):
+        heads = torch.tensor([h for h, f in enumerate(factors) if f == factor], device=q.device)
+        qg, kg, vg = (t.index_select(2, heads) for t in (q, k, v))
+        kg, group_mask = window_pool(kg, mask, factor)
+        vg, _ = window_pool(vg, mask, factor)
+        if normalize:
+            mu, var = masked_moments(kg, group_mask)
+            qg, kg = qg - beta * mu, kg - beta * mu
+            if rescale:
+                std = torch.sqrt(var + eps)
+                qg, kg = qg / std, kg / std
+        groups.append((heads, attention(qg, kg, vg, group_mask, scale, causal=False)[0]))
+    order = torch.cat([heads for heads, _ in groups])
+    out = torch.cat([o for _, o in groups], dim=2)
+    return out.index_select(2, torch.argsort(order))
+
+
+@torch.library.custom_op(f"{TORCH_NAMESPACE}::pooled_norm_attention", mutates_args=())
+def pooled_norm_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor,
+    factors: list[int],
+    normalize: bool,
+    eps: float,
+    beta: float,
+    rescale: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Custom op wrapper of :func:`pooled_norm_attention_reference` (one ``ai.attn2onnx::PooledNormAttention`` node)."""
+    return pooled_norm_attention_reference(q, k, v, key_padding_mask, factors, normalize, eps, beta, rescale, scale)
+
+
+@pooled_norm_attention.register_fake
+def _(q, k, v, key_padding_mask, factors, normalize, eps, beta, rescale, scale):
+    return torch.empty_like(q)
