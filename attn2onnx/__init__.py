@@ -5,6 +5,8 @@ Python API (the CLI is ``attn2onnx``):
     build_model(config)   a model of any family around any attention variant (ModelConfig)
     save(model, path)     an attn2onnx checkpoint (config + weights, one .pt file)
     load(path)            the model back (torch.load weights_only=True: never runs code)
+    export(model, example_inputs, path)   ONNX with ai.attn2onnx nodes and their bodies
+    optimize(in_path, out_path, target)   graph passes for ort / trt / portable
 
 Names are imported on first use (PEP 562), so ``import attn2onnx`` and ``attn2onnx --help``
 stay fast; add an entry to ``_API`` to export a new name.
@@ -20,6 +22,8 @@ __version__ = "0.1.0"
 _API = {
     "build_model": "models",
     "ModelConfig": "models",
+    "export": "exporter",
+    "optimize": "passes",
     "save": "checkpoint",
     "load": "checkpoint",
     "UsageError": "errors",
@@ -30,7 +34,9 @@ _API = {
 __all__ = sorted(_API)
 
 if TYPE_CHECKING:  # pragma: no cover  (for type checkers and IDEs)
-    from .checkpoint import load, save  # noqa: F401
+    from .checkpoint import load, save
+    from .exporter import export
+    from .passes import optimize  # noqa: F401
     from .errors import CheckpointError, UsageError  # noqa: F401
     from .models import ModelConfig, build_model  # noqa: F401
     from .variants import VariantError  # noqa: F401

@@ -41,7 +41,7 @@ def median_ms(fn: Callable[[], object], repeats: int = 10) -> float:
 
 def demo_variant(name: str, out_dir: Path) -> DemoRow:
     """Export, run, validate and time one variant's demo model."""
-    from .export import export
+    from .exporter import export
     from .io_spec import random_inputs
     from .models import ModelConfig, build_model
     from .runtime import session

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import onnx
 
-from ._common import DOMAIN, OPSET_VERSION, REGISTRY, OpDef
+from ._common import DOMAIN, OPSET_VERSION, REFERENCES, REGISTRY, OpDef
 from . import super_mix  # noqa: F401  (registers the op)
 from . import prob_attention  # noqa: F401
 from . import landmark_attention  # noqa: F401
 from . import pooled_norm_attention  # noqa: F401
+from . import dcmha_compose  # noqa: F401  (registers the op)
+from . import dcmha_attention  # noqa: F401  (registers the op)
 
 
 def translation_table() -> dict:
@@ -20,9 +22,16 @@ def translation_table() -> dict:
     return {opdef.overload_packet: opdef.translation for opdef in REGISTRY.values()}
 
 
+def decompositions() -> dict:
+    """torch overload -> reference implementation: ``ExportedProgram.run_decompositions``
+    with this table turns every attn2onnx op into the plain aten ops of its reference (what
+    a stock exporter sees in a model written without attn2onnx)."""
+    return {opdef.overload_packet: REFERENCES[opdef.torch_op._qualname] for opdef in REGISTRY.values()}
+
+
 def function_protos() -> dict[str, onnx.FunctionProto]:
     """Op type -> FunctionProto (domain ai.attn2onnx) with the op's standard-op body."""
     return {name: opdef.function_proto() for name, opdef in REGISTRY.items()}
 
 
-__all__ = ["DOMAIN", "OPSET_VERSION", "REGISTRY", "OpDef", "translation_table", "function_protos"]
+__all__ = ["DOMAIN", "OPSET_VERSION", "REGISTRY", "OpDef", "translation_table", "decompositions", "function_protos"]

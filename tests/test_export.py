@@ -9,7 +9,7 @@ import torch
 
 import attn2onnx.onnx_io as onnx_io
 from attn2onnx import custom_ops
-from attn2onnx.export import export, to_onnx
+from attn2onnx.exporter import export, to_onnx
 from attn2onnx.io_spec import random_inputs
 from attn2onnx.models import ModelConfig, build_model
 from attn2onnx.runtime import session

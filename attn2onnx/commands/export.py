@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from ..export import export
+    from ..exporter import export
     from ..sources import load_source
     from ..validate import compare, ort_runner, TorchRunner
 

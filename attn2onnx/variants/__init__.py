@@ -15,6 +15,7 @@ from .base import (
 # Variant modules register themselves on import (one line each, in variants.md order).
 from . import mha  # noqa: F401,E402
 from . import hosseini  # noqa: F401,E402
+from . import dcmha  # noqa: F401,E402
 from . import imhsa  # noqa: F401,E402
 from . import reuse  # noqa: F401,E402
 from . import bn_sh  # noqa: F401,E402

@@ -1,0 +1,83 @@
+"""DcmhaAttention: the whole DCMHA attention core (variants.md section 5).
+
+    L = q k^T * scale
+    L = Compose(L, pre)                      on the *unmasked* logits
+    L = where(allowed, L, NEG);  P = softmax(L)   (fp32)
+    P = Compose(P, post);  o = P v
+
+q, k, v arrive after QK-norm and RoPE (the op does neither). The per-token factors are packed
+as ``q_factors [B,T,2,2R+1,N]`` / ``k_factors [B,S,2,2R+1,N]``: slot 0 feeds the pre-softmax
+compose, slot 1 the post-softmax one (layout of :mod:`..dcmha_compose.reference`). The key-side
+factors are exactly the per-token decode cache.
+
+``causal`` aligns queries to the *end* of the keys (query t sits at position t + S - T), so one
+decoding step with a cache of S - 1 earlier tokens is the same op. ``window`` W > 0 keeps the
+keys with 0 <= (t + S - T) - s <= W - 1 (W keys including the query's own) and needs causal.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._attention_math import attention_mask, masked_softmax, resolve_scale
+from .._common import TORCH_NAMESPACE
+from ..dcmha_compose.reference import compute_dtype, dcmha_compose_reference
+
+
+def allowed_mask(key_padding_mask: torch.Tensor, t: int, causal: bool, window: int) -> torch.Tensor:
+    """Bool [B,1,T,S]: the causal attention mask, and with a window W only the W most recent keys."""
+    if window < 0 or (window and not causal):
+        raise ValueError(f"DCMHA: a local window must be >= 0 and needs causal attention, got window={window}, causal={causal}")
+    allowed = attention_mask(key_padding_mask.to(torch.bool), t, causal)
+    if window:
+        s = key_padding_mask.shape[-1]
+        device = key_padding_mask.device
+        distance = torch.arange(t, device=device)[:, None] + (s - t) - torch.arange(s, device=device)[None, :]
+        allowed = allowed & (distance < window)
+    return allowed
+
+
+def dcmha_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_factors: torch.Tensor,
+    k_factors: torch.Tensor,
+    key_padding_mask: torch.Tensor,
+    static_mix: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window: int,
+    use_static_mix: bool,
+) -> torch.Tensor:
+    """q [B,T,N,d], k/v [B,S,N,d], factors [B,T|S,2,2R+1,N], mask [B,S], static_mix [2,N,N] -> o [B,T,N,d]."""
+    dtype = compute_dtype(q)
+    logits = torch.einsum("btnd,bsnd->bnts", q.to(dtype), k.to(dtype)) * resolve_scale(scale, q.shape[-1])
+    logits = dcmha_compose_reference(logits, q_factors[:, :, 0], k_factors[:, :, 0], static_mix[0], use_static_mix)
+    probs = masked_softmax(logits, allowed_mask(key_padding_mask, q.shape[1], causal, window))
+    probs = dcmha_compose_reference(probs, q_factors[:, :, 1], k_factors[:, :, 1], static_mix[1], use_static_mix)
+    return torch.einsum("bnts,bsnd->btnd", probs, v.to(dtype)).to(q.dtype)
+
+
+@torch.library.custom_op(f"{TORCH_NAMESPACE}::dcmha_attention", mutates_args=())
+def dcmha_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_factors: torch.Tensor,
+    k_factors: torch.Tensor,
+    key_padding_mask: torch.Tensor,
+    static_mix: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window: int,
+    use_static_mix: bool,
+) -> torch.Tensor:
+    """Custom op wrapper of :func:`dcmha_attention_reference` (one ``ai.attn2onnx::DcmhaAttention`` node)."""
+    return dcmha_attention_reference(
+        q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix
+    ).contiguous()  # the fake function promises a contiguous output
+
+
+@dcmha_attention.register_fake
+def _(q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
