@@ -1,0 +1,232 @@
+"""Small onnx-ir helpers shared by the graph passes: shapes, constants, node building."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+DOMAIN = "ai.attn2onnx"
+
+
+def to_ir(model: onnx.ModelProto | ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(model) if isinstance(model, onnx.ModelProto) else model
+
+
+def to_proto(model: onnx.ModelProto | ir.Model) -> onnx.ModelProto:
+    return ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+
+
+# -- shapes ---------------------------------------------------------------------------------------
+def dims(value: ir.Value | None) -> tuple | None:
+    """The value's dims (ints, or symbol names / None for unknown), None when the rank is unknown."""
+    if value is None or value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else d.value for d in value.shape.dims)
+
+
+def rank(value: ir.Value | None) -> int | None:
+    d = dims(value)
+    return None if d is None else len(d)
+
+
+def same_dim(a: Any, b: Any) -> bool:
+    """Two dims known to be equal: equal ints, or the same named symbol."""
+    if a is None or b is None:
+        return False
+    return a == b
+
+
+def dim_is(value: ir.Value, axis: int, expected: Any) -> bool:
+    d = dims(value)
+    return d is not None and -len(d) <= axis < len(d) and same_dim(d[axis], expected)
+
+
+# -- constants ------------------------------------------------------------------------------------
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+    except ValueError:
+        return None
+    return None if tensor is None else tensor.numpy()
+
+
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    arr = const_array(value)
+    if arr is None or arr.dtype.kind not in "iu":
+        return None
+    return [int(v) for v in arr.reshape(-1)]
+
+
+def const_scalar(value: ir.Value | None) -> float | None:
+    arr = const_array(value)
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(-1)[0])
+
+
+def attr(node: ir.Node, name: str, default: Any = None) -> Any:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def axes_of(node: ir.Node, input_index: int = 1, attr_name: str = "axes") -> list[int] | None:
+    """Axes of Unsqueeze / Squeeze / Reduce*: from the attribute (old opsets) or the input."""
+    a = attr(node, attr_name)
+    if a is not None:
+        return list(a)
+    if len(node.inputs) > input_index and node.inputs[input_index] is not None:
+        return const_ints(node.inputs[input_index])
+    return None
+
+
+def norm_axes(axes: Iterable[int], rank_: int) -> list[int]:
+    return sorted(a % rank_ for a in axes)
+
+
+def producer(value: ir.Value | None, op_type: str | Sequence[str] | None = None, domain: str = "") -> ir.Node | None:
+    """The node producing ``value`` if it is one of ``op_type`` (standard domain by default)."""
+    if value is None:
+        return None
+    node = value.producer()
+    if node is None:
+        return None
+    if op_type is not None:
+        types = (op_type,) if isinstance(op_type, str) else tuple(op_type)
+        if node.op_type not in types or node.domain != domain:
+            return None
+    return node
+
+
+def only_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
+    """The single node that uses ``value`` (once), None if several uses or a graph output."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0].node
+
+
+# -- building -------------------------------------------------------------------------------------
+class Builder:
+    """Creates nodes and inserts them, in order, before ``anchor`` in ``graph``."""
+
+    def __init__(self, graph: ir.Graph, anchor: ir.Node, prefix: str = "a2o") -> None:
+        self.graph, self.anchor, self.prefix = graph, anchor, prefix
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, inputs: Sequence[ir.Value | None], attributes: dict | None = None, *,
+           domain: str = "", num_outputs: int = 1, dtype: ir.DataType | None = None,
+           shape: Sequence[Any] | None = None) -> Any:
+        attrs = ir.convenience.convert_attributes(attributes or {})
+        node = ir.Node(domain, op_type, inputs, attributes=attrs, num_outputs=num_outputs,
+                       version=1 if domain == DOMAIN else None)
+        self.graph.insert_before(self.anchor, node)
+        self.nodes.append(node)
+        node.name = _names(self.graph).next(f"{self.prefix}_{op_type}")
+        for out in node.outputs:
+            out.name = node.name if num_outputs == 1 else f"{node.name}_{out.index()}"
+        if dtype is not None:
+            for out in node.outputs:
+                out.dtype = dtype
+        if shape is not None:
+            node.outputs[0].shape = ir.Shape(list(shape))
+        return node.outputs[0] if num_outputs == 1 else node.outputs
+
+    def const(self, array: np.ndarray, name: str) -> ir.Value:
+        """An initializer (unique name) holding ``array``."""
+        name = _names(self.graph).next(f"{self.prefix}_{name}")
+        tensor = ir.tensor(np.asarray(array), name=name)
+        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+        self.graph.register_initializer(value)
+        return value
+
+    def ints(self, values: Sequence[int], name: str = "ints") -> ir.Value:
+        return self.const(np.asarray(values, dtype=np.int64), name)
+
+
+class _Names:
+    """Unique names for the nodes and values a pass creates (never one the graph already has)."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.used: set[str] = set(graph.initializers)
+        for value in graph.inputs:
+            self.used.add(value.name or "")
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            self.used.add(node.name or "")
+            self.used.update(out.name or "" for out in node.outputs)
+        self.count = 0
+
+    def next(self, base: str) -> str:
+        while True:
+            self.count += 1
+            name = f"{base}_{self.count}"
+            if name not in self.used:
+                self.used.add(name)
+                return name
+
+
+def _names(graph: ir.Graph) -> _Names:
+    names = graph.meta.get("_a2o_names")
+    if names is None:
+        names = graph.meta["_a2o_names"] = _Names(graph)
+    return names
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Point every user of ``old`` (graph outputs too, keeping the output's name) at ``new``."""
+    if old.is_graph_output():
+        name = old.name
+        old.name = None
+        new.name = name
+    new.shape = new.shape or old.shape
+    if new.type is None:
+        new.type = old.type
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+
+
+def ensure_function(model: ir.Model, op_type: str) -> bool:
+    """Attach the standard-op body of ``ai.attn2onnx::op_type`` if the model lacks it; make sure the
+    model imports the domain. Returns False when the op (or its body) is not available."""
+    model.opset_imports.setdefault(DOMAIN, 1)
+    key = (DOMAIN, op_type, "")
+    if key in model.functions:
+        return True
+    try:
+        from attn2onnx.custom_ops import function_protos
+    except ImportError:  # pragma: no cover - the package always ships custom_ops
+        return False
+    protos = function_protos()
+    if op_type not in protos:
+        return False
+    func = ir.serde.deserialize_function(protos[op_type])
+    model.functions[func.identifier()] = func
+    for node in func:  # bodies may call other ops of the domain (DcmhaAttention -> DcmhaCompose)
+        if node.domain == DOMAIN and not ensure_function(model, node.op_type):
+            return False
+    for domain, version in func.opset_imports.items():
+        if domain == "":
+            current = model.opset_imports.get("", version)
+            model.opset_imports[""] = max(current, version)
+        else:
+            model.opset_imports.setdefault(domain, version)
+    return True
+
+
+def op_available(op_type: str) -> bool:
+    try:
+        from attn2onnx.custom_ops import REGISTRY
+    except ImportError:  # pragma: no cover
+        return False
+    return op_type in REGISTRY
+
+
+def count_ops(model: ir.Model) -> dict[str, int]:
+    """Node counts by (domain-qualified) op type over the main graph."""
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,56 @@
+"""Cleanup: constant folding, CSE, identity / dead-node removal and shape inference.
+
+Built on ``onnxscript.optimizer`` with ``inline=False``: the ``ai.attn2onnx`` nodes stay single
+nodes with their function bodies attached (a runtime with a native kernel runs the kernel, the
+others run the body), and constant folding never evaluates one of our nodes.
+"""
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnxscript.optimizer
+from onnxscript.optimizer import _optimizer
+
+from ._ir_utils import DOMAIN
+
+
+def _fold(node: ir.Node) -> bool | None:
+    """Never fold an ai.attn2onnx node (its value depends on which runtime runs it: keep it)."""
+    return False if node.domain == DOMAIN else None
+
+
+class CleanupPass(ir.passes.InPlacePass):
+    """onnxscript's optimizer (folding, default rewrite rules such as Transpose∘Transpose and
+    no-op removal, dead code, CSE) without inlining, then identity elimination."""
+
+    def __init__(self, num_iterations: int = 2, shape_inference: bool = True) -> None:
+        super().__init__()
+        self.num_iterations = num_iterations
+        self.shape_inference = shape_inference
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = _fingerprint(model)
+        # Our function bodies are the ops' contract: the optimizer must not rewrite them (it
+        # would, e.g., turn an If branch's Identity into a bare outer-scope output).
+        ours = {key: f for key, f in model.functions.items() if key[0] == DOMAIN}
+        for key in ours:
+            del model.functions[key]
+        _optimizer.optimize_ir(model, num_iterations=self.num_iterations, onnx_shape_inference=self.shape_inference,
+                               should_fold=_fold, inline=False)
+        ir.passes.common.IdentityEliminationPass()(model)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        model.functions.update(ours)
+        ir.passes.common.RemoveUnusedFunctionsPass()(model)
+        return ir.passes.PassResult(model, _fingerprint(model) != before)
+
+
+def _fingerprint(model: ir.Model) -> tuple:
+    return tuple((n.domain, n.op_type, tuple(id(v) for v in n.inputs)) for n in model.graph), len(model.graph.initializers)
+
+
+def cleanup(model: ir.Model) -> ir.Model:
+    """Run :class:`CleanupPass` in place and return the model."""
+    CleanupPass()(model)
+    return model
+
+
+__all__ = ["CleanupPass", "cleanup", "onnxscript"]

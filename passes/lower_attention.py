@@ -1,0 +1,346 @@
+"""Lower attention onto fused standard attention kernels, and pack projections.
+
+* Decomposed softmax attention -- ``softmax(where(allowed, s * Qh Kh^T, NEG)) Vh`` on heads split
+  from ``[B,T,D]`` tensors (mha, optimised, efficient, super as exported) -- becomes one fused node
+  on the ``[B,T,D]`` tensors themselves:
+
+  - target ``ort``: ``com.microsoft.MultiHeadAttention`` (measured faster than ONNX Attention-23
+    and than the decomposed graph on ORT's CPU provider, see benchmarks/RESULTS.md), with the
+    key padding mask as ``key_padding_mask`` and causality as ``unidirectional`` when the mask is
+    recognised, else the mask as an additive ``attention_bias``;
+  - targets ``trt`` / ``portable``: ONNX ``Attention`` (opset 23) with the boolean mask.
+
+  Keys / values that are raw slices of ``x`` (optimised, efficient) or ``SuperMix(x)`` (super: WA x
+  computed once per layer) feed the fused op directly, with no projection.
+* ``PooledNormAttention`` with every pooling factor 1 (Attention-BN): the key statistics
+  normalise q and k in a few elementwise ops, then the same fused attention.
+* Projections sharing an input (``MatMul(x, W_i) [+ b_i]`` with constant weights): packed into
+  one wide MatMul and a Split -- Q|K|V for mha, Q|K for optimised, and for DCMHA the
+  ``[Wq|Wk|Wv|dw1|dd]`` GEMM. Packing never changes MACs.
+* Folding two consecutive linear maps (``W_V W_O`` or ``W_Q W_K^T``) is exact per head but only
+  saves work for one head (variants.md): :func:`folding_saves_macs` says when, and the pass
+  folds nothing for N >= 2 (every exported variant here has N >= 2).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ._ir_utils import (
+    DOMAIN,
+    Builder,
+    attr,
+    const_array,
+    dims,
+    producer,
+    rank,
+    replace_value,
+    same_dim,
+)
+from .fuse_dcmha import _mask, _perm_of, _scaled, _single_use
+
+MS_DOMAIN = "com.microsoft"
+NEG = -1e30
+
+
+def folding_saves_macs(n_heads: int, d_model: int, seq: int) -> bool:
+    """Whether replacing per-head ``(x W_V,h) W_O,h`` by ``x (W_V,h W_O,h)`` lowers MACs: the
+    merged per-head maps are D x D each, so N of them cost N T D^2 against 2 T D^2 unmerged."""
+    return n_heads * seq * d_model * d_model < 2 * seq * d_model * d_model
+
+
+# ---------------------------------------------------------------------------------------------
+# matching the decomposed core
+# ---------------------------------------------------------------------------------------------
+def _split_heads_source(value: ir.Value, perm: tuple) -> ir.Value | None:
+    """value = Transpose(Reshape(src [B,X,D], [B,X,N,d]), perm) -> src."""
+    t = producer(value, "Transpose")
+    if t is None or _perm_of(t) != perm:
+        return None
+    r = producer(t.inputs[0], "Reshape")
+    if r is None:
+        return None
+    src, d4 = r.inputs[0], dims(t.inputs[0])
+    d3 = dims(src)
+    if d3 is None or d4 is None or len(d3) != 3 or len(d4) != 4 or not isinstance(d4[2], int) or \
+            not isinstance(d4[3], int) or d3[2] != d4[2] * d4[3] or not same_dim(d3[0], d4[0]) or \
+            not same_dim(d3[1], d4[1]):
+        return None
+    return src
+
+
+def _merged_heads_target(o: ir.Value) -> ir.Value | None:
+    """o [B,N,T,d] -> Transpose(0,2,1,3) -> Reshape [B,T,D]: the Reshape's output."""
+    uses = list(o.uses())
+    if not _single_use(o) or uses[0].node.op_type != "Transpose" or _perm_of(uses[0].node) != (0, 2, 1, 3):
+        return None
+    t = uses[0].node.outputs[0]
+    uses = list(t.uses())
+    if not _single_use(t) or uses[0].node.op_type != "Reshape" or uses[0].idx != 0:
+        return None
+    out = uses[0].node.outputs[0]
+    d, do = dims(out), dims(o)
+    if d is None or do is None or len(d) != 3 or d[2] != do[1] * do[3]:
+        return None
+    return out
+
+
+def _match_core(soft: ir.Node):
+    """Everything the lowering needs from one decomposed core, or None."""
+    if attr(soft, "axis", -1) % 4 != 3 or rank(soft.outputs[0]) != 4:
+        return None
+    probs = soft.outputs[0]
+    uses = list(probs.uses())
+    if not _single_use(probs) or uses[0].node.op_type != "MatMul" or uses[0].idx != 0:
+        return None
+    pv = uses[0].node
+    target = _merged_heads_target(pv.outputs[0])
+    if target is None:
+        return None
+    masked = soft.inputs[0]
+    if not _single_use(masked):
+        return None
+    where = producer(masked, "Where")
+    found = _mask(masked, dims(masked))
+    allowed = None
+    if where is not None:
+        if found is None:  # an unrecognised mask: keep it whole as a boolean tensor
+            cond, x, y = where.inputs
+            c = const_array(y)
+            if c is None or c.size != 1 or float(c.reshape(-1)[0]) > -1e9:
+                return None
+            allowed, logits, parts = cond, x, None
+        else:
+            logits, parts = found
+            allowed = where.inputs[0]
+            if producer(allowed, "Not") is not None and where.inputs[1] is not logits:
+                allowed = None  # where(not(allowed), NEG, x): rebuild from parts
+    else:
+        logits, parts = masked, {}
+    if not _single_use(logits):
+        return None
+    inner, scale = _scaled(logits)
+    qk = producer(inner, "MatMul")
+    if qk is None:
+        return None
+    qh, ks = _scaled(qk.inputs[0])
+    kt, kscale = _scaled(qk.inputs[1])
+    q3 = _split_heads_source(qh, (0, 2, 1, 3))
+    k3 = _split_heads_source(kt, (0, 2, 3, 1))
+    v3 = _split_heads_source(pv.inputs[1], (0, 2, 1, 3))
+    if q3 is None or k3 is None or v3 is None:
+        return None
+    n = dims(qh)[1]
+    return dict(q=q3, k=k3, v=v3, heads=n, head_dim=dims(qh)[3], scale=scale * ks * kscale, parts=parts,
+                allowed=allowed, where=where, target=target, anchor=pv)
+
+
+# ---------------------------------------------------------------------------------------------
+# emitting the fused op
+# ---------------------------------------------------------------------------------------------
+def _emit(b: Builder, target: str, q, k, v, heads: int, scale: float, parts: dict | None, allowed,
+          out_dims) -> ir.Value:
+    """Fused attention on [B,T,D] q and [B,S,D] k, v -> [B,T,D]."""
+    dtype = q.dtype
+    if target == "ort":
+        inputs: list = [q, k, v]
+        attrs = {"num_heads": heads, "scale": float(scale), "mask_filter_value": NEG}
+        if parts is not None:
+            kpm = parts.get("kpm")
+            if kpm is not None:
+                inputs += [None, b.op("Cast", [kpm], {"to": ir.DataType.INT32}, dtype=ir.DataType.INT32, shape=dims(kpm))]
+            attrs["unidirectional"] = int(parts.get("causal", 0))
+        elif allowed is not None:
+            zero = b.const(np.zeros((), dtype=dtype.numpy()), "zero")
+            neg = b.const(np.full((), NEG, dtype=dtype.numpy()), "neg")
+            bias = b.op("Where", [allowed, zero, neg], dtype=dtype, shape=None)
+            inputs += [None, None, bias]
+        return b.op("MultiHeadAttention", inputs, attrs, domain=MS_DOMAIN, dtype=dtype, shape=out_dims)
+    # ONNX Attention-23: a boolean mask of the full [B|1, 1, T, S] (ORT checks the T axis)
+    if allowed is None and parts is not None:
+        allowed = _allowed_from_parts(b, parts, q, k)
+    inputs = [q, k, v]
+    if allowed is not None:
+        shape = b.op("Concat", [b.op("Shape", [allowed], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,)),
+                                b.op("Shape", [q], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
+                                b.op("Shape", [k], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))],
+                     {"axis": 0}, dtype=ir.DataType.INT64, shape=(4,))
+        inputs.append(b.op("Expand", [allowed, shape], dtype=ir.DataType.BOOL, shape=None))
+    return b.op("Attention", inputs, {"q_num_heads": heads, "kv_num_heads": heads, "scale": float(scale)},
+                dtype=dtype, shape=out_dims)
+
+
+def _allowed_from_parts(b: Builder, parts: dict, q, k) -> ir.Value | None:
+    kpm, causal = parts.get("kpm"), parts.get("causal", 0)
+    mask = None
+    if kpm is not None:
+        mask = b.op("Unsqueeze", [kpm, b.ints([1, 2])], dtype=ir.DataType.BOOL, shape=None)
+    if causal:
+        t = b.op("Shape", [q], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))
+        s = b.op("Shape", [k], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))
+        ones = b.op("Expand", [b.const(np.array(True), "true"), b.op("Concat", [t, s], {"axis": 0}, dtype=ir.DataType.INT64, shape=(2,))],
+                    dtype=ir.DataType.BOOL, shape=None)
+        offset = b.op("Squeeze", [b.op("Sub", [s, t], dtype=ir.DataType.INT64, shape=(1,))], dtype=ir.DataType.INT64, shape=())
+        tril = b.op("Trilu", [ones, offset], {"upper": 0}, dtype=ir.DataType.BOOL, shape=None)
+        mask = tril if mask is None else b.op("And", [mask, tril], dtype=ir.DataType.BOOL, shape=None)
+    return mask
+
+
+def lower_decomposed(model: ir.Model, target: str) -> int:
+    graph = model.graph
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Softmax" or node.domain != "" or node.graph is None:
+            continue
+        core = _match_core(node)
+        if core is None:
+            continue
+        b = Builder(graph, core["anchor"], "attn")
+        allowed = core["allowed"]
+        out = _emit(b, target, core["q"], core["k"], core["v"], core["heads"], core["scale"], core["parts"],
+                    allowed, dims(core["target"]))
+        replace_value(core["target"], out)
+        count += 1
+    if count:
+        if target == "ort":
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention-BN (PooledNormAttention with every factor 1)
+# ---------------------------------------------------------------------------------------------
+def _flatten_heads(b: Builder, x4: ir.Value) -> ir.Value:
+    """[B,X,N,d] -> [B,X,N*d] (the Reshape of a Reshape folds away in cleanup)."""
+    d = dims(x4)
+    r = producer(x4, "Reshape")
+    if r is not None and rank(r.inputs[0]) == 3 and dims(r.inputs[0])[2] == d[2] * d[3]:
+        return r.inputs[0]
+    return b.op("Reshape", [x4, b.ints([0, 0, d[2] * d[3]])], dtype=x4.dtype, shape=(d[0], d[1], d[2] * d[3]))
+
+
+def lower_pooled_norm(model: ir.Model, target: str) -> int:
+    graph = model.graph
+    count = 0
+    for node in list(graph):
+        if node.op_type != "PooledNormAttention" or node.domain != DOMAIN:
+            continue
+        factors = list(attr(node, "factors", []) or [])
+        if any(f != 1 for f in factors):
+            continue  # Attention-SH pooling: the op (kernel or body) keeps it
+        q4, k4, v4, kpm = node.inputs
+        dq = dims(q4)
+        if dq is None or len(dq) != 4 or not isinstance(dq[2], int) or not isinstance(dq[3], int):
+            continue
+        n, d = dq[2], dq[3]
+        dtype = q4.dtype
+        b = Builder(graph, node, "bn")
+        f32 = dtype.numpy()
+        if attr(node, "normalize", 0):
+            eps, beta = float(attr(node, "eps", 1e-5)), float(attr(node, "beta", 1.0))
+            m = b.op("Cast", [b.op("Unsqueeze", [kpm, b.ints([2, 3])], dtype=ir.DataType.BOOL, shape=None)],
+                     {"to": dtype}, dtype=dtype, shape=None)  # [B,S,1,1]
+            axis = b.ints([1])
+            count_ = b.op("Max", [b.op("ReduceSum", [m, axis], {"keepdims": 1}, dtype=dtype, shape=None),
+                                  b.const(np.ones((), f32), "one")], dtype=dtype, shape=None)
+            mu = b.op("Div", [b.op("ReduceSum", [b.op("Mul", [k4, m], dtype=dtype, shape=None), axis], {"keepdims": 1},
+                                   dtype=dtype, shape=None), count_], dtype=dtype, shape=None)
+            centred = b.op("Sub", [k4, mu], dtype=dtype, shape=None)
+            sq = b.op("Mul", [b.op("Mul", [centred, centred], dtype=dtype, shape=None), m], dtype=dtype, shape=None)
+            var = b.op("Div", [b.op("ReduceSum", [sq, axis], {"keepdims": 1}, dtype=dtype, shape=None), count_],
+                       dtype=dtype, shape=None)
+            shift = b.op("Mul", [mu, b.const(np.full((), beta, f32), "beta")], dtype=dtype, shape=None)
+            q4 = b.op("Sub", [q4, shift], dtype=dtype, shape=dq)
+            k4 = b.op("Sub", [k4, shift], dtype=dtype, shape=dims(node.inputs[1]))
+            if attr(node, "rescale", 1):
+                inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(np.full((), eps, f32), "eps")],
+                                                               dtype=dtype, shape=None)], dtype=dtype, shape=None)],
+                           dtype=dtype, shape=None)
+                q4 = b.op("Mul", [q4, inv], dtype=dtype, shape=dq)
+                k4 = b.op("Mul", [k4, inv], dtype=dtype, shape=dims(node.inputs[1]))
+        scale = float(attr(node, "scale", 0.0)) or 1.0 / float(np.sqrt(d))
+        q3, k3, v3 = _flatten_heads(b, q4), _flatten_heads(b, k4), _flatten_heads(b, v4)
+        out3 = _emit(b, target, q3, k3, v3, n, scale, {"kpm": kpm, "causal": 0}, None, dims(q3))
+        out4 = b.op("Reshape", [out3, b.ints([0, 0, n, d])], dtype=dtype, shape=dims(node.outputs[0]))
+        replace_value(node.outputs[0], out4)
+        count += 1
+    if count:
+        if target == "ort":
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# projection packing
+# ---------------------------------------------------------------------------------------------
+def _projection(node: ir.Node):
+    """MatMul(x, W const 2-D) [+ b const 1-D] -> (W, b or None, output value)."""
+    w = const_array(node.inputs[1])
+    if w is None or w.ndim != 2 or node.inputs[1].const_value is None:
+        return None
+    out = node.outputs[0]
+    bias = None
+    uses = list(out.uses())
+    if _single_use(out) and uses[0].node.op_type == "Add" and uses[0].node.domain == "":
+        add = uses[0].node
+        other = add.inputs[1 - uses[0].idx]
+        bv = const_array(other)
+        if bv is not None and bv.ndim == 1 and bv.shape[0] == w.shape[1]:
+            bias, out = bv, add.outputs[0]
+    return w, bias, out
+
+
+def pack_projections(model: ir.Model, min_group: int = 2) -> int:
+    """Pack MatMuls that share their input and have constant weights into one MatMul + Split."""
+    graph = model.graph
+    groups: dict[int, list[tuple[ir.Node, tuple]]] = {}
+    for node in graph:
+        if node.op_type == "MatMul" and node.domain == "" and rank(node.inputs[0]) and rank(node.inputs[0]) >= 2:
+            proj = _projection(node)
+            if proj is not None:
+                groups.setdefault(id(node.inputs[0]), []).append((node, proj))
+    count = 0
+    for members in groups.values():
+        members = [(n, p) for n, p in members if p[0].dtype == members[0][1][0].dtype]
+        if len(members) < min_group:
+            continue
+        x = members[0][0].inputs[0]
+        # insert after the last of x's users' inputs are ready: before the first member
+        order = {id(n): i for i, n in enumerate(graph)}
+        first = min((n for n, _ in members), key=lambda n: order[id(n)])
+        b = Builder(graph, first, "packed")
+        weights = np.concatenate([p[0] for _, p in members], axis=1)
+        widths = [p[0].shape[1] for _, p in members]
+        dx = dims(x)
+        out_shape = None if dx is None else dx[:-1] + (int(weights.shape[1]),)
+        y = b.op("MatMul", [x, b.const(weights, "weight")], dtype=x.dtype, shape=out_shape)
+        if any(p[1] is not None for _, p in members):
+            bias = np.concatenate([p[1] if p[1] is not None else np.zeros(w, weights.dtype) for (_, p), w in zip(members, widths)])
+            y = b.op("Add", [y, b.const(bias.astype(weights.dtype), "bias")], dtype=x.dtype, shape=out_shape)
+        outs = b.op("Split", [y, b.ints(widths, "split")], {"axis": -1}, num_outputs=len(members), dtype=x.dtype)
+        for out, ((_, p), w) in zip(outs, zip(members, widths)):
+            out.shape = ir.Shape(list(dx[:-1]) + [w]) if dx is not None else None
+            replace_value(p[2], out)
+        count += 1
+    if count:
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    return count
+
+
+class LowerAttentionPass(ir.passes.InPlacePass):
+    """Attention lowering for ``target`` (ort | trt | portable) plus projection packing."""
+
+    def __init__(self, target: str = "ort", pack: bool = True) -> None:
+        super().__init__()
+        self.target, self.pack = target, pack
+        self.counts: dict[str, int] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        fused = "MultiHeadAttention" if self.target == "ort" else "Attention"
+        cores = lower_decomposed(model, self.target)
+        bn = lower_pooled_norm(model, self.target)
+        packed = pack_projections(model) if self.pack else 0
+        self.counts = {fused: cores + bn, "packed MatMul": packed}
+        return ir.passes.PassResult(model, bool(cores or bn or packed))

@@ -1,0 +1,150 @@
+"""The optimize API: compose the graph passes per target and run them on a model or a file.
+
+Targets:
+
+* ``ort``      -- fusions, then attention lowered onto what ONNX Runtime runs fastest
+  (com.microsoft MultiHeadAttention where it measured faster, ONNX Attention-23 otherwise);
+* ``trt``      -- fusions, attention lowered onto ONNX Attention-23 (TensorRT's parser imports
+  it), and the TensorRT plugin annotations of ``passes.trt_plugins`` when that module is there;
+* ``portable`` -- fusions and standard-op lowering only (ONNX Attention-23, no vendor domains).
+
+Every target starts and ends with :class:`~attn2onnx.passes.cleanup.CleanupPass`. Our
+``ai.attn2onnx`` nodes are never inlined; their function bodies stay attached.
+
+Python API::
+
+    model, report = optimize_model(model, target="ort")      # ModelProto or onnx_ir.Model
+    report = optimize("in.onnx", "out.onnx", target="ort")  # atomic write, external data > 2 GB
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+import onnx
+import onnx_ir as ir
+
+from ._ir_utils import to_ir
+from .cleanup import CleanupPass
+from .fuse_dcmha import FuseDcmhaPass
+from .report import Report, Snapshot
+
+TARGETS = ("ort", "trt", "portable")
+# ONNX's protobuf limit: larger models keep their weights in an external data file.
+PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2
+
+
+class OptimizeError(ValueError):
+    """Bad target or unreadable model."""
+
+
+def _optional_passes(target: str) -> list[tuple[str, Callable[[], ir.passes.PassBase]]]:
+    """Passes from modules that may not be there yet (each one imports lazily)."""
+    found: list[tuple[str, Callable[[], ir.passes.PassBase]]] = []
+    try:
+        from .fuse_misc import FuseMiscPass
+    except ImportError:
+        pass
+    else:
+        found.append(("fuse_misc", FuseMiscPass))
+    try:
+        from .lower_attention import LowerAttentionPass
+    except ImportError:
+        pass
+    else:
+        found.append(("lower_attention", lambda: LowerAttentionPass(target=target)))
+    return found
+
+
+def build_passes(target: str) -> list[tuple[str, ir.passes.PassBase]]:
+    """(name, pass) in the order ``optimize_model`` runs them for ``target``."""
+    if target not in TARGETS:
+        raise OptimizeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    passes: list[tuple[str, ir.passes.PassBase]] = [("cleanup", CleanupPass()), ("fuse_dcmha", FuseDcmhaPass())]
+    passes += [(name, make()) for name, make in _optional_passes(target)]
+    passes.append(("cleanup", CleanupPass()))
+    if target == "trt":
+        try:
+            from .trt_plugins import TrtPluginPass  # another engineer's module
+        except ImportError:
+            pass
+        else:
+            passes.append(("trt_plugins", TrtPluginPass()))
+    return passes
+
+
+def default_sizes(model: ir.Model) -> dict[str, int]:
+    """Concrete sizes for the symbolic dims of the graph inputs, to count MACs: the first axis
+    (batch) 1, any other 256."""
+    sizes: dict[str, int] = {}
+    for value in model.graph.inputs:
+        if value.shape is None:
+            continue
+        for axis, d in enumerate(value.shape.dims):
+            if not isinstance(d, int) and d.value is not None:
+                sizes.setdefault(str(d.value), 1 if axis == 0 else 256)
+    return sizes
+
+
+def optimize_model(model: onnx.ModelProto | ir.Model, target: str = "ort",
+                   sizes: dict[str, int] | None = None) -> tuple[onnx.ModelProto | ir.Model, Report]:
+    """Run the ``target`` pipeline. An ``onnx_ir.Model`` is changed in place and returned; a
+    ModelProto gives a new ModelProto. ``sizes`` (symbol -> int) sets where MACs are counted."""
+    passes = build_passes(target)
+    was_proto = isinstance(model, onnx.ModelProto)
+    irm = to_ir(model)
+    sizes = sizes or default_sizes(irm)
+    report = Report(target=target, sizes=sizes, before=Snapshot.of(irm, sizes))
+    for name, p in passes:
+        result = p(irm)
+        report.add(name, dict(getattr(p, "counts", {})), result.modified)
+    report.after = Snapshot.of(irm, sizes)
+    return (ir.serde.serialize_model(irm) if was_proto else irm), report
+
+
+def optimize(in_path: str | os.PathLike, out_path: str | os.PathLike, target: str = "ort",
+             sizes: dict[str, int] | None = None) -> Report:
+    """Optimize the model at ``in_path`` and write it to ``out_path`` atomically (a temporary
+    file in the same folder, then a rename), with its weights in ``<out>.data`` when the model
+    is over protobuf's 2 GB limit or the input already kept them outside."""
+    in_path, out_path = os.fspath(in_path), os.fspath(out_path)
+    if not os.path.isfile(in_path):
+        raise OptimizeError(f"no model at {in_path}")
+    try:
+        model = ir.load(in_path)
+    except Exception as err:  # noqa: BLE001 - protobuf and onnx raise many kinds
+        raise OptimizeError(f"cannot read {in_path}: {err}") from err
+    external = _has_external_data(model)
+    model, report = optimize_model(model, target, sizes)
+    save_atomic(model, out_path, external=external)
+    return report
+
+
+def _has_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_atomic(model: ir.Model, out_path: str, external: bool = False) -> None:
+    """Write ``model`` to ``out_path`` so that a reader never sees a half-written file."""
+    folder = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.basename(out_path)
+    data_name = base + ".data"
+    external = external or _weight_bytes(model) > PROTO_LIMIT
+    tmp = tempfile.mkdtemp(prefix=f".{base}.", dir=folder)
+    try:
+        tmp_model = os.path.join(tmp, base)
+        if external:
+            ir.save(model, tmp_model, external_data=data_name)
+            os.replace(os.path.join(tmp, data_name), os.path.join(folder, data_name))
+        else:
+            ir.save(model, tmp_model)
+        os.replace(tmp_model, out_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""Attention lowering and projection packing on exports of the variant modules: the fused op
+appears where it should, outputs are unchanged in ORT at several dynamic shapes (and match
+PyTorch), and a second run changes nothing."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+
+from plain_dcmha import random_feeds, run_ort
+
+from attn2onnx.exporter import to_onnx
+from attn2onnx.io_spec import InputSpec
+from attn2onnx.passes import optimize_model
+from attn2onnx.passes._ir_utils import count_ops
+from attn2onnx.passes.lower_attention import folding_saves_macs
+from attn2onnx.variants import build_attention
+
+D, N = 32, 4
+SHAPES = [(1, 5), (2, 9), (3, 16)]
+FUSED = {"ort": "com.microsoft::MultiHeadAttention", "portable": "Attention", "trt": "Attention"}
+LOWERED = [("mha", True), ("mha", False), ("optimised", True), ("efficient", False), ("super", True), ("bn", False)]
+KEPT = ["sh", "bn-sh", "imhsa", "dcmha"]
+
+
+@pytest.fixture(scope="module")
+def exported():
+    cache: dict = {}
+
+    def get(name: str, causal: bool = False):
+        if (name, causal) not in cache:
+            torch.manual_seed(0)
+            module = build_attention(name, d_model=D, n_heads=N, causal=causal, max_len=32).eval()
+            with torch.no_grad():  # non-trivial WA for super (a fresh one is the identity)
+                if hasattr(module, "wa"):
+                    module.wa.add_(0.1 * torch.randn_like(module.wa))
+            specs = [InputSpec("x", ("batch", "seq", D), "float"), InputSpec("key_padding_mask", ("batch", "seq"), "mask")]
+            x, kpm = torch.randn(2, 8, D), torch.ones(2, 8, dtype=torch.bool)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[(name, causal)] = (module, to_onnx(module, (x, kpm), specs, output_names=["y"]))
+        return cache[(name, causal)]
+
+    return get
+
+
+def check_outputs(module, stock: onnx.ModelProto, optimised: onnx.ModelProto) -> None:
+    for i, (batch, seq) in enumerate(SHAPES):
+        feeds = random_feeds(batch, seq, D, seed=i)
+        got = run_ort(optimised, feeds)
+        np.testing.assert_allclose(got, run_ort(stock, feeds), atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            expected = module(torch.from_numpy(feeds["x"]), torch.from_numpy(feeds["key_padding_mask"])).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def node_of(model: onnx.ModelProto, op_type: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.op_type == op_type)
+
+
+@pytest.mark.parametrize("target", ["ort", "portable"])
+@pytest.mark.parametrize("name,causal", LOWERED)
+def test_lowered_onto_fused_attention(exported, name, causal, target):
+    module, stock = exported(name, causal)
+    optimised, report = optimize_model(stock, target=target)
+    counts = count_ops(ir.serde.deserialize_model(optimised))
+    assert counts.get(FUSED[target]) == 1, counts
+    assert "Softmax" not in counts and "ai.attn2onnx::PooledNormAttention" not in counts
+    check_outputs(module, stock, optimised)
+    again, report2 = optimize_model(optimised, target=target)
+    assert not any(p["changed"] for p in report2.passes), report2.passes
+
+
+def test_mha_packs_qkv_and_uses_mask_attributes(exported):
+    _, stock = exported("mha", True)
+    optimised, _ = optimize_model(stock, target="ort")
+    counts = count_ops(ir.serde.deserialize_model(optimised))
+    assert counts["MatMul"] == 2 and counts["Split"] == 1  # [Wq|Wk|Wv] and Wo
+    mha = node_of(optimised, "MultiHeadAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mha.attribute}
+    assert attrs["unidirectional"] == 1 and attrs["num_heads"] == N
+    assert mha.input[4]  # key_padding_mask, no [B,1,T,S] bias
+    assert len(mha.input) < 6 or not mha.input[5]
+
+
+def test_sliced_heads_feed_the_fused_op_directly(exported):
+    """efficient: k = v = x (no projection); super: v = SuperMix(x) computed once per layer."""
+    optimised, _ = optimize_model(exported("efficient")[1], target="ort")
+    mha = node_of(optimised, "MultiHeadAttention")
+    assert mha.input[1] == "x" and mha.input[2] == "x"
+    optimised, _ = optimize_model(exported("super", True)[1], target="ort")
+    mix = node_of(optimised, "SuperMix")
+    assert node_of(optimised, "MultiHeadAttention").input[2] == mix.output[0]
+    assert sum(n.op_type == "SuperMix" for n in optimised.graph.node) == 1
+
+
+def test_dcmha_wide_gemm(exported):
+    """[Wq|Wk|Wv|dw1|dd] share x: one wide GEMM (the output projection is the other MatMul)."""
+    module, stock = exported("dcmha", True)
+    optimised, _ = optimize_model(stock, target="ort")
+    matmuls = [n for n in optimised.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 2
+    widths = {init.name: init.dims[1] for init in optimised.graph.initializer if len(init.dims) == 2}
+    assert max(widths.get(m.input[1], 0) for m in matmuls) == 3 * D + 4 * 4 * N + 4 * N
+    check_outputs(module, stock, optimised)
+
+
+@pytest.mark.parametrize("name", KEPT)
+def test_other_variants_keep_their_ops(exported, name):
+    module, stock = exported(name)
+    optimised, _ = optimize_model(stock, target="ort")
+    before = {k: v for k, v in count_ops(ir.serde.deserialize_model(stock)).items() if k.startswith("ai.attn2onnx")}
+    after = {k: v for k, v in count_ops(ir.serde.deserialize_model(optimised)).items() if k.startswith("ai.attn2onnx")}
+    assert before == after
+    check_outputs(module, stock, optimised)
+
+
+def test_folding_only_for_one_head():
+    assert folding_saves_macs(1, 512, 1024)
+    assert not any(folding_saves_macs(n, 512, 1024) for n in (2, 4, 8, 32))
+
+
+def test_stock_super_mix_is_fused(tmp_path):
+    """The stock exporter decomposes super's token mix (Slice/Trilu/Mul/MatMul); fuse_misc turns
+    it back into one SuperMix node, and the core is lowered as usual."""
+    torch.manual_seed(0)
+    module = build_attention("super", d_model=D, n_heads=N, causal=True, max_len=32).eval()
+    with torch.no_grad():
+        module.wa.add_(0.1 * torch.randn_like(module.wa))
+    specs = [InputSpec("x", ("batch", "seq", D), "float"), InputSpec("key_padding_mask", ("batch", "seq"), "mask")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = to_onnx(module, (torch.randn(2, 8, D), torch.ones(2, 8, dtype=torch.bool)), specs,
+                        output_names=["y"], custom=False, max_seq=32)
+    assert not any(n.domain for n in stock.graph.node)
+    optimised, report = optimize_model(stock, target="ort")
+    counts = count_ops(ir.serde.deserialize_model(optimised))
+    assert counts.get("ai.attn2onnx::SuperMix") == 1 and counts.get(FUSED["ort"]) == 1, counts
+    check_outputs(module, stock, optimised)
+    _, again = optimize_model(optimised, target="ort")
+    assert not any(p["changed"] for p in again.passes)
