@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "run": "run",
     "validate": "validate",
     "demo": "demo",
+    "build-engine": "build_engine",
     "doctor": "doctor",
 }
 EXIT_USAGE = 2

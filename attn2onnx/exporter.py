@@ -42,13 +42,12 @@ class ExportResult:
 
 
 def _dynamic_shapes(specs: Sequence[InputSpec], max_seq: int | None) -> tuple[dict[int, Any], ...]:
-    """torch.export dynamic_shapes from the specs' symbolic dims (shared Dim objects, so
-    inputs that share ``seq`` are constrained to be equal)."""
-    dims = {
-        "batch": torch.export.Dim("batch", max=4096),
-        "seq": torch.export.Dim("seq", max=max_seq) if max_seq else torch.export.Dim("seq"),
-    }
-    return tuple({i: dims[d] for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in specs)
+    """dynamic_shapes for torch.onnx.export, one dict per input. Each symbolic dim is named
+    (the name becomes the graph's dim_param; dims sharing a name are one dimension). With
+    ``max_seq`` the sequence dim is declared as ``Dim("seq", max=max_seq)``; without, it is
+    left to the model's own checks to bound."""
+    dims: dict[str, Any] = {"batch": "batch", "seq": torch.export.Dim("seq", max=max_seq) if max_seq else "seq"}
+    return tuple({i: dims.get(d, d) for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in specs)
 
 
 @contextlib.contextmanager
@@ -87,7 +86,8 @@ def to_onnx(
     with _quiet():
         target: Any = model
         if not custom:
-            program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+            dims = tuple({i: torch.export.Dim.DYNAMIC for i in d} for d in dynamic_shapes) if dynamic_shapes else None
+            program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dims, strict=False)
             target = program.run_decompositions(custom_ops.decompositions())
         program = torch.onnx.export(
             target,

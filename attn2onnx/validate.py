@@ -29,6 +29,15 @@ TOLERANCES = {"fp32": (1e-5, 1e-5), "fp16": (1e-2, 1e-2), "bf16": (2e-2, 2e-2)}
 DEFAULT_SHAPES = ((1, 5), (2, 16), (3, 33))
 
 
+def input_metadata(specs: Sequence[InputSpec]) -> TensorMetadata:
+    """Polygraphy's view of the specs (dynamic dims as -1)."""
+    meta = TensorMetadata()
+    for spec in specs:
+        shape = [d if isinstance(d, int) else -1 for d in spec.dims]
+        meta.add(spec.name, dtype=DataType.from_dtype(spec.numpy_dtype), shape=shape)
+    return meta
+
+
 class TorchRunner(BaseRunner):
     """Polygraphy runner for the PyTorch reference: feeds by name in ``specs`` order."""
 
@@ -42,11 +51,7 @@ class TorchRunner(BaseRunner):
         pass
 
     def get_input_metadata_impl(self) -> TensorMetadata:
-        meta = TensorMetadata()
-        for spec in self.specs:
-            shape = [d if isinstance(d, int) else -1 for d in spec.dims]
-            meta.add(spec.name, dtype=DataType.from_dtype(spec.numpy_dtype), shape=shape)
-        return meta
+        return input_metadata(self.specs)
 
     def infer_impl(self, feed_dict: dict) -> OrderedDict:
         args = [torch.from_numpy(np.asarray(feed_dict[s.name])) for s in self.specs]
@@ -126,16 +131,45 @@ def ort_runner(onnx_path: str, name: str = "onnxruntime", threads: int | None = 
     return OnnxrtRunner(lambda: session(onnx_path, backend="ort", threads=threads), name=name)
 
 
-def backend_runners(onnx_path: str, backends: Sequence[str]) -> dict[str, BaseRunner]:
-    """Runner per backend name (``ort``, ``trt``); unknown names are a usage error."""
+class TrtEngineRunner(BaseRunner):
+    """Polygraphy runner over a TensorRT engine built (plugins registered) from the ONNX file
+    with one profile covering every shape to be compared."""
+
+    def __init__(self, onnx_path: str, specs: Sequence[InputSpec], shapes: Sequence[tuple[int, int]], name: str = "tensorrt"):
+        super().__init__(name=name, prefix="trt-engine-runner")
+        self.onnx_path, self.specs, self.shapes = onnx_path, list(specs), list(shapes)
+
+    def activate_impl(self) -> None:
+        from .runtime.tensorrt import TrtSession, engine_for_shapes
+
+        self.session = TrtSession(engine_for_shapes(self.onnx_path, self.shapes))
+
+    def get_input_metadata_impl(self) -> TensorMetadata:
+        return input_metadata(self.specs)
+
+    def infer_impl(self, feed_dict: dict) -> OrderedDict:
+        start = time.perf_counter()
+        outputs = self.session.run(feed_dict)
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict(outputs)
+
+    def deactivate_impl(self) -> None:
+        del self.session
+
+
+def backend_runners(onnx_path: str, backends: Sequence[str], specs: Sequence[InputSpec],
+                    shapes: Sequence[tuple[int, int]]) -> dict[str, BaseRunner]:
+    """Runner per backend name (``ort``, ``trt``); unknown names, or TensorRT where it is not
+    installed, are usage errors (exit 2) before anything runs."""
     runners: dict[str, BaseRunner] = {}
     for backend in backends:
         if backend == "ort":
             runners[backend] = ort_runner(onnx_path)
         elif backend == "trt":
-            from .runtime.tensorrt import trt_runner
+            from .runtime.tensorrt import _trt
 
-            runners[backend] = trt_runner(onnx_path)
+            _trt()  # TensorRTUnavailable (a UsageError) where it is missing
+            runners[backend] = TrtEngineRunner(onnx_path, specs, shapes)
         else:
             raise UsageError(f"unknown backend {backend!r}; choose from ort, trt")
     return runners

@@ -60,6 +60,14 @@ REGISTRY: dict[str, OpDef] = {}
 REFERENCES: dict[str, Callable[..., Any]] = {}
 
 
+# Set by the trt pass on nodes that a TensorRT plugin runs (architecture.md): part of every
+# schema so tagged models still pass onnx.checker.
+TRT_ATTRIBUTES = (
+    ("plugin_namespace", onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace (set by the trt pass)"),
+    ("aot", onnx.defs.OpSchema.AttrType.INT, "1: use the plugin's ahead-of-time (PTX) implementation"),
+)
+
+
 def make_schema(
     name: str,
     doc: str,
@@ -81,7 +89,8 @@ def make_schema(
         inputs=[param(n, t, param_option=option[o]) for n, t, o in inputs],
         outputs=[param(n, t) for n, t in outputs],
         type_constraints=list(type_constraints),
-        attributes=[onnx.defs.OpSchema.Attribute(n, kind, d, required=False) for n, kind, d in attributes],
+        attributes=[onnx.defs.OpSchema.Attribute(n, kind, d, required=False)
+                    for n, kind, d in [*attributes, *TRT_ATTRIBUTES]],
     )
 
 

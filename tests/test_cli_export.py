@@ -167,3 +167,35 @@ def test_demo_unknown_variant(capsys, tmp_path):
     status, _, err = call(capsys, "demo", "--out", str(tmp_path), "--variants", "nope")
     assert status == 2
     assert_one_line_error(err, "unknown variant")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+@pytest.mark.parametrize("args", [
+    ["build-engine", "MODEL", "-o", "ENGINE", "--shapes", "1x1/2x8/4x32"],
+    ["run", "MODEL", "--backend", "trt"],
+    ["validate", "MODEL", "--reference", "CKPT", "--backends", "ort,trt"],
+])
+def test_tensorrt_commands_without_tensorrt(exported, capsys, tmp_path, args):
+    """Where TensorRT is missing: one line saying so, exit 2, no engine file."""
+    ckpt, model = exported
+    args = [{"MODEL": str(model), "CKPT": str(ckpt), "ENGINE": str(tmp_path / "m.engine")}.get(a, a) for a in args]
+    status, _, err = call(capsys, *args)
+    assert status == 2
+    assert_one_line_error(err, "TensorRT is not installed")
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_build_engine_bad_shapes(exported, capsys, tmp_path):
+    _, model = exported
+    status, _, err = call(capsys, "build-engine", str(model), "-o", str(tmp_path / "m.engine"), "--shapes", "4x8/2x8/1x8")
+    assert status == 2
+    assert_one_line_error(err, "min <= opt <= max")
+
+
+def test_doctor_json(capsys):
+    status, out, _ = call(capsys, "doctor", "--json")
+    assert status == 0
+    report = json.loads(out)
+    assert set(report) == {"onnxruntime", "native_kernels", "cuda", "triton", "tensorrt"}
+    assert report["onnxruntime"]["available"] is True
+    assert report["cuda"]["available"] == torch.cuda.is_available()

@@ -46,31 +46,35 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..fileio import atomic_output
-    from ..io_spec import check_feeds, random_inputs
+    from ..io_spec import check_feeds, random_inputs, specs_from_onnx
     from ..onnx_io import load_onnx
-    from ..runtime import session
 
-    model = load_onnx(args.model)
-    from ..io_spec import specs_from_onnx
-
-    specs = specs_from_onnx(model)
-    if args.inputs:
-        feeds = load_npz(args.inputs)
-    else:
-        feeds = random_inputs(specs, args.batch, args.seq_len)
+    specs = specs_from_onnx(load_onnx(args.model))
+    feeds = load_npz(args.inputs) if args.inputs else random_inputs(specs, args.batch, args.seq_len)
     check_feeds(specs, feeds)
-    sess = session(args.model, backend=args.backend, threads=args.threads)
     start = time.perf_counter()
-    outputs = sess.run(None, feeds)
+    if args.backend == "trt":
+        from ..runtime.tensorrt import TrtSession, engine_for_shapes
+
+        first = next(iter(feeds.values()))
+        shape = (first.shape[0], first.shape[1] if first.ndim > 1 else 1)
+        with TrtSession(engine_for_shapes(args.model, [shape])) as sess:
+            start = time.perf_counter()
+            outputs = sess.run(feeds)
+    else:
+        from ..runtime import session
+
+        sess = session(args.model, threads=args.threads)
+        start = time.perf_counter()
+        outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     ms = (time.perf_counter() - start) * 1e3
-    names = [o.name for o in sess.get_outputs()]
-    for name, value in zip(names, outputs):
+    for name, value in outputs.items():
         finite = "finite" if np.isfinite(value).all() else "NON-FINITE"
         print(f"{name}: shape {list(value.shape)} {value.dtype} ({finite})")
     print(f"ran in {ms:.2f} ms on {args.backend}")
     if args.output:
         with atomic_output(args.output) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, **dict(zip(names, outputs)))
+                np.savez(f, **outputs)
         print(f"wrote {args.output}")
     return 0

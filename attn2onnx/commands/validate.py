@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         too_long = [s for s in shapes if s[1] > source.max_seq]
         if too_long:
             raise UsageError(f"sequence length {too_long[0][1]} exceeds the model's maximum {source.max_seq}")
-    backends = backend_runners(args.model, [b.strip() for b in args.backends.split(",") if b.strip()])
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends = backend_runners(args.model, names, source.specs, shapes)
     reference = TorchRunner(source.module, source.specs, source.output_names)
     comparisons = compare(reference, backends, source.specs, shapes, dtype=args.dtype, seed=args.seed)
     result = summary(comparisons)

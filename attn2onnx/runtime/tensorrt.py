@@ -192,6 +192,17 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     return engine_path
 
 
+def engine_for_shapes(onnx_path: str | os.PathLike, batch_seq: Sequence[tuple[int, int]]) -> str:
+    """Build (into a fresh temporary folder) an engine whose one profile covers every
+    (batch, seq) in ``batch_seq``: what ``run`` / ``validate --backends trt`` need."""
+    import tempfile
+
+    batches, seqs = [b for b, _ in batch_seq], [t for _, t in batch_seq]
+    dims = {"batch": (min(batches), max(batches), max(batches)), "seq": (min(seqs), max(seqs), max(seqs))}
+    engine_path = os.path.join(tempfile.mkdtemp(prefix="attn2onnx-trt-"), "model.engine")
+    return build_engine(onnx_path, engine_path, shapes_from_dims(onnx_path, dims))
+
+
 class TrtSession:
     """Runs a serialized engine on CUDA through torch tensors (inputs: numpy arrays or tensors)."""
 
