@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "variants": "variants",
     "new": "new",
     "export": "export",
+    "optimize": "optimize",
     "run": "run",
     "validate": "validate",
     "demo": "demo",

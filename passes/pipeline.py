@@ -26,6 +26,7 @@ from typing import Callable
 import onnx
 import onnx_ir as ir
 
+from ..errors import UsageError
 from ._ir_utils import to_ir
 from .cleanup import CleanupPass
 from .fuse_dcmha import FuseDcmhaPass
@@ -36,7 +37,7 @@ TARGETS = ("ort", "trt", "portable")
 PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2
 
 
-class OptimizeError(ValueError):
+class OptimizeError(UsageError):
     """Bad target or unreadable model."""
 
 

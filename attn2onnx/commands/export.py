@@ -44,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
     example = source.example_inputs(args.batch, args.seq_len)
     result = export(source.module, example, args.output, specs=source.specs, output_names=source.output_names,
                     opset=args.opset, dynamic=not args.static, max_seq=source.max_seq)
+    print(f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, exported in {result.seconds:.1f} s")
     if args.optimize:
         from ..passes import optimize
 
-        optimize(args.output, args.output, target=args.target)
-    print(f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, exported in {result.seconds:.1f} s")
+        report = optimize(args.output, args.output, target=args.target)
+        print(f"optimized for {args.target}: {report.before.nodes} -> {report.after.nodes} nodes")
     if args.no_check:
         return 0
     shapes = [(args.batch, args.seq_len)]

@@ -1,0 +1,51 @@
+"""Run the graph passes on an ONNX model for a target runtime.
+
+  attn2onnx optimize model.onnx -o model.opt.onnx                    target ort (default)
+  attn2onnx optimize model.onnx -o model.trt.onnx --target trt       tags nodes for TensorRT plugins
+  attn2onnx optimize model.onnx -o model.opt.onnx --report           what each pass changed
+  attn2onnx optimize model.onnx -o model.opt.onnx --json
+
+Targets: ort (may use com.microsoft contrib ops), trt (standard ops + plugin nodes),
+portable (standard ops + ai.attn2onnx nodes with their bodies). --json prints
+{"nodes_before", "nodes_after", "fused": {op: count}, "macs_before", "macs_after"}."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "lower and fuse attention onto fast kernels (graph passes)"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="IN.onnx")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    parser.add_argument("--target", choices=("ort", "trt", "portable"), default="ort")
+    parser.add_argument("--report", action="store_true", help="print per pass what changed")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary object")
+
+
+def summary(report) -> dict:
+    """The ``--json`` object of a passes Report."""
+    fused: dict[str, int] = {}
+    for entry in report.passes:
+        for op, count in entry["fused"].items():
+            fused[op] = fused.get(op, 0) + count
+    return {"nodes_before": report.before.nodes, "nodes_after": report.after.nodes, "fused": fused,
+            "macs_before": report.before.macs, "macs_after": report.after.macs}
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..onnx_io import load_onnx
+    from ..passes import optimize
+
+    load_onnx(args.model)  # one-line error for a missing / non-ONNX file
+    report = optimize(args.model, args.output, target=args.target)
+    if args.json:
+        print(json.dumps(summary(report)))
+    elif args.report:
+        print(report)
+    else:
+        s = summary(report)
+        print(f"wrote {args.output}: {s['nodes_before']} -> {s['nodes_after']} nodes, fused {s['fused'] or 'nothing'}")
+    return 0
