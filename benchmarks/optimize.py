@@ -5,7 +5,7 @@ exported with the stock exporter vs the same graph after the DCMHA fusion.
     python benchmarks/optimize.py                       # B=1 D=512 N=8, T=256 and 1024, 2 threads
     python benchmarks/optimize.py --seqs 4096 --variants mha efficient dcmha plain-dcmha
 
-Prints a markdown table (best-of-N ms per forward; x = speedup). ORT sessions register the native
+Prints a markdown table (best of N interleaved runs, ms per forward; x = speedup). ORT sessions register the native
 kernel library when it is built (attn2onnx.runtime.native), else the function bodies run.
 """
 from __future__ import annotations
@@ -33,17 +33,22 @@ from attn2onnx.variants import VARIANTS, build_attention  # noqa: E402
 DEFAULT_VARIANTS = [v for v in VARIANTS if v != "reuse"] + ["plain-dcmha"]
 
 
-def timed(fn, budget_s: float, max_reps: int) -> float:
-    """Best (minimum) milliseconds of ``fn()`` after one warm-up call: the machine is shared,
-    and the minimum is the figure least disturbed by other processes."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < max_reps):
-        t = time.perf_counter()
+def interleaved(runners: dict, budget_s: float, max_reps: int) -> dict:
+    """Best (minimum) milliseconds of each runner, timed in interleaved rounds after one warm-up
+    call each: the machine is shared, and interleaving gives every runner the same share of the
+    other processes' load, the minimum being the figure least disturbed by them."""
+    for fn in runners.values():
         fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return min(times)
+    times: dict = {name: [] for name in runners}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < 3 or (time.perf_counter() - start < budget_s * len(runners) and rounds < max_reps):
+        for name, fn in runners.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1000)
+        rounds += 1
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def build(name: str, d_model: int, heads: int, seq: int) -> torch.nn.Module:
@@ -85,31 +90,33 @@ def bench_variant(name: str, seq: int, args) -> dict:
     feeds = {"x": x, "key_padding_mask": kpm}
     tx, tk = torch.from_numpy(x), torch.from_numpy(kpm)
     row: dict = {"variant": name, "T": seq}
-    with torch.inference_mode():
-        row["eager"] = timed(lambda: module(tx, tk), args.budget, args.max_reps)
+
+    def eager():
+        with torch.inference_mode():
+            module(tx, tk)
+
+    runners = {"eager": eager}
     use_native = native.available()
     try:
         stock = export(module, seq, args.d_model, custom=False)
     except Exception as err:  # noqa: BLE001 - the stock exporter cannot take every reference
-        stock, row["stock"] = None, None
-        row["note"] = f"stock export failed ({type(err).__name__})"
+        row["stock"], row["note"] = None, f"stock export failed ({type(err).__name__})"
     else:
-        row["stock"] = timed(ort_runner(stock, feeds, args.threads, False), args.budget, args.max_reps)
+        runners["stock"] = ort_runner(stock, feeds, args.threads, False)
     if name == "plain-dcmha":
         ours = stock  # the user's own export: the passes start from it
         row["ours"] = None
     else:
         ours = export(module, seq, args.d_model, custom=True)
-        row["ours"] = timed(ort_runner(ours, feeds, args.threads, use_native), args.budget, args.max_reps)
+        runners["ours"] = ort_runner(ours, feeds, args.threads, use_native)
     optimised, report = optimize_model(ours, target="ort")
-    row["optimised"] = timed(ort_runner(optimised, feeds, args.threads, use_native), args.budget, args.max_reps)
+    runners["optimised"] = ort_runner(optimised, feeds, args.threads, use_native)
+    row.update(interleaved(runners, args.budget, args.max_reps))
     row["fused"] = "; ".join(f"{k} x{v}" for p in report.passes for k, v in p["fused"].items()) or "-"
     # check the optimised graph against eager once
     with torch.inference_mode():
         expected = module(tx, tk).numpy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = session(optimised, native=use_native, threads=args.threads).run(None, feeds)[0]
+    got = runners["optimised"]()[0]
     row["max_err"] = float(np.abs(got - expected).max())
     return row
 
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per cell (at least 3 runs)")
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per runner (at least 3 interleaved rounds)")
     parser.add_argument("--max-reps", type=int, default=20)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -12,8 +12,10 @@
 
   Keys / values that are raw slices of ``x`` (optimised, efficient) or ``SuperMix(x)`` (super: WA x
   computed once per layer) feed the fused op directly, with no projection.
-* ``PooledNormAttention`` with every pooling factor 1 (Attention-BN): the key statistics
-  normalise q and k in a few elementwise ops, then the same fused attention.
+* ``PooledNormAttention`` (Attention-BN / SH / BN-SH): heads are grouped by pooling factor; per
+  group the keys and values are average-pooled by the factor (masked mean, last window partial),
+  BN's key statistics normalise q and k in a few elementwise ops, and one fused attention runs;
+  the groups' outputs go back in head order.
 * Projections sharing an input (``MatMul(x, W_i) [+ b_i]`` with constant weights): packed into
   one wide MatMul and a Split -- Q|K|V for mha, Q|K for optimised, and for DCMHA the
   ``[Wq|Wk|Wv|dw1|dd]`` GEMM. Packing never changes MACs.
@@ -211,59 +213,116 @@ def lower_decomposed(model: ir.Model, target: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # Attention-BN (PooledNormAttention with every factor 1)
 # ---------------------------------------------------------------------------------------------
-def _flatten_heads(b: Builder, x4: ir.Value) -> ir.Value:
-    """[B,X,N,d] -> [B,X,N*d] (the Reshape of a Reshape folds away in cleanup)."""
-    d = dims(x4)
+def _flatten_heads(b: Builder, x4: ir.Value, width: int) -> ir.Value:
+    """[B,X,n,d] -> [B,X,width = n*d], or the [B,X,width] tensor x4 was split from."""
     r = producer(x4, "Reshape")
-    if r is not None and rank(r.inputs[0]) == 3 and dims(r.inputs[0])[2] == d[2] * d[3]:
+    if r is not None and rank(r.inputs[0]) == 3 and dims(r.inputs[0])[2] == width:
         return r.inputs[0]
-    return b.op("Reshape", [x4, b.ints([0, 0, d[2] * d[3]])], dtype=x4.dtype, shape=(d[0], d[1], d[2] * d[3]))
+    d = dims(x4)
+    return b.op("Reshape", [x4, b.ints([0, 0, width])], dtype=x4.dtype, shape=None if d is None else (d[0], d[1], width))
+
+
+def _normalise(b: Builder, node: ir.Node, q4: ir.Value, k4: ir.Value, weight: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """Attention-BN: key statistics over the real key tokens (``weight`` [B,S,1,1], 1 = real)
+    shift (and rescale) both q and k."""
+    dtype, f = q4.dtype, q4.dtype.numpy()
+    eps, beta = float(attr(node, "eps", 1e-5)), float(attr(node, "beta", 1.0))
+
+    def op(op_type: str, *inputs: ir.Value, **attrs) -> ir.Value:
+        return b.op(op_type, list(inputs), attrs or None, dtype=dtype, shape=None)
+
+    axis = b.ints([1])
+    count = op("Max", op("ReduceSum", weight, axis, keepdims=1), b.const(np.ones((), f), "one"))
+    mu = op("Div", op("ReduceSum", op("Mul", k4, weight), axis, keepdims=1), count)
+    centred = op("Sub", k4, mu)
+    var = op("Div", op("ReduceSum", op("Mul", op("Mul", centred, centred), weight), axis, keepdims=1), count)
+    shift = op("Mul", mu, b.const(np.full((), beta, f), "beta"))
+    q4, k4 = op("Sub", q4, shift), op("Sub", k4, shift)
+    if attr(node, "rescale", 1):
+        inv = op("Reciprocal", op("Sqrt", op("Add", var, b.const(np.full((), eps, f), "eps"))))
+        q4, k4 = op("Mul", q4, inv), op("Mul", k4, inv)
+    return q4, k4
+
+
+def _pool(b: Builder, x4: ir.Value, weight: ir.Value, factor: int, tail: tuple[int, int]) -> ir.Value:
+    """Masked mean of x4 [B,S,n,d] (``tail`` = (n, d)) over windows of ``factor`` tokens, the
+    last one partial: ``weight`` [B,S,1,1] (1 = real). Returns [B,ceil(S/r),n,d]; empty windows
+    give 0."""
+    dtype, f = x4.dtype, x4.dtype.numpy()
+    d = (None, None) + tuple(tail)
+    s = b.op("Shape", [x4], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))
+    r = b.ints([factor], "factor")
+    pad = b.op("Mod", [b.op("Sub", [r, b.op("Mod", [s, r], dtype=ir.DataType.INT64, shape=(1,))], dtype=ir.DataType.INT64,
+                            shape=(1,)), r], dtype=ir.DataType.INT64, shape=(1,))
+    zeros = b.ints([0], "zero")
+    pads = b.op("Concat", [zeros, zeros, zeros, zeros, zeros, pad, zeros, zeros], {"axis": 0}, dtype=ir.DataType.INT64, shape=(8,))
+    windows = b.ints([0, -1, factor, d[2], d[3]], "windows")
+    wwin = b.ints([0, -1, factor, 1, 1], "weight_windows")
+    xs = b.op("Reshape", [b.op("Pad", [b.op("Mul", [x4, weight], dtype=dtype, shape=None), pads], dtype=dtype, shape=None), windows],
+              dtype=dtype, shape=None)
+    ws = b.op("Reshape", [b.op("Pad", [weight, pads], dtype=dtype, shape=None), wwin], dtype=dtype, shape=None)
+    axis = b.ints([2])
+    total = b.op("ReduceSum", [xs, axis], {"keepdims": 0}, dtype=dtype, shape=None)
+    count = b.op("ReduceSum", [ws, axis], {"keepdims": 0}, dtype=dtype, shape=None)
+    count = b.op("Max", [count, b.const(np.ones((), f), "one")], dtype=dtype, shape=None)
+    return b.op("Div", [total, count], dtype=dtype, shape=None)
 
 
 def lower_pooled_norm(model: ir.Model, target: str) -> int:
+    """PooledNormAttention -> (per group of heads with one pooling factor) pooled, normalised
+    keys / values and one fused attention, heads put back in their order."""
     graph = model.graph
     count = 0
     for node in list(graph):
         if node.op_type != "PooledNormAttention" or node.domain != DOMAIN:
             continue
-        factors = list(attr(node, "factors", []) or [])
-        if any(f != 1 for f in factors):
-            continue  # Attention-SH pooling: the op (kernel or body) keeps it
         q4, k4, v4, kpm = node.inputs
-        dq = dims(q4)
-        if dq is None or len(dq) != 4 or not isinstance(dq[2], int) or not isinstance(dq[3], int):
+        dq, dk = dims(q4), dims(k4)
+        if dq is None or dk is None or len(dq) != 4 or not isinstance(dq[2], int) or not isinstance(dq[3], int):
             continue
         n, d = dq[2], dq[3]
+        factors = [int(f) for f in (attr(node, "factors", None) or [1] * n)]
+        if len(factors) != n or min(factors) < 1:
+            continue
         dtype = q4.dtype
-        b = Builder(graph, node, "bn")
-        f32 = dtype.numpy()
-        if attr(node, "normalize", 0):
-            eps, beta = float(attr(node, "eps", 1e-5)), float(attr(node, "beta", 1.0))
-            m = b.op("Cast", [b.op("Unsqueeze", [kpm, b.ints([2, 3])], dtype=ir.DataType.BOOL, shape=None)],
-                     {"to": dtype}, dtype=dtype, shape=None)  # [B,S,1,1]
-            axis = b.ints([1])
-            count_ = b.op("Max", [b.op("ReduceSum", [m, axis], {"keepdims": 1}, dtype=dtype, shape=None),
-                                  b.const(np.ones((), f32), "one")], dtype=dtype, shape=None)
-            mu = b.op("Div", [b.op("ReduceSum", [b.op("Mul", [k4, m], dtype=dtype, shape=None), axis], {"keepdims": 1},
-                                   dtype=dtype, shape=None), count_], dtype=dtype, shape=None)
-            centred = b.op("Sub", [k4, mu], dtype=dtype, shape=None)
-            sq = b.op("Mul", [b.op("Mul", [centred, centred], dtype=dtype, shape=None), m], dtype=dtype, shape=None)
-            var = b.op("Div", [b.op("ReduceSum", [sq, axis], {"keepdims": 1}, dtype=dtype, shape=None), count_],
-                       dtype=dtype, shape=None)
-            shift = b.op("Mul", [mu, b.const(np.full((), beta, f32), "beta")], dtype=dtype, shape=None)
-            q4 = b.op("Sub", [q4, shift], dtype=dtype, shape=dq)
-            k4 = b.op("Sub", [k4, shift], dtype=dtype, shape=dims(node.inputs[1]))
-            if attr(node, "rescale", 1):
-                inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(np.full((), eps, f32), "eps")],
-                                                               dtype=dtype, shape=None)], dtype=dtype, shape=None)],
-                           dtype=dtype, shape=None)
-                q4 = b.op("Mul", [q4, inv], dtype=dtype, shape=dq)
-                k4 = b.op("Mul", [k4, inv], dtype=dtype, shape=dims(node.inputs[1]))
         scale = float(attr(node, "scale", 0.0)) or 1.0 / float(np.sqrt(d))
-        q3, k3, v3 = _flatten_heads(b, q4), _flatten_heads(b, k4), _flatten_heads(b, v4)
-        out3 = _emit(b, target, q3, k3, v3, n, scale, {"kpm": kpm, "causal": 0}, None, dims(q3))
-        out4 = b.op("Reshape", [out3, b.ints([0, 0, n, d])], dtype=dtype, shape=dims(node.outputs[0]))
-        replace_value(node.outputs[0], out4)
+        b = Builder(graph, node, "pooled")
+        groups: dict[int, list[int]] = {}
+        for head, factor in enumerate(factors):
+            groups.setdefault(factor, []).append(head)
+        order: list[int] = []
+        outs = []
+        for factor, heads in groups.items():
+            def take(x: ir.Value) -> ir.Value:
+                if len(heads) == n:
+                    return x
+                dx = dims(x)
+                return b.op("Gather", [x, b.ints(heads, "heads")], {"axis": 2}, dtype=dtype,
+                            shape=(dx[0], dx[1], len(heads), dx[3]))
+            qg, kg, vg = take(q4), take(k4), take(v4)
+            weight = b.op("Cast", [b.op("Unsqueeze", [kpm, b.ints([2, 3])], dtype=ir.DataType.BOOL, shape=None)],
+                          {"to": dtype}, dtype=dtype, shape=None)  # [B,S,1,1]
+            mask = kpm
+            if factor > 1:
+                tail = (len(heads), d)
+                kg, vg = _pool(b, kg, weight, factor, tail), _pool(b, vg, weight, factor, tail)
+                weight = _pool(b, weight, weight, factor, (1, 1))  # fraction of real tokens, > 0 iff the window is real
+                weight = b.op("Cast", [b.op("Greater", [weight, b.const(np.zeros((), dtype.numpy()), "zero")],
+                                            dtype=ir.DataType.BOOL, shape=None)], {"to": dtype}, dtype=dtype, shape=None)
+                mask = b.op("Cast", [b.op("Squeeze", [weight, b.ints([2, 3])], dtype=dtype, shape=None)],
+                            {"to": ir.DataType.BOOL}, dtype=ir.DataType.BOOL, shape=None)
+            if attr(node, "normalize", 0):
+                qg, kg = _normalise(b, node, qg, kg, weight)
+            q3, k3, v3 = (_flatten_heads(b, t, len(heads) * d) for t in (qg, kg, vg))
+            out3 = _emit(b, target, q3, k3, v3, len(heads), scale, {"kpm": mask, "causal": 0}, None,
+                         (dq[0], dq[1], len(heads) * d))
+            outs.append(b.op("Reshape", [out3, b.ints([0, 0, len(heads), d])], dtype=dtype, shape=(dq[0], dq[1], len(heads), d)))
+            order += heads
+        out = outs[0] if len(outs) == 1 else b.op("Concat", outs, {"axis": 2}, dtype=dtype, shape=dq)
+        if order != list(range(n)):
+            inverse = [order.index(h) for h in range(n)]
+            out = b.op("Gather", [out, b.ints(inverse, "head_order")], {"axis": 2}, dtype=dtype, shape=dq)
+        replace_value(node.outputs[0], out)
         count += 1
     if count:
         if target == "ort":

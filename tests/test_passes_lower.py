@@ -23,18 +23,23 @@ from attn2onnx.variants import build_attention
 D, N = 32, 4
 SHAPES = [(1, 5), (2, 9), (3, 16)]
 FUSED = {"ort": "com.microsoft::MultiHeadAttention", "portable": "Attention", "trt": "Attention"}
-LOWERED = [("mha", True), ("mha", False), ("optimised", True), ("efficient", False), ("super", True), ("bn", False)]
-KEPT = ["sh", "bn-sh", "imhsa", "dcmha"]
+# (variant, causal, fused attention nodes): sh / bn-sh run one per group of heads with one
+# pooling factor (default factors: two groups)
+LOWERED = [("mha", True, 1), ("mha", False, 1), ("optimised", True, 1), ("efficient", False, 1), ("super", True, 1),
+           ("bn", False, 1), ("sh", False, 2), ("bn-sh", False, 2)]
+KEPT = ["imhsa", "dcmha"]
 
 
 @pytest.fixture(scope="module")
 def exported():
     cache: dict = {}
 
-    def get(name: str, causal: bool = False):
-        if (name, causal) not in cache:
+    def get(name: str, causal: bool = False, **options):
+        key = (name, causal, tuple(sorted(options.items())))
+        if key not in cache:
             torch.manual_seed(0)
-            module = build_attention(name, d_model=D, n_heads=N, causal=causal, max_len=32).eval()
+            options.setdefault("max_len", 32)
+            module = build_attention(name, d_model=D, n_heads=N, causal=causal, **options).eval()
             with torch.no_grad():  # non-trivial WA for super (a fresh one is the identity)
                 if hasattr(module, "wa"):
                     module.wa.add_(0.1 * torch.randn_like(module.wa))
@@ -42,8 +47,8 @@ def exported():
             x, kpm = torch.randn(2, 8, D), torch.ones(2, 8, dtype=torch.bool)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cache[(name, causal)] = (module, to_onnx(module, (x, kpm), specs, output_names=["y"]))
-        return cache[(name, causal)]
+                cache[key] = (module, to_onnx(module, (x, kpm), specs, output_names=["y"]))
+        return cache[key]
 
     return get
 
@@ -63,12 +68,12 @@ def node_of(model: onnx.ModelProto, op_type: str) -> onnx.NodeProto:
 
 
 @pytest.mark.parametrize("target", ["ort", "portable"])
-@pytest.mark.parametrize("name,causal", LOWERED)
-def test_lowered_onto_fused_attention(exported, name, causal, target):
+@pytest.mark.parametrize("name,causal,fused", LOWERED)
+def test_lowered_onto_fused_attention(exported, name, causal, fused, target):
     module, stock = exported(name, causal)
     optimised, report = optimize_model(stock, target=target)
     counts = count_ops(ir.serde.deserialize_model(optimised))
-    assert counts.get(FUSED[target]) == 1, counts
+    assert counts.get(FUSED[target]) == fused, counts
     assert "Softmax" not in counts and "ai.attn2onnx::PooledNormAttention" not in counts
     check_outputs(module, stock, optimised)
     again, report2 = optimize_model(optimised, target=target)
@@ -85,6 +90,16 @@ def test_mha_packs_qkv_and_uses_mask_attributes(exported):
     assert attrs["unidirectional"] == 1 and attrs["num_heads"] == N
     assert mha.input[4]  # key_padding_mask, no [B,1,T,S] bias
     assert len(mha.input) < 6 or not mha.input[5]
+
+
+@pytest.mark.parametrize("name,options,fused", [("sh", {"sh_factors": (2, 1, 3, 1)}, 3),
+                                                ("bn-sh", {"sh_factors": (3, 3, 3, 3), "rescale": False, "beta": 0.5}, 1)])
+def test_pooled_heads_grouped_by_factor(exported, name, options, fused):
+    """Heads grouped by factor whatever their order, and put back in order; partial windows."""
+    module, stock = exported(name, False, **options)
+    optimised, _ = optimize_model(stock, target="ort")
+    assert count_ops(ir.serde.deserialize_model(optimised)).get(FUSED["ort"]) == fused
+    check_outputs(module, stock, optimised)
 
 
 def test_sliced_heads_feed_the_fused_op_directly(exported):
