@@ -14,6 +14,12 @@ over the causal-visible pairs only); the fp32 MatMul rate is torch/numpy 2048^3 
 
     python benchmarks/cpu_kernels.py                 # prints the table, updates benchmarks/RESULTS.md
     python benchmarks/cpu_kernels.py --lengths 1024 --no-write
+    python benchmarks/cpu_kernels.py --candidates    # the other ops: is a native kernel worth it?
+
+--candidates times the other ai.attn2onnx ops' function bodies in ORT (one node, B=1, N=8,
+d=64, 2 threads) against the floor a fused kernel could reach without new math: the same
+q, k, v through plain MatMul-Softmax-MatMul attention and through ORT's fused com.microsoft
+MultiHeadAttention (the target of the lowering passes).
 """
 from __future__ import annotations
 
@@ -66,7 +72,7 @@ def export_models(folder: Path) -> dict[str, Path]:
     import onnx
     import torch
 
-    from attn2onnx.export import to_onnx
+    from attn2onnx.exporter import to_onnx
     from attn2onnx.io_spec import InputSpec
 
     x = torch.randn(1, 64, D)
@@ -77,6 +83,76 @@ def export_models(folder: Path) -> dict[str, Path]:
         paths[name] = folder / f"dcmha_{name}.onnx"
         onnx.save(proto, paths[name])
     return paths
+
+
+# ---------------------------------------------------------------- candidate ops
+CANDIDATES = ("ProbAttention", "LandmarkAttention", "PooledNormAttention", "plain attention", "MultiHeadAttention")
+
+
+def candidate_model(op: str):
+    """One node with dynamic T: an ai.attn2onnx op (function body attached) or a baseline."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import attn2onnx.custom_ops as ops
+
+    act = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, "T", N, D // N])  # noqa: E731
+    mask = helper.make_tensor_value_info("key_padding_mask", TensorProto.BOOL, [1, "T"])
+    out = helper.make_tensor_value_info("o", TensorProto.FLOAT, None)
+    inputs, nodes, outputs, extra = [act("q"), act("k"), act("v"), mask], [], [out], []
+    names = ["q", "k", "v", "key_padding_mask"]
+    if op == "ProbAttention":
+        outputs.append(helper.make_tensor_value_info("probs", TensorProto.FLOAT, None))
+        nodes.append(helper.make_node(op, names, ["o", "probs"], domain=ops.DOMAIN, scale=0.0, causal=0))
+    elif op == "LandmarkAttention":
+        for stage in ("pre", "post"):
+            for side in ("q", "k"):
+                extra += [helper.make_tensor_value_info(f"{stage}_mix_{side}", TensorProto.FLOAT, [N, N]),
+                          helper.make_tensor_value_info(f"{stage}_bias_{side}", TensorProto.FLOAT, [N])]
+        nodes.append(helper.make_node(op, names + [e.name for e in extra], ["o"], domain=ops.DOMAIN,
+                                      landmarks=64, grid=0, scale=0.0))
+    elif op == "PooledNormAttention":
+        nodes.append(helper.make_node(op, names, ["o"], domain=ops.DOMAIN, factors=[1] * (N // 2) + [2] * (N - N // 2),
+                                      normalize=1, eps=1e-5, beta=1.0, rescale=1, scale=0.0))
+    elif op == "plain attention":  # MatMul - Softmax - MatMul, heads transposed, no mask
+        nodes += [helper.make_node("Transpose", ["q"], ["qh"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Transpose", ["k"], ["kh"], perm=[0, 2, 3, 1]),
+                  helper.make_node("Transpose", ["v"], ["vh"], perm=[0, 2, 1, 3]),
+                  helper.make_node("MatMul", ["qh", "kh"], ["l0"]),
+                  helper.make_node("Mul", ["l0", "scale"], ["l"]),
+                  helper.make_node("Softmax", ["l"], ["p"], axis=-1),
+                  helper.make_node("MatMul", ["p", "vh"], ["oh"]),
+                  helper.make_node("Transpose", ["oh"], ["o"], perm=[0, 2, 1, 3])]
+        inputs = inputs[:3]
+    elif op == "MultiHeadAttention":
+        shape = helper.make_node("Constant", [], ["shape"], value=helper.make_tensor("s", TensorProto.INT64, [3], [1, -1, D]))
+        nodes += [shape] + [helper.make_node("Reshape", [x, "shape"], [x + "2"]) for x in "qkv"]
+        nodes.append(helper.make_node(op, ["q2", "k2", "v2"], ["o"], domain="com.microsoft", num_heads=N))
+        inputs = inputs[:3]
+    graph = helper.make_graph(nodes, "candidate", inputs + extra, outputs,
+                              initializer=[helper.make_tensor("scale", TensorProto.FLOAT, [], [(D // N) ** -0.5])]
+                              if op == "plain attention" else [])
+    return helper.make_model(graph, ir_version=10, functions=list(ops.function_protos().values()),
+                             opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(ops.DOMAIN, 1),
+                                            helper.make_opsetid("com.microsoft", 1)])
+
+
+def candidate_feeds(model, t: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for vi in model.graph.input:
+        dims = [t if d.dim_param == "T" else d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if vi.type.tensor_type.elem_type == 9:
+            feeds[vi.name] = np.ones(dims, bool)
+        elif "mix" in vi.name:
+            feeds[vi.name] = np.eye(N, dtype=np.float32)
+        elif "bias" in vi.name:
+            feeds[vi.name] = np.zeros(dims, np.float32)
+        else:
+            feeds[vi.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
 
 
 # ---------------------------------------------------------------- worker (one subprocess each)
@@ -92,7 +168,16 @@ def worker(impl: str, t: int, threads: int, repeats: int, models: dict[str, str]
     import numpy as np
 
     x = np.random.default_rng(0).standard_normal((1, t, D)).astype(np.float32)
-    if impl == "eager":
+    if impl in CANDIDATES:
+        from attn2onnx.runtime import session
+
+        model = candidate_model(impl)
+        sess = session(model, native=False, threads=threads)
+        feeds = candidate_feeds(model, t)
+
+        def call():
+            sess.run(None, feeds)
+    elif impl == "eager":
         import torch
 
         torch.set_num_threads(threads)
@@ -190,12 +275,80 @@ def table(results: dict, lengths: list[int], rates: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
+SUBSECTION = "### Candidate ops for native kernels"
+
+
+def _block(text: str, header: str, stop: str) -> re.Pattern:
+    return re.compile(rf"^{re.escape(header)}\n.*?(?={stop}|\Z)", re.S | re.M)
+
+
+def write_section(text: str, candidates: bool = False) -> None:
+    """Put ``text`` into RESULTS.md's CPU-kernels section (other sections untouched): the main
+    table replaces the section but keeps its candidate-ops subsection, and vice versa."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = text.rstrip() + "\n\n"
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
+    section_re = _block(old, SECTION, "^## ")
+    match = section_re.search(old)
+    section = match.group(0) if match else SECTION + "\n"
+    sub_re = _block(section, SUBSECTION, "^##")
+    sub = sub_re.search(section)
+    if candidates:
+        main_part = sub_re.sub("", section) if sub else section
+        section = main_part.rstrip() + "\n\n" + text.rstrip() + "\n\n"
+    else:
+        section = text.rstrip() + "\n\n" + (sub.group(0).rstrip() + "\n\n" if sub else "")
+    new = section_re.sub(lambda _: section, old) if match else old.rstrip() + "\n\n" + section
     RESULTS.write_text(new)
+
+
+CANDIDATE_DECISIONS = """
+Decisions drawn from these figures (2026-11, ORT 1.32):
+- LandmarkAttention: no kernel. The body is already linear in T (0.26x plain attention and 49 MiB
+  at T=4096) and is a handful of small MatMuls; a fused kernel has little left to save.
+- PooledNormAttention: no kernel; lower it instead. The body costs 3.5x plain attention and
+  4.2 GiB at T=4096, but the pooling and BN statistics are O(T N d) pre-processing, after which
+  each factor group is standard attention that ORT's fused MultiHeadAttention runs in 0.83x the
+  plain time and 25 MiB: a pass that lowers it onto MultiHeadAttention gets the whole gain.
+- ProbAttention: next candidate, lower priority. It must return the [B,N,T,S] probabilities
+  (512 MiB at T=4096), so memory cannot drop below that; the body takes 2.3x plain attention and
+  2.8 GiB, so a kernel writing the probabilities once could save about 2x time and 5x memory.
+"""
+
+
+def candidates(args, argv) -> int:
+    rows = ["| T | graph (ORT, function body) | median ms | vs plain attention | peak extra RSS MiB |",
+            "|---:|---|---:|---:|---:|"]
+    for t in args.lengths:
+        results = {}
+        for op in CANDIDATES:
+            repeats = args.repeats if t < 4096 else min(args.repeats, 3)
+            results[op] = r = run_worker(op, t, args.threads, repeats, {}, args.timeout)
+            print(f"T={t} {op}: {r}", file=sys.stderr, flush=True)
+        floor = results["plain attention"].get("median_s")
+        for op, r in results.items():
+            if "error" in r:
+                rows.append(f"| {t} | {op} | {r['error']} | | |")
+                continue
+            ratio = f"{r['median_s'] / floor:.2f}x" if floor else ""
+            rows.append(f"| {t} | {op} | {r['median_s'] * 1e3:.1f} | {ratio} | {r['peak_extra_mib']:.0f} |")
+    cmd = "python benchmarks/cpu_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join([
+        SUBSECTION,
+        "",
+        f"Single node, B=1, N={N}, d={D // N}, non-causal, all keys real, {args.threads} threads; LandmarkAttention "
+        "with 64 landmarks, identity mixes; PooledNormAttention BN+SH with factors 1,1,1,1,2,2,2,2. "
+        "`plain attention` (MatMul-Softmax-MatMul) and `MultiHeadAttention` (com.microsoft, fused) on the same q, k, v "
+        "are the floors a kernel without new math could reach.",
+        "",
+        f"- command: `{cmd.strip()}`",
+        f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; load average at the end {os.getloadavg()[0]:.1f}",
+        "",
+        *rows,
+        CANDIDATE_DECISIONS,
+    ])
+    print(text)
+    if not args.no_write:
+        write_section(text, candidates=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    parser.add_argument("--candidates", action="store_true", help="profile the other ops' function bodies instead")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -213,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(impl, int(t), int(threads), int(repeats), json.loads(models))))
         return 0
 
+    if args.candidates:
+        return candidates(args, argv)
     from attn2onnx.runtime import native
 
     if "ours" in args.impls and not native.available():
@@ -238,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         f"One DCMHA layer, B=1, D={D}, N={N}, d={D // N}, R={R}, causal, {args.threads} threads, fp32. "
         "ours = exported model with the native kernel library in ORT; body = same model, function body "
         "(no library); eager = PyTorch module; stock = stock torch.onnx.export in ORT. Median wall time; "
-        "peak extra RSS of the runs (subprocess per row); GFLOP/s of the layer's dense matmul work.",
+        "peak extra RSS of the runs (subprocess per row); GFLOP/s of the layer's dense matmul work. "
+        "The machine may be shared with other work (load average below): compare rows of one table.",
         "",
         f"- command: `{cmd.strip()}`",
         f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; load average at the end {load[0]:.1f}",
