@@ -16,7 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace attn2onnx {
