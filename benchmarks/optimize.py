@@ -17,9 +17,13 @@ import sys
 import time
 import warnings
 
-import numpy as np
-import onnx
-import torch
+# torch's OpenMP threads otherwise busy-wait between calls, which on a shared machine slows
+# every other process (and torch itself) down
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
@@ -27,7 +31,7 @@ from attn2onnx.exporter import to_onnx  # noqa: E402
 from attn2onnx.io_spec import InputSpec  # noqa: E402
 from attn2onnx.passes import optimize_model  # noqa: E402
 from attn2onnx.runtime import native  # noqa: E402
-from attn2onnx.runtime.sessions import session  # noqa: E402
+from attn2onnx.runtime.sessions import session_options  # noqa: E402
 from attn2onnx.variants import VARIANTS, build_attention  # noqa: E402
 
 DEFAULT_VARIANTS = [v for v in VARIANTS if v != "reuse"] + ["plain-dcmha"]
@@ -75,9 +79,15 @@ def export(module, seq: int, d_model: int, custom: bool) -> onnx.ModelProto:
 
 
 def ort_runner(model: onnx.ModelProto, feeds: dict, threads: int, use_native: bool):
+    """A session whose idle threads do not spin (sessions are timed in turns, and a spinning
+    pool would steal the cores from the next one)."""
+    import onnxruntime as ort
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sess = session(model, native=use_native, threads=threads)
+        options = session_options(native_kernels=use_native, threads=threads)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return lambda: sess.run(None, feeds)
 
 
@@ -95,7 +105,9 @@ def bench_variant(name: str, seq: int, args) -> dict:
         with torch.inference_mode():
             module(tx, tk)
 
-    runners = {"eager": eager}
+    # eager is timed on its own: torch's OpenMP threads keep spinning after a call
+    row.update(interleaved({"eager": eager}, args.budget, args.max_reps))
+    runners: dict = {}
     use_native = native.available()
     try:
         stock = export(module, seq, args.d_model, custom=False)

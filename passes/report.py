@@ -93,14 +93,9 @@ def _attention_macs(node: ir.Node, ins: list, out: list | None) -> int | None:
     if len(q) == 4:  # ONNX Attention with 4-D q [B,N,T,d], k [B,N,S,d]
         b, n, t, d = q
         return 2 * b * n * t * k[2] * d
-    if len(q) == 3:  # [B,T,D]; heads from the attribute
-        heads = node.attributes.get("num_heads") or node.attributes.get("q_num_heads")
+    if len(q) == 3 and len(k) == 3:  # [B,T,D] and [B,S,D]: 2 * B*T*S*D whatever the head count
         b, t, width = q
-        if len(k) == 5:  # packed KV [B,S,N,2,d]
-            s = k[1]
-        else:
-            s = k[1]
-        return 2 * b * t * s * width if heads is not None else None
+        return 2 * b * t * k[1] * width
     return None
 
 
