@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, UsageError
+from .fileio import atomic_output
 from .models import ModelConfig, build_model
 from .variants import VariantError
 
@@ -31,30 +31,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise UsageError("save() takes a model made by attn2onnx.build_model or attn2onnx.load (it keeps a ModelConfig as .config)")
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.pt'}")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder {folder} does not exist")
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "config": config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
+    return Path(path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
