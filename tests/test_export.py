@@ -104,7 +104,7 @@ def test_static_export_has_fixed_dims(tmp_path):
     assert dims == [1, 12, 32]
 
 
-@pytest.mark.parametrize("variant", ["super", "dcmha"])
+@pytest.mark.parametrize("variant", ["super", "dcmha", "imhsa", "reuse", "bn-sh"])
 def test_stock_export_decomposes_our_ops(variant):
     """custom=False: the ops become their references' aten graph; still dynamic and exact."""
     model = build_model(ModelConfig(family="layer", variant=variant, d_model=32, heads=4, max_len=64))

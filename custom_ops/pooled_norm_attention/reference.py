@@ -43,10 +43,12 @@ def pooled_norm_attention_reference(
         raise ValueError(f"PooledNormAttention: factors must be one integer >= 1 per head ({q.shape[2]}), "
                          f"got {factors}")
     mask = key_padding_mask.to(torch.bool)
-    groups = []
+    outputs: list[torch.Tensor | None] = [None] * len(factors)
     for factor in sorted(set(factors)):
-        heads = torch.tensor([h for h, f in enumerate(factors) if f == factor], device=q.device)
-        qg, kg, vg = (t.index_select(2, heads) for t in (q, k, v))
+        heads = [h for h, f in enumerate(factors) if f == factor]
+        # Heads gathered by slicing (no index tensor), so the reference decomposes into a
+        # purely functional aten graph for the stock export path.
+        qg, kg, vg = (torch.stack([t[:, :, h] for h in heads], dim=2) for t in (q, k, v))
         kg, group_mask = window_pool(kg, mask, factor)
         vg, _ = window_pool(vg, mask, factor)
         if normalize:
@@ -55,10 +57,10 @@ def pooled_norm_attention_reference(
             if rescale:
                 std = torch.sqrt(var + eps)
                 qg, kg = qg / std, kg / std
-        groups.append((heads, attention(qg, kg, vg, group_mask, scale, causal=False)[0]))
-    order = torch.cat([heads for heads, _ in groups])
-    out = torch.cat([o for _, o in groups], dim=2)
-    return out.index_select(2, torch.argsort(order))
+        group_out = attention(qg, kg, vg, group_mask, scale, causal=False)[0]
+        for i, h in enumerate(heads):
+            outputs[h] = group_out[:, :, i]
+    return torch.stack(outputs, dim=2)
 
 
 @torch.library.custom_op(f"{TORCH_NAMESPACE}::pooled_norm_attention", mutates_args=())
