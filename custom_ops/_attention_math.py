@@ -90,8 +90,10 @@ def window_pool(x: torch.Tensor, mask: torch.Tensor, factor: int) -> tuple[torch
     Returns (pooled [B,ceil(S/factor),...], pooled_mask [B,ceil(S/factor)]): a window is real
     iff it holds a real token, and an empty window is 0 (also for factor 1)."""
     s = x.shape[1]
-    pad = -s % factor
-    windows = -(-s // factor)
+    # Non-negative integer arithmetic only: exporters lower floor division of a negative
+    # symbolic size as truncation, which would get -(-s // factor) wrong for odd s.
+    windows = (s + factor - 1) // factor
+    pad = windows * factor - s
     feature_pad = [0, 0] * (x.dim() - 2)
     x = F.pad(x, feature_pad + [0, pad]).unflatten(1, (windows, factor))
     mask = F.pad(mask, [0, pad], value=False).unflatten(1, (windows, factor))
