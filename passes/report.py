@@ -71,6 +71,13 @@ def node_macs(node: ir.Node, sizes: dict[str, int]) -> int | None:
         return _prod(a) * (4 * r + 2)
     if node.domain == "" and node.op_type == "Mul" and node.outputs[0].dtype is not None and node.outputs[0].dtype.is_floating_point():
         return None if out is None else _prod(out)  # elementwise products (how unfused composes work)
+    if node.domain == DOMAIN and node.op_type == "LandmarkAttention":
+        q = ins[0]
+        landmarks = node.attributes["landmarks"].value if "landmarks" in node.attributes else None
+        if q is None or landmarks is None:
+            return None
+        b, t, n, d = q  # variants.md §6: about 4 T L N d + 2 T L N^2 (pooling, maps, products, mixing)
+        return b * (4 * t * landmarks * n * d + 2 * t * landmarks * n * n)
     if node.domain == DOMAIN and node.op_type == "SuperMix":
         x = ins[0]
         return None if x is None else _prod(x) * x[1]
