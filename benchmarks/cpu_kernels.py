@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -35,9 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import RESULTS, cpu_model  # noqa: E402
+
 D, N, R = 512, 8, 2
 IMPLS = ("ours", "body", "eager", "stock")
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## CPU kernels"
 
 
@@ -91,7 +92,6 @@ CANDIDATES = ("ProbAttention", "LandmarkAttention", "PooledNormAttention", "plai
 
 def candidate_model(op: str):
     """One node with dynamic T: an ai.attn2onnx op (function body attached) or a baseline."""
-    import onnx
     from onnx import TensorProto, helper
 
     import attn2onnx.custom_ops as ops
@@ -242,17 +242,6 @@ def run_worker(impl: str, t: int, threads: int, repeats: int, models: dict[str, 
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        match = re.search(r"Model name:\s*(.+)", out)
-        if match:
-            return match.group(1).strip()
-    except FileNotFoundError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def table(results: dict, lengths: list[int], rates: dict) -> str:

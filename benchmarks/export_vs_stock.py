@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,11 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import cpu_model, replace_section  # noqa: E402
+
 import numpy as np
 
 B, D, N = 1, 512, 8
 EXPORT_SHAPE = (2, 16)  # batch 2: a batch-1 example would pin the batch dim to 1
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Export vs stock"
 
 
@@ -56,17 +55,6 @@ class Row:
     stock_err: float | None = None
     ours_note: str = ""  # why there is no number
     stock_note: str = ""
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        match = re.search(r"Model name:\s*(.+)", out)
-        if match:
-            return match.group(1).strip()
-    except FileNotFoundError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def block_medians(calls: dict[str, Callable[[], object]], min_runs: int, max_runs: int, budget: float,
@@ -213,15 +201,6 @@ def summary(rows: list[Row], margin: float = 0.1) -> list[str]:
     return [f"- {words[k]}: {', '.join(v)}" for k, v in groups.items() if v]
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this script's section of RESULTS.md, leaving the others alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = text.rstrip() + "\n\n"
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    RESULTS.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="", help="comma-separated variants (default: all)")
@@ -282,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(text)
     if not args.no_write:
-        write_section(text)
+        replace_section(SECTION, text)
     return 0
 
 
