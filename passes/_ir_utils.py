@@ -1,7 +1,7 @@
 """Small onnx-ir helpers shared by the graph passes: shapes, constants, node building."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -230,3 +230,16 @@ def count_ops(model: ir.Model) -> dict[str, int]:
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def fuse_each(model: ir.Model, op_type: str, anchor: Callable[[ir.Node], bool],
+              fuse: Callable[[ir.Model, ir.Node], bool]) -> int:
+    """Try ``fuse(model, node)`` at every top-level node where ``anchor(node)`` holds, when the
+    ``op_type`` it would create is available; drop what the fusions left unused. Returns how
+    many fused."""
+    if not op_available(op_type):
+        return 0
+    count = sum(bool(fuse(model, node)) for node in list(model.graph) if node.graph is not None and anchor(node))
+    if count:
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    return count

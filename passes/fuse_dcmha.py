@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from ._ir_utils import (
     DOMAIN,
+    fuse_each,
     Builder,
     attr,
     axes_of,
@@ -771,15 +772,7 @@ def _fuse_core(model: ir.Model, post: ir.Node) -> bool:
 
 def fuse_attention(model: ir.Model) -> int:
     """Replace q k^T -> compose -> mask -> softmax -> compose -> @ v by one DcmhaAttention node."""
-    if not op_available("DcmhaAttention"):
-        return 0
-    count = 0
-    for node in list(model.graph):
-        if node.graph is not None and node.op_type == "DcmhaCompose" and node.domain == DOMAIN:
-            count += _fuse_core(model, node)
-    if count:
-        ir.passes.common.RemoveUnusedNodesPass()(model)
-    return count
+    return fuse_each(model, "DcmhaAttention", lambda n: n.op_type == "DcmhaCompose" and n.domain == DOMAIN, _fuse_core)
 
 
 class FuseDcmhaPass(ir.passes.InPlacePass):

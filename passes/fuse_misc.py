@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from ._ir_utils import (
     DOMAIN,
+    fuse_each,
     Builder,
     attr,
     axes_of,
@@ -181,15 +182,7 @@ def _fuse_prob(model: ir.Model, soft: ir.Node) -> bool:
 
 def fuse_prob_attention(model: ir.Model) -> int:
     """Replace each probability-producing softmax attention by a ProbAttention node."""
-    if not op_available("ProbAttention"):
-        return 0
-    count = 0
-    for node in list(model.graph):
-        if node.graph is not None and node.op_type == "Softmax" and node.domain == "":
-            count += _fuse_prob(model, node)
-    if count:
-        ir.passes.common.RemoveUnusedNodesPass()(model)
-    return count
+    return fuse_each(model, "ProbAttention", lambda n: n.op_type == "Softmax" and n.domain == "", _fuse_prob)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,15 +412,8 @@ def _fuse_landmark(model: ir.Model, final: ir.Node) -> bool:
 
 def fuse_landmark_attention(model: ir.Model) -> int:
     """Replace each iMHSA core ending in A_Q @ (A_K @ v) by a LandmarkAttention node."""
-    if not op_available("LandmarkAttention"):
-        return 0
-    count = 0
-    for node in list(model.graph):
-        if node.graph is not None and node.op_type == "MatMul" and node.domain == "" and rank(node.outputs[0]) == 4:
-            count += _fuse_landmark(model, node)
-    if count:
-        ir.passes.common.RemoveUnusedNodesPass()(model)
-    return count
+    return fuse_each(model, "LandmarkAttention",
+                     lambda n: n.op_type == "MatMul" and n.domain == "" and rank(n.outputs[0]) == 4, _fuse_landmark)
 
 
 class FuseMiscPass(ir.passes.InPlacePass):
