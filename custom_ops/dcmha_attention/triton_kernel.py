@@ -107,6 +107,40 @@ def _compose(
 
 
 @triton.jit
+def _block_logits(
+    q_base, k_base, qf_ptr, kf_ptr, kpm_ptr, wb_ptr, b, S, cols, rows, row_ok, t_abs, q_tok, k_tok_base,
+    heads, head_ok, dk,
+    SCALE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_STATIC_MIX: tl.constexpr,
+    N: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Scaled, pre-composed, masked logits [BLOCK_H, BLOCK_M, BLOCK_N] of all heads for the key
+    block ``cols``: what both passes recompute. Also returns the block's key validity and
+    key-factor offsets."""
+    F: tl.constexpr = 2 * R + 1
+    col_ok = cols < S
+    logits = tl.zeros([BLOCK_H, BLOCK_M, BLOCK_N], tl.float32)
+    for d0 in tl.range(0, D, BLOCK_DK):
+        dd = d0 + dk
+        qc = tl.load(q_base + (rows[None, :, None] * N + heads[:, None, None]) * D + dd[None, None, :],
+                     mask=head_ok[:, None, None] & row_ok[None, :, None] & (dd < D)[None, None, :], other=0.0)
+        kc = tl.load(k_base + (cols[None, None, :] * N + heads[:, None, None]) * D + dd[None, :, None],
+                     mask=head_ok[:, None, None] & col_ok[None, None, :] & (dd < D)[None, :, None], other=0.0)
+        logits = tl.dot(qc, kc, logits, input_precision=DOT_PRECISION)
+    logits = logits * SCALE
+    k_tok = k_tok_base + cols * (2 * F * N)
+    logits = _compose(logits, logits, qf_ptr, q_tok, row_ok, kf_ptr, k_tok, col_ok, wb_ptr,
+                      heads, heads, N, R, BLOCK_H, BLOCK_H, BLOCK_M, BLOCK_N, USE_STATIC_MIX)
+    allowed = tl.load(kpm_ptr + b * S + cols, mask=col_ok, other=0).to(tl.int1)[None, :]
+    if CAUSAL:
+        allowed = allowed & (cols[None, :] <= t_abs[:, None])
+    if WINDOW > 0:
+        allowed = allowed & (t_abs[:, None] - cols[None, :] < WINDOW)
+    logits = tl.where(allowed[None, :, :], logits, -1e30)  # NEG
+    return cols, col_ok, k_tok, logits
+
+
+@triton.jit
 def dcmha_attention_fwd(
     q_ptr, k_ptr, v_ptr, qf_ptr, kf_ptr, kpm_ptr, wb_ptr,  # inputs
     T, S,                                                   # int32 scalars
@@ -156,26 +190,10 @@ def dcmha_attention_fwd(
     m_i = tl.full([BLOCK_H, BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H, BLOCK_M], tl.float32)
     for start_n in tl.range(lo, hi, BLOCK_N):
-        cols = start_n + cols0
-        col_ok = cols < S
-        logits = tl.zeros([BLOCK_H, BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in tl.range(0, D, BLOCK_DK):
-            dd = d0 + dk
-            qc = tl.load(q_base + (rows[None, :, None] * N + heads[:, None, None]) * D + dd[None, None, :],
-                         mask=head_ok[:, None, None] & row_ok[None, :, None] & (dd < D)[None, None, :], other=0.0)
-            kc = tl.load(k_base + (cols[None, None, :] * N + heads[:, None, None]) * D + dd[None, :, None],
-                         mask=head_ok[:, None, None] & col_ok[None, None, :] & (dd < D)[None, :, None], other=0.0)
-            logits = tl.dot(qc, kc, logits, input_precision=DOT_PRECISION)
-        logits = logits * SCALE
-        k_tok = k_tok_base + cols * (2 * F * N)
-        logits = _compose(logits, logits, qf_ptr, q_tok, row_ok, kf_ptr, k_tok, col_ok, wb_ptr,
-                          heads, heads, N, R, BLOCK_H, BLOCK_H, BLOCK_M, BLOCK_N, USE_STATIC_MIX)
-        allowed = tl.load(kpm_ptr + b * S + cols, mask=col_ok, other=0).to(tl.int1)[None, :]
-        if CAUSAL:
-            allowed = allowed & (cols[None, :] <= t_abs[:, None])
-        if WINDOW > 0:
-            allowed = allowed & (t_abs[:, None] - cols[None, :] < WINDOW)
-        logits = tl.where(allowed[None, :, :], logits, NEG_)
+        cols, col_ok, k_tok, logits = _block_logits(
+            q_base, k_base, qf_ptr, kf_ptr, kpm_ptr, wb_ptr, b, S, start_n + cols0, rows, row_ok, t_abs, q_tok,
+            k_tok_base, heads, head_ok, dk, SCALE, CAUSAL, WINDOW, USE_STATIC_MIX, N, D, R,
+            BLOCK_H, BLOCK_M, BLOCK_N, BLOCK_DK, DOT_PRECISION)
         logits = tl.where(col_ok[None, None, :], logits, float("-inf"))  # outside the S keys
         m_new = tl.maximum(m_i, tl.max(logits, axis=2))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, :, None]), axis=2)
@@ -194,26 +212,10 @@ def dcmha_attention_fwd(
     # ---------------- pass 2: normalise, post-compose, accumulate P' v ---------------------
     acc = tl.zeros([HEADS_PER_PROGRAM, BLOCK_M, BLOCK_D], tl.float32)
     for start_n in tl.range(lo2, hi2, BLOCK_N):
-        cols = start_n + cols0
-        col_ok = cols < S
-        logits = tl.zeros([BLOCK_H, BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in tl.range(0, D, BLOCK_DK):
-            dd = d0 + dk
-            qc = tl.load(q_base + (rows[None, :, None] * N + heads[:, None, None]) * D + dd[None, None, :],
-                         mask=head_ok[:, None, None] & row_ok[None, :, None] & (dd < D)[None, None, :], other=0.0)
-            kc = tl.load(k_base + (cols[None, None, :] * N + heads[:, None, None]) * D + dd[None, :, None],
-                         mask=head_ok[:, None, None] & col_ok[None, None, :] & (dd < D)[None, :, None], other=0.0)
-            logits = tl.dot(qc, kc, logits, input_precision=DOT_PRECISION)
-        logits = logits * SCALE
-        k_tok = k_tok_base + cols * (2 * F * N)
-        logits = _compose(logits, logits, qf_ptr, q_tok, row_ok, kf_ptr, k_tok, col_ok, wb_ptr,
-                          heads, heads, N, R, BLOCK_H, BLOCK_H, BLOCK_M, BLOCK_N, USE_STATIC_MIX)
-        allowed = tl.load(kpm_ptr + b * S + cols, mask=col_ok, other=0).to(tl.int1)[None, :]
-        if CAUSAL:
-            allowed = allowed & (cols[None, :] <= t_abs[:, None])
-        if WINDOW > 0:
-            allowed = allowed & (t_abs[:, None] - cols[None, :] < WINDOW)
-        logits = tl.where(allowed[None, :, :], logits, NEG_)
+        cols, col_ok, k_tok, logits = _block_logits(
+            q_base, k_base, qf_ptr, kf_ptr, kpm_ptr, wb_ptr, b, S, start_n + cols0, rows, row_ok, t_abs, q_tok,
+            k_tok_base, heads, head_ok, dk, SCALE, CAUSAL, WINDOW, USE_STATIC_MIX, N, D, R,
+            BLOCK_H, BLOCK_M, BLOCK_N, BLOCK_DK, DOT_PRECISION)
         logits = tl.where(col_ok[None, None, :], logits, float("-inf"))
         p = tl.exp(logits - m_i[:, :, None]) * inv_l[:, :, None]       # [BLOCK_H, BLOCK_M, BLOCK_N]
         if GROUPS == 1:
