@@ -195,3 +195,13 @@ def test_option_values():
         True, False, None, 3, 0.5, [1, 2], (1, 2), "x", "tanh"]
     assert parse_options(["rope=true", "rope-base=500", "gelu_approx=tanh"]) == {
         "rope": True, "rope_base": 500, "gelu_approx": "tanh"}
+
+
+@pytest.mark.parametrize("variant,family", [(v, f) for v, info in VARIANTS.items() for f in info.families])
+def test_new_every_variant_in_every_family_it_fits(tmp_path, capsys, variant, family):
+    out = tmp_path / "m.pt"
+    status, _, stderr = call(capsys, "new", variant, "-o", str(out), "--family", family, "--d-model", "16",
+                             "--heads", "2", "--max-len", "16", "--vocab-size", "11")
+    assert status == 0, stderr
+    model = attn2onnx.load(out)
+    assert (model.config.family, model.config.variant) == (family, variant)
