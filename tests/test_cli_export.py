@@ -199,3 +199,10 @@ def test_doctor_json(capsys):
     assert set(report) == {"onnxruntime", "native_kernels", "cuda", "triton", "tensorrt"}
     assert report["onnxruntime"]["available"] is True
     assert report["cuda"]["available"] == torch.cuda.is_available()
+
+
+def test_validate_dtype_must_match_the_model(exported, capsys):
+    ckpt, model = exported
+    status, _, err = call(capsys, "validate", str(model), "--reference", str(ckpt), "--dtype", "fp16")
+    assert status == 2
+    assert_one_line_error(err, "computes in fp32")

@@ -26,6 +26,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def float_precision(model) -> str | None:
+    """``fp32`` / ``fp16`` from the model's float inputs and weights (None if it has neither)."""
+    import onnx
+
+    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}
+    types = [v.type.tensor_type.elem_type for v in model.graph.input] + [i.data_type for i in model.graph.initializer]
+    found = [names[t] for t in types if t in names]
+    return found[0] if found else None
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -36,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from ..validate import DEFAULT_SHAPES, TorchRunner, backend_runners, compare, parse_shapes, summary
 
     model = load_onnx(args.model)
+    precision = float_precision(model)
+    if precision is not None and precision != args.dtype:
+        raise UsageError(f"{args.model} computes in {precision}; --dtype {args.dtype} does not match it")
     source = load_source(args.reference, trust_pickle=args.trust_pickle)
     onnx_names = [s.name for s in specs_from_onnx(model)]
     if onnx_names != [s.name for s in source.specs]:
