@@ -8,6 +8,7 @@ native kernels can replace the bodies. Dynamic dims are named ``batch`` and ``se
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -120,14 +121,15 @@ def export(
     max_seq: int | None = None,
 ) -> ExportResult:
     """Export ``model`` to ``path`` (atomically; external data above 2 GB) and check it with
-    ``onnx.checker`` (full_check). Parity with PyTorch is checked by the caller
-    (:func:`attn2onnx.validate.parity`), which the CLI does right after export."""
+    ``onnx.checker`` (full_check). The model exports in its own precision (``model.half()``
+    gives an fp16 graph). Parity with PyTorch is checked by the caller
+    (:func:`attn2onnx.validate.compare`), which the CLI does right after export."""
     from .io_spec import specs_from_examples
 
     if specs is None:
         specs = specs_from_examples([f"input_{i}" for i in range(len(example_inputs))], example_inputs, dynamic)
     if not dynamic:
-        specs = [InputSpec(s.name, tuple(example_inputs[i].shape), s.kind, s.high) for i, s in enumerate(specs)]
+        specs = [dataclasses.replace(s, dims=tuple(example_inputs[i].shape)) for i, s in enumerate(specs)]
     start = time.perf_counter()
     proto = to_onnx(model, example_inputs, specs, output_names=output_names, opset=opset, max_seq=max_seq)
     seconds = time.perf_counter() - start

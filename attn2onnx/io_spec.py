@@ -19,21 +19,31 @@ DYNAMIC_DIMS = ("batch", "seq")
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One graph input: ``float`` activations, ``ids`` token ids in [0, high), or a bool ``mask``
-    [batch, seq] with True for real tokens."""
+    """One graph input: ``float`` activations (``precision`` fp32 or fp16), ``ids`` token ids in
+    [0, high), or a bool ``mask`` [batch, seq] with True for real tokens."""
 
     name: str
     dims: tuple[Dim, ...]
     kind: Literal["float", "ids", "mask"]
     high: int = 0
+    precision: Literal["fp32", "fp16"] = "fp32"
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return {"float": np.dtype(np.float32), "ids": np.dtype(np.int64), "mask": np.dtype(bool)}[self.kind]
+        if self.kind == "float":
+            return np.dtype(np.float16 if self.precision == "fp16" else np.float32)
+        return {"ids": np.dtype(np.int64), "mask": np.dtype(bool)}[self.kind]
 
     def shape(self, batch: int, seq: int) -> tuple[int, ...]:
         sizes = {"batch": batch, "seq": seq}
         return tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
+
+
+def with_precision(specs: Sequence[InputSpec], precision: str) -> list[InputSpec]:
+    """The same specs with every float input at ``precision`` (fp32 or fp16)."""
+    import dataclasses
+
+    return [dataclasses.replace(s, precision=precision) if s.kind == "float" else s for s in specs]
 
 
 def specs_from_examples(names: Sequence[str], examples: Sequence[torch.Tensor], dynamic: bool) -> list[InputSpec]:
@@ -52,7 +62,8 @@ def specs_from_examples(names: Sequence[str], examples: Sequence[torch.Tensor], 
             kind, high = "ids", int(t.max()) + 1
         else:
             kind, high = "float", 0
-        specs.append(InputSpec(name, tuple(dims), kind, high))
+        precision = "fp16" if t.dtype == torch.float16 else "fp32"
+        specs.append(InputSpec(name, tuple(dims), kind, high, precision))
     return specs
 
 
@@ -64,7 +75,7 @@ def random_inputs(specs: Sequence[InputSpec], batch: int, seq: int, seed: int = 
     for spec in specs:
         shape = spec.shape(batch, seq)
         if spec.kind == "float":
-            feeds[spec.name] = rng.standard_normal(shape).astype(np.float32)
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.numpy_dtype)
         elif spec.kind == "ids":
             feeds[spec.name] = rng.integers(0, spec.high, size=shape, dtype=np.int64)
         else:
@@ -107,7 +118,8 @@ def specs_to_json(specs: Sequence[InputSpec]) -> str:
     """Serialise specs for the exported model's metadata_props (run/validate read them back)."""
     import json
 
-    return json.dumps([{"name": s.name, "dims": list(s.dims), "kind": s.kind, "high": s.high} for s in specs])
+    return json.dumps([{"name": s.name, "dims": list(s.dims), "kind": s.kind, "high": s.high, "precision": s.precision}
+                       for s in specs])
 
 
 def specs_from_onnx(model) -> list[InputSpec]:
@@ -119,7 +131,8 @@ def specs_from_onnx(model) -> list[InputSpec]:
 
     meta = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY in meta:
-        return [InputSpec(d["name"], tuple(d["dims"]), d["kind"], d["high"]) for d in json.loads(meta[METADATA_KEY])]
+        return [InputSpec(d["name"], tuple(d["dims"]), d["kind"], d["high"], d.get("precision", "fp32"))
+                for d in json.loads(meta[METADATA_KEY])]
     initializers = {i.name for i in model.graph.initializer}
     specs = []
     for value in model.graph.input:
@@ -134,5 +147,6 @@ def specs_from_onnx(model) -> list[InputSpec]:
             kind = "float"
         else:
             kind = "ids"
-        specs.append(InputSpec(value.name, dims, kind, 0))
+        precision = "fp16" if elem == onnx.TensorProto.FLOAT16 else "fp32"
+        specs.append(InputSpec(value.name, dims, kind, 0, precision))
     return specs

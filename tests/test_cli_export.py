@@ -206,3 +206,19 @@ def test_validate_dtype_must_match_the_model(exported, capsys):
     status, _, err = call(capsys, "validate", str(model), "--reference", str(ckpt), "--dtype", "fp16")
     assert status == 2
     assert_one_line_error(err, "computes in fp32")
+
+
+@pytest.mark.parametrize("family,variant", [("lm", "dcmha"), ("layer", "super")])
+def test_fp16_export_validates_with_fp16_tolerances(capsys, tmp_path, family, variant):
+    """--dtype fp16: a half-precision graph (fp16 weights, fp16 float inputs) that matches the
+    fp32 PyTorch model within fp16 tolerances; the fp32 tolerance is refused for it."""
+    ckpt = tmp_path / "m.pt"
+    attn2onnx.save(build_model(ModelConfig(family=family, variant=variant, d_model=32, heads=4, max_len=48)), ckpt)
+    status, out, err = call(capsys, "export", str(ckpt), "-o", str(tmp_path / "m16.onnx"), "--dtype", "fp16", "--seq-len", "8")
+    assert status == 0, err
+    proto = onnx.load(str(tmp_path / "m16.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
+    status, out, err = call(capsys, "validate", str(tmp_path / "m16.onnx"), "--reference", str(ckpt), "--dtype", "fp16", "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["passed"] and all(0 < c["max_abs_err"] < 1e-2 for c in result["comparisons"])

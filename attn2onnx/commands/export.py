@@ -3,11 +3,13 @@
   attn2onnx export model.pt -o model.onnx                 dynamic batch and sequence
   attn2onnx export model.pt -o model.onnx --static --batch 1 --seq-len 128
   attn2onnx export model.pt -o model.onnx --optimize --target ort
+  attn2onnx export model.pt -o model.fp16.onnx --dtype fp16         half-precision graph
   attn2onnx export program.pt2 -o model.onnx              a torch.export program
   attn2onnx export module.pkl -o model.onnx --trust-pickle   a pickled nn.Module (runs its code!)
 
 Right after export, ONNX Runtime runs the file on fresh random inputs at two shapes and the
-max abs / rel error against PyTorch is printed; exit 1 when out of fp32 tolerance."""
+max abs / rel error against the PyTorch model (in fp32) is printed; exit 1 when out of the
+--dtype's tolerance."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--static", action="store_true", help="fixed batch and sequence sizes instead of dynamic dims")
     parser.add_argument("--batch", type=int, default=2, help="example batch size (the fixed one with --static)")
     parser.add_argument("--seq-len", type=int, default=16, help="example sequence length (the fixed one with --static)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                        help="precision of the exported graph (fp16: weights and float inputs in half)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module (unpickling runs code)")
     parser.add_argument("--optimize", action="store_true", help="run the graph passes after export")
     parser.add_argument("--target", choices=("ort", "trt", "portable"), default="ort", help="pass pipeline (with --optimize)")
@@ -29,8 +33,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
     from ..errors import UsageError
     from ..exporter import export
+    from ..io_spec import random_inputs, with_precision
     from ..sources import load_source
     from ..validate import compare, ort_runner, TorchRunner
 
@@ -41,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
     source = load_source(args.model, trust_pickle=args.trust_pickle)
     if source.max_seq and args.seq_len > source.max_seq:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's maximum sequence length {source.max_seq}")
-    example = source.example_inputs(args.batch, args.seq_len)
-    result = export(source.module, example, args.output, specs=source.specs, output_names=source.output_names,
+    specs = with_precision(source.specs, args.dtype)
+    module = copy.deepcopy(source.module).half() if args.dtype == "fp16" else source.module
+    example = [torch.from_numpy(a) for a in random_inputs(specs, args.batch, args.seq_len, pad=False).values()]
+    result = export(module, example, args.output, specs=specs, output_names=source.output_names,
                     opset=args.opset, dynamic=not args.static, max_seq=source.max_seq)
     print(f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, exported in {result.seconds:.1f} s")
     if args.optimize:
@@ -56,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.static:
         shapes.append((args.batch + 1, max(1, args.seq_len // 2 + 1)))
     comparisons = compare(TorchRunner(source.module, result.inputs, source.output_names),
-                          {"ort": ort_runner(str(result.path))}, result.inputs, shapes)
+                          {"ort": ort_runner(str(result.path))}, result.inputs, shapes, dtype=args.dtype)
     for c in comparisons:
         status = "ok" if c.passed else "MISMATCH"
         print(f"check {c.backend} at batch={c.shape[0]} seq={c.shape[1]}: max abs err {c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} {status}")

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..errors import UsageError
-    from ..io_spec import specs_from_onnx
+    from ..io_spec import METADATA_KEY, specs_from_onnx, with_precision
     from ..onnx_io import load_onnx
     from ..sources import load_source
     from ..validate import DEFAULT_SHAPES, TorchRunner, backend_runners, compare, parse_shapes, summary
@@ -50,18 +50,23 @@ def run(args: argparse.Namespace) -> int:
     if precision is not None and precision != args.dtype:
         raise UsageError(f"{args.model} computes in {precision}; --dtype {args.dtype} does not match it")
     source = load_source(args.reference, trust_pickle=args.trust_pickle)
-    onnx_names = [s.name for s in specs_from_onnx(model)]
+    onnx_specs = specs_from_onnx(model)
+    onnx_names = [s.name for s in onnx_specs]
     if onnx_names != [s.name for s in source.specs]:
         raise UsageError(f"{args.model} takes inputs {onnx_names} but the reference takes {[s.name for s in source.specs]}")
+    # Our exports record their input specs (fixed dims of a --static export, id ranges); for
+    # other files, the reference's specs at the file's precision.
+    has_specs = any(p.key == METADATA_KEY for p in model.metadata_props)
+    specs = onnx_specs if has_specs else with_precision(source.specs, precision or "fp32")
     shapes = parse_shapes(args.shapes) if args.shapes else list(DEFAULT_SHAPES)
     if source.max_seq:
         too_long = [s for s in shapes if s[1] > source.max_seq]
         if too_long:
             raise UsageError(f"sequence length {too_long[0][1]} exceeds the model's maximum {source.max_seq}")
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    backends = backend_runners(args.model, names, source.specs, shapes)
-    reference = TorchRunner(source.module, source.specs, source.output_names)
-    comparisons = compare(reference, backends, source.specs, shapes, dtype=args.dtype, seed=args.seed)
+    backends = backend_runners(args.model, names, specs, shapes)
+    reference = TorchRunner(source.module, specs, source.output_names)
+    comparisons = compare(reference, backends, specs, shapes, dtype=args.dtype, seed=args.seed)
     result = summary(comparisons)
     if args.json:
         print(json.dumps(result))

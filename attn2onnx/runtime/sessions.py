@@ -18,6 +18,7 @@ def session_options(*, native_kernels: bool = True, threads: int | None = None) 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's graph-optimiser warnings are not the user's to act on
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
