@@ -34,24 +34,47 @@ def PooledNormAttention(
     factors: Sequence[int], normalize: int = 0, eps: float = 1e-5, beta: float = 1.0, rescale: int = 1,
     scale: float = 0.0,
 ):
-    """Standard-op body for any factor list: a per-head [B,N,S,S] averaging matrix (window j of
-    head h averages the real keys s with floor(s / r_h) = j; windows past the end are empty and
-    masked), the masked key statistics, then masked softmax attention over the pooled keys."""
-    factor = op.Unsqueeze(op.Constant(value_ints=factors), op.Constant(value_ints=[1]))  # [N,1]
-    keys = op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(k, start=1, end=2)), op.Constant(value_int=1))
-    window = op.Div(op.Unsqueeze(keys, op.Constant(value_ints=[0])), factor)  # [N,S]: window of key s in head h
-    member = op.Equal(
-        op.Unsqueeze(window, op.Constant(value_ints=[1])), op.Unsqueeze(keys, op.Constant(value_ints=[0, 2]))
-    )  # [N,S',S] with S' = S window slots
-    member = op.And(op.Unsqueeze(member, op.Constant(value_ints=[0])),
-                    op.Unsqueeze(key_padding_mask, op.Constant(value_ints=[1, 2])))  # [B,N,S',S]
+    """Standard-op body for any factor list. Window j of head h covers keys j*r_h .. j*r_h+r_h-1:
+    every head gathers S window slots of max(r) keys each (O(N S max(r) d), no S x S matrix),
+    averages the real ones; windows past the end or without a real key are empty and masked.
+    Then the masked key statistics, then masked softmax attention over the pooled keys."""
+    zero_i, one_i = op.Constant(value_int=0), op.Constant(value_int=1)
+    factor = op.Constant(value_ints=factors)  # [N]
+    n_heads = op.Shape(factor)
+    s_len = op.Shape(k, start=1, end=2)  # [1]
+    r_max = op.ReduceMax(factor, keepdims=0)
+    slots = op.Range(zero_i, op.Squeeze(s_len), one_i)  # window index j: [S]
+    offsets = op.Range(zero_i, r_max, one_i)  # key within the window: [R]
+    start = op.Mul(op.Unsqueeze(factor, op.Constant(value_ints=[1])), op.Unsqueeze(slots, op.Constant(value_ints=[0])))
+    idx = op.Add(op.Unsqueeze(start, op.Constant(value_ints=[2])), op.Unsqueeze(offsets, op.Constant(value_ints=[0, 1])))
+    in_window = op.And(op.Less(op.Unsqueeze(offsets, op.Constant(value_ints=[0, 1])),
+                               op.Unsqueeze(factor, op.Constant(value_ints=[1, 2]))),
+                       op.Less(idx, s_len))  # [N,S,R]
+    idx = op.Min(idx, op.Sub(s_len, one_i))
+    flat_idx = op.Reshape(idx, op.Constant(value_ints=[-1]))  # [N*S*R]
+    head_base = op.Mul(op.Range(zero_i, op.Squeeze(n_heads), one_i), op.Squeeze(s_len))  # h*S: [N]
+    global_idx = op.Reshape(op.Add(idx, op.Unsqueeze(head_base, op.Constant(value_ints=[1, 2]))),
+                            op.Constant(value_ints=[-1]))
+    real = op.Gather(key_padding_mask, flat_idx, axis=1)  # [B, N*S*R]
+    batch = op.Shape(k, start=0, end=1)
+    grid = op.Concat(batch, n_heads, s_len, op.Reshape(r_max, op.Constant(value_ints=[-1])), axis=0)
+    member = op.And(op.Reshape(real, grid), op.Unsqueeze(in_window, op.Constant(value_ints=[0])))  # [B,N,S,R]
     member_f = op.CastLike(member, q)
     one = op.CastLike(op.Constant(value_float=1.0), q)
-    sizes = op.ReduceSum(member_f, op.Constant(value_ints=[3]), keepdims=1)  # [B,N,S',1]
-    weights = op.Div(member_f, op.Max(sizes, one))
-    window_ok = op.Greater(sizes, op.CastLike(op.Constant(value_float=0.0), q))  # [B,N,S',1]
-    k_pool = op.MatMul(weights, op.Transpose(k, perm=[0, 2, 1, 3]))  # [B,N,S',d]
-    v_pool = op.MatMul(weights, op.Transpose(v, perm=[0, 2, 1, 3]))
+    sizes = op.ReduceSum(member_f, op.Constant(value_ints=[3]), keepdims=0)  # [B,N,S]
+    window_ok = op.Unsqueeze(op.Greater(sizes, op.CastLike(op.Constant(value_float=0.0), q)),
+                             op.Constant(value_ints=[3]))  # [B,N,S',1]
+    inv_size = op.Unsqueeze(op.Div(one, op.Max(sizes, one)), op.Constant(value_ints=[3]))
+    weights = op.Unsqueeze(member_f, op.Constant(value_ints=[4]))  # [B,N,S,R,1]
+    heads_flat = op.Concat(batch, op.Constant(value_ints=[-1]), op.Shape(k, start=3, end=4), axis=0)
+    pooled_shape = op.Concat(grid, op.Shape(k, start=3, end=4), axis=0)  # [B,N,S,R,d]
+    k_rows = op.Reshape(op.Transpose(k, perm=[0, 2, 1, 3]), heads_flat)  # [B, N*S, d]
+    v_rows = op.Reshape(op.Transpose(v, perm=[0, 2, 1, 3]), heads_flat)
+    sum_axis = op.Constant(value_ints=[3])
+    k_pool = op.Mul(op.ReduceSum(op.Mul(op.Reshape(op.Gather(k_rows, global_idx, axis=1), pooled_shape), weights),
+                                 sum_axis, keepdims=0), inv_size)  # [B,N,S',d]
+    v_pool = op.Mul(op.ReduceSum(op.Mul(op.Reshape(op.Gather(v_rows, global_idx, axis=1), pooled_shape), weights),
+                                 sum_axis, keepdims=0), inv_size)
     qh = op.Transpose(q, perm=[0, 2, 1, 3])
 
     # BN: masked mean / variance of the pooled keys per (batch, head, channel)
