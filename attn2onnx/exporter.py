@@ -25,6 +25,7 @@ import torch
 from . import custom_ops
 from .io_spec import METADATA_KEY, InputSpec, specs_to_json
 from .onnx_io import attach_functions, check_model, save_model
+from .sources import eval_mode
 
 DEFAULT_OPSET = 23
 
@@ -81,7 +82,7 @@ def to_onnx(
     references first, which is what plain ``torch.onnx.export`` makes of the same model
     written without attn2onnx.
     """
-    model = model.eval()
+    eval_mode(model)
     dynamic = any(isinstance(d, str) for s in specs for d in s.dims)
     dynamic_shapes = _dynamic_shapes(specs, max_seq) if dynamic else None
     with _quiet():

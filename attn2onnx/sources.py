@@ -36,6 +36,16 @@ class ModelSource:
         return tuple(torch.from_numpy(feeds[s.name]) for s in self.specs)
 
 
+def eval_mode(model: nn.Module) -> nn.Module:
+    """The model in eval mode. The module of a loaded torch.export program refuses eval(); its
+    graph was already traced in the mode its author exported it in."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+    return model
+
+
 def family_specs(model: nn.Module) -> tuple[list[InputSpec], list[str], int | None]:
     """Input specs, output names and the longest sequence of an attn2onnx family model."""
     config = model.config
@@ -61,6 +71,8 @@ def from_module(model: nn.Module) -> ModelSource:
 def _program_source(path: Path) -> ModelSource:
     """A torch.export program: inputs are its user inputs, all with dynamic batch and, for
     rank 2-3 inputs, dynamic sequence dims as exported."""
+    from . import custom_ops  # noqa: F401  (a program holding our ops needs them registered to load)
+
     try:
         program = torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001 - any failure to read is a bad file for the user
@@ -71,6 +83,7 @@ def _program_source(path: Path) -> ModelSource:
         meta = node.meta["val"]
         dims = tuple(d if isinstance(d, int) else ("batch" if j == 0 else "seq") for j, d in enumerate(meta.shape))
         kind = "mask" if meta.dtype == torch.bool else "ids" if not meta.dtype.is_floating_point else "float"
+        # A program does not say its vocabulary: random ids for checks stay in [0, 2).
         specs.append(InputSpec(node.name, dims, kind, 2 if kind == "ids" else 0))
     return ModelSource(module, specs, ["output"], None)
 

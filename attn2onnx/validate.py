@@ -23,6 +23,7 @@ from polygraphy.logger import G_LOGGER
 
 from .errors import UsageError
 from .io_spec import InputSpec, check_feeds, random_inputs
+from .sources import eval_mode
 
 # (rtol, atol) per dtype: an element passes when within atol absolutely or rtol relatively.
 TOLERANCES = {"fp32": (1e-5, 1e-5), "fp16": (1e-2, 1e-2), "bf16": (2e-2, 2e-2)}
@@ -43,7 +44,7 @@ class TorchRunner(BaseRunner):
 
     def __init__(self, model: torch.nn.Module, specs: Sequence[InputSpec], output_names: Sequence[str], name: str = "pytorch"):
         super().__init__(name=name, prefix="pytorch-runner")
-        self.model = model.eval()
+        self.model = eval_mode(model)
         self.specs = list(specs)
         self.output_names = list(output_names)
 

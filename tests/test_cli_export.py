@@ -222,3 +222,18 @@ def test_fp16_export_validates_with_fp16_tolerances(capsys, tmp_path, family, va
     assert status == 0, err
     result = json.loads(out)
     assert result["passed"] and all(0 < c["max_abs_err"] < 1e-2 for c in result["comparisons"])
+
+
+def test_export_torch_export_program(capsys, tmp_path):
+    """A torch.export .pt2 program exports (dynamic dims kept, our ops kept) and passes the check."""
+    model = build_model(ModelConfig(family="layer", variant="dcmha", d_model=32, heads=4, max_len=64))
+    x, mask = torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.bool)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=64)
+    program = torch.export.export(model, (x, mask), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    torch.export.save(program, tmp_path / "layer.pt2")
+    status, out, err = call(capsys, "export", str(tmp_path / "layer.pt2"), "-o", str(tmp_path / "layer.onnx"))
+    assert status == 0, err
+    assert "MISMATCH" not in out
+    proto = onnx.load(str(tmp_path / "layer.onnx"))
+    assert [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim][:2] == ["batch", "seq"]
+    assert any(n.op_type == "DcmhaAttention" for n in proto.graph.node)
