@@ -22,7 +22,7 @@ from polygraphy.datatype import DataType
 from polygraphy.logger import G_LOGGER
 
 from .errors import UsageError
-from .io_spec import InputSpec, check_feeds, random_inputs
+from .io_spec import InputSpec, random_inputs
 from .sources import eval_mode
 
 # (rtol, atol) per dtype: an element passes when within atol absolutely or rtol relatively.
@@ -195,4 +195,4 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-__all__ = ["TorchRunner", "Comparison", "compare", "ort_runner", "backend_runners", "summary", "parse_shapes", "check_feeds", "TOLERANCES"]
+__all__ = ["TorchRunner", "Comparison", "compare", "ort_runner", "backend_runners", "summary", "parse_shapes", "TOLERANCES"]

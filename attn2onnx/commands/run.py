@@ -52,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
     specs = specs_from_onnx(load_onnx(args.model))
     feeds = load_npz(args.inputs) if args.inputs else random_inputs(specs, args.batch, args.seq_len)
     check_feeds(specs, feeds)
-    start = time.perf_counter()
     if args.backend == "trt":
         from ..runtime.tensorrt import TrtSession, engine_for_shapes
 
