@@ -78,8 +78,11 @@ def check_model(path: str | os.PathLike) -> None:
 
 def load_onnx(path: str | os.PathLike, *, load_weights: bool = False) -> onnx.ModelProto:
     """Read an ONNX file with one-line errors for a missing or non-ONNX file. Weights in
-    external data are not loaded unless asked (metadata and graph are enough for checks)."""
+    external data are not loaded unless asked (metadata and graph are enough for checks), and
+    every external-data reference is checked to stay inside the model's folder before any
+    weight is read (:mod:`attn2onnx.external_data`)."""
     from .errors import UsageError
+    from .external_data import check_external_data
 
     path = Path(path)
     if not path.exists():
@@ -87,9 +90,12 @@ def load_onnx(path: str | os.PathLike, *, load_weights: bool = False) -> onnx.Mo
     if not path.is_file():
         raise UsageError(f"{path} is not a file")
     try:
-        model = onnx.load(str(path), load_external_data=load_weights)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises several unrelated types
         raise UsageError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
     if not model.graph.node and not model.graph.output:
         raise UsageError(f"{path} is not a readable ONNX model (empty graph)")
+    check_external_data(model, path)
+    if load_weights:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     return model

@@ -93,7 +93,10 @@ def optimize_model(model: onnx.ModelProto | ir.Model, target: str = "ort",
                    sizes: dict[str, int] | None = None) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Run the ``target`` pipeline. An ``onnx_ir.Model`` is changed in place and returned; a
     ModelProto gives a new ModelProto. ``sizes`` (symbol -> int) sets where MACs are counted."""
+    from ..custom_ops._validation import check_model  # imports the op set (torch) only when optimising
+
     passes = build_passes(target)
+    check_model(model)  # every ai.attn2onnx node against its op's rules: InvalidModelError, a UsageError
     was_proto = isinstance(model, onnx.ModelProto)
     irm = to_ir(model)
     sizes = sizes or default_sizes(irm)
@@ -110,9 +113,10 @@ def optimize(in_path: str | os.PathLike, out_path: str | os.PathLike, target: st
     """Optimize the model at ``in_path`` and write it to ``out_path`` atomically (a temporary
     file in the same folder, then a rename), with its weights in ``<out>.data`` when the model
     is over protobuf's 2 GB limit or the input already kept them outside."""
+    from ..onnx_io import load_onnx
+
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
-    if not os.path.isfile(in_path):
-        raise OptimizeError(f"no model at {in_path}")
+    load_onnx(in_path)  # one-line errors, and external data checked before ir.load reads any of it
     try:
         model = ir.load(in_path)
     except Exception as err:  # noqa: BLE001 - protobuf and onnx raise many kinds

@@ -11,6 +11,7 @@ import torch
 
 from plain_dcmha import STYLES, export_stock, random_feeds, run_ort
 
+from attn2onnx.errors import UsageError
 from attn2onnx.passes import OptimizeError, build_passes, optimize, optimize_model
 from attn2onnx.passes import pipeline
 from attn2onnx.passes.cleanup import CleanupPass
@@ -61,11 +62,11 @@ def test_model_kinds_and_errors(plain_path, tmp_path):
     assert same is model
     with pytest.raises(OptimizeError, match="unknown target"):
         optimize_model(proto, target="gpu")
-    with pytest.raises(OptimizeError, match="no model"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         optimize(tmp_path / "missing.onnx", tmp_path / "o.onnx")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
-    with pytest.raises(OptimizeError, match="cannot read"):
+    with pytest.raises(UsageError, match="not a readable ONNX model"):
         optimize(bad, tmp_path / "o.onnx")
 
 

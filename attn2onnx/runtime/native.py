@@ -27,6 +27,7 @@ import importlib.util
 import os
 import re
 import shlex
+import stat
 import subprocess
 import sys
 import tempfile
@@ -59,9 +60,42 @@ def sources() -> list[Path]:
 
 
 def cache_dir() -> Path:
+    """The cache root (not created here)."""
     base = os.environ.get("ATTN2ONNX_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attn2onnx")
     return Path(base)
+
+
+def _private_dirs(folder: Path, root: Path) -> None:
+    """Create ``folder`` (under ``root``) level by level as 0700 where missing."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for level in [*reversed([p for p in folder.parents if root in p.parents]), folder]:
+        if not level.exists():
+            level.mkdir(mode=0o700)
+
+
+def check_private(path: Path, root: Path) -> None:
+    """Refuse ``path`` unless it and every folder from the cache ``root`` down to it belong to
+    this user (or root), are writable by no one else and are no symlinks: whoever can write
+    there can plant a library whose constructor runs in our process when ORT loads it."""
+    uid = os.geteuid()
+    levels = [root, *reversed([p for p in path.parents if root in p.parents]), path]
+    for level in levels:
+        try:
+            st = os.stat(level) if level == root else os.lstat(level)
+        except FileNotFoundError:
+            return
+        problem = None
+        if stat.S_ISLNK(st.st_mode):
+            problem = "is a symlink"
+        elif st.st_uid not in (uid, 0):
+            problem = f"belongs to another user (uid {st.st_uid})"
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+        if problem:
+            raise NativeBuildError(
+                f"refusing the native kernel cache: {level} {problem}, so another user could replace the library; "
+                "set ATTN2ONNX_CACHE_DIR to a folder only you can write")
 
 
 def _has_headers(folder: Path) -> bool:
@@ -83,6 +117,9 @@ def ort_include_dir() -> Path:
     ]
     for folder in candidates:
         if _has_headers(folder):
+            if cache_dir() in folder.parents:
+                for name in HEADERS:
+                    check_private(folder / name, cache_dir())
             return folder
     raise NativeBuildError(
         "ONNX Runtime's C/C++ API headers were not found (the onnxruntime pip wheel ships none). "
@@ -111,8 +148,10 @@ def compiler() -> list[str]:
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run a compiler command with stdin closed: a child that reads stdin (a probe given ``-``)
+    must never wait on the caller's terminal or pipe."""
     try:
-        return subprocess.run(cmd, capture_output=True, text=True)
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     except FileNotFoundError as exc:
         raise NativeBuildError(f"C++ compiler not found ({cmd[0]}): install g++ (or set CXX)") from exc
 
@@ -121,7 +160,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 def _native_target(cxx: tuple[str, ...]) -> str:
     """What -march=native resolves to here (the flags cc1plus gets), plus the compiler version."""
     version = _run([*cxx, "--version"]).stdout.splitlines()[:1]
-    probe = _run([*cxx, "-march=native", "-E", "-v", "-x", "c++", "-"] + ["-o", os.devnull])
+    probe = _run([*cxx, "-march=native", "-E", "-v", "-x", "c++", os.devnull, "-o", os.devnull])
     target = [line for line in probe.stderr.splitlines() if "cc1plus" in line or "-target-cpu" in line]
     return "\n".join(version + target)
 
@@ -135,23 +174,37 @@ def _build_key(include: Path, srcs: list[Path], flags: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def build(force: bool = False, extra_flags: list[str] | None = None, verbose: bool = False) -> Path:
-    """Compile the library into the cache (unless already there) and return its path.
-
-    ``extra_flags`` (e.g. ``["-fopt-info-vec-optimized"]``) go to the compiler; with ``verbose``
-    the compiler's diagnostics are printed to stderr."""
+def _checked_include() -> Path:
+    """The ORT include folder, refused when its API is newer than the installed onnxruntime."""
     include = ort_include_dir()
     header_version, runtime_version = header_api_version(include), runtime_api_version()
     if header_version > runtime_version:
         raise NativeBuildError(
             f"the ORT headers in {include} are API version {header_version}, newer than the installed "
             f"onnxruntime (API {runtime_version}): use headers of ONNX Runtime 1.{runtime_version} or older")
-    srcs = sources()
+    return include
+
+
+def library_target(extra_flags: list[str] | None = None, include: Path | None = None) -> Path:
+    """Where the library built from these sources, flags, compiler and CPU lives in the cache."""
     flags = CXXFLAGS + list(extra_flags or [])
-    target = cache_dir() / "native" / _build_key(include, srcs, flags) / LIBRARY_NAME
+    return cache_dir() / "native" / _build_key(include or _checked_include(), sources(), flags) / LIBRARY_NAME
+
+
+def build(force: bool = False, extra_flags: list[str] | None = None, verbose: bool = False) -> Path:
+    """Compile the library into the cache (unless already there) and return its path.
+
+    ``extra_flags`` (e.g. ``["-fopt-info-vec-optimized"]``) go to the compiler; with ``verbose``
+    the compiler's diagnostics are printed to stderr. A cached library is used only when the
+    cache is private to this user (:func:`check_private`)."""
+    include, srcs, root = _checked_include(), sources(), cache_dir()
+    flags = CXXFLAGS + list(extra_flags or [])
+    target = library_target(extra_flags, include)
+    check_private(target, root)
     if target.is_file() and not force:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _private_dirs(target.parent, root)
+    check_private(target.parent, root)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     cmd = [*compiler(), *flags, "-I", str(include), "-I", str(custom_ops_dir() / "native"),

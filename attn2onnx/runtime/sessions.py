@@ -48,6 +48,9 @@ def session(path: Any, backend: str = "ort", *, native: bool = True, threads: in
 
     options = session_options(native_kernels=native, threads=threads)
     if isinstance(path, (str, os.PathLike)):
+        from ..onnx_io import load_onnx
+
+        load_onnx(path)  # external data checked before ORT follows any of it
         model: Any = str(Path(path))
     elif isinstance(path, bytes):
         model = path
@@ -55,4 +58,7 @@ def session(path: Any, backend: str = "ort", *, native: bool = True, threads: in
         model = path.SerializeToString()
     else:
         raise TypeError(f"expected a model path, onnx.ModelProto or bytes, got {type(path).__name__}")
+    from ..custom_ops._validation import check_model
+
+    check_model(path)  # every ai.attn2onnx node against its op's rules before ORT sees it
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

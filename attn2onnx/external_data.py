@@ -1,0 +1,105 @@
+"""Checking an ONNX model's external-data references before anything reads them.
+
+A tensor stored outside the ``.onnx`` file names its bytes by ``location`` (a path relative to
+the model's folder), ``offset`` and ``length``. A hostile file can point that location anywhere
+(``../../etc/passwd``, an absolute path, a symlink out of the folder), and a reader that follows
+it copies foreign bytes into the model it writes. :func:`check_external_data` resolves every
+location and refuses the model unless each one stays inside the model's folder (symlinks
+resolved) and names a byte range that exists, so optimize, run and validate never open a file
+the model does not own.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+
+from .errors import UsageError
+
+
+class ExternalDataError(UsageError):
+    """An external-data reference that escapes the model's folder or names missing bytes."""
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for sub in attr.graphs:
+            yield from _graph_tensors(sub)
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers, Constant and other attribute tensors, in the
+    main graph, its subgraphs and the local functions."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _int_field(tensor: onnx.TensorProto, info: dict[str, str], key: str) -> int | None:
+    if key not in info:
+        return None
+    try:
+        value = int(info[key])
+    except ValueError:
+        raise ExternalDataError(f"tensor {tensor.name!r}: external-data {key} {info[key]!r} is not an integer") from None
+    if value < 0:
+        raise ExternalDataError(f"tensor {tensor.name!r}: external-data {key} {value} is negative")
+    return value
+
+
+def check_tensor(tensor: onnx.TensorProto, folder: Path) -> None:
+    """Refuse one external tensor whose bytes lie outside ``folder`` (resolved) or past its file's end."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    if not location:
+        raise ExternalDataError(f"tensor {tensor.name!r} is stored externally but names no location")
+    if os.path.isabs(location) or Path(location).drive:
+        raise ExternalDataError(f"tensor {tensor.name!r}: external data location {location!r} is an absolute path; "
+                                "it must be relative to the model's folder")
+    root = folder.resolve()
+    target = (root / location).resolve()
+    if root not in target.parents:
+        raise ExternalDataError(f"tensor {tensor.name!r}: external data location {location!r} leads outside the "
+                                f"model's folder {root}")
+    if not target.is_file():
+        raise ExternalDataError(f"tensor {tensor.name!r}: external data file {location!r} does not exist "
+                                "in the model's folder")
+    offset = _int_field(tensor, info, "offset") or 0
+    length = _int_field(tensor, info, "length")
+    size = target.stat().st_size
+    end = offset + (length if length is not None else 0)
+    if offset > size or end > size:
+        raise ExternalDataError(f"tensor {tensor.name!r}: external data bytes {offset}..{end} lie past the end of "
+                                f"{location!r} ({size} bytes)")
+
+
+def check_external_data(model: onnx.ModelProto, model_path: str | os.PathLike) -> None:
+    """Check every external-data reference of ``model`` (read from ``model_path`` without its
+    weights) before any reader follows one; raises :class:`ExternalDataError` naming the tensor."""
+    folder = Path(model_path).parent
+    for tensor in all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            check_tensor(tensor, folder)
+
+
+__all__ = ["ExternalDataError", "all_tensors", "check_external_data", "check_tensor"]
