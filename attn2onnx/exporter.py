@@ -121,9 +121,10 @@ def export(
     dynamic: bool = True,
     max_seq: int | None = None,
 ) -> ExportResult:
-    """Export ``model`` to ``path`` (atomically; external data above 2 GB) and check it with
-    ``onnx.checker`` (full_check). The model exports in its own precision (``model.half()``
-    gives an fp16 graph). Parity with PyTorch is checked by the caller
+    """Export ``model`` to ``path`` and check it with ``onnx.checker`` (full_check) before it
+    replaces anything there (:func:`attn2onnx.onnx_io.save_model`: atomic, external data past
+    2 GB); a model that fails the check raises and leaves the old file as it was. The model
+    exports in its own precision (``model.half()`` gives an fp16 graph). Parity with PyTorch is checked by the caller
     (:func:`attn2onnx.validate.compare`), which the CLI does right after export."""
     from .io_spec import specs_from_examples
 
@@ -134,12 +135,7 @@ def export(
     start = time.perf_counter()
     proto = to_onnx(model, example_inputs, specs, output_names=output_names, opset=opset, max_seq=max_seq)
     seconds = time.perf_counter() - start
-    path = save_model(proto, path)
-    try:
-        check_model(path)
-    except onnx.checker.ValidationError:
-        path.unlink(missing_ok=True)
-        raise
+    path = save_model(proto, path, check=check_model)  # checked as a temporary: a failure keeps the old file
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         key = node.op_type if not node.domain else f"{node.domain}::{node.op_type}"

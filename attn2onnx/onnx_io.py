@@ -1,16 +1,23 @@
-"""Writing ONNX models safely: atomic saves, external data above 2 GB, attaching op bodies."""
+"""Writing ONNX models safely (the one ONNX writer: atomic, external data past one threshold),
+reading ONNX files, attaching op bodies."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 import onnx
+import onnx_ir as ir
 
 from . import custom_ops
+from .fileio import atomic_output
 
-# Protobuf cannot serialise a message of 2 GB or more: larger models keep weights outside.
-PROTOBUF_LIMIT = 2**31 - 1
+# The one external-data threshold, in tensor bytes: a model whose initializers hold more keeps
+# them in <name>.data beside it. Protobuf cannot serialise a message of 2 GiB or more; the
+# 64 MiB below that are headroom for the graph, the function bodies and the metadata.
+PROTOBUF_LIMIT = 2**31 - 64 * 2**20
+# The external data file of <name>.onnx is <name>.onnx<DATA_SUFFIX>.
+DATA_SUFFIX = ".data"
 
 
 def attach_functions(model: onnx.ModelProto) -> list[str]:
@@ -52,22 +59,48 @@ def _all_nodes(graph: onnx.GraphProto):
                     yield from _all_nodes(g)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Save ``model`` to ``path`` atomically; weights go to ``<name>.data`` beside it when the
-    model would pass protobuf's 2 GB limit. A failure leaves no partial file behind."""
+def output_files(path: str | os.PathLike) -> list[Path]:
+    """The files :func:`save_model` may replace when writing ``path``: the model and its data file."""
+    return [Path(path), Path(f"{path}{DATA_SUFFIX}")]
+
+
+def model_files(path: str | os.PathLike, model: onnx.ModelProto) -> list[Path]:
+    """The files ``model`` (read from ``path``, e.g. by :func:`load_onnx`) consists of: the
+    model and every external-data file its tensors name."""
+    from .external_data import all_tensors
+
+    locations = {entry.value for tensor in all_tensors(model) if tensor.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in tensor.external_data if entry.key == "location"}
+    return [Path(path), *(Path(path).parent / location for location in sorted(locations))]
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    """Bytes held by the initializers of every graph (external ones counted from their metadata)."""
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+               if v.const_value is not None)
+
+
+def _has_external_data(model: ir.Model) -> bool:
+    """Whether some initializer lives in an external file (it must be written out again: saved
+    as is, its relative location would point beside the temporary file)."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values())
+
+
+def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike,
+               check: Callable[[Path], None] | None = None) -> Path:
+    """Save ``model`` to ``path`` atomically (:func:`attn2onnx.fileio.atomic_output`); its
+    weights go to ``<name>.data`` beside it when they pass :data:`PROTOBUF_LIMIT` or already
+    live in an external file. ``check`` (e.g. :func:`check_model`) runs on the finished
+    temporary model, its data beside it: when it raises, the old model and data stay untouched.
+    The data file is renamed over its destination first, the model last."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    external = model.ByteSize() > PROTOBUF_LIMIT
-    data_name = path.name + ".data"
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".attn2onnx-") as tmp:
-        tmp_model = Path(tmp) / path.name
-        if external:
-            onnx.save_model(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
-        else:
-            onnx.save_model(model, tmp_model)
-        os.replace(tmp_model, path)
+    irm = ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
+    external = _has_external_data(irm) or _tensor_bytes(irm) > PROTOBUF_LIMIT
+    with atomic_output(path, companions=[DATA_SUFFIX]) as tmp:
+        ir.save(irm, tmp, external_data=tmp.name + DATA_SUFFIX if external else None)
+        if check is not None:
+            check(tmp)
     return path
 
 

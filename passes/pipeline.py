@@ -14,27 +14,24 @@ Every target starts and ends with :class:`~attn2onnx.passes.cleanup.CleanupPass`
 Python API::
 
     model, report = optimize_model(model, target="ort")      # ModelProto or onnx_ir.Model
-    report = optimize("in.onnx", "out.onnx", target="ort")  # atomic write, external data > 2 GB
+    report = optimize("in.onnx", "out.onnx", target="ort")  # atomic write, external data past 2 GB
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Callable
 
 import onnx
 import onnx_ir as ir
 
 from ..errors import UsageError
+from ..onnx_io import save_model
 from ._ir_utils import to_ir
 from .cleanup import CleanupPass
 from .fuse_dcmha import FuseDcmhaPass
 from .report import Report, Snapshot
 
 TARGETS = ("ort", "trt", "portable")
-# ONNX's protobuf limit: larger models keep their weights in an external data file.
-PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2
 
 
 class OptimizeError(UsageError):
@@ -110,9 +107,9 @@ def optimize_model(model: onnx.ModelProto | ir.Model, target: str = "ort",
 
 def optimize(in_path: str | os.PathLike, out_path: str | os.PathLike, target: str = "ort",
              sizes: dict[str, int] | None = None) -> Report:
-    """Optimize the model at ``in_path`` and write it to ``out_path`` atomically (a temporary
-    file in the same folder, then a rename), with its weights in ``<out>.data`` when the model
-    is over protobuf's 2 GB limit or the input already kept them outside."""
+    """Optimize the model at ``in_path`` and write it to ``out_path`` with
+    :func:`attn2onnx.onnx_io.save_model` (atomic; weights in ``<out>.data`` past its one
+    threshold, or when the input already kept them outside). ``out_path`` may be ``in_path``."""
     from ..onnx_io import load_onnx
 
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
@@ -121,35 +118,6 @@ def optimize(in_path: str | os.PathLike, out_path: str | os.PathLike, target: st
         model = ir.load(in_path)
     except Exception as err:  # noqa: BLE001 - protobuf and onnx raise many kinds
         raise OptimizeError(f"cannot read {in_path}: {err}") from err
-    external = _has_external_data(model)
     model, report = optimize_model(model, target, sizes)
-    save_atomic(model, out_path, external=external)
+    save_model(model, out_path)
     return report
-
-
-def _has_external_data(model: ir.Model) -> bool:
-    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
-
-
-def _weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-
-
-def save_atomic(model: ir.Model, out_path: str, external: bool = False) -> None:
-    """Write ``model`` to ``out_path`` so that a reader never sees a half-written file."""
-    folder = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(out_path)
-    data_name = base + ".data"
-    external = external or _weight_bytes(model) > PROTO_LIMIT
-    tmp = tempfile.mkdtemp(prefix=f".{base}.", dir=folder)
-    try:
-        tmp_model = os.path.join(tmp, base)
-        if external:
-            ir.save(model, tmp_model, external_data=data_name)
-            os.replace(os.path.join(tmp, data_name), os.path.join(folder, data_name))
-        else:
-            ir.save(model, tmp_model)
-        os.replace(tmp_model, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

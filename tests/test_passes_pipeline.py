@@ -11,9 +11,9 @@ import torch
 
 from plain_dcmha import STYLES, export_stock, random_feeds, run_ort
 
+import attn2onnx.onnx_io as onnx_io
 from attn2onnx.errors import UsageError
 from attn2onnx.passes import OptimizeError, build_passes, optimize, optimize_model
-from attn2onnx.passes import pipeline
 from attn2onnx.passes.cleanup import CleanupPass
 
 D = 32
@@ -43,10 +43,10 @@ def test_optimize_in_place_with_external_data(plain_path, tmp_path, monkeypatch)
     over the input file is safe."""
     path = tmp_path / "model.onnx"
     path.write_bytes(open(plain_path, "rb").read())
-    monkeypatch.setattr(pipeline, "PROTO_LIMIT", 0)
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 0)
     optimize(path, path, target="portable")
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
-    monkeypatch.setattr(pipeline, "PROTO_LIMIT", 2 * 1024**3)
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 2 * 1024**3)
     optimize(path, path, target="portable")  # input with external data keeps it external
     assert (tmp_path / "model.onnx.data").exists()
     feeds = random_feeds(1, 6, D)

@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import UsageError
     from ..exporter import export
+    from ..fileio import refuse_overwriting_inputs
     from ..io_spec import random_inputs, with_precision
+    from ..onnx_io import output_files
     from ..sources import load_source
     from ..validate import compare, ort_runner, TorchRunner
 
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--batch and --seq-len must be positive")
     if not args.output.endswith(".onnx"):
         raise UsageError(f"output {args.output!r} should end in .onnx")
+    refuse_overwriting_inputs(output_files(args.output), [args.model])
     source = load_source(args.model, trust_pickle=args.trust_pickle)
     if source.max_seq and args.seq_len > source.max_seq:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's maximum sequence length {source.max_seq}")

@@ -36,10 +36,12 @@ def summary(report) -> dict:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..onnx_io import load_onnx
+    from ..fileio import refuse_overwriting_inputs
+    from ..onnx_io import load_onnx, model_files, output_files
     from ..passes import optimize
 
-    load_onnx(args.model)  # one-line error for a missing / non-ONNX file
+    model = load_onnx(args.model)  # one-line error for a missing / non-ONNX file
+    refuse_overwriting_inputs(output_files(args.output), model_files(args.model, model))
     report = optimize(args.model, args.output, target=args.target)
     if args.json:
         print(json.dumps(summary(report)))

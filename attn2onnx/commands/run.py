@@ -45,11 +45,14 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ..fileio import atomic_output
+    from ..fileio import atomic_output, refuse_overwriting_inputs
     from ..io_spec import check_feeds, random_inputs, specs_from_onnx
-    from ..onnx_io import load_onnx
+    from ..onnx_io import load_onnx, model_files
 
-    specs = specs_from_onnx(load_onnx(args.model))
+    model = load_onnx(args.model)
+    if args.output:
+        refuse_overwriting_inputs([args.output], [*model_files(args.model, model), args.inputs])
+    specs = specs_from_onnx(model)
     feeds = load_npz(args.inputs) if args.inputs else random_inputs(specs, args.batch, args.seq_len)
     check_feeds(specs, feeds)
     if args.backend == "trt":
