@@ -7,9 +7,10 @@ Each subcommand lives in its own module ``attn2onnx.commands.<name>`` with
 and is listed in ``COMMANDS``. Modules import heavy dependencies (torch, onnx) inside ``run``
 so that ``--help`` stays fast.
 
-Errors a user can fix (UsageError, VariantError, OSError such as a missing file) are printed
-as one line ``attn2onnx: error: ...`` on stderr with exit status 2; anything else is a bug and
-keeps its traceback. ATTN2ONNX_DEBUG=1 shows the traceback for every error.
+Errors a user can fix (UsageError, VariantError, OSError such as a missing file, MemoryError
+for sizes past the machine) are printed as one line ``attn2onnx: error: ...`` on stderr with
+exit status 2; anything else is a bug and keeps its traceback. ATTN2ONNX_DEBUG=1 shows the
+traceback for every error.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def build_parser() -> ArgumentParser:
 
 def is_user_error(error: BaseException) -> bool:
     """Errors that get one line and exit 2 instead of a traceback."""
-    if isinstance(error, (UsageError, OSError)):
+    if isinstance(error, (UsageError, OSError, MemoryError)):
         return True
     base = sys.modules.get("attn2onnx.variants.base")
     return base is not None and isinstance(error, base.VariantError)
@@ -74,7 +75,10 @@ def error_line(error: BaseException) -> str:
         text = f"{error.strerror}: {error.filename}"
     else:
         text = str(error)
-    return " ".join(text.split()) or type(error).__name__
+    text = " ".join(text.split())
+    if isinstance(error, MemoryError):  # numpy says "Unable to allocate ...", Python often nothing
+        return f"out of memory ({text})" if text else "out of memory"
+    return text or type(error).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from .onnx_io import attach_functions, check_model, save_model
 from .sources import eval_mode
 
 DEFAULT_OPSET = 23
+MAX_SEQ_KEY = "attn2onnx.max_seq"  # metadata: the longest sequence the model takes (run checks inputs against it)
 
 
 @dataclass
@@ -106,7 +107,8 @@ def to_onnx(
     proto = program.model_proto
     if custom:
         attach_functions(proto)
-    onnx.helper.set_model_props(proto, {METADATA_KEY: specs_to_json(specs), "attn2onnx.version": package_version("attn2onnx")})
+    props = {METADATA_KEY: specs_to_json(specs), "attn2onnx.version": package_version("attn2onnx")}
+    onnx.helper.set_model_props(proto, {**props, MAX_SEQ_KEY: str(max_seq)} if max_seq else props)
     return proto
 
 

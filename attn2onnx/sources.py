@@ -6,10 +6,13 @@ dims, kinds) and output names, which export, validate and the demo all share.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -68,15 +71,37 @@ def from_module(model: nn.Module) -> ModelSource:
     return ModelSource(model.eval(), specs, outputs, max_seq)
 
 
+@contextlib.contextmanager
+def held_back_log(name: str) -> Iterator[list[logging.LogRecord]]:
+    """Keep the records logged to logger ``name`` inside the block off the terminal and hand
+    them to the caller: torch.export.load logs a bad file's traceback as a warning, then raises
+    a vaguer error of its own, so the caller words its one line from the logged exception."""
+    records: list[logging.LogRecord] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        records.append(record)
+        return False  # a logger filter that refuses the record: no handler prints it
+
+    logger = logging.getLogger(name)
+    logger.addFilter(keep)
+    try:
+        yield records
+    finally:
+        logger.removeFilter(keep)
+
+
 def _program_source(path: Path) -> ModelSource:
     """A torch.export program: inputs are its user inputs, all with dynamic batch and, for
     rank 2-3 inputs, dynamic sequence dims as exported."""
     from . import custom_ops  # noqa: F401  (a program holding our ops needs them registered to load)
 
     try:
-        program = torch.export.load(str(path))
+        with held_back_log("torch.export") as logged:
+            program = torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001 - any failure to read is a bad file for the user
-        raise UsageError(f"{path}: not a readable torch.export program ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        cause = next((r.exc_info[1] for r in reversed(logged) if r.exc_info and r.exc_info[1]), e)
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UsageError(f"{path}: not a readable torch.export program ({reason})") from None
     module = program.module()
     specs = []
     for i, node in enumerate(n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs):

@@ -131,7 +131,7 @@ def test_new_with_every_model_option(tmp_path, capsys):
         (["new", "mha", "--option", "causal"], "--option takes KEY=VALUE"),
         (["new", "mha", "--option", "bias=true", "--option", "bias=false"], "given twice"),
         (["new", "mha", "--heads", "5"], "not divisible"),
-        (["new", "mha", "--layers", "0"], "layers must be a positive integer"),
+        (["new", "mha", "--layers", "0"], "argument --layers: must be a positive integer, got 0"),
         (["new", "mha", "--family", "layer", "--layers", "2"], "one bare attention layer"),
         (["new", "mha", "--image-size", "8"], "both patch_size and image_size"),
         (["new", "mha", "--family", "encoder", "--image-size", "64", "--patch-size", "4"], "more than max_len"),

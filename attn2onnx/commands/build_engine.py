@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import positive_float
+
 HELP = "build a TensorRT engine (strongly typed, attn2onnx plugins)"
 
 
@@ -19,7 +21,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", metavar="MIN/OPT/MAX", help="profile as BATCHxSEQ triples, e.g. 1x1/2x256/8x4096")
     parser.add_argument("--dim", action="append", default=[], metavar="SYMBOL=MIN,OPT,MAX",
                         help="range of one symbolic dim, repeatable")
-    parser.add_argument("--workspace-gb", type=float, help="builder workspace limit in GiB")
+    parser.add_argument("--workspace-gb", type=positive_float, help="builder workspace limit in GiB")
     parser.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
 
 

@@ -13,23 +13,63 @@ max abs / rel error against the PyTorch model (in fp32) is printed; exit 1 when 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from typing import Iterator
+
+from . import check_input_memory, positive_int
 
 HELP = "export a model to ONNX (custom ops + function bodies) and check parity"
+# torch's dynamo exporter implements ONNX opsets from 18 (lower ones go through a version
+# converter that seldom succeeds) up to 23, the opset the ai.attn2onnx op bodies are written for
+# (custom_ops BODY_OPSET): a model holding our ops exports at exactly that opset.
+MIN_OPSET = 18
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="attn2onnx checkpoint (.pt), torch.export program (.pt2)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write")
-    parser.add_argument("--opset", type=int, default=23, help="standard ONNX opset (default 23)")
+    parser.add_argument("--opset", type=int, default=23,
+                        help=f"standard ONNX opset, {MIN_OPSET}-23 (default 23; models with ai.attn2onnx ops need 23)")
     parser.add_argument("--static", action="store_true", help="fixed batch and sequence sizes instead of dynamic dims")
-    parser.add_argument("--batch", type=int, default=2, help="example batch size (the fixed one with --static)")
-    parser.add_argument("--seq-len", type=int, default=16, help="example sequence length (the fixed one with --static)")
+    parser.add_argument("--batch", type=positive_int, default=2,
+                        help="example batch size (the fixed one with --static)")
+    parser.add_argument("--seq-len", type=positive_int, default=16,
+                        help="example sequence length (the fixed one with --static)")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                         help="precision of the exported graph (fp16: weights and float inputs in half)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module (unpickling runs code)")
     parser.add_argument("--optimize", action="store_true", help="run the graph passes after export")
     parser.add_argument("--target", choices=("ort", "trt", "portable"), default="ort", help="pass pipeline (with --optimize)")
     parser.add_argument("--no-check", action="store_true", help="skip the ORT vs PyTorch check")
+
+
+def check_opset(opset: int) -> None:
+    """Refuse, before any work, an opset the exporter or the op bodies cannot produce."""
+    from ..custom_ops._common import BODY_OPSET
+    from ..errors import UsageError
+
+    if not MIN_OPSET <= opset <= BODY_OPSET:
+        raise UsageError(f"--opset {opset} is not supported: torch's exporter and the ai.attn2onnx op bodies "
+                         f"support opsets {MIN_OPSET} to {BODY_OPSET} (models with ai.attn2onnx ops: {BODY_OPSET})")
+
+
+@contextlib.contextmanager
+def opset_errors(opset: int) -> Iterator[None]:
+    """A graph that fails onnx.checker at an opset other than the op bodies' one: a usage error
+    naming the opset to use (the bodies of ai.attn2onnx ops need exactly their opset)."""
+    import onnx
+
+    from ..custom_ops._common import BODY_OPSET
+    from ..errors import UsageError
+
+    try:
+        yield
+    except onnx.checker.ValidationError as e:
+        if opset == BODY_OPSET:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--opset {opset}: the exported graph does not check at that opset ({first}); "
+                         f"models with ai.attn2onnx ops need --opset {BODY_OPSET}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sources import load_source
     from ..validate import compare, ort_runner, TorchRunner
 
-    if args.batch < 1 or args.seq_len < 1:
-        raise UsageError("--batch and --seq-len must be positive")
+    check_opset(args.opset)
     if not args.output.endswith(".onnx"):
         raise UsageError(f"output {args.output!r} should end in .onnx")
     refuse_overwriting_inputs(output_files(args.output), [args.model])
@@ -54,10 +93,12 @@ def run(args: argparse.Namespace) -> int:
     if source.max_seq and args.seq_len > source.max_seq:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's maximum sequence length {source.max_seq}")
     specs = with_precision(source.specs, args.dtype)
+    check_input_memory(specs, [(args.batch, args.seq_len)])
     module = copy.deepcopy(source.module).half() if args.dtype == "fp16" else source.module
     example = [torch.from_numpy(a) for a in random_inputs(specs, args.batch, args.seq_len, pad=False).values()]
-    result = export(module, example, args.output, specs=specs, output_names=source.output_names,
-                    opset=args.opset, dynamic=not args.static, max_seq=source.max_seq)
+    with opset_errors(args.opset):
+        result = export(module, example, args.output, specs=specs, output_names=source.output_names,
+                        opset=args.opset, dynamic=not args.static, max_seq=source.max_seq)
     print(f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, exported in {result.seconds:.1f} s")
     if args.optimize:
         from ..passes import optimize

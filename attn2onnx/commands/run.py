@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import check_input_memory, positive_int
+
 HELP = "run an exported model on given or random inputs"
 
 
@@ -18,9 +20,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inputs", metavar="IN.npz", help="inputs by graph input name (default: random)")
     parser.add_argument("-o", "--output", metavar="OUT.npz", help="write the outputs here")
     parser.add_argument("--backend", choices=("ort", "trt"), default="ort")
-    parser.add_argument("--batch", type=int, default=1, help="random inputs: batch size")
-    parser.add_argument("--seq-len", type=int, default=16, help="random inputs: sequence length")
-    parser.add_argument("--threads", type=int, help="ORT intra-op threads")
+    parser.add_argument("--batch", type=positive_int, default=1, help="random inputs: batch size")
+    parser.add_argument("--seq-len", type=positive_int, default=16, help="random inputs: sequence length")
+    parser.add_argument("--threads", type=positive_int, help="ORT intra-op threads")
 
 
 def load_npz(path: str) -> dict:
@@ -40,6 +42,21 @@ def load_npz(path: str) -> dict:
         raise UsageError(f"{path}: not a readable .npz of arrays ({str(e).splitlines()[0]})") from None
 
 
+def check_seq_len(model, specs: list, feeds: dict) -> None:
+    """Refuse feeds whose sequence is longer than the model takes (the max_seq that export
+    records in the model's metadata), before ONNX Runtime fails on it mid-graph."""
+    from ..errors import UsageError
+    from ..exporter import MAX_SEQ_KEY
+
+    limit = next((p.value for p in model.metadata_props if p.key == MAX_SEQ_KEY), None)
+    spec = next((s for s in specs if "seq" in s.dims), None)
+    if spec is None or limit is None or not limit.isdigit():  # not an attn2onnx export, or a static one
+        return
+    seq = feeds[spec.name].shape[spec.dims.index("seq")]
+    if seq > int(limit):
+        raise UsageError(f"sequence length {seq} exceeds the model's maximum sequence length {limit}")
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
@@ -53,8 +70,11 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         refuse_overwriting_inputs([args.output], [*model_files(args.model, model), args.inputs])
     specs = specs_from_onnx(model)
+    if not args.inputs:
+        check_input_memory(specs, [(args.batch, args.seq_len)])
     feeds = load_npz(args.inputs) if args.inputs else random_inputs(specs, args.batch, args.seq_len)
     check_feeds(specs, feeds)
+    check_seq_len(model, specs, feeds)
     if args.backend == "trt":
         from ..runtime.tensorrt import TrtSession, engine_for_shapes
 

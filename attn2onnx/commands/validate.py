@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import check_input_memory, non_negative_int
+
 HELP = "compare an ONNX model with its PyTorch reference (Polygraphy)"
 
 
@@ -23,7 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="tolerances (and input dtype) to use")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled reference module (runs code)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random input seed (default 0)")
 
 
 def float_precision(model) -> str | None:
@@ -34,6 +36,41 @@ def float_precision(model) -> str | None:
     types = [v.type.tensor_type.elem_type for v in model.graph.input] + [i.data_type for i in model.graph.initializer]
     found = [names[t] for t in types if t in names]
     return found[0] if found else None
+
+
+def check_reference(path: str, model, specs: list, source, shape: tuple[int, int]) -> None:
+    """Refuse (UsageError) a reference that is not the model's, in one line, before comparing:
+    inputs of another kind or rank, ids past the reference's vocabulary (known for attn2onnx
+    models), or outputs whose names, ranks or fixed sizes differ from the ONNX graph's at
+    ``shape`` (the reference runs once there). Otherwise the comparison itself fails on them
+    with an IndexError or a broadcast ValueError."""
+    from ..errors import UsageError
+    from ..io_spec import random_inputs
+    from ..validate import TorchRunner
+
+    vocab_known = hasattr(source.module, "config")
+    for mine, ref in zip(specs, source.specs):
+        if mine.kind != ref.kind or len(mine.dims) != len(ref.dims):
+            raise UsageError(f"input {mine.name!r} of {path} is {mine.kind} {list(mine.dims)} "
+                             f"but the reference takes {ref.kind} {list(ref.dims)}")
+        if mine.kind == "ids" and vocab_known and mine.high > ref.high:
+            raise UsageError(f"input {mine.name!r} of {path} takes ids in [0, {mine.high}) "
+                             f"but the reference only in [0, {ref.high})")
+    names = [o.name for o in model.graph.output]
+    if names != list(source.output_names):
+        raise UsageError(f"{path} gives outputs {names} but the reference gives {list(source.output_names)}")
+    batch, seq = shape
+    outputs = TorchRunner(source.module, specs, source.output_names).infer_impl(random_inputs(specs, batch, seq))
+    sizes = {"batch": batch, "seq": seq}
+    for output in model.graph.output:
+        if not output.type.tensor_type.HasField("shape"):
+            continue
+        dims = [sizes.get(d.dim_param, d.dim_param) if d.dim_param else d.dim_value
+                for d in output.type.tensor_type.shape.dim]
+        got = list(outputs[output.name].shape)
+        if len(dims) != len(got) or any(isinstance(d, int) and d and d != g for d, g in zip(dims, got)):
+            raise UsageError(f"output {output.name!r} of {path} is {dims} at batch {batch} x seq {seq} but the "
+                             f"reference's is {got}: is --reference the model it was exported from?")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
         if too_long:
             raise UsageError(f"sequence length {too_long[0][1]} exceeds the model's maximum {source.max_seq}")
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not names:
+        raise UsageError(f"--backends {args.backends!r} names no backend; choose from ort, trt")
+    check_input_memory(specs, shapes)
+    check_reference(args.model, model, specs, source, shapes[0])
     backends = backend_runners(args.model, names, specs, shapes)
     reference = TorchRunner(source.module, specs, source.output_names)
     comparisons = compare(reference, backends, specs, shapes, dtype=args.dtype, seed=args.seed)

@@ -108,6 +108,9 @@ class ModelConfig:
         if (self.patch_size is None) != (self.image_size is None):
             raise UsageError("set both patch_size and image_size for image input, or neither for token input")
         if not self.is_image:
+            if self.family == "encoder" and self.max_len < 2:  # max_len counts the CLS token
+                raise UsageError(f"a token encoder's max_len counts its CLS token: max_len {self.max_len} leaves "
+                                 "no room for a token; use max_len >= 2")
             return
         if self.family != "encoder":
             raise UsageError(f"patch_size / image_size are encoder options, not for family {self.family!r}")

@@ -7,10 +7,14 @@ ORT inlines the bodies and the model still runs, only slower and with more memor
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from ..errors import UsageError
 
 
 def session_options(*, native_kernels: bool = True, threads: int | None = None) -> Any:
@@ -61,4 +65,28 @@ def session(path: Any, backend: str = "ort", *, native: bool = True, threads: in
     from ..custom_ops._validation import check_model
 
     check_model(path)  # every ai.attn2onnx node against its op's rules before ORT sees it
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    name = str(path) if isinstance(path, (str, os.PathLike)) else "the in-memory model"
+    with load_errors(name):
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+class SessionLoadError(UsageError):
+    """A model ONNX Runtime refuses to load (unknown op, bad graph, external data it cannot
+    read, ...): one line naming the file. Errors while a session runs are not this."""
+
+
+# ONNX Runtime's exception types for a model it cannot load (onnxruntime_pybind11_state).
+_LOAD_ERRORS = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel",
+                "NotImplemented", "RuntimeException")
+
+
+@contextlib.contextmanager
+def load_errors(name: str) -> Iterator[None]:
+    """Turn ONNX Runtime's load failures inside the block into :class:`SessionLoadError` for ``name``."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    try:
+        yield
+    except tuple(getattr(state, kind) for kind in _LOAD_ERRORS if hasattr(state, kind)) as e:
+        message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).strip())
+        raise SessionLoadError(f"{name}: ONNX Runtime cannot load it: {message or type(e).__name__}") from None
