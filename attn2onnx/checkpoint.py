@@ -1,14 +1,17 @@
 """attn2onnx checkpoints: one ``.pt`` file holding
 ``{"format": "attn2onnx", "version": 1, "config": <ModelConfig as a plain dict>, "state_dict": ...}``.
 
-Loading uses ``torch.load(weights_only=True)``: a checkpoint is data, never code, so loading
-one cannot run anything. Every way a file can fail to load is a one-line ``CheckpointError``
-(or ``FileNotFoundError``, ``VariantError``) saying which file and why.
+Loading goes through :mod:`attn2onnx.torch_files` (zip checks, then torch's weights-only
+unpickler): a checkpoint is data, never code, so loading one cannot run anything; its config is
+checked against its weights on the meta device before the model is allocated. Every way a
+file can fail to load is a one-line ``CheckpointError`` (or ``FileNotFoundError``,
+``VariantError``) saying which file and why.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,8 @@ from torch import nn
 from .errors import CheckpointError, UsageError
 from .fileio import atomic_output
 from .models import ModelConfig, build_model
+from .models.config import SIZE_FIELDS, check_size, count_values, meta_model
+from .torch_files import TorchFileError, load_weights_only
 from .variants import VariantError
 
 FORMAT = "attn2onnx"
@@ -50,7 +55,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not a checkpoint file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_weights_only(path)
+    except TorchFileError as e:
+        raise CheckpointError(f"{path} is not an attn2onnx checkpoint ({e.reason})") from None
     except (PermissionError, MemoryError):
         raise
     except pickle.UnpicklingError as e:
@@ -84,12 +91,58 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
         raise VariantError(f"{path}: {e}") from None
     except (UsageError, TypeError) as e:
         raise CheckpointError(f"{path}: damaged model config ({_first_line(e)})") from None
+    _check_weights_fit(path, config, payload["state_dict"])
     model = build_model(config)
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.to(map_location).eval()
+
+
+def _check_weights_fit(path: str | os.PathLike, config: ModelConfig, state_dict: dict[str, Any]) -> None:
+    """Before anything is allocated: the config's model is one attn2onnx builds, its state has
+    the state_dict's names and shapes, and the state_dict's tensors really hold their values.
+    So a small file cannot make attn2onnx allocate a large model."""
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
+        check_size(config)
+        skeleton = meta_model(config)
+    except UsageError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    _check_config_fields(path, config, skeleton.state_dict(), state_dict)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
+            skeleton.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the model config ({_state_dict_problem(e)})") from None
-    return model.to(map_location).eval()
+    held, claimed = _values_held(state_dict), count_values(skeleton)
+    if held < claimed:
+        raise CheckpointError(f"{path}: its weights store {held:,} values, fewer than their shapes claim ({claimed:,})")
+
+
+def _check_config_fields(
+    path: str | os.PathLike, config: ModelConfig, expected: dict[str, torch.Tensor], state_dict: dict[str, Any]
+) -> None:
+    """Name the config size field a weight's shape contradicts (a config saying d_model=400000
+    over weights of width 16)."""
+    for key, want in expected.items():
+        got = state_dict.get(key)
+        if not isinstance(got, torch.Tensor) or got.shape == want.shape:
+            continue
+        extra = set(want.shape) - set(got.shape)
+        field = next((name for name in SIZE_FIELDS if getattr(config, name) in extra), None)
+        if field is not None:
+            value, shapes = getattr(config, field), f"{key} {list(want.shape)}, the file holds {list(got.shape)}"
+            raise CheckpointError(f"{path}: weights do not match the model config: its {field}={value} makes {shapes}")
+
+
+def _values_held(state_dict: dict[str, Any]) -> int:
+    """Values the state_dict's tensors really hold: their distinct storages' sizes (a
+    zero-stride tensor claims more elements than the file stores)."""
+    storages = {}
+    for tensor in state_dict.values():
+        if isinstance(tensor, torch.Tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
+    return sum(storages.values())
 
 
 def _first_line(e: BaseException) -> str:

@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import UsageError
 from .io_spec import InputSpec
+from .torch_files import TorchFileError, load_pickled, load_program
 
 
 @dataclass
@@ -90,14 +91,17 @@ def held_back_log(name: str) -> Iterator[list[logging.LogRecord]]:
         logger.removeFilter(keep)
 
 
-def _program_source(path: Path) -> ModelSource:
+def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
     """A torch.export program: inputs are its user inputs, all with dynamic batch and, for
-    rank 2-3 inputs, dynamic sequence dims as exported."""
+    rank 2-3 inputs, dynamic sequence dims as exported. Read under the policy of
+    :mod:`attn2onnx.torch_files` (never unpickled unless ``trust_pickle``)."""
     from . import custom_ops  # noqa: F401  (a program holding our ops needs them registered to load)
 
     try:
         with held_back_log("torch.export") as logged:
-            program = torch.export.load(str(path))
+            program = load_program(path, trust_pickle=trust_pickle)
+    except TorchFileError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure to read is a bad file for the user
         cause = next((r.exc_info[1] for r in reversed(logged) if r.exc_info and r.exc_info[1]), e)
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
@@ -125,14 +129,14 @@ def load_source(path: str | os.PathLike, *, trust_pickle: bool = False) -> Model
     if not path.is_file():
         raise UsageError(f"{path} is not a file")
     if path.suffix == ".pt2":
-        return _program_source(path)
+        return _program_source(path, trust_pickle)
     try:
         read_checkpoint(path)
     except CheckpointError:
         if not trust_pickle:
             raise
         try:
-            module = torch.load(path, map_location="cpu", weights_only=False)
+            module = load_pickled(path)
         except (RuntimeError, EOFError, zipfile.BadZipFile, AttributeError, ModuleNotFoundError) as e:
             raise UsageError(f"{path}: cannot unpickle a module ({str(e).splitlines()[0]})") from None
         if not isinstance(module, nn.Module):
