@@ -76,9 +76,10 @@ def test_efficient_is_mha_with_identity_wk_wv(causal, rng):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_fresh_super_is_efficient(causal, rng):
-    """Default WA init is the identity, so a fresh super layer equals efficient."""
+    """Default WA init is the identity weight and a zero bias, so a fresh super layer equals efficient."""
     sup = build("super", None, d_model=D, n_heads=N, causal=causal, max_len=16)
     np.testing.assert_array_equal(oracles.param(weights_of(sup), "wa"), np.eye(16))
+    np.testing.assert_array_equal(oracles.param(weights_of(sup), "wa_bias"), np.zeros(16))
     eff = build("efficient", rng, d_model=D, n_heads=N, causal=causal)
     set_weights(sup, copy_linear({}, weights_of(eff), "q", "o"))
     compare_modules(sup, eff, rng, what="fresh super vs efficient")
@@ -86,21 +87,38 @@ def test_fresh_super_is_efficient(causal, rng):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_super_output_is_probs_times_wa_times_x(causal, rng):
-    """super output == concat((P_i WA) X_i) Wo (+ bo), WA -> tril(WA) when causal."""
+    """super output == concat((P_i WA) X_i + P_i b) Wo (+ bo), WA -> tril(WA) when causal, with
+    WA's bias b [T] broadcast over the head's features."""
     L = 12
     sup = build("super", rng, d_model=D, n_heads=N, causal=causal, max_len=L)
     w = weights_of(sup)
     wq, bq = oracles.linear_weights(w, "q_proj")
     wo, bo = oracles.linear_weights(w, "o_proj")
-    wa = oracles.param(w, "wa")
+    wa, wa_bias = oracles.param(w, "wa"), oracles.param(w, "wa_bias")
     for t in (L, 5):
         x = random_x(rng, 2, t, D)
         q, xs = split_heads(linear(x, wq, bq), N), split_heads(x, N)
         p = softmax(np.where(allowed_mask(np.ones((2, t), bool), t, causal), np.einsum("btnd,bsnd->bnts", q, xs) / math.sqrt(d), -1e300))
         mix = np.tril(wa[:t, :t]) if causal else wa[:t, :t]
         pw = p @ mix  # P_i WA  [B,N,T,T]
-        want = linear(merge_heads(np.einsum("bnts,bsnd->btnd", pw, xs)), wo, bo)
+        pb = np.einsum("bnts,s->btn", p, wa_bias[:t])[..., None]  # P_i b, the same for every feature
+        want = linear(merge_heads(np.einsum("bnts,bsnd->btnd", pw, xs) + pb), wo, bo)
         np.testing.assert_allclose(run(sup, x), want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_super_padded_rows_of_u_are_zero(causal, rng):
+    """Padded rows of U = WA x + b are re-zeroed: a row with no real token attends uniformly to
+    zero values, so its output is bo whatever WA's bias is; the other rows match the oracle."""
+    sup = build("super", rng, d_model=D, n_heads=N, causal=causal, max_len=12)
+    w = weights_of(sup)
+    assert np.abs(oracles.param(w, "wa_bias")).min() > 0
+    x, mask = random_x(rng, 2, 7, D), np.ones((2, 7), bool)
+    mask[0, 4:], mask[1] = False, False
+    got = run(sup, x, mask)
+    np.testing.assert_allclose(got[1], np.broadcast_to(oracles.linear_weights(w, "o_proj")[1], (7, D)), atol=1e-12)
+    want = oracles.super_attention(x, key_padding_mask=mask, **oracles.oracle_kwargs("super", w, config_of(sup)))
+    np.testing.assert_allclose(got, want, atol=1e-10, rtol=1e-10)
 
 
 def test_super_longer_than_max_len_is_an_error(rng):
@@ -434,19 +452,19 @@ def n_params(module):
 
 
 def expected_params(name, dm, lmax, bias):
-    """variants.md: mha 4 D^2, optimised 3 D^2, efficient 2 D^2, super 2 D^2 + Lmax^2 (WA has no
-    bias), plus one D-vector per projection with biases."""
+    """variants.md: mha 4 D^2, optimised 3 D^2, efficient 2 D^2, super 2 D^2 + Lmax^2 + Lmax (WA's
+    weight and bias, on by default), plus one D-vector per projection with biases."""
     per = dm * dm + (dm if bias else 0)
-    return {"mha": 4 * per, "optimised": 3 * per, "efficient": 2 * per, "super": 2 * per + lmax * lmax}[name]
+    return {"mha": 4 * per, "optimised": 3 * per, "efficient": 2 * per, "super": 2 * per + lmax * lmax + lmax}[name]
 
 
 def test_parameter_counts_d32_l32_n4():
-    """variants.md's table for D = L = 32, N = 4 with biases: 4224 / 3168 / 2112 / 3168. The
-    table's super figure counts a 32-vector bias on WA that the same section rules out ("No bias
-    on WA"): without it super has 2112 + 32*32 = 3136, which is what is tested here."""
+    """variants.md's table for D = L = 32, N = 4 with biases: 4224 / 3168 / 2112 / 3168 (super's
+    WA carries its 32-vector bias by default); ``wa_bias=False`` drops it: 2112 + 32*32 = 3136."""
     counts = {name: n_params(build(name, None, d_model=32, n_heads=4, max_len=32, bias=True))
               for name in ("mha", "optimised", "efficient", "super")}
-    assert counts == {"mha": 4224, "optimised": 3168, "efficient": 2112, "super": 3136}
+    assert counts == {"mha": 4224, "optimised": 3168, "efficient": 2112, "super": 3168}
+    assert n_params(build("super", None, d_model=32, n_heads=4, max_len=32, wa_bias=False)) == 3136
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -336,8 +336,9 @@ def test_variant_defaults_and_parameters():
     reuse = build_attention("reuse", d_model=12, n_heads=3, reuse_heads=3)
     assert not hasattr(reuse, "q_proj") and not hasattr(reuse, "k_proj")
     assert build_attention("reuse", d_model=12, n_heads=3, reuse_heads=1).q_proj.out_features == 8
-    sup = build_attention("super", d_model=32, n_heads=4, max_len=32, wa_bias=True)
-    assert sum(p.numel() for p in sup.parameters()) == 3168  # variants.md's table (WA with a bias)
+    sup = build_attention("super", d_model=32, n_heads=4, max_len=32)
+    assert sum(p.numel() for p in sup.parameters()) == 3168  # variants.md's table: WA has a bias by default
+    assert not hasattr(build_attention("super", d_model=32, n_heads=4, max_len=32, wa_bias=False), "wa_bias")
 
 
 @pytest.mark.parametrize("name,options", [

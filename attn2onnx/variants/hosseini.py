@@ -5,18 +5,23 @@ Heads take contiguous column slices of the *raw* input, X_i = x[..., i d:(i+1) d
 
 - optimised: no Wv. P_i = softmax((x Wq)_i (x Wk)_i^T / sqrt(d)); y = concat_i(P_i X_i) Wo.
 - efficient: no Wv, no Wk. P_i = softmax((x Wq)_i X_i^T / sqrt(d)); y = concat_i(P_i X_i) Wo.
-- super: efficient, with values mixed along tokens by one learned matrix WA [max_len, max_len]
-  shared by all heads: U = WA[:T,:T] x (padded rows of x zeroed first; tril(WA) when causal),
-  computed once per layer by the ``ai.attn2onnx`` SuperMix op; y = concat_i(P_i U_i) Wo.
+- super: efficient, with values mixed along tokens by one learned affine map over positions,
+  weight WA [max_len, max_len] and bias b [max_len], shared by all heads:
+  U = WA[:T,:T] x + b[:T] (b broadcast over channels; padded rows of x zeroed before the mix,
+  padded rows of U re-zeroed after it; tril(WA) when causal), computed once per layer:
+  ``WA[:T,:T] x`` by the ``ai.attn2onnx`` SuperMix op, the bias and the re-zeroing in standard
+  ops after it; y = concat_i(P_i U_i) Wo.
 
 Parameters: ``q_proj``, ``o_proj`` (and ``k_proj`` for optimised) nn.Linear; super adds ``wa``
-[max_len, max_len], initialised to the identity (a fresh super layer equals efficient).
+[max_len, max_len], initialised to the identity, and ``wa_bias`` [max_len], initialised to zero
+(a fresh super layer equals efficient).
 
-Choice where the paper leaves a detail open: WA has no bias by default (U = WA x, as the paper
-writes it); ``wa_bias=True`` adds a per-token bias ``wa_bias`` [max_len] (U = WA x + b,
-b[:T] broadcast over channels), which is what a Keras ``Dense`` / torch ``nn.Linear(max_len,
-max_len)`` WA layer in the published re-implementations computes. With it D = L = 32, N = 4 gives
-3168 parameters (variants.md's table); without it 3136.
+WA's bias is on by default because the paper's parameter count (3168 at D = L = 32, N = 4) and
+its public reference code both include it (a Keras ``Dense`` / ``nn.Linear(max_len, max_len)``
+over positions); ``wa_bias=False`` drops it (U = WA x, 3136 parameters at that size).
+Re-zeroing the padded rows of U changes no real token's output (a padded key is never attended
+to); it keeps the bias out of a row whose tokens are all padding, which would otherwise average
+b into its output.
 """
 from __future__ import annotations
 
@@ -46,10 +51,10 @@ class EfficientConfig(AttentionConfig):
 @dataclass
 class SuperConfig(EfficientConfig):
     """``max_len`` (from :class:`AttentionConfig`) fixes WA's size: longer inputs are an error.
-    ``wa_bias`` adds a learned per-token bias to the mixing (off by default, see the module
-    docstring)."""
+    ``wa_bias`` gives the token mixing its learned per-position bias (on by default, see the
+    module docstring); False keeps U = WA x."""
 
-    wa_bias: bool = False
+    wa_bias: bool = True
 
 
 class _SlicedHeadAttention(nn.Module):
@@ -109,7 +114,7 @@ class SuperAttention(EfficientAttention):
         u = torch.ops.attn2onnx.super_mix(x, self.wa, mask, self.config.causal)
         if self.config.wa_bias:
             u = u + self.wa_bias[:t, None]
-        return u
+        return u * mask.unsqueeze(-1).to(u.dtype)  # padded rows of U re-zeroed
 
 
 for _name, _config, _module, _params in (

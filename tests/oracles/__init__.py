@@ -1,6 +1,6 @@
-"""Independent float64 numpy oracles for every attention variant, written from
-shared/design/variants.md (and the pooling semantic of custom_ops/README.md for iMHSA), never
-from the modules. One function per variant taking explicit weight arrays in math convention
+"""Independent float64 numpy oracles for every attention variant, written from the numerical
+contract (docs/variants.md; the op semantics of docs/ops.md for iMHSA's pooling), never from
+the modules. One function per variant taking explicit weight arrays in math convention
 (W [in, out], y = x @ W + b); :func:`run_oracle` maps a module's parameters (nn.Linear
 convention, by the names in attn2onnx/variants/base.py) and config onto them.
 
@@ -57,8 +57,8 @@ def oracle_kwargs(name: str, params: dict, config: dict) -> dict:
     if name == "efficient":
         return dict(_projections(params, "qo"), n_heads=n, causal=config.get("causal", False))
     if name == "super":
-        return dict(_projections(params, "qo"), wa=param(params, "wa"), n_heads=n,
-                    causal=config.get("causal", False))
+        return dict(_projections(params, "qo"), wa=param(params, "wa"), wa_bias=param(params, "wa_bias", False),
+                    n_heads=n, causal=config.get("causal", False))
     if name == "dcmha":
         kw = dict(_projections(params), n_heads=n, dw1=param(params, "dw1"), qkw=param(params, "qkw"),
                   dd=param(params, "dd"), causal=config.get("causal", False), window=config.get("window", 0) or 0,

@@ -23,14 +23,20 @@ def super_mix(x, wa, key_padding_mask=None, causal=False, tril=True):
     return np.einsum("ts,bsd->btd", mix, xz)
 
 
-def super_attention(x, wq, wo, wa, n_heads, bq=None, bo=None, key_padding_mask=None, causal=False, tril=True):
-    """P_i = softmax((x Wq + bq)_i X_i^T / sqrt(d)) (keys: raw x); U = super_mix(x);
-    y = concat_i(P_i U_i) Wo + bo. WA has no bias."""
+def super_attention(x, wq, wo, wa, n_heads, bq=None, bo=None, key_padding_mask=None, causal=False, tril=True,
+                    wa_bias=None):
+    """P_i = softmax((x Wq + bq)_i X_i^T / sqrt(d)) (keys: raw x); U = super_mix(x) + wa_bias[:T]
+    (the bias broadcast over features, None = no bias), padded rows of U re-zeroed;
+    y = concat_i(P_i U_i) Wo + bo."""
     x = f64(x)
     b, t, _ = x.shape
+    real = padding_mask(key_padding_mask, b, t)
     q = split_heads(linear(x, f64(wq), f64(bq)), n_heads)
     keys = split_heads(x, n_heads)
-    u = split_heads(super_mix(x, wa, key_padding_mask, causal, tril), n_heads)
-    allowed = allowed_mask(padding_mask(key_padding_mask, b, t), t, causal)
+    u = super_mix(x, wa, key_padding_mask, causal, tril)
+    if wa_bias is not None:
+        u = u + f64(wa_bias)[:t, None]
+    u = split_heads(u * real[..., None], n_heads)
+    allowed = allowed_mask(real, t, causal)
     o, _ = attend(q, keys, u, allowed)
     return linear(merge_heads(o), f64(wo), f64(bo))
