@@ -28,6 +28,7 @@ PROG = "attn2onnx"
 COMMANDS: dict[str, str] = {
     "variants": "variants",
     "new": "new",
+    "convert": "convert",
     "export": "export",
     "optimize": "optimize",
     "run": "run",

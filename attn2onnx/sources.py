@@ -117,6 +117,14 @@ def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
     return ModelSource(module, specs, ["output"], None)
 
 
+def _release_folder_source(path: Path) -> ModelSource:
+    """A folder in the DCFormer PyTorch release's layout (config.json + weights), converted on
+    the fly onto the dcmha causal LM (weights only: no code of the folder runs)."""
+    from .importers.dcformer import import_dcformer
+
+    return from_module(import_dcformer(path))
+
+
 def load_source(path: str | os.PathLike, *, trust_pickle: bool = False) -> ModelSource:
     """Load a model file: an attn2onnx checkpoint (.pt), a torch.export program (.pt2), or a
     pickled nn.Module when ``trust_pickle`` (never by default: unpickling runs code)."""
@@ -126,6 +134,8 @@ def load_source(path: str | os.PathLike, *, trust_pickle: bool = False) -> Model
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    if path.is_dir():
+        return _release_folder_source(path)
     if not path.is_file():
         raise UsageError(f"{path} is not a file")
     if path.suffix == ".pt2":

@@ -26,7 +26,8 @@ MIN_OPSET = 18
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="attn2onnx checkpoint (.pt), torch.export program (.pt2)")
+    parser.add_argument("model", metavar="MODEL", help="attn2onnx checkpoint (.pt), torch.export program (.pt2), "
+                        "or a DCFormer release folder (see 'attn2onnx convert')")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write")
     parser.add_argument("--opset", type=int, default=23,
                         help=f"standard ONNX opset, {MIN_OPSET}-23 (default 23; models with ai.attn2onnx ops need 23)")

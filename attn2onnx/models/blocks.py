@@ -15,11 +15,11 @@ from .config import ModelConfig
 NORM_EPS = 1e-6
 
 
-def make_norm(kind: str, dim: int) -> nn.Module:
+def make_norm(kind: str, dim: int, eps: float = NORM_EPS) -> nn.Module:
     """``rms`` (the LM's) or ``layer`` (the encoder's) normalisation over the last axis."""
     if kind == "rms":
-        return nn.RMSNorm(dim, eps=NORM_EPS)
-    return nn.LayerNorm(dim, eps=NORM_EPS)
+        return nn.RMSNorm(dim, eps=eps)
+    return nn.LayerNorm(dim, eps=eps)
 
 
 class MLP(nn.Module):
@@ -49,9 +49,9 @@ class Block(nn.Module):
     def __init__(self, attn: nn.Module, config: ModelConfig, norm: str) -> None:
         super().__init__()
         self.passes_probs = bool(getattr(attn, "passes_probs", False))
-        self.norm1 = make_norm(norm, config.d_model)
+        self.norm1 = make_norm(norm, config.d_model, config.norm_eps)
         self.attn = attn
-        self.norm2 = make_norm(norm, config.d_model)
+        self.norm2 = make_norm(norm, config.d_model, config.norm_eps)
         self.mlp = MLP(config.mlp, config.d_model, config.mlp_hidden)
 
     def forward(

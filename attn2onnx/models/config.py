@@ -52,6 +52,9 @@ class ModelConfig:
     tie_embeddings: LM head shares the token embedding.
     reuse_schedule: per-layer count of reused heads, for variants that pass probabilities
         (reuse). Default [0, N x6, 0, ...] truncated to ``layers``; layer 0 is always 0.
+    layer_options: per-layer variant options, one dict per layer, each overriding ``options``
+        for its layer (e.g. a local window on some layers only, as DCFormer's LG / LGLL models).
+    norm_eps: epsilon of the blocks' and the final normalisation (RMSNorm / LayerNorm).
     seed: initialisation seed (build_model is deterministic given the config).
     """
 
@@ -71,6 +74,8 @@ class ModelConfig:
     mlp_hidden: int | None = None
     tie_embeddings: bool = True
     reuse_schedule: list[int] | None = None
+    layer_options: list[dict[str, Any]] | None = None
+    norm_eps: float = 1e-6
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,6 +95,9 @@ class ModelConfig:
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.d_model if self.mlp == "gelu" else 8 * math.ceil(8 * self.d_model / 3 / 8)
         self._check_positive("mlp_hidden")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise UsageError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
+        self.norm_eps = float(self.norm_eps)
         self._check_image()
         if not isinstance(self.options, dict):
             raise UsageError(f"options must be a dict of variant options, got {type(self.options).__name__}")
@@ -156,12 +164,9 @@ class ModelConfig:
             raise VariantError(
                 f"variant {self.variant!r} does not fit the {self.family} family; it fits: {', '.join(info.families)}"
             )
-        for key in self.options:
-            owner = _FAMILY_OWNED.get(key)
-            if owner is not None and not (key == "causal" and self.family == "layer"):
-                hint = "it follows the family" if owner == "family" else f"set the model's {owner} instead"
-                raise UsageError(f"option {key!r} is not a variant option here ({hint})")
+        self._check_option_names(self.options)
         self.options = coerce_options(self.variant, self.options)
+        self._check_layer_options()
         if self.passes_probs:
             self._check_reuse_schedule()
         elif self.reuse_schedule is not None:
@@ -172,6 +177,25 @@ class ModelConfig:
             raise
         except (TypeError, ValueError) as e:
             raise VariantError(f"variant {self.variant!r} rejects these options: {e}") from None
+
+    def _check_option_names(self, options: dict[str, Any]) -> None:
+        for key in options:
+            owner = _FAMILY_OWNED.get(key)
+            if owner is not None and not (key == "causal" and self.family == "layer"):
+                hint = "it follows the family" if owner == "family" else f"set the model's {owner} instead"
+                raise UsageError(f"option {key!r} is not a variant option here ({hint})")
+
+    def _check_layer_options(self) -> None:
+        if self.layer_options is None:
+            return
+        per_layer = self.layer_options
+        if not isinstance(per_layer, (list, tuple)) or len(per_layer) != self.layers:
+            raise UsageError(f"layer_options must list one dict per layer ({self.layers}), got {per_layer!r}")
+        for options in per_layer:
+            if not isinstance(options, dict):
+                raise UsageError(f"layer_options entries are dicts of variant options, got {options!r}")
+            self._check_option_names(options)
+        self.layer_options = [coerce_options(self.variant, options) for options in per_layer]
 
     def _check_reuse_schedule(self) -> None:
         field_name = reuse_field(self.variant)
@@ -192,13 +216,18 @@ class ModelConfig:
 
     # --- what the families use ---------------------------------------------------------------
     def attention_configs(self) -> list[AttentionConfig]:
-        """One variant config per layer (they differ only in a reuse model's reused heads)."""
+        """One variant config per layer (they differ in a reuse model's reused heads and by
+        ``layer_options``)."""
         options = dict(self.options)
         options.update(d_model=self.d_model, n_heads=self.heads, max_len=self.max_len, causal=self.causal)
-        if not self.passes_probs:
+        per_layer = [dict(layer) for layer in self.layer_options or [{}] * self.layers]
+        if self.passes_probs:
+            name = reuse_field(self.variant)
+            for layer, count in zip(per_layer, self.reuse_schedule):
+                layer[name] = count
+        if not any(per_layer):
             return [make_config(self.variant, **options)] * self.layers
-        name = reuse_field(self.variant)
-        return [make_config(self.variant, **options, **{name: count}) for count in self.reuse_schedule]
+        return [make_config(self.variant, **{**options, **layer}) for layer in per_layer]
 
     @property
     def uses_rope(self) -> bool:

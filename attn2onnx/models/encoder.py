@@ -36,7 +36,7 @@ class EncoderClassifier(nn.Module):
         self.cls = nn.Parameter(init_normal_(torch.empty(1, 1, d)))
         self.pos = None if config.uses_rope else nn.Parameter(init_normal_(torch.empty(positions, d)))
         self.trunk = Trunk(config, norm="layer")
-        self.norm = make_norm("layer", d)
+        self.norm = make_norm("layer", d, config.norm_eps)
         self.head = nn.Linear(d, config.num_classes)
 
     def _embed_image(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:

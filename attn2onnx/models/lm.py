@@ -27,7 +27,7 @@ class CausalLM(nn.Module):
         init_normal_(self.embed.weight)
         self.pos = None if config.uses_rope else nn.Parameter(init_normal_(torch.empty(config.max_len, config.d_model)))
         self.trunk = Trunk(config, norm="rms")
-        self.norm = make_norm("rms", config.d_model)
+        self.norm = make_norm("rms", config.d_model, config.norm_eps)
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,7 +25,14 @@ Choices where the paper leaves a detail open (see the options):
 - QK-norm (RMS over d, eps 1e-6, learned gain) runs before RoPE; RoPE is rotate-half, base
   ``rope_base``, on the first ``rotary_dim`` channels of each head (partial rotary).
 - ``window`` W keeps W keys including the query's own (0 <= t - s <= W - 1), as the authors'
-  JAX training mask does; needs ``causal``.
+  JAX training mask does; needs ``causal``. ``window_plus_one`` keeps W + 1 keys
+  (0 <= t - s <= W), as the authors' PyTorch release (``make_window_mask``) computes: the
+  importer of their checkpoints (:mod:`attn2onnx.importers.dcformer`) sets it.
+- ``kv_heads`` < N shares each K/V head among N / kv_heads consecutive query heads (grouped- /
+  multi-query attention; the release's ``n_local_heads``); K and V are expanded to N heads
+  right after their projections, so the attention core and the decode cache see N heads.
+- ``rope_fp16_table`` rounds RoPE's cos / sin to float16 before rotating, as the release's
+  ``precompute_freqs_cis`` does (it caches them in float16 whatever the model's dtype).
 - Initialisation follows the authors' JAX code: dw1 ~ N(0, 2/(D+K)), qkw ~ N(0, (0.01 * 2 /
   (N+R))^2 / K), dd ~ N(0, (0.005)^2 * 2/(D+N)), static mix ~ N(0, (0.1)^2 / N): small but
   non-zero, so a fresh layer already composes heads a little.
@@ -68,8 +75,11 @@ class DcmhaConfig(AttentionConfig):
     rope_base: float = 10000.0
     rotary_fraction: float = 1.0
     window: int | None = None
+    window_plus_one: bool = False
     static_mix: bool = False
     gelu_approx: str = "none"
+    kv_heads: int | None = None
+    rope_fp16_table: bool = False
 
     # Published models (name -> options of every layer; ``window`` only on the local layers,
     # which are the even-numbered ones: DCFormer alternates local and global layers "LG").
@@ -91,6 +101,10 @@ class DcmhaConfig(AttentionConfig):
         super().__post_init__()
         if self.k_dim is None:
             self.k_dim = 4 * self.n_heads
+        if self.kv_heads is None:
+            self.kv_heads = self.n_heads
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise VariantError(f"dcmha: kv_heads must divide n_heads {self.n_heads}, got {self.kv_heads}")
         if self.rank < 1 or self.k_dim < 1:
             raise VariantError(f"dcmha: rank and k_dim must be positive, got {self.rank} and {self.k_dim}")
         if self.window is not None:
@@ -98,12 +112,21 @@ class DcmhaConfig(AttentionConfig):
                 raise VariantError(f"dcmha: window must be >= 1 (keys including the query's own), got {self.window}")
             if not self.causal:
                 raise VariantError("dcmha: a local window needs causal=True")
+        elif self.window_plus_one:
+            raise VariantError("dcmha: window_plus_one needs a window")
         if self.gelu_approx not in ("none", "tanh"):
             raise VariantError(f"dcmha: gelu_approx must be 'none' or 'tanh', got {self.gelu_approx!r}")
         if not 0.0 < self.rotary_fraction <= 1.0:
             raise VariantError(f"dcmha: rotary_fraction must be in (0, 1], got {self.rotary_fraction}")
         if self.rope and self.rotary_dim < 2:
             raise VariantError(f"dcmha: rotary_fraction {self.rotary_fraction} leaves no channel pair to rotate")
+
+    @property
+    def window_keys(self) -> int:
+        """Keys a windowed query sees, its own included (W, or W + 1 with window_plus_one); 0: no window."""
+        if self.window is None:
+            return 0
+        return self.window + 1 if self.window_plus_one else self.window
 
     @property
     def rotary_dim(self) -> int:
@@ -136,13 +159,18 @@ class DcmhaCache:
     position: int = 0
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float, rotary_dim: int) -> torch.Tensor:
-    """Rotate-half RoPE on the first ``rotary_dim`` channels of x [B,T,N,d] at ``positions`` [T]."""
+def apply_rope(
+    x: torch.Tensor, positions: torch.Tensor, base: float, rotary_dim: int, fp16_table: bool = False
+) -> torch.Tensor:
+    """Rotate-half RoPE on the first ``rotary_dim`` channels of x [B,T,N,d] at ``positions`` [T]
+    (``fp16_table``: cos / sin rounded to float16 first, as the DCFormer release does)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     half = rotary_dim // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=dtype) * 2 / rotary_dim)
     angles = (positions.to(dtype)[:, None] * inv_freq)[:, None, :]  # [T,1,half]
     cos, sin = torch.cos(angles), torch.sin(angles)
+    if fp16_table:
+        cos, sin = cos.half().to(dtype), sin.half().to(dtype)
     x1, x2, rest = x[..., :half].to(dtype), x[..., half:rotary_dim].to(dtype), x[..., rotary_dim:]
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
     return torch.cat([rotated, rest], dim=-1)
@@ -163,8 +191,8 @@ class DcmhaAttention(nn.Module):
         c = config
         D, N, d, K, R = c.d_model, c.n_heads, c.head_dim, c.k_dim, c.rank
         self.q_proj = nn.Linear(D, D, bias=c.bias)
-        self.k_proj = nn.Linear(D, D, bias=c.bias)
-        self.v_proj = nn.Linear(D, D, bias=c.bias)
+        self.k_proj = nn.Linear(D, c.kv_heads * d, bias=c.bias)
+        self.v_proj = nn.Linear(D, c.kv_heads * d, bias=c.bias)
         self.o_proj = nn.Linear(D, D, bias=c.bias)
         self.dw1 = nn.Parameter(torch.empty(D, SLOTS, K))
         self.qkw = nn.Parameter(torch.empty(SLOTS, K, 2 * R, N))
@@ -211,13 +239,16 @@ class DcmhaAttention(nn.Module):
     def _project(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
         """q, k, v [B,T,N,d] (QK-norm, RoPE at positions start..start+T-1) and the factors."""
         c = self.config
-        q, k, v = (split_heads(proj(x), c.n_heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q = split_heads(self.q_proj(x), c.n_heads)
+        k, v = (split_heads(proj(x), c.kv_heads) for proj in (self.k_proj, self.v_proj))
+        if c.kv_heads < c.n_heads:  # each K/V head serves n_heads / kv_heads consecutive query heads
+            k, v = (t.repeat_interleave(c.n_heads // c.kv_heads, dim=2) for t in (k, v))
         if c.qk_norm:
             q, k = rms_norm(q, self.q_norm_gain), rms_norm(k, self.k_norm_gain)
         if c.rope:
             positions = torch.arange(x.shape[1], device=x.device) + start
-            q = apply_rope(q, positions, c.rope_base, c.rotary_dim)
-            k = apply_rope(k, positions, c.rope_base, c.rotary_dim)
+            q = apply_rope(q, positions, c.rope_base, c.rotary_dim, c.rope_fp16_table)
+            k = apply_rope(k, positions, c.rope_base, c.rotary_dim, c.rope_fp16_table)
         q_factors, k_factors = self.dynamic_factors(x)
         return q, k, v, q_factors, k_factors
 
@@ -225,7 +256,7 @@ class DcmhaAttention(nn.Module):
         c = self.config
         static = self.static_mix_weight if c.static_mix else q.new_zeros(2, c.n_heads, c.n_heads)
         o = torch.ops.attn2onnx.dcmha_attention(
-            q, k, v, q_factors, k_factors, key_padding_mask, static, 0.0, c.causal, c.window or 0, c.static_mix
+            q, k, v, q_factors, k_factors, key_padding_mask, static, 0.0, c.causal, c.window_keys, c.static_mix
         )
         return self.o_proj(o.flatten(-2))
 
@@ -266,8 +297,8 @@ class DcmhaAttention(nn.Module):
             position=cache.position + x.shape[1],
         )
         y = self._attend(q, cache.k, cache.v, q_factors, cache.k_factors, cache.key_padding_mask)
-        window = self.config.window
-        if window is not None:  # the next query reaches back W - 1 tokens at most
+        window = self.config.window_keys
+        if window:  # the next query reaches back window_keys - 1 tokens at most
             start = max(cache.k.shape[1] - (window - 1), 0)
             cache = replace(
                 cache,
