@@ -68,8 +68,10 @@ def specs_from_examples(names: Sequence[str], examples: Sequence[torch.Tensor], 
 
 
 def random_inputs(specs: Sequence[InputSpec], batch: int, seq: int, seed: int = 0, pad: bool = True) -> dict[str, np.ndarray]:
-    """Fresh random inputs for ``specs``. Masks are right-padded with random lengths (row 0 is
-    always full, every row has at least one real token) when ``pad``, else all true."""
+    """Fresh random inputs for ``specs``. Masks are all true unless ``pad``; with ``pad``, a
+    [batch, seq] key padding mask holds the padding patterns attention must get right
+    (variants.md: a query row with no allowed key gives a uniform distribution, never NaN): see
+    :func:`padding_mask`."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in specs:
@@ -79,10 +81,28 @@ def random_inputs(specs: Sequence[InputSpec], batch: int, seq: int, seed: int = 
         elif spec.kind == "ids":
             feeds[spec.name] = rng.integers(0, spec.high, size=shape, dtype=np.int64)
         else:
-            lengths = rng.integers(1, shape[1] + 1, size=shape[0]) if pad else np.full(shape[0], shape[1])
-            lengths[0] = shape[1]
-            feeds[spec.name] = np.arange(shape[1])[None, :] < lengths[:, None]
+            feeds[spec.name] = padding_mask(rng, *shape) if pad and len(shape) == 2 else np.ones(shape, dtype=bool)
     return feeds
+
+
+def padding_mask(rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:
+    """A [batch, seq] key padding mask (True = real token) whose rows are, in order: all real;
+    real only on a random inner span, so padded on the left (causal query rows before it see
+    no real key) and, when seq > 2, on the right; all padded (every query row of that
+    sequence sees no real key); then random spans, possibly empty or full."""
+    mask = np.zeros((batch, seq), dtype=bool)
+    for row in range(batch):
+        if row == 0:
+            start, stop = 0, seq
+        elif row == 1:
+            start = int(rng.integers(1, seq)) if seq > 1 else 0
+            stop = int(rng.integers(start + 1, seq)) if seq - start > 1 else seq
+        elif row == 2:
+            start = stop = 0
+        else:
+            start, stop = sorted(int(v) for v in rng.integers(0, seq + 1, size=2))
+        mask[row, start:stop] = True
+    return mask
 
 
 def check_feeds(specs: Sequence[InputSpec], feeds: dict[str, np.ndarray]) -> None:

@@ -5,10 +5,14 @@
   on the ``[B,T,D]`` tensors themselves:
 
   - target ``ort``: ``com.microsoft.MultiHeadAttention`` (measured faster than ONNX Attention-23
-    and than the decomposed graph on ORT's CPU provider, see benchmarks/RESULTS.md), with the
-    key padding mask as ``key_padding_mask`` and causality as ``unidirectional`` when the mask is
-    recognised, else the mask as an additive ``attention_bias``;
+    and than the decomposed graph on ORT's CPU provider, see benchmarks/RESULTS.md), with a
+    recognised key padding mask alone as ``key_padding_mask``, causality alone as
+    ``unidirectional``, else the mask as an additive ``attention_bias``;
   - targets ``trt`` / ``portable``: ONNX ``Attention`` (opset 23) with the boolean mask.
+
+  The contract's fully masked rows (variants.md: uniform over all keys) are kept exactly in any
+  precision: query rows with no allowed key are zeroed and allowed every key
+  (:func:`_guard_empty_rows`), since no fused op computes them as ``where(allowed, x, NEG)`` does.
 
   Keys / values that are raw slices of ``x`` (optimised, efficient) or ``SuperMix(x)`` (super: WA x
   computed once per layer) feed the fused op directly, with no projection.
@@ -106,17 +110,14 @@ def _match_core(soft: ir.Node):
     found = _mask(masked, dims(masked))
     allowed = None
     if where is not None:
-        if found is None:  # an unrecognised mask: keep it whole as a boolean tensor
+        if found is None:  # an unrecognised mask: keep it whole as a boolean tensor [B|1, 1, T, S]
             cond, x, y = where.inputs
-            c = const_array(y)
-            if c is None or c.size != 1 or float(c.reshape(-1)[0]) > -1e9:
-                return None
+            c, d = const_array(y), dims(cond)
+            if c is None or c.size != 1 or float(c.reshape(-1)[0]) > -1e9 or d is None or len(d) != 4 or d[1] != 1:
+                return None  # also a per-head mask: its empty rows cannot be guarded on [B,T,D] queries
             allowed, logits, parts = cond, x, None
         else:
             logits, parts = found
-            allowed = where.inputs[0]
-            if producer(allowed, "Not") is not None and where.inputs[1] is not logits:
-                allowed = None  # where(not(allowed), NEG, x): rebuild from parts
     else:
         logits, parts = masked, {}
     if not _single_use(logits):
@@ -142,34 +143,69 @@ def _match_core(soft: ir.Node):
 # ---------------------------------------------------------------------------------------------
 def _emit(b: Builder, target: str, q, k, v, heads: int, scale: float, parts: dict | None, allowed,
           out_dims) -> ir.Value:
-    """Fused attention on [B,T,D] q and [B,S,D] k, v -> [B,T,D]."""
-    dtype = q.dtype
-    if target == "ort":
-        inputs: list = [q, k, v]
-        attrs = {"num_heads": heads, "scale": float(scale), "mask_filter_value": NEG}
-        if parts is not None:
-            kpm = parts.get("kpm")
-            if kpm is not None:
-                inputs += [None, b.op("Cast", [kpm], {"to": ir.DataType.INT32}, dtype=ir.DataType.INT32, shape=dims(kpm))]
-            attrs["unidirectional"] = int(parts.get("causal", 0))
-        elif allowed is not None:
-            zero = b.const(np.zeros((), dtype=dtype.numpy()), "zero")
-            neg = b.const(np.full((), NEG, dtype=dtype.numpy()), "neg")
-            bias = b.op("Where", [allowed, zero, neg], dtype=dtype, shape=None)
-            inputs += [None, None, bias]
-        return b.op("MultiHeadAttention", inputs, attrs, domain=MS_DOMAIN, dtype=dtype, shape=out_dims)
-    # ONNX Attention-23: a boolean mask of the full [B|1, 1, T, S] (ORT checks the T axis)
-    if allowed is None and parts is not None:
+    """Fused attention on [B,T,D] q and [B,S,D] k, v -> [B,T,D], exactly the contract's
+    ``softmax(where(allowed, logits, NEG))``: the mask is ``parts`` (key padding / causal) or an
+    unrecognised boolean ``allowed`` [B|1,1,T,S]. Rows with no allowed key are guarded (see
+    :func:`_guard_empty_rows`) wherever the mask holds padding; causality alone (T = S) always
+    leaves a row its own key."""
+    kpm = parts.get("kpm") if parts is not None else None
+    causal = int(parts.get("causal", 0)) if parts is not None else 0
+    if target == "ort" and parts is not None and (kpm is None or not causal):
+        return _multi_head_attention(b, q, k, v, heads, scale, kpm, causal, out_dims)
+    if parts is not None:
         allowed = _allowed_from_parts(b, parts, q, k)
-    inputs = [q, k, v]
-    if allowed is not None:
+    if allowed is not None and (parts is None or kpm is not None):
+        q, allowed = _guard_empty_rows(b, q, allowed)
+    if allowed is not None:  # the full [B|1, 1, T, S] (ORT checks the T axis)
         shape = b.op("Concat", [b.op("Shape", [allowed], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,)),
                                 b.op("Shape", [q], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
                                 b.op("Shape", [k], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))],
                      {"axis": 0}, dtype=ir.DataType.INT64, shape=(4,))
-        inputs.append(b.op("Expand", [allowed, shape], dtype=ir.DataType.BOOL, shape=None))
+        allowed = b.op("Expand", [allowed, shape], dtype=ir.DataType.BOOL, shape=None)
+    dtype = q.dtype
+    if target == "ort":  # padding with causality: an additive bias, as MHA's causal mode has its own empty rows
+        bias = None
+        if allowed is not None:
+            f = dtype.numpy()
+            neg = b.const(np.full((), max(NEG, float(np.finfo(f).min)), dtype=f), "neg")
+            bias = b.op("Where", [allowed, b.const(np.zeros((), dtype=f), "zero"), neg], dtype=dtype, shape=None)
+        return b.op("MultiHeadAttention", [q, k, v, None, None, bias], {"num_heads": heads, "scale": float(scale)},
+                    domain=MS_DOMAIN, dtype=dtype, shape=out_dims)
+    inputs = [q, k, v] + ([allowed] if allowed is not None else [])
     return b.op("Attention", inputs, {"q_num_heads": heads, "kv_num_heads": heads, "scale": float(scale)},
                 dtype=dtype, shape=out_dims)
+
+
+def _multi_head_attention(b: Builder, q, k, v, heads: int, scale: float, kpm, causal: int, out_dims) -> ir.Value:
+    """com.microsoft.MultiHeadAttention with the key padding mask as ``key_padding_mask`` (rows
+    with no real key guarded) or causality as ``unidirectional``, never both: MHA's causal mode
+    makes a fully masked row uniform over the causal keys only, not over all keys."""
+    inputs: list = [q, k, v]
+    if kpm is not None:
+        allowed = b.op("Unsqueeze", [kpm, b.ints([1, 2])], dtype=ir.DataType.BOOL, shape=None)
+        q, allowed = _guard_empty_rows(b, q, allowed)
+        kpm = b.op("Squeeze", [allowed, b.ints([1, 2])], dtype=ir.DataType.BOOL, shape=dims(kpm))
+        mask = b.op("Cast", [kpm], {"to": ir.DataType.INT32}, dtype=ir.DataType.INT32, shape=dims(kpm))
+        inputs = [q, k, v, None, mask]
+    attrs = {"num_heads": heads, "scale": float(scale), "mask_filter_value": NEG, "unidirectional": causal}
+    return b.op("MultiHeadAttention", inputs, attrs, domain=MS_DOMAIN, dtype=q.dtype, shape=out_dims)
+
+
+def _guard_empty_rows(b: Builder, q: ir.Value, allowed: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """For q [B,T,D] and a boolean ``allowed`` [B|1, 1, T|1, S]: the query rows that have no
+    allowed key are zeroed and allowed every key. Their logits are then all 0, so the softmax is
+    uniform over all keys -- what ``where(allowed, logits, NEG)`` gives such a row -- in any
+    precision and whatever the fused op does with a fully masked row (ORT's Attention-23 gives
+    zeros, MHA's causal mode a uniform row over the causal keys, and an additive NEG is not
+    representable in fp16). Rows with an allowed key are untouched: there a masked logit's
+    weight underflows to exactly 0 with NEG, -inf or finfo.min alike."""
+    dtype = q.dtype
+    real = b.op("Cast", [allowed], {"to": dtype}, dtype=dtype, shape=None)
+    has_key = b.op("ReduceMax", [real, b.ints([3])], {"keepdims": 1}, dtype=dtype, shape=None)  # [B|1,1,T|1,1]
+    q = b.op("Mul", [q, b.op("Squeeze", [has_key, b.ints([1])], dtype=dtype, shape=None)], dtype=dtype, shape=dims(q))
+    empty = b.op("Not", [b.op("Cast", [has_key], {"to": ir.DataType.BOOL}, dtype=ir.DataType.BOOL, shape=None)],
+                 dtype=ir.DataType.BOOL, shape=None)
+    return q, b.op("Or", [allowed, empty], dtype=ir.DataType.BOOL, shape=None)
 
 
 def _allowed_from_parts(b: Builder, parts: dict, q, k) -> ir.Value | None:
@@ -311,6 +347,8 @@ def lower_pooled_norm(model: ir.Model, target: str) -> int:
                                             dtype=ir.DataType.BOOL, shape=None)], {"to": dtype}, dtype=dtype, shape=None)
                 mask = b.op("Cast", [b.op("Squeeze", [weight, b.ints([2, 3])], dtype=dtype, shape=None)],
                             {"to": ir.DataType.BOOL}, dtype=ir.DataType.BOOL, shape=None)
+            else:  # the reference pools by 1 too: a padded token's value is 0, what a fully padded row averages
+                vg = b.op("Mul", [vg, weight], dtype=dtype, shape=dims(vg))
             if attr(node, "normalize", 0):
                 qg, kg = _normalise(b, node, qg, kg, weight)
             q3, k3, v3 = (_flatten_heads(b, t, len(heads) * d) for t in (qg, kg, vg))

@@ -81,15 +81,19 @@ def test_lowered_onto_fused_attention(exported, name, causal, fused, target):
 
 
 def test_mha_packs_qkv_and_uses_mask_attributes(exported):
-    _, stock = exported("mha", True)
+    """Padding alone: MHA's key_padding_mask; with causality a [B,1,T,S] bias instead, as MHA's
+    causal mode spreads a fully masked row over the causal keys only (test_mask_contract.py)."""
+    _, stock = exported("mha", False)
     optimised, _ = optimize_model(stock, target="ort")
     counts = count_ops(ir.serde.deserialize_model(optimised))
     assert counts["MatMul"] == 2 and counts["Split"] == 1  # [Wq|Wk|Wv] and Wo
     mha = node_of(optimised, "MultiHeadAttention")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mha.attribute}
-    assert attrs["unidirectional"] == 1 and attrs["num_heads"] == N
+    assert attrs["unidirectional"] == 0 and attrs["num_heads"] == N
     assert mha.input[4]  # key_padding_mask, no [B,1,T,S] bias
     assert len(mha.input) < 6 or not mha.input[5]
+    causal = node_of(optimize_model(exported("mha", True)[1], target="ort")[0], "MultiHeadAttention")
+    assert not causal.input[4] and causal.input[5]
 
 
 @pytest.mark.parametrize("name,options,fused", [("sh", {"sh_factors": (2, 1, 3, 1)}, 3),
