@@ -67,8 +67,9 @@ def release_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def random_release_state(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights in the release's layout, scaled so every term (head composition included)
-    moves the logits while float32 rounding stays near 1e-6 on them (logits O(0.5)); pre_proj.w / post_proj.w hold the identity unless use_sw. With query_wise
-    the key-side dynamic weights are zero (what a query-wise model has)."""
+    moves the logits while float32 rounding stays near 1e-6 on them (logits O(0.5));
+    pre_proj.w / post_proj.w hold the identity unless use_sw. With query_wise the key-side
+    dynamic weights are zero (what a query-wise model has)."""
     c = full_config(config)
     N = c["n_head"]
     gen = torch.Generator().manual_seed(seed)

@@ -130,7 +130,8 @@ class DcformerSpec:
                        rope_base=self.rope_base, rope_fp16_table=True, static_mix=self.use_sw,
                        kv_heads=self.n_local_heads)
         local = {"window": self.window_size, "window_plus_one": True}
-        layer_options = [local if is_local else {} for is_local in self.local_layers] if any(self.local_layers) else None
+        layers = self.local_layers
+        layer_options = [local if is_local else {} for is_local in layers] if any(layers) else None
         return ModelConfig(family="lm", variant="dcmha", options=options, layers=self.n_layer, d_model=self.dim,
                            heads=self.n_head, max_len=self.block_size, vocab_size=self.vocab_size, mlp="swiglu",
                            mlp_hidden=self.intermediate_size, tie_embeddings=False, norm_eps=self.norm_eps,
@@ -212,7 +213,8 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise UsageError(f"{path}: unreadable weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{path}: unreadable weights ({first})") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a corrupt file
         if type(e).__name__ != "SafetensorError":
             raise
@@ -255,7 +257,8 @@ class _Weights:
             raise UsageError(f"{self.folder}: the weights lack {key!r}, which its config.json needs")
         tensor = self.tensors.pop(key)
         if tuple(tensor.shape) != tuple(shape):
-            raise UsageError(f"{self.folder}: weight {key!r} has shape {list(tensor.shape)}, its config needs {list(shape)}")
+            raise UsageError(f"{self.folder}: weight {key!r} has shape {list(tensor.shape)}, "
+                             f"its config needs {list(shape)}")
         if not tensor.is_floating_point():
             raise UsageError(f"{self.folder}: weight {key!r} is {tensor.dtype}, not floating point")
         return tensor.to(torch.float32)
