@@ -1,6 +1,6 @@
 """The DCFormer PyTorch release's checkpoint layout and forward, re-implemented here for tests.
 
-Written from what ``pytorch/dcformer/modeling_dcformer.py`` of github.com/Caiyun-AI/DCFormer
+Written from what ``pytorch/dcformer/modeling_dcformer.py`` of the Caiyun-AI/DCFormer repository
 computes on a full sequence (``DCFormer.forward`` on a prompt, its prefill path), independently
 of attn2onnx (no attn2onnx import): float64 throughout, the release's own tensor layouts
 (fused ``wqkv``, grouped ``dw1`` [D,1,4,K] / ``qkw`` [1,4,K,2I,N] / ``dd`` [D,1,4N], static mix

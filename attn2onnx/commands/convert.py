@@ -2,7 +2,7 @@
 
   attn2onnx convert DCFormer-2.8B/ -o dcformer-2.8b.pt
 
-The folder is in the DCFormer PyTorch release's layout (github.com/Caiyun-AI/DCFormer,
+The folder is in the DCFormer PyTorch release's layout (the Caiyun-AI/DCFormer repository,
 pytorch/dcformer): config.json and the weights as *.safetensors or pytorch_model*.bin, read as
 weights only (no code in the folder runs). The result is the dcmha causal LM computing what the
 release's forward computes (see attn2onnx.importers.dcformer for what that takes); every key,

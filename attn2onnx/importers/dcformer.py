@@ -1,10 +1,10 @@
 """Import checkpoints of the DCFormer PyTorch release onto the dcmha causal LM.
 
-The release (github.com/Caiyun-AI/DCFormer, ``pytorch/dcformer``: ``modeling_dcformer.py``,
+The release (the Caiyun-AI/DCFormer repository, ``pytorch/dcformer``: ``modeling_dcformer.py``,
 ``configuration_dcformer.py``; the layout of DCFormer-2.8B and DCPythia-6.9B's DCFormer port)
 is a folder holding ``config.json`` (``DCFormerConfig`` fields) and the weights as safetensors
 (``model.safetensors`` or shards) or a torch ``pytorch_model*.bin``. :func:`import_dcformer`
-reads both without running code (safetensors, or ``torch.load(weights_only=True)``) and returns
+reads both without running code (safetensors, or the weights-only torch loader) and returns
 a :class:`~attn2onnx.models.lm.CausalLM` of variant ``dcmha`` computing what the release's
 full-sequence forward computes (``DCFormer.forward`` on a prompt: its prefill path), in float32.
 
@@ -44,6 +44,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..models import ModelConfig, build_model
+from ..torch_files import load_weights_only
 
 CONFIG_FILE = "config.json"
 MODEL_TYPE = "dcformer"
@@ -204,14 +205,15 @@ def read_config(folder: Path) -> DcformerSpec:
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    """One weights file: safetensors, or a torch state dict read with weights_only=True."""
+    """One weights file: safetensors, or a torch state dict read under the loader policy
+    (:func:`attn2onnx.torch_files.load_weights_only`: archive checks, weights-only unpickling)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             tensors = load_file(str(path))
         else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = load_weights_only(path)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"{path}: unreadable weights ({first})") from None
