@@ -15,8 +15,8 @@ a backward that differentiates its reference implementation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import onnx
 import onnx.defs
@@ -32,6 +32,48 @@ FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
 @dataclass(frozen=True)
+class AttrRule:
+    """What one attribute accepts beyond its schema type (checked by :mod:`._validation` before
+    a model is optimised or run). Bounds apply to every entry of a list attribute."""
+
+    name: str
+    required: bool = True
+    min: float | None = None  # inclusive lower bound
+    above: float | None = None  # exclusive lower bound
+    choices: tuple[int, ...] | None = None
+    length: str | None = None  # a list attribute has one entry per unit of this input dim label
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A condition across attributes and input dims: ``holds(**values)`` gets the attributes and
+    dim labels named in ``uses`` and is only asked when all of them are known."""
+
+    expected: str
+    uses: tuple[str, ...]
+    holds: Callable[..., bool]
+
+
+@dataclass(frozen=True)
+class OpRules:
+    """One op's contract for the validator: attribute rules, and per input its dims as labels
+    ("B T N d": one letter group per axis; equal labels are equal sizes, digits are literal sizes)."""
+
+    attributes: tuple[AttrRule, ...]
+    inputs: Mapping[str, str]
+    rules: tuple[Rule, ...] = ()
+
+    @property
+    def required(self) -> list[str]:
+        """Names of the attributes every node must carry."""
+        return [a.name for a in self.attributes if a.required]
+
+
+# The boolean-like int attributes (bool in the torch op, 0 or 1 on the node).
+FLAG = (0, 1)
+
+
+@dataclass(frozen=True)
 class OpDef:
     """Everything the exporter and the runtimes need to know about one op."""
 
@@ -40,6 +82,7 @@ class OpDef:
     schema: onnx.defs.OpSchema
     translation: Any  # onnxscript OnnxFunction emitting the bare custom node
     body: Any  # onnxscript OnnxFunction made of standard ops
+    rules: OpRules | None = field(default=None, compare=False)
 
     @property
     def overload_packet(self) -> Any:
@@ -66,6 +109,7 @@ TRT_ATTRIBUTES = (
     ("plugin_namespace", onnx.defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace (set by the trt pass)"),
     ("aot", onnx.defs.OpSchema.AttrType.INT, "1: use the plugin's ahead-of-time (PTX) implementation"),
 )
+TRT_RULES = (AttrRule("plugin_namespace", required=False), AttrRule("aot", required=False, choices=FLAG))
 
 
 def make_schema(
@@ -75,9 +119,11 @@ def make_schema(
     outputs: Sequence[tuple[str, str]],
     attributes: Sequence[tuple[str, onnx.defs.OpSchema.AttrType, str]] = (),
     type_constraints: Sequence[tuple[str, list[str], str]] = (("T", FLOAT_TYPES, "float tensors"),),
+    required: Collection[str] = (),
 ) -> onnx.defs.OpSchema:
     """Build an OpSchema. ``inputs`` are (name, type_str, option) with option one of
-    "" (single) or "optional"; ``outputs`` are (name, type_str)."""
+    "" (single) or "optional"; ``outputs`` are (name, type_str); ``required`` names the
+    attributes a node must carry (``OpRules.required``, so onnx.checker agrees with the validator)."""
     param = onnx.defs.OpSchema.FormalParameter
     option = {"": onnx.defs.OpSchema.FormalParameterOption.Single,
               "optional": onnx.defs.OpSchema.FormalParameterOption.Optional}
@@ -89,7 +135,7 @@ def make_schema(
         inputs=[param(n, t, param_option=option[o]) for n, t, o in inputs],
         outputs=[param(n, t) for n, t in outputs],
         type_constraints=list(type_constraints),
-        attributes=[onnx.defs.OpSchema.Attribute(n, kind, d, required=False)
+        attributes=[onnx.defs.OpSchema.Attribute(n, kind, d, required=n in required)
                     for n, kind, d in [*attributes, *TRT_ATTRIBUTES]],
     )
 

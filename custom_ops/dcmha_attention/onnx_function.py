@@ -11,10 +11,20 @@ from onnxscript import BOOL, FLOAT, script
 from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
-from .._common import DOMAIN, FLOAT_TYPES, NEG, OPSET_VERSION, make_schema
-from ..dcmha_compose.onnx_function import DcmhaCompose
+from .._common import DOMAIN, FLAG, FLOAT_TYPES, NEG, OPSET_VERSION, AttrRule, OpRules, Rule, make_schema
+from ..dcmha_compose.onnx_function import ODD_FACTOR_ROWS, DcmhaCompose
 
 a2o = Opset(DOMAIN, OPSET_VERSION)
+
+RULES = OpRules(
+    attributes=(AttrRule("scale"), AttrRule("causal", choices=FLAG), AttrRule("window", min=0),
+                AttrRule("use_static_mix", choices=FLAG)),
+    inputs={"q": "B T N d", "k": "B S N d", "v": "B S N dv", "q_factors": "B T 2 F N", "k_factors": "B S 2 F N",
+            "key_padding_mask": "B S", "static_mix": "2 N N"},
+    rules=(Rule("window > 0 only with causal = 1", ("window", "causal"),
+                lambda window, causal: window == 0 or causal == 1),
+           ODD_FACTOR_ROWS),
+)
 
 SCHEMA = make_schema(
     "DcmhaAttention",
@@ -37,6 +47,7 @@ SCHEMA = make_schema(
         ("use_static_mix", OpSchema.AttrType.INT, "1: add a Wb in both composes"),
     ],
     type_constraints=[("T", FLOAT_TYPES, "float tensors")],
+    required=RULES.required,
 )
 
 

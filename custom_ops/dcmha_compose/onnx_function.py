@@ -6,9 +6,18 @@ from onnxscript import BOOL, FLOAT, script
 from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
-from .._common import DOMAIN, FLOAT_TYPES, OPSET_VERSION, make_schema
+from .._common import DOMAIN, FLAG, FLOAT_TYPES, OPSET_VERSION, AttrRule, OpRules, Rule, make_schema
 
 a2o = Opset(DOMAIN, OPSET_VERSION)
+
+# Factor rows F = 2R+1 (U, V, gate): always odd.
+ODD_FACTOR_ROWS = Rule("factor rows F = 2R+1 (odd)", ("F",), lambda F: F % 2 == 1)
+
+RULES = OpRules(
+    attributes=(AttrRule("use_static_mix", choices=FLAG),),
+    inputs={"a": "B N T S", "q_factors": "B T F N", "k_factors": "B S F N", "static_mix": "N N"},
+    rules=(ODD_FACTOR_ROWS,),
+)
 
 SCHEMA = make_schema(
     "DcmhaCompose",
@@ -23,6 +32,7 @@ SCHEMA = make_schema(
     outputs=[("a_out", "T")],
     attributes=[("use_static_mix", OpSchema.AttrType.INT, "1: add a Wb (static head mix)")],
     type_constraints=[("T", FLOAT_TYPES, "float tensors")],
+    required=RULES.required,
 )
 
 

@@ -1,17 +1,29 @@
 """ONNX side of LandmarkAttention: schema, standard-op function body and export translation."""
 from __future__ import annotations
 
+import math
+
 from onnx.defs import OpSchema
 from onnxscript import BOOL, FLOAT, script
 from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
-from .._common import DOMAIN, NEG, OPSET_VERSION, make_schema
+from .._common import DOMAIN, NEG, OPSET_VERSION, AttrRule, OpRules, Rule, make_schema
 
 a2o = Opset(DOMAIN, OPSET_VERSION)
 
 _MIX_INPUTS = [(f"{stage}_{kind}_{side}", "T", "") for stage in ("pre", "post") for side in ("q", "k")
                for kind in ("mix", "bias")]
+
+RULES = OpRules(
+    attributes=(AttrRule("landmarks", min=1), AttrRule("grid", min=0), AttrRule("scale")),
+    inputs={"q": "B T N d", "k": "B T N d", "v": "B T N d", "key_padding_mask": "B T",
+            **{name: ("N" if "bias" in name else "N N") for name, _, _ in _MIX_INPUTS}},
+    rules=(Rule("landmarks = grid * grid when grid > 0", ("landmarks", "grid"),
+                lambda landmarks, grid: grid == 0 or landmarks == grid * grid),
+           Rule("a square token map (T a perfect square) when grid > 0", ("grid", "T"),
+                lambda grid, T: grid == 0 or math.isqrt(T) ** 2 == T)),
+)
 
 SCHEMA = make_schema(
     "LandmarkAttention",
@@ -23,6 +35,7 @@ SCHEMA = make_schema(
         ("grid", OpSchema.AttrType.INT, "0: 1-D segments; s > 0: s x s grid pooling of the token map"),
         ("scale", OpSchema.AttrType.FLOAT, "logit scale, 0 = 1/sqrt(d)"),
     ],
+    required=RULES.required,
 )
 
 

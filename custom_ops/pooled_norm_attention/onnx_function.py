@@ -8,9 +8,15 @@ from onnxscript import BOOL, FLOAT, script
 from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
-from .._common import DOMAIN, NEG, OPSET_VERSION, make_schema
+from .._common import DOMAIN, FLAG, NEG, OPSET_VERSION, AttrRule, OpRules, make_schema
 
 a2o = Opset(DOMAIN, OPSET_VERSION)
+
+RULES = OpRules(
+    attributes=(AttrRule("factors", min=1, length="N"), AttrRule("normalize", choices=FLAG), AttrRule("eps", above=0),
+                AttrRule("beta"), AttrRule("rescale", choices=FLAG), AttrRule("scale")),
+    inputs={"q": "B T N d", "k": "B S N d", "v": "B S N d", "key_padding_mask": "B S"},
+)
 
 SCHEMA = make_schema(
     "PooledNormAttention",
@@ -25,6 +31,7 @@ SCHEMA = make_schema(
         ("rescale", OpSchema.AttrType.INT, "1: divide by sqrt(var + eps); 0: centre only"),
         ("scale", OpSchema.AttrType.FLOAT, "logit scale, 0 = 1/sqrt(d)"),
     ],
+    required=RULES.required,
 )
 
 

@@ -6,9 +6,14 @@ from onnxscript import BOOL, FLOAT, script
 from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
-from .._common import DOMAIN, NEG, OPSET_VERSION, make_schema
+from .._common import DOMAIN, FLAG, NEG, OPSET_VERSION, AttrRule, OpRules, make_schema
 
 a2o = Opset(DOMAIN, OPSET_VERSION)
+
+RULES = OpRules(
+    attributes=(AttrRule("scale"), AttrRule("causal", choices=FLAG)),
+    inputs={"q": "B T N d", "k": "B S N d", "v": "B S N d", "key_padding_mask": "B S"},
+)
 
 SCHEMA = make_schema(
     "ProbAttention",
@@ -19,6 +24,7 @@ SCHEMA = make_schema(
         ("scale", OpSchema.AttrType.FLOAT, "logit scale, 0 = 1/sqrt(d)"),
         ("causal", OpSchema.AttrType.INT, "1: query t sees key s iff s <= t + S - T"),
     ],
+    required=RULES.required,
 )
 
 

@@ -6,9 +6,15 @@ from onnxscript import BOOL, FLOAT, script
 from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
-from .._common import DOMAIN, OPSET_VERSION, make_schema
+from .._common import DOMAIN, FLAG, OPSET_VERSION, AttrRule, OpRules, Rule, make_schema
 
 a2o = Opset(DOMAIN, OPSET_VERSION)
+
+RULES = OpRules(
+    attributes=(AttrRule("causal", choices=FLAG),),
+    inputs={"x": "B T D", "wa": "L L", "key_padding_mask": "B T"},
+    rules=(Rule("a sequence length T <= wa's size Lmax", ("T", "L"), lambda T, L: T <= L),),
+)
 
 SCHEMA = make_schema(
     "SuperMix",
@@ -17,6 +23,7 @@ SCHEMA = make_schema(
     outputs=[("u", "T")],
     attributes=[("causal", OpSchema.AttrType.INT, "1: mask WA to its lower triangle")],
     type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float tensors")],
+    required=RULES.required,
 )
 
 
