@@ -12,7 +12,7 @@ Written once here and reused everywhere:
   :func:`masked_moments` (Attention-BN key statistics).
 * :func:`mix_heads` — a dense N x N map over the head axis plus a per-head bias (iMHSA).
 
-Layouts follow custom_ops/README.md: q [B,T,N,d], k and v [B,S,N,d], probabilities [B,N,T,S],
+Layouts follow docs/ops.md: q [B,T,N,d], k and v [B,S,N,d], probabilities [B,N,T,S],
 key_padding_mask [B,S] bool (True = real token).
 """
 from __future__ import annotations

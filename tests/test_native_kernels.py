@@ -1,7 +1,7 @@
 """The native ORT kernel library (attn2onnx.runtime.native): DcmhaAttention's fused C++ kernel.
 
 Oracle: the float64 numpy pieces of tests/oracles (logits, compose, masked softmax) put together
-as the op contract of custom_ops/README.md; the torch reference op and the ONNX function body
+as the op contract of docs/ops.md; the torch reference op and the ONNX function body
 (the same model run without the library) are compared as well.
 
 The kernel tests need the library: it is built on first use from the ORT headers that

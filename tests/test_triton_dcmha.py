@@ -45,7 +45,7 @@ TOLERANCE = {"float32": 2e-5, "float16": 2e-2}
 
 def contract_reference(q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window,
                        use_static_mix):
-    """DcmhaAttention of custom_ops/README.md in float64, written out independently."""
+    """DcmhaAttention of docs/ops.md in float64, written out independently."""
     q, k, v, qf, kf, wb = (t.double() for t in (q, k, v, q_factors, k_factors, static_mix))
     B, T, N, d = q.shape
     S = k.shape[1]

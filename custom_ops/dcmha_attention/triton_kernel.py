@@ -1,7 +1,7 @@
 """Fused DCMHA attention core as one flash-style Triton kernel (CUDA dispatch of
 ``attn2onnx::dcmha_attention`` and the body of the TensorRT AOT plugin).
 
-Contract: ``DcmhaAttention`` in custom_ops/README.md (variants.md section 5)::
+Contract: ``DcmhaAttention`` in docs/ops.md (variants.md section 5)::
 
     L  = q k^T * scale                    per head, [N, T, S]
     L  = Compose(L, pre)                  on the unmasked logits, mixes heads at each (t, s)

@@ -3,6 +3,10 @@
 Computed once per layer and shared by every head. With ``causal`` the mixing matrix is
 masked to its lower triangle on every call (without it the layer leaks future tokens); rows
 of padded tokens are zeroed before mixing, because WA would mix them into real tokens.
+
+Only the linear part of super's mix: WA's bias and the re-zeroing of U's padded rows are added
+by the super module in standard ops after this op (attn2onnx/variants/hosseini.py), so the op
+stays exactly the plain ``WA[:T,:T] @ x`` pattern that passes/fuse_misc.py fuses into it.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Oracle for iMHSA (variants.md section 6): attention through L pooled landmarks with dense
-head mixing on the small [T,L] and [L,S] maps. Pooling follows custom_ops/README.md
+head mixing on the small [T,L] and [L,S] maps. Pooling follows docs/ops.md
 (LandmarkAttention): real token t of rank r_t among the n_b real tokens of its row goes to
 segment floor(r_t * L / n_b); an empty segment has landmark 0 and is masked out of the softmax
 over L."""
