@@ -6,7 +6,7 @@ symbols ``"batch"`` and ``"seq"``: the dynamic dims of the exported graph (its d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Collection, Literal, Sequence
 
 import numpy as np
 import torch
@@ -46,16 +46,38 @@ def with_precision(specs: Sequence[InputSpec], precision: str) -> list[InputSpec
     return [dataclasses.replace(s, precision=precision) if s.kind == "float" else s for s in specs]
 
 
-def specs_from_examples(names: Sequence[str], examples: Sequence[torch.Tensor], dynamic: bool) -> list[InputSpec]:
-    """Specs for a module handed over with example inputs: dim 0 is the batch and, for
-    rank >= 2 inputs other than images (rank 4), dim 1 the sequence."""
+class DynamicShapeError(UsageError):
+    """Dynamic dims that cannot be named or kept: batch and sequence length alike in the
+    examples, a dim marked dynamic that is neither, or one that torch specialised on export."""
+
+
+def specs_from_examples(names: Sequence[str], examples: Sequence[torch.Tensor], dynamic: bool,
+                        marked: Sequence[Collection[int]] | None = None) -> list[InputSpec]:
+    """Specs for a module handed over with example inputs, dynamic dims named by their size.
+
+    The reference input is the first float input of rank 3 (``x`` [B, T, D]), else the first
+    integer input of rank 2 (``ids`` [B, T]), else the first input (batch only, e.g. images):
+    its dim 0 is ``batch`` and dim 1 ``seq``. In the other inputs a dim is ``seq`` wherever its
+    size equals T (``freqs`` [T, d/2, 2], ``mask`` [1, 1, T, T]) and ``batch`` only as the
+    leading dim of size B (a trailing ``2`` is not the batch). A dim of size 1 stays static,
+    so examples with batch or sequence length 1 give a graph fixed there. When B == T a leading
+    dim of that size is ambiguous: :class:`DynamicShapeError` asks for examples where they differ.
+    Without ``dynamic`` every dim is static. ``marked`` (the dim indices per input that a
+    user's ``dynamic_shapes`` makes dynamic) replaces the inference of which dims are dynamic;
+    they are named by the same rule, and one that is neither batch nor seq is an error."""
+    ref, batch, seq = reference_sizes(examples)
     specs = []
-    for name, t in zip(names, examples):
+    for i, (name, t) in enumerate(zip(names, examples)):
         dims: list[Dim] = list(t.shape)
-        if dynamic:
-            dims[0] = "batch"
-            if t.dim() in (2, 3):
-                dims[1] = "seq"
+        for j, size in enumerate(t.shape):
+            if not dynamic or (marked is not None and j not in marked[i]):
+                continue
+            symbol = _dim_name(i == ref, j, size, batch, seq, name)
+            if symbol is None and marked is not None:
+                raise DynamicShapeError(
+                    f"dynamic_shapes makes input {name!r} dim {j} (size {size}) dynamic, but it is neither the "
+                    f"example batch ({batch}) nor sequence length ({seq}); pass specs= as well")
+            dims[j] = symbol or size
         if t.dtype == torch.bool:
             kind, high = "mask", 0
         elif t.dtype in (torch.int64, torch.int32):
@@ -65,6 +87,34 @@ def specs_from_examples(names: Sequence[str], examples: Sequence[torch.Tensor], 
         precision = "fp16" if t.dtype == torch.float16 else "fp32"
         specs.append(InputSpec(name, tuple(dims), kind, high, precision))
     return specs
+
+
+def reference_sizes(examples: Sequence[torch.Tensor]) -> tuple[int | None, int | None, int | None]:
+    """(index, batch, sequence length) of the input that sets them (see :func:`specs_from_examples`);
+    works on fake tensors too (a torch.export program's inputs, whose sizes are symbols)."""
+    for i, t in enumerate(examples):
+        if t.is_floating_point() and t.dim() == 3:
+            return i, t.shape[0], t.shape[1]
+    for i, t in enumerate(examples):
+        if t.dim() == 2 and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool:
+            return i, t.shape[0], t.shape[1]
+    if examples and examples[0].dim() >= 1:
+        return 0, examples[0].shape[0], None
+    return None, None, None
+
+
+def _dim_name(is_ref: bool, j: int, size: int, batch: int | None, seq: int | None, name: str) -> str | None:
+    """``batch``, ``seq`` or None (static) for dim ``j`` (of ``size``) of input ``name``."""
+    if size <= 1:
+        return None
+    if is_ref:
+        return "batch" if j == 0 else "seq" if j == 1 and seq is not None else None
+    candidates = [d for d, ok in (("batch", j == 0 and size == batch), ("seq", size == seq)) if ok]
+    if len(candidates) == 2:
+        raise DynamicShapeError(
+            f"input {name!r} dim 0 has size {size}, which is both the example batch and sequence length: "
+            "give example inputs where they differ (e.g. batch 2, seq 8), or pass dynamic_shapes and specs")
+    return candidates[0] if candidates else None
 
 
 def random_inputs(specs: Sequence[InputSpec], batch: int, seq: int, seed: int = 0, pad: bool = True) -> dict[str, np.ndarray]:

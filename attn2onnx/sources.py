@@ -91,9 +91,18 @@ def held_back_log(name: str) -> Iterator[list[logging.LogRecord]]:
         logger.removeFilter(keep)
 
 
+def _dim_symbols(metas: list[torch.Tensor]) -> dict[str, str]:
+    """A program's batch and sequence symbols: those of its reference input's dims 0 and 1
+    (:func:`attn2onnx.io_spec.reference_sizes`), so ``freqs`` [T, d/2, 2] gets ``seq``, not ``batch``."""
+    from .io_spec import reference_sizes
+
+    _, batch, seq = reference_sizes(metas)
+    return {str(d): name for name, d in (("seq", seq), ("batch", batch)) if d is not None and not isinstance(d, int)}
+
+
 def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
-    """A torch.export program: inputs are its user inputs, all with dynamic batch and, for
-    rank 2-3 inputs, dynamic sequence dims as exported. Read under the policy of
+    """A torch.export program: inputs are its user inputs, with their dynamic dims as exported,
+    named batch or seq by the program's symbols (:func:`_dim_symbols`). Read under the policy of
     :mod:`attn2onnx.torch_files` (never unpickled unless ``trust_pickle``)."""
     from . import custom_ops  # noqa: F401  (a program holding our ops needs them registered to load)
 
@@ -107,10 +116,13 @@ def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise UsageError(f"{path}: not a readable torch.export program ({reason})") from None
     module = program.module()
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
+    symbols = _dim_symbols([n.meta["val"] for n in inputs])
     specs = []
-    for i, node in enumerate(n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs):
+    for node in inputs:
         meta = node.meta["val"]
-        dims = tuple(d if isinstance(d, int) else ("batch" if j == 0 else "seq") for j, d in enumerate(meta.shape))
+        dims = tuple(d if isinstance(d, int) else symbols.get(str(d), "batch" if j == 0 else "seq")
+                     for j, d in enumerate(meta.shape))
         kind = "mask" if meta.dtype == torch.bool else "ids" if not meta.dtype.is_floating_point else "float"
         # A program does not say its vocabulary: random ids for checks stay in [0, 2).
         specs.append(InputSpec(node.name, dims, kind, 2 if kind == "ids" else 0))

@@ -29,6 +29,7 @@ from ..onnx_io import save_model
 from ._ir_utils import to_ir
 from .cleanup import CleanupPass
 from .fuse_dcmha import FuseDcmhaPass
+from .legalize import LegalizePass
 from .report import Report, Snapshot
 
 TARGETS = ("ort", "trt", "portable")
@@ -60,7 +61,8 @@ def build_passes(target: str) -> list[tuple[str, ir.passes.PassBase]]:
     """(name, pass) in the order ``optimize_model`` runs them for ``target``."""
     if target not in TARGETS:
         raise OptimizeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    passes: list[tuple[str, ir.passes.PassBase]] = [("cleanup", CleanupPass()), ("fuse_dcmha", FuseDcmhaPass())]
+    passes: list[tuple[str, ir.passes.PassBase]] = [("legalize", LegalizePass()), ("cleanup", CleanupPass()),
+                                                    ("fuse_dcmha", FuseDcmhaPass())]
     passes += [(name, make()) for name, make in _optional_passes(target)]
     passes.append(("cleanup", CleanupPass()))
     if target == "trt":

@@ -73,7 +73,7 @@ def test_model_kinds_and_errors(plain_path, tmp_path):
 def test_targets_compose_passes():
     names = {t: [n for n, _ in build_passes(t)] for t in ("ort", "trt", "portable")}
     for t, passes in names.items():
-        assert passes[0] == "cleanup" and "fuse_dcmha" in passes and "lower_attention" in passes
+        assert passes[:2] == ["legalize", "cleanup"] and "fuse_dcmha" in passes and "lower_attention" in passes
     assert names["trt"][-1] == "trt_plugins"
 
 
