@@ -10,6 +10,7 @@ ATTN2ONNX_REQUIRE_NATIVE=1), where a missing library is a failure.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 
@@ -123,6 +124,11 @@ CASES = {
     "rank0": (1, 9, 9, 3, 4, 0, 1, 0, 0, None),
     "rank5": (1, 21, 21, 6, 4, 5, 0, 0, 1, 0.1),
     "many-heads": (1, 45, 45, 17, 3, 2, 1, 0, 1, None),
+    # T <= 8: the direct path (keys read in place, key range split into work items of 256 keys)
+    "direct-T2-long": (2, 2, 3000, 4, 16, 2, 1, 0, 1, 0.2),
+    "direct-T1-window-long": (1, 1, 2500, 3, 8, 2, 1, 300, 0, None),  # splits no row can see
+    "direct-T8-d5": (2, 8, 700, 3, 5, 3, 0, 0, 1, 0.3),
+    "direct-T>S": (2, 6, 3, 4, 8, 2, 1, 0, 0, None),  # rows t < T-S see no key: uniform
 }
 
 
@@ -217,13 +223,14 @@ def test_matches_torch_reference_op(rng):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("t", [24, 1])
 @pytest.mark.parametrize("elem", [TensorProto.FLOAT16, TensorProto.BFLOAT16])
-def test_half_precision_inputs_accumulate_in_fp32(elem, rng):
+def test_half_precision_inputs_accumulate_in_fp32(elem, t, rng):
     """fp16 / bf16 nodes: inputs converted to fp32, computed in fp32, output rounded once."""
     import ml_dtypes  # onnx depends on it
 
     low = np.float16 if elem == TensorProto.FLOAT16 else ml_dtypes.bfloat16
-    feeds = make_inputs(rng, 2, 24, 24, 4, 8, pad=0.2)
+    feeds = make_inputs(rng, 2, t, 24, 4, 8, pad=0.2)
     feeds = {k: v if v.dtype == bool else v.astype(low).astype(np.float32) for k, v in feeds.items()}
     got = run(dcmha_model(causal=1, use_static_mix=1, elem=elem), feeds)
     want = oracle(feeds, causal=True, use_static_mix=True)
@@ -233,8 +240,9 @@ def test_half_precision_inputs_accumulate_in_fp32(elem, rng):
     np.testing.assert_array_equal(got, exact32.astype(low).astype(np.float32))
 
 
-def test_value_head_dim_may_differ(rng):
-    feeds = make_inputs(rng, 1, 11, 11, 2, 8)
+@pytest.mark.parametrize("t", [11, 2])
+def test_value_head_dim_may_differ(t, rng):
+    feeds = make_inputs(rng, 1, t, 11, 2, 8)
     feeds["v"] = rng.standard_normal((1, 11, 2, 37)).astype(np.float32)
     got = run(dcmha_model(causal=1), feeds)
     np.testing.assert_allclose(got, oracle(feeds, causal=True), rtol=1e-4, atol=2e-5)
@@ -252,3 +260,70 @@ def test_bad_inputs_give_clear_errors(rng):
 def test_library_is_cached(library):
     assert native.available()
     assert native.build() == library  # same sources, flags and CPU: no rebuild
+
+
+# ---------------------------------------------------------------- decode and long contexts
+MIB = 1 << 20
+
+
+def plan(t: int, s: int, n: int, r: int = 2, budget: int = 0) -> dict:
+    """The kernel's work plan for a call (attn2onnx_dcmha_plan in kernel.cc): direct path or
+    query rows per work item, tiled panel, per-thread scratch bytes; ``budget`` 0: the default."""
+    fn = ctypes.CDLL(str(native.library_path())).attn2onnx_dcmha_plan
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.POINTER(ctypes.c_int64)]
+    out = (ctypes.c_int64 * 4)()
+    fn(t, s, n, r, budget, out)
+    return {"direct": bool(out[0]), "rows": out[1], "tiled": bool(out[2]), "bytes": out[3]}
+
+
+@pytest.mark.parametrize("n", [8, 32])
+def test_scratch_per_thread_stays_under_16_mib_at_any_length(n):
+    """Issue 12: the per-thread panel grew with S (about 128 MiB at S=32K, N=32). The plan now
+    bounds it, and keeps the full query block at S <= 4096 (no loss there)."""
+    widest = plan(4096, 64, n, budget=1 << 40)["rows"]
+    for s in (512, 4096):
+        assert plan(4096, s, n) == dict(plan(4096, s, n), rows=widest, tiled=False)
+    for s in (32768, 40000, 1 << 20):
+        chosen = plan(4096, s, n)
+        assert chosen["bytes"] <= 16 * MIB, (s, chosen)
+    assert plan(1, 32768, 32)["direct"] and plan(1, 32768, 32)["bytes"] <= MIB  # decode: no panel per thread
+
+
+def _budget_giving(kind: str, t: int, s: int, n: int, r: int) -> int:
+    """The largest budget (of a geometric ladder) whose plan is of ``kind``."""
+    checks = {"fewer-rows": lambda p: not p["tiled"] and p["rows"] < plan(t, s, n, r, 1 << 40)["rows"],
+              "tiled": lambda p: p["tiled"] and p["rows"] > 1,
+              "tiled-one-row": lambda p: p["tiled"] and p["rows"] == 1}
+    for step in range(80):
+        budget = int(2 ** (24 - step / 4))
+        if checks[kind](plan(t, s, n, r, budget)):
+            return budget
+    raise AssertionError(f"no budget gives a {kind} plan")
+
+
+@pytest.mark.parametrize("kind", ["fewer-rows", "tiled", "tiled-one-row"])
+def test_bounded_scratch_plans_match_contract(kind, rng, monkeypatch):
+    """Smaller query blocks and the tiled (recomputed) panel, forced at a small S by lowering the
+    budget through ATTN2ONNX_DCMHA_SCRATCH_BYTES (read when a session creates the kernel)."""
+    b, t, s, n, d, r = 2, 300, 300, 3, 8, 2
+    budget = _budget_giving(kind, t, s, n, r)
+    assert plan(t, s, n, r, budget)["bytes"] <= budget
+    monkeypatch.setenv("ATTN2ONNX_DCMHA_SCRATCH_BYTES", str(budget))
+    feeds = make_inputs(rng, b, t, s, n, d, r, pad=0.1)
+    model = dcmha_model(causal=1, window=170, use_static_mix=1)
+    one = run(model, feeds, threads=1)
+    np.testing.assert_allclose(one, oracle(feeds, causal=True, window=170, use_static_mix=True), rtol=1e-4, atol=2e-5)
+    assert np.array_equal(run(model, feeds, threads=3), one)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_decode_at_long_context_matches_body(t, rng):
+    """A decode step (T=1, 2 against 4000 cached keys, causal aligned to the end): the direct path
+    equals the function body, and any thread count gives the same bits (fixed key splits)."""
+    feeds = make_inputs(rng, 2, t, 4000, 4, 16, pad=0.1)
+    model = dcmha_model(causal=1, use_static_mix=1)
+    one = run(model, feeds, threads=1)
+    np.testing.assert_allclose(one, run(model, feeds, native_kernels=False), rtol=1e-4, atol=2e-5)
+    for threads in (2, 3):
+        assert np.array_equal(run(model, feeds, threads=threads), one)

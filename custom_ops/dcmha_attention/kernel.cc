@@ -4,11 +4,11 @@
 // L = where(allowed, L, NEG); P = softmax(L) in fp32; P = Compose(P, post); o = P v.
 // Compose on the head vector a at (t,s): a + (a U_t^T) V_t + (a U_s^T) V_s + a*g_t + a*g_s (+ a Wb).
 //
-// Scheme (exact, no [B,N,T,S] buffer): one work item = (batch, block of kTq query rows), run on
-// ORT's intra-op thread pool. A work item keeps the scores of all N heads of its rows over the key
-// range they can see (a [kTq, N, W] panel in thread-local scratch, W <= S), so every (t,s) has all
-// its heads at hand for the head-mixing composes. Two sweeps over the keys, chunk by chunk (a
-// chunk's scores, all heads, stay in L2 between the steps):
+// Blocked path (T > kDirectMaxT; exact, no [B,N,T,S] buffer): one work item = (batch, block of tq
+// query rows), run on ORT's intra-op thread pool. A work item keeps the scores of all N heads of
+// its rows over the key range they can see (a [tq, N, W] panel in thread-local scratch, W <= S),
+// so every (t,s) has all its heads at hand for the head-mixing composes. Two sweeps over the
+// keys, chunk by chunk (a chunk's scores, all heads, stay in L2 between the steps):
 //   pass 1, per chunk: 1. QK^T for every head (register-blocked micro-kernel, keys packed);
 //     2. pre-compose in place on the unmasked logits, then mask (causal / local window / key
 //     padding) with NEG; 3. e = exp(L - chunk max) in place, chunk sums (fp32).
@@ -17,18 +17,34 @@
 //   pass 2, per chunk: 4. normalise and post-compose in place (the contract composes normalised
 //     probabilities); 5. o += P v for every head (register-blocked micro-kernel, values packed).
 // QK^T is computed once (a flash-style scheme that keeps no panel would compute it twice, because
-// the post-compose needs the final normalisers of every head); the panel costs O(N * kTq * S) per
-// thread. Keys that no row of the block can see (causal, window, padding) are skipped: a masked
+// the post-compose needs the final normalisers of every head); the panel costs O(N * tq * S) per
+// thread. Memory bound (plan_blocks, per call from S and N): tq = kTq rows while the panel fits
+// the per-thread budget (16 MiB; every S <= 4096 at N <= 32), fewer rows when it does not, and
+// below kMR rows a tiled panel instead: one chunk wide, steps 1-3 run again in pass 2 (the
+// same operations, so the same bits), keeping the scratch O(N * tq * (kChunk + S / kChunk)).
+// ATTN2ONNX_DCMHA_SCRATCH_BYTES (bytes, read when a session creates the kernel) sets another
+// budget: the tests lower it to reach the small-block and tiled plans at small S.
+// Keys that no row of the block can see (causal, window, padding) are skipped: a masked
 // (t,s) has probability 0 in every head (the mask is shared by the heads), and compose maps a zero
 // head vector to zero, so skipped keys contribute nothing. A row that sees no key at all is a
 // softmax over S entries of NEG (uniform), so a block holding such a row keeps the full key range.
-// Work items are independent and each row is computed in one fixed order: any thread count gives
-// bit-identical results.
+//
+// Direct path (T <= kDirectMaxT: a decode step or a few rows): packing K and V would cost more
+// than attending a few rows, so keys and values are read in place ([B,S,N,d], dot products and
+// axpys); all T rows go together, and the key range is cut into kSplitKeys-key splits that are
+// the work items, so that one sequence (B = 1) still keeps every thread busy. The same steps on a
+// global grid of kChunk-key chunks: phase 1 = steps 1-3 per split into shared [B,T,N,S] scores
+// and per-chunk stats; the row max and 1 / l merged over all chunks; phase 2 = steps 4-5 per
+// split into a partial output per split; the partials summed in split order.
+// Work items are independent, their division depends on the shapes only, and each row is computed
+// in one fixed order: any thread count gives bit-identical results.
 #include "attn2onnx_native.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <string>
 
 namespace attn2onnx {
@@ -40,16 +56,23 @@ constexpr int kMR = 8;  // micro-tile rows; 2 * kMR accumulators + 3 live regist
 constexpr int kMR = 6;  // 12 accumulators + 3 out of 16
 #endif
 constexpr int kCB = 2 * kVL;     // micro-tile columns (keys for QK^T, head dims for PV)
-constexpr int kTq = 4 * kMR;     // query rows per work item
+constexpr int kTq = 4 * kMR;     // query rows per work item, at most
 constexpr int kChunk = 4 * kCB;  // keys per chunk: a chunk's scores, all heads, stay in L2
 constexpr int kMaxR = 16;
+constexpr int64_t kDirectMaxT = 8;   // T <= this: the direct path (no packing, key range split)
+constexpr int64_t kSplitKeys = 256;  // keys per work item of the direct path
+static_assert(kSplitKeys % kChunk == 0 && kDirectMaxT <= kTq, "direct-path splits are whole chunks");
+constexpr size_t kDefaultScratchBytes = size_t{16} << 20;  // per-thread scratch budget of the blocked path
 
 struct Problem {
   int64_t B, T, S, N, d, dv, R;  // d: q/k head dim, dv: v head dim
   float scale;
   bool causal, use_static;
   int64_t window;
-  int64_t Sp, dvb, nqb;  // Sp: S rounded up to kCB; dvb: dv / kCB rounded up
+  int64_t Sp, dvb;       // Sp: S rounded up to kCB; dvb: dv / kCB rounded up
+  int64_t tq, nqb;       // blocked path: query rows per work item, blocks per batch row
+  bool tiled;            // blocked path: one-chunk panel recomputed in pass 2
+  int64_t Sld, nch, nsplit;  // direct path: score row stride, key chunks, key splits
   const float* q;        // [B,T,N,d]
   const float* qf;       // [B,T,2,2R+1,N]
   // Packed so that every micro-kernel streams contiguous memory (no 4 KiB-strided rows that
@@ -61,6 +84,16 @@ struct Problem {
   const int32_t* pad;    // [B,Sp]           1 = real key (0 past S)
   const int64_t* count;  // [B,S+1]          prefix counts of real keys
   float* out;            // [B,T,N,dv]
+  // Direct path: inputs in place (fp32) and the buffers the phases share.
+  const float* kd;       // [B,S,N,d]
+  const float* vd;       // [B,S,N,dv]
+  const float* kfd;      // [B,S,2,2R+1,N]
+  float* scores;         // [B,T,N,Sld]
+  float* cmax;           // [B,T,nch,N]  chunk max
+  float* csum;           // [B,T,nch,N]  chunk sum of exp(L - chunk max)
+  float* rowm;           // [B,T,N]      row max
+  float* rowinv;         // [B,T,N]      1 / row sum
+  float* part;           // [B,nsplit,T,N,dv]  each split's share of o
   std::atomic<bool> failed{false};
 };
 
@@ -184,21 +217,52 @@ inline void compose_group(const float* a, ptrdiff_t as, int64_t N, int64_t R_run
   }
 }
 
-// ------------------------------------------------------------------ one work item
-template <int RT>
-void run_block(const Problem& p, int64_t item) {
-  const int64_t N = p.N, d = p.d, R = p.R, F = 2 * p.R + 1, S = p.S, T = p.T, Sp = p.Sp;
-  const int64_t b = item / p.nqb, qb = p.nqb - 1 - item % p.nqb;  // heavy (late) causal blocks first
-  const int64_t t0 = qb * kTq, tn = std::min<int64_t>(kTq, T - t0);
-  const int64_t* count = p.count + b * (S + 1);
-  const int32_t* pad = p.pad + b * Sp;
+// ------------------------------------------------------------------ work plan
+// Blocked path: how many query rows a work item takes and whether its panel holds the whole key
+// range or one recomputed chunk, chosen per call from S and N so that a thread's scratch stays
+// within the budget. The full panel with kTq rows is kept whenever it fits (every S <= 4096 at
+// N <= 32 under the default 16 MiB); then fewer rows; below kMR rows (where the micro-kernels
+// lose their register blocking) the tiled panel with as many rows as fit instead.
+struct BlockPlan {
+  int64_t rows;  // query rows per work item (<= kTq)
+  bool tiled;    // panel of one key chunk, recomputed in pass 2 (steps 1-3 run twice)
+  size_t bytes;  // per-thread scratch of a work item, at most
+};
 
-  // Keys each row may see: [lo, hi] from causal / window (query t sits at t + S - T).
-  int64_t lo[kTq], hi[kTq];
+// Floats of per-thread scratch for `rows` query rows, `cols` panel columns and `nch` key chunks
+// (the layout of run_block: panel, chunk max vectors, held vectors and alignment, chunk stats).
+size_t block_scratch_floats(int64_t rows, int64_t N, int64_t cols, int64_t nch) {
+  return static_cast<size_t>(rows * N * (cols + kVL) + (N * rows + N + 1) * kVL + 2 * nch * rows * N);
+}
+
+BlockPlan plan_blocks(int64_t S, int64_t N, size_t budget) {
+  const int64_t Wp = round_up(S, kCB), nch = (Wp + kChunk - 1) / kChunk;  // W <= S in every block
+  auto most_rows = [&](bool tiled) {
+    const int64_t cols = tiled ? kChunk : Wp;
+    BlockPlan plan{1, tiled, 0};
+    for (int64_t rows = kTq; rows >= 1; --rows) {
+      plan = {rows, tiled, sizeof(float) * block_scratch_floats(rows, N, cols, nch)};
+      if (plan.bytes <= budget) break;
+    }
+    return plan;
+  };
+  const BlockPlan full = most_rows(false);
+  return full.bytes <= budget && full.rows >= kMR ? full : most_rows(true);
+}
+
+// Keys rows t0 .. t0+tn-1 of batch b may see: per row [lo, hi] from causal / window (query t
+// sits at t + S - T), and the range [s_lo, s_hi) a work item covers: their union trimmed of keys
+// that are padding for every row, or every key when some row sees none (its softmax is uniform
+// over all S entries).
+void key_ranges(const Problem& p, int64_t b, int64_t t0, int64_t tn, int64_t* lo, int64_t* hi, int64_t& s_lo,
+                int64_t& s_hi) {
+  const int64_t S = p.S;
+  const int64_t* count = p.count + b * (S + 1);
+  const int32_t* pad = p.pad + b * p.Sp;
   bool every_row_sees_a_key = true;
-  int64_t s_lo = S, s_hi = 0;
+  s_lo = S, s_hi = 0;
   for (int64_t i = 0; i < tn; ++i) {
-    const int64_t pos = t0 + i + S - T;
+    const int64_t pos = t0 + i + S - p.T;
     hi[i] = p.causal ? std::min(S - 1, pos) : S - 1;
     lo[i] = (p.causal && p.window > 0) ? std::max<int64_t>(0, pos - p.window + 1) : 0;
     const bool sees = lo[i] <= hi[i] && count[hi[i] + 1] - count[lo[i]] > 0;
@@ -213,24 +277,38 @@ void run_block(const Problem& p, int64_t item) {
     s_lo = 0;
     s_hi = S;
   }
+}
+
+// ------------------------------------------------------------------ one work item (blocked path)
+template <int RT>
+void run_block(const Problem& p, int64_t item) {
+  const int64_t N = p.N, d = p.d, R = p.R, F = 2 * p.R + 1, T = p.T, Sp = p.Sp, tq = p.tq;
+  const int64_t b = item / p.nqb, qb = p.nqb - 1 - item % p.nqb;  // heavy (late) causal blocks first
+  const int64_t t0 = qb * tq, tn = std::min<int64_t>(tq, T - t0);
+  const int32_t* pad = p.pad + b * Sp;
+
+  int64_t lo[kTq], hi[kTq], s_lo, s_hi;
+  key_ranges(p, b, t0, tn, lo, hi, s_lo, s_hi);
   s_lo = s_lo / kCB * kCB;  // so that s_lo + Wp <= Sp
   const int64_t W = s_hi - s_lo, Wp = round_up(W, kCB);
 
-  // Scratch: scores [kTq, N, Wld] | chunk max vectors [kTq*N] | held [N] vectors |
-  // per-chunk row max and sum, then scale [nch, kTq, N] each.
-  // Wld = Wp + kVL: consecutive heads' rows never sit a multiple of 4 KiB apart.
-  const int64_t Wld = Wp + kVL, nch = (Wp + kChunk - 1) / kChunk;
-  const size_t panel = static_cast<size_t>(N * kTq * Wld);
-  float* scratch = thread_scratch(panel + (N * kTq + N + 1) * kVL + 2 * nch * kTq * N);
+  // Scratch: scores [tq, N, Wld] | chunk max vectors [tq*N] | held [N] vectors |
+  // per-chunk row max and sum, then scale [nch, tq, N] each. The panel holds every key of the
+  // range, or (tiled) one chunk: key column c of chunk ci sits at column c - off(ci).
+  // Wld = cols + kVL: consecutive heads' rows never sit a multiple of 4 KiB apart.
+  const int64_t nch = (Wp + kChunk - 1) / kChunk, cols = p.tiled ? kChunk : Wp, Wld = cols + kVL;
+  const size_t panel = static_cast<size_t>(N * tq * Wld);
+  float* scratch = thread_scratch(block_scratch_floats(tq, N, cols, nch));
   float* L = scratch;
   uintptr_t base = reinterpret_cast<uintptr_t>(scratch + panel);  // vf-aligned vector arrays
   base = (base + sizeof(vf) - 1) / sizeof(vf) * sizeof(vf);
   vf* maxv = reinterpret_cast<vf*>(base);
-  vf* held = maxv + N * kTq;
-  float* chunk_max = reinterpret_cast<float*>(held + N);  // [nch, kTq, N]
-  float* chunk_scale = chunk_max + nch * kTq * N;        // [nch, kTq, N]: sums, then exp(m_c - m) / l
+  vf* held = maxv + N * tq;
+  float* chunk_max = reinterpret_cast<float*>(held + N);  // [nch, tq, N]
+  float* chunk_scale = chunk_max + nch * tq * N;         // [nch, tq, N]: sums, then exp(m_c - m) / l
   auto row = [&](int64_t n, int64_t i) { return L + (i * N + n) * Wld; };
-  auto stat = [&](float* a, int64_t ci, int64_t i, int64_t n) -> float& { return a[(ci * kTq + i) * N + n]; };
+  auto off = [&](int64_t ci) { return p.tiled ? ci * kChunk : 0; };
+  auto stat = [&](float* a, int64_t ci, int64_t i, int64_t n) -> float& { return a[(ci * tq + i) * N + n]; };
 
   const float* wb_pre = p.use_static ? p.wb : nullptr;
   const float* wb_post = p.use_static ? p.wb + N * N : nullptr;
@@ -239,20 +317,20 @@ void run_block(const Problem& p, int64_t item) {
   const float* kf_post = p.kf + ((b * 2 + 1) * (Sp / kVL) + s_lo / kVL) * F * N * kVL;
   const vi iota = viota();
 
-  // Pass 1, one chunk of kChunk keys at a time (the chunk's scores stay in L2 throughout):
-  // scores, pre-compose, mask, chunk max, exp(L - chunk max) and chunk sums.
-  for (int64_t ci = 0; ci < nch; ++ci) {
-    const int64_t c0 = ci * kChunk, c1 = std::min<int64_t>(Wp, c0 + kChunk);
+  // Steps 1-3 on one chunk of kChunk keys (its scores stay in L2 throughout): scores,
+  // pre-compose, mask, chunk max, exp(L - chunk max) and (keep_stats) chunk max and sum.
+  auto exp_scores = [&](int64_t ci, bool keep_stats) {
+    const int64_t c0 = ci * kChunk, c1 = std::min<int64_t>(Wp, c0 + kChunk), o = off(ci);
     // 1. scores = scale * q k^T, every head.
     for (int64_t n = 0; n < N; ++n) {
       const float* kb = p.kt + ((b * N + n) * (Sp / kCB) + s_lo / kCB) * d * kCB;
       const float* qa = p.q + ((b * T + t0) * N + n) * d;
       for (int64_t j = c0; j < c1; j += kCB)
         for (int64_t i = 0; i < tn; i += kMR)
-          qk_rows<kMR>(tn - i, qa + i * N * d, N * d, kb + j * d, kCB, d, row(n, i) + j, N * Wld, p.scale);
+          qk_rows<kMR>(tn - i, qa + i * N * d, N * d, kb + j * d, kCB, d, row(n, i) + j - o, N * Wld, p.scale);
     }
     // 2. pre-compose (slot 0) on the unmasked logits, then mask, tracking the max.
-    for (int64_t x = 0; x < N * kTq; ++x) maxv[x] = vset1(kNeg);
+    for (int64_t x = 0; x < N * tq; ++x) maxv[x] = vset1(kNeg);
     for (int64_t i = 0; i < tn; ++i) {
       const float* qfs = p.qf + ((b * T + t0 + i) * 2 + 0) * F * N;
       for (int64_t c = c0; c < c1; c += kVL) {
@@ -260,18 +338,18 @@ void run_block(const Problem& p, int64_t item) {
         vi real;
         std::memcpy(&real, pad + s_lo + c, sizeof real);
         const vi allowed = (s >= static_cast<int32_t>(lo[i])) & (s <= static_cast<int32_t>(hi[i])) & (real != 0);
-        float* a = row(0, i) + c;
-        compose_group<RT>(a, Wld, N, R, qfs, kf_pre + c * F * N, kVL, wb_pre, nullptr, held, [&](int64_t n, vf o) {
-          o = allowed ? o : vset1(kNeg);
-          vstore(a + n * Wld, o);
-          maxv[i * N + n] = vmax(maxv[i * N + n], o);
+        float* a = row(0, i) + c - o;
+        compose_group<RT>(a, Wld, N, R, qfs, kf_pre + c * F * N, kVL, wb_pre, nullptr, held, [&](int64_t n, vf x) {
+          x = allowed ? x : vset1(kNeg);
+          vstore(a + n * Wld, x);
+          maxv[i * N + n] = vmax(maxv[i * N + n], x);
         });
       }
     }
     // 3. exp(L - chunk max) and chunk sums over the W real columns; padded columns become 0.
     for (int64_t i = 0; i < tn; ++i) {
       for (int64_t n = 0; n < N; ++n) {
-        float* r = row(n, i);
+        float* r = row(n, i) - o;
         const float m = hmax(maxv[i * N + n]);
         const vf mv = vset1(m);
         vf sum = vf{};
@@ -281,11 +359,16 @@ void run_block(const Problem& p, int64_t item) {
           vstore(r + c, e);
           sum += e;
         }
-        stat(chunk_max, ci, i, n) = m;
-        stat(chunk_scale, ci, i, n) = hsum(sum);
+        if (keep_stats) {
+          stat(chunk_max, ci, i, n) = m;
+          stat(chunk_scale, ci, i, n) = hsum(sum);
+        }
       }
     }
-  }
+  };
+
+  // Pass 1: steps 1-3 chunk by chunk.
+  for (int64_t ci = 0; ci < nch; ++ci) exp_scores(ci, true);
 
   // Row max and sum over the chunks; chunk ci's probabilities are its e * exp(m_ci - m) / l.
   // (A chunk a row cannot see has m_ci = NEG: its scale is exactly 0 unless the whole row is
@@ -305,18 +388,20 @@ void run_block(const Problem& p, int64_t item) {
     }
   }
 
-  // Pass 2, chunk by chunk: normalise and post-compose (slot 1), then accumulate P v.
+  // Pass 2, chunk by chunk (tiled: steps 1-3 again, bit-identical): normalise and post-compose
+  // (slot 1), then accumulate P v.
   const int64_t dv = p.dv;
   for (int64_t ci = 0; ci < nch; ++ci) {
-    const int64_t c0 = ci * kChunk, c1 = std::min<int64_t>(Wp, c0 + kChunk);
+    if (p.tiled) exp_scores(ci, false);
+    const int64_t c0 = ci * kChunk, c1 = std::min<int64_t>(Wp, c0 + kChunk), o = off(ci);
     // 4. probabilities (normalised on load) post-composed in place.
     for (int64_t i = 0; i < tn; ++i) {
       const float* qfs = p.qf + ((b * T + t0 + i) * 2 + 1) * F * N;
       const float* norm = &stat(chunk_scale, ci, i, 0);
       for (int64_t c = c0; c < c1; c += kVL) {
-        float* a = row(0, i) + c;
+        float* a = row(0, i) + c - o;
         compose_group<RT>(a, Wld, N, R, qfs, kf_post + c * F * N, kVL, wb_post, norm, held,
-                          [&](int64_t n, vf o) { vstore(a + n * Wld, o); });
+                          [&](int64_t n, vf x) { vstore(a + n * Wld, x); });
       }
     }
     // 5. o (+)= P v over the chunk, every head, straight into the output rows.
@@ -325,13 +410,14 @@ void run_block(const Problem& p, int64_t item) {
       const float* vb = p.vp + (b * N + n) * p.dvb * Sp * kCB + (s_lo + c0) * kCB;
       float* ob = p.out + ((b * T + t0) * N + n) * dv;
       for (int64_t i = 0; i < tn; i += kMR) {
+        const float* pa = row(n, i) + c0 - o;
         for (int64_t dc = 0; dc < dv; dc += kCB) {
           const int ncols = static_cast<int>(std::min<int64_t>(kCB, dv - dc));
           float* c = ob + i * N * dv + dc;
           if (ncols > kVL) {
-            pv_rows<kMR, 2>(tn - i, row(n, i) + c0, N * Wld, vb + dc * Sp, kCB, c1 - c0, c, N * dv, ncols, accumulate);
+            pv_rows<kMR, 2>(tn - i, pa, N * Wld, vb + dc * Sp, kCB, c1 - c0, c, N * dv, ncols, accumulate);
           } else {
-            pv_rows<kMR, 1>(tn - i, row(n, i) + c0, N * Wld, vb + dc * Sp, kCB, c1 - c0, c, N * dv, ncols, accumulate);
+            pv_rows<kMR, 1>(tn - i, pa, N * Wld, vb + dc * Sp, kCB, c1 - c0, c, N * dv, ncols, accumulate);
           }
         }
       }
@@ -339,21 +425,205 @@ void run_block(const Problem& p, int64_t item) {
   }
 }
 
-using BlockFn = void (*)(const Problem&, int64_t);
-BlockFn block_fn(int64_t R) {
+// ------------------------------------------------------------------ direct path (a few query rows)
+inline float dot(const float* a, const float* b, int64_t n) {
+  vf acc = vf{};
+  int64_t j = 0;
+  for (; j + kVL <= n; j += kVL) acc += vload(a + j) * vload(b + j);
+  float s = hsum(acc);
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+inline void axpy(float* y, float w, const float* x, int64_t n) {  // y += w x
+  const vf wv = vset1(w);
+  int64_t j = 0;
+  for (; j + kVL <= n; j += kVL) vstore(y + j, vload(y + j) + wv * vload(x + j));
+  for (; j < n; ++j) y[j] += w * x[j];
+}
+
+// Key factors of one slot for keys [s0, s1) of batch b (s0 a multiple of kVL) into dst as
+// [(s - s0) / kVL, F, N, kVL]: all heads' factors of a key group sit together.
+template <typename E>
+void pack_factors(const E* kf, int64_t b, int64_t slot, int64_t s0, int64_t s1, int64_t S, int64_t F, int64_t N,
+                  float* dst) {
+  for (int64_t s = s0; s < s1; ++s)
+    for (int64_t r = 0; r < F; ++r)
+      for (int64_t h = 0; h < N; ++h)
+        dst[(((s - s0) / kVL * F + r) * N + h) * kVL + (s - s0) % kVL] =
+            to_float(kf[(((b * S + s) * 2 + slot) * F + r) * N + h]);
+}
+
+// Per-thread scratch of a direct work item: one chunk's key factors, T*N max and N held vectors
+// (plus alignment), T*N normalisers.
+size_t direct_scratch_floats(int64_t T, int64_t N, int64_t F) {
+  return static_cast<size_t>(kChunk * F * N + (T * N + N + 1) * kVL + T * N);
+}
+
+// What a direct work item (batch b, split j) works on: the rows' key ranges, its chunks, views.
+struct DirectItem {
+  int64_t b, j, ci0, ci1, s_lo, s_hi;
+  int64_t lo[kDirectMaxT], hi[kDirectMaxT];
+  float* kfs;   // [kChunk / kVL, F, N, kVL]
+  vf* maxv;     // [T*N]
+  vf* held;     // [N]
+  float* norm;  // [T*N]
+
+  DirectItem(const Problem& p, int64_t item) : b(item / p.nsplit), j(item % p.nsplit) {
+    constexpr int64_t per = kSplitKeys / kChunk;
+    ci0 = j * per, ci1 = std::min(p.nch, ci0 + per);
+    key_ranges(p, b, 0, p.T, lo, hi, s_lo, s_hi);
+    float* scratch = thread_scratch(direct_scratch_floats(p.T, p.N, 2 * p.R + 1));
+    kfs = scratch;
+    uintptr_t base = reinterpret_cast<uintptr_t>(scratch + kChunk * (2 * p.R + 1) * p.N);
+    base = (base + sizeof(vf) - 1) / sizeof(vf) * sizeof(vf);
+    maxv = reinterpret_cast<vf*>(base);
+    held = maxv + p.T * p.N;
+    norm = reinterpret_cast<float*>(held + p.N);
+  }
+  bool skipped(int64_t c0, int64_t c1) const { return c1 <= s_lo || c0 >= s_hi; }
+  float* scores(const Problem& p, int64_t t, int64_t n) const { return p.scores + ((b * p.T + t) * p.N + n) * p.Sld; }
+  int64_t stat(const Problem& p, int64_t t, int64_t ci) const { return ((b * p.T + t) * p.nch + ci) * p.N; }
+  // This split's key factors of `slot` for the chunk [c0, c1) into kfs, zero past S.
+  void factors(const Problem& p, int64_t slot, int64_t c0, int64_t c1) const {
+    const int64_t F = 2 * p.R + 1, se = std::min(p.S, c1);
+    if (se < c1) std::fill(kfs, kfs + kChunk * F * p.N, 0.f);
+    pack_factors(p.kfd, b, slot, c0, se, p.S, F, p.N, kfs);
+  }
+};
+
+// Phase 1 of the direct path: steps 1-3 on the split's chunks, chunk stats into p.cmax / p.csum.
+template <int RT>
+void direct_scores(const Problem& p, int64_t item) {
+  const int64_t N = p.N, d = p.d, F = 2 * p.R + 1, T = p.T, S = p.S;
+  const DirectItem w(p, item);
+  const int32_t* pad = p.pad + w.b * p.Sp;
+  const float* wb_pre = p.use_static ? p.wb : nullptr;
+  const vi iota = viota();
+  for (int64_t ci = w.ci0; ci < w.ci1; ++ci) {
+    const int64_t c0 = ci * kChunk, c1 = std::min(p.Sp, c0 + kChunk), se = std::min(S, c1);
+    if (w.skipped(c0, c1)) {  // no row sees these keys: scale exactly 0 after the merge
+      for (int64_t t = 0; t < T; ++t) {
+        std::fill(p.cmax + w.stat(p, t, ci), p.cmax + w.stat(p, t, ci) + N, kNeg);
+        std::fill(p.csum + w.stat(p, t, ci), p.csum + w.stat(p, t, ci) + N, 0.f);
+      }
+      continue;
+    }
+    // 1. scores = scale * q k^T, every head, keys read in place (0 past S).
+    for (int64_t s = c0; s < c1; ++s)
+      for (int64_t n = 0; n < N; ++n) {
+        const float* ks = p.kd + ((w.b * S + s) * N + n) * d;
+        for (int64_t t = 0; t < T; ++t)
+          w.scores(p, t, n)[s] = s < S ? dot(p.q + ((w.b * T + t) * N + n) * d, ks, d) * p.scale : 0.f;
+      }
+    // 2. pre-compose (slot 0) on the unmasked logits, then mask, tracking the max.
+    w.factors(p, 0, c0, c1);
+    for (int64_t x = 0; x < N * T; ++x) w.maxv[x] = vset1(kNeg);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* qfs = p.qf + ((w.b * T + t) * 2 + 0) * F * N;
+      for (int64_t c = c0; c < c1; c += kVL) {
+        const vi s = iota + static_cast<int32_t>(c);
+        vi real;
+        std::memcpy(&real, pad + c, sizeof real);
+        const vi allowed = (s >= static_cast<int32_t>(w.lo[t])) & (s <= static_cast<int32_t>(w.hi[t])) & (real != 0);
+        float* a = w.scores(p, t, 0) + c;
+        compose_group<RT>(a, p.Sld, N, p.R, qfs, w.kfs + (c - c0) * F * N, kVL, wb_pre, nullptr, w.held,
+                          [&](int64_t n, vf x) {
+                            x = allowed ? x : vset1(kNeg);
+                            vstore(a + n * p.Sld, x);
+                            w.maxv[t * N + n] = vmax(w.maxv[t * N + n], x);
+                          });
+      }
+    }
+    // 3. exp(L - chunk max) and chunk sums; columns past S become 0.
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        float* r = w.scores(p, t, n);
+        const float m = hmax(w.maxv[t * N + n]);
+        vf sum = vf{};
+        for (int64_t c = c0; c < c1; c += kVL) {
+          vf e = vexp_nonpos(vload(r + c) - vset1(m));
+          e = (iota + static_cast<int32_t>(c)) < static_cast<int32_t>(se) ? e : vf{};
+          vstore(r + c, e);
+          sum += e;
+        }
+        p.cmax[w.stat(p, t, ci) + n] = m;
+        p.csum[w.stat(p, t, ci) + n] = hsum(sum);
+      }
+  }
+}
+
+// Between the phases (one thread): each row's max m and 1 / l over all its chunks.
+void direct_merge(const Problem& p) {
+  for (int64_t bt = 0; bt < p.B * p.T; ++bt)
+    for (int64_t n = 0; n < p.N; ++n) {
+      const float* cm = p.cmax + bt * p.nch * p.N + n;
+      const float* cs = p.csum + bt * p.nch * p.N + n;
+      float m = kNeg;
+      for (int64_t ci = 0; ci < p.nch; ++ci) m = std::max(m, cm[ci * p.N]);
+      float l = 0.f;
+      for (int64_t ci = 0; ci < p.nch; ++ci) l += cs[ci * p.N] * std::exp(cm[ci * p.N] - m);
+      p.rowm[bt * p.N + n] = m;
+      p.rowinv[bt * p.N + n] = 1.f / l;
+    }
+}
+
+// Phase 2 of the direct path: steps 4-5 on the split's chunks into its partial output.
+template <int RT>
+void direct_apply(const Problem& p, int64_t item) {
+  const int64_t N = p.N, dv = p.dv, F = 2 * p.R + 1, T = p.T, S = p.S;
+  const DirectItem w(p, item);
+  const float* wb_post = p.use_static ? p.wb + N * N : nullptr;
+  float* part = p.part + (w.b * p.nsplit + w.j) * T * N * dv;  // [T, N, dv]
+  for (int64_t ci = w.ci0; ci < w.ci1; ++ci) {
+    const int64_t c0 = ci * kChunk, c1 = std::min(p.Sp, c0 + kChunk);
+    if (w.skipped(c0, c1)) continue;
+    // 4. probabilities (normalised on load: exp(m_c - m) / l) post-composed in place.
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t row = (w.b * T + t) * N + n;
+        w.norm[t * N + n] = std::exp(p.cmax[w.stat(p, t, ci) + n] - p.rowm[row]) * p.rowinv[row];
+      }
+    w.factors(p, 1, c0, c1);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* qfs = p.qf + ((w.b * T + t) * 2 + 1) * F * N;
+      for (int64_t c = c0; c < c1; c += kVL) {
+        float* a = w.scores(p, t, 0) + c;
+        compose_group<RT>(a, p.Sld, N, p.R, qfs, w.kfs + (c - c0) * F * N, kVL, wb_post, w.norm + t * N, w.held,
+                          [&](int64_t n, vf x) { vstore(a + n * p.Sld, x); });
+      }
+    }
+    // 5. part += P v over the chunk's real keys, values read in place.
+    for (int64_t s = c0; s < std::min(S, c1); ++s)
+      for (int64_t n = 0; n < N; ++n) {
+        const float* vs = p.vd + ((w.b * S + s) * N + n) * dv;
+        for (int64_t t = 0; t < T; ++t) axpy(part + (t * N + n) * dv, w.scores(p, t, n)[s], vs, dv);
+      }
+  }
+}
+
+using ItemFn = void (*)(const Problem&, int64_t);
+struct Fns {
+  ItemFn block, scores, apply;  // blocked work item; direct path phases 1 and 2
+};
+template <int RT>
+constexpr Fns fns_for() {
+  return {run_block<RT>, direct_scores<RT>, direct_apply<RT>};
+}
+Fns kernel_fns(int64_t R) {
   switch (R) {
-    case 0: return run_block<0>;
-    case 1: return run_block<1>;
-    case 2: return run_block<2>;
-    case 3: return run_block<3>;
-    case 4: return run_block<4>;
-    default: return run_block<-1>;
+    case 0: return fns_for<0>();
+    case 1: return fns_for<1>();
+    case 2: return fns_for<2>();
+    case 3: return fns_for<3>();
+    case 4: return fns_for<4>();
+    default: return fns_for<-1>();
   }
 }
 
 struct Job {
   Problem* p;
-  BlockFn fn;
+  ItemFn fn;
 };
 
 void run_item(void* data, size_t item) {
@@ -393,13 +663,8 @@ void pack_item(void* data, size_t item) {
     for (int64_t j = 0; j < dv; ++j) vp[((j / kCB) * Sp + s) * kCB + j % kCB] = to_float(vs[j]);
   }
   if (n == 0) {  // all heads' factors of a key group sit together: one item per batch does them
-    for (int64_t slot = 0; slot < 2; ++slot) {
-      float* dst = job->kfp + (b * 2 + slot) * (Sp / kVL) * F * N * kVL;
-      for (int64_t s = 0; s < S; ++s)
-        for (int64_t r = 0; r < F; ++r)
-          for (int64_t h = 0; h < N; ++h)
-            dst[((s / kVL * F + r) * N + h) * kVL + s % kVL] = to_float(job->kf[(((b * S + s) * 2 + slot) * F + r) * N + h]);
-    }
+    for (int64_t slot = 0; slot < 2; ++slot)
+      pack_factors(job->kf, b, slot, 0, S, S, F, N, job->kfp + (b * 2 + slot) * (Sp / kVL) * F * N * kVL);
   }
 }
 
@@ -408,6 +673,29 @@ std::vector<float> to_float_vector(const E* data, size_t count) {
   std::vector<float> out(count);
   for (size_t i = 0; i < count; ++i) out[i] = to_float(data[i]);
   return out;
+}
+
+// fp32 view of an input: the data itself for float, else a converted copy kept in `keep`.
+template <typename E>
+const float* float_view(const E* data, size_t count, std::vector<float>& keep) {
+  if constexpr (std::is_same_v<E, float>) {
+    return data;
+  } else {
+    keep = to_float_vector(data, count);
+    return keep.data();
+  }
+}
+
+// The blocked path's per-thread scratch budget in bytes: ATTN2ONNX_DCMHA_SCRATCH_BYTES (a positive
+// integer; documented in the header comment) or the 16 MiB default.
+size_t scratch_budget() {
+  const char* given = std::getenv("ATTN2ONNX_DCMHA_SCRATCH_BYTES");
+  if (given != nullptr && *given != '\0') {
+    char* end = nullptr;
+    const unsigned long long bytes = std::strtoull(given, &end, 10);
+    if (*end == '\0' && bytes > 0) return static_cast<size_t>(bytes);
+  }
+  return kDefaultScratchBytes;
 }
 
 std::string shape_str(const std::vector<int64_t>& shape) {
@@ -422,12 +710,14 @@ struct DcmhaAttentionKernel {
   float scale_;
   bool causal_, use_static_;
   int64_t window_;
+  size_t budget_;
 
   DcmhaAttentionKernel(const OrtApi* api, const OrtKernelInfo* info)
       : scale_(attr_float(api, info, "scale", 0.f)),
         causal_(attr_int(api, info, "causal", 0) != 0),
         use_static_(attr_int(api, info, "use_static_mix", 0) != 0),
-        window_(attr_int(api, info, "window", 0)) {}
+        window_(attr_int(api, info, "window", 0)),
+        budget_(scratch_budget()) {}
 
   static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {  // [B,T,N] of q, dv of v
     Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
@@ -490,21 +780,19 @@ struct DcmhaAttentionKernel {
     p.B = B, p.T = T, p.S = S, p.N = N, p.d = d, p.dv = dv, p.R = R;
     p.scale = scale_ != 0.f ? scale_ : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
     p.causal = causal_, p.use_static = use_static_, p.window = window_;
-    p.Sp = round_up(S, kCB), p.dvb = (dv + kCB - 1) / kCB, p.nqb = (T + kTq - 1) / kTq;
+    p.Sp = round_up(S, kCB), p.dvb = (dv + kCB - 1) / kCB;
 
     // fp32 views of the inputs (converted copies for fp16 / bf16).
     std::vector<float> q32, qf32, wb32, out32;
+    p.q = float_view(q.Data(), static_cast<size_t>(B * T * N * d), q32);
+    p.qf = float_view(q_factors.Data(), static_cast<size_t>(B * T * 2 * F * N), qf32);
+    p.wb = float_view(static_mix.Data(), static_cast<size_t>(2 * N * N), wb32);
     if constexpr (std::is_same_v<E, float>) {
-      p.q = q.Data(), p.qf = q_factors.Data(), p.wb = static_mix.Data(), p.out = out;
+      p.out = out;
     } else {
-      q32 = to_float_vector(q.Data(), static_cast<size_t>(B * T * N * d));
-      qf32 = to_float_vector(q_factors.Data(), static_cast<size_t>(B * T * 2 * F * N));
-      wb32 = to_float_vector(static_mix.Data(), static_cast<size_t>(2 * N * N));
       out32.resize(out_count);
-      p.q = q32.data(), p.qf = qf32.data(), p.wb = wb32.data(), p.out = out32.data();
+      p.out = out32.data();
     }
-    std::vector<float> kt(static_cast<size_t>(B * N * d * p.Sp)), vp(static_cast<size_t>(B * N * p.dvb * p.Sp * kCB)),
-        kf(static_cast<size_t>(B * 2 * F * N * p.Sp));
     std::vector<int32_t> pad(static_cast<size_t>(B * p.Sp), 0);
     std::vector<int64_t> count(static_cast<size_t>(B * (S + 1)), 0);
     const bool* mask = key_padding_mask.Data();
@@ -513,19 +801,69 @@ struct DcmhaAttentionKernel {
         pad[b * p.Sp + s] = mask[b * S + s] ? 1 : 0;
         count[b * (S + 1) + s + 1] = count[b * (S + 1) + s] + pad[b * p.Sp + s];
       }
-    p.kt = kt.data(), p.vp = vp.data(), p.kf = kf.data(), p.pad = pad.data(), p.count = count.data();
+    p.pad = pad.data(), p.count = count.data();
 
     Ort::KernelContext ctx(context);
-    PackJob<E> pack{&p, k.Data(), v.Data(), k_factors.Data(), kt.data(), vp.data(), kf.data()};
-    ctx.ParallelFor(pack_item<E>, static_cast<size_t>(B * N), 0, &pack);
-    Job job{&p, block_fn(R)};
-    ctx.ParallelFor(run_item, static_cast<size_t>(B * p.nqb), 0, &job);
+    const Fns fns = kernel_fns(R);
+    if (T <= kDirectMaxT) {
+      run_direct(ctx, p, fns, k.Data(), v.Data(), k_factors.Data());
+    } else {
+      run_blocked(ctx, p, fns, k.Data(), v.Data(), k_factors.Data());
+    }
     if (p.failed) return Ort::Status("DcmhaAttention: out of memory for the score panel", ORT_FAIL);
 
     if constexpr (!std::is_same_v<E, float>) {
-      for (size_t i = 0; i < out_count; ++i) out[i] = from_float<E>(out32[i]);
+      for (size_t i = 0; i < out_count; ++i) out[i] = from_float<E>(p.out[i]);
     }
     return Ort::Status{nullptr};
+  }
+
+  // Blocked path: K, V and key factors packed, then (batch, query block) work items.
+  void run_blocked(Ort::KernelContext& ctx, Problem& p, const Fns& fns, const E* k, const E* v, const E* kf) const {
+    const int64_t B = p.B, N = p.N, F = 2 * p.R + 1;
+    const BlockPlan plan = plan_blocks(p.S, N, budget_);
+    p.tq = plan.rows, p.tiled = plan.tiled, p.nqb = (p.T + p.tq - 1) / p.tq;
+    std::vector<float> kt(static_cast<size_t>(B * N * p.d * p.Sp)), vp(static_cast<size_t>(B * N * p.dvb * p.Sp * kCB)),
+        kfp(static_cast<size_t>(B * 2 * F * N * p.Sp));
+    p.kt = kt.data(), p.vp = vp.data(), p.kf = kfp.data();
+    PackJob<E> pack{&p, k, v, kf, kt.data(), vp.data(), kfp.data()};
+    ctx.ParallelFor(pack_item<E>, static_cast<size_t>(B * N), 0, &pack);
+    Job job{&p, fns.block};
+    ctx.ParallelFor(run_item, static_cast<size_t>(B * p.nqb), 0, &job);
+  }
+
+  // Direct path (T <= kDirectMaxT): inputs read in place; (batch, key split) work items in two
+  // phases around the merge of the row statistics; the splits' partial outputs summed in order.
+  void run_direct(Ort::KernelContext& ctx, Problem& p, const Fns& fns, const E* k, const E* v, const E* kf) const {
+    const int64_t B = p.B, T = p.T, S = p.S, N = p.N, dv = p.dv;
+    std::vector<float> k32, v32, kf32;
+    p.kd = float_view(k, static_cast<size_t>(B * S * N * p.d), k32);
+    p.vd = float_view(v, static_cast<size_t>(B * S * N * dv), v32);
+    p.kfd = float_view(kf, static_cast<size_t>(B * S * 2 * (2 * p.R + 1) * N), kf32);
+    p.Sld = p.Sp + kVL;  // consecutive heads' rows never a multiple of 4 KiB apart
+    p.nch = (p.Sp + kChunk - 1) / kChunk;
+    p.nsplit = (p.Sp + kSplitKeys - 1) / kSplitKeys;
+    const size_t rows = static_cast<size_t>(B * T * N);
+    std::unique_ptr<float[]> scores(new float[rows * p.Sld]), stats(new float[rows * (2 * p.nch + 2)]);
+    std::vector<float> part(static_cast<size_t>(p.nsplit) * rows * dv, 0.f);
+    p.scores = scores.get(), p.cmax = stats.get(), p.csum = p.cmax + rows * p.nch;
+    p.rowm = p.csum + rows * p.nch, p.rowinv = p.rowm + rows, p.part = part.data();
+    const size_t items = static_cast<size_t>(B * p.nsplit);
+    Job scores_job{&p, fns.scores};
+    ctx.ParallelFor(run_item, items, 0, &scores_job);
+    if (p.failed) return;
+    direct_merge(p);
+    Job apply_job{&p, fns.apply};
+    ctx.ParallelFor(run_item, items, 0, &apply_job);
+    const size_t per_batch = rows / static_cast<size_t>(B) * static_cast<size_t>(dv);
+    for (int64_t b = 0; b < B; ++b) {
+      float* o = p.out + b * per_batch;
+      std::fill(o, o + per_batch, 0.f);
+      for (int64_t j = 0; j < p.nsplit; ++j) {
+        const float* src = p.part + (b * p.nsplit + j) * per_batch;
+        for (size_t x = 0; x < per_batch; ++x) o[x] += src[x];
+      }
+    }
   }
 };
 
@@ -538,3 +876,18 @@ ATTN2ONNX_REGISTER_OPS(make_ops);
 
 }  // namespace
 }  // namespace attn2onnx
+
+// The work plan a call gets, for tests and benchmarks (ctypes): T query rows, S keys, N heads,
+// rank R, `budget` bytes of per-thread scratch (0: ATTN2ONNX_DCMHA_SCRATCH_BYTES or the default).
+// out = {direct path, query rows per work item, tiled panel, per-thread scratch bytes at most}.
+extern "C" __attribute__((visibility("default"))) void attn2onnx_dcmha_plan(int64_t T, int64_t S, int64_t N, int64_t R,
+                                                                           int64_t budget, int64_t* out) {
+  using namespace attn2onnx;
+  if (T <= kDirectMaxT) {
+    out[0] = 1, out[1] = T, out[2] = 0;
+    out[3] = static_cast<int64_t>(sizeof(float) * direct_scratch_floats(T, N, 2 * R + 1));
+    return;
+  }
+  const BlockPlan plan = plan_blocks(S, N, budget > 0 ? static_cast<size_t>(budget) : scratch_budget());
+  out[0] = 0, out[1] = plan.rows, out[2] = plan.tiled, out[3] = static_cast<int64_t>(plan.bytes);
+}
