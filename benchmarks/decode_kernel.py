@@ -37,7 +37,12 @@ SECTION = "## DCMHA kernel: decode and long contexts"
 N, D_HEAD, R = 8, 64, 2
 DECODE = [(b, 1, s) for s in (512, 2048, 8192) for b in (1, 8)]
 PREFILL = [(1, 1024, 1024), (1, 4096, 4096)]
-NOTES = ('Reading: decode no longer packs K and V (the old kernel repacked the whole cache every step, which\n' 'cost more than the attention) and splits the keys over the threads; prefill at S <= 4096 runs the\n' "same blocked code with the same 24-row block, so its old / new spread is the shared machine's noise.\n" 'The tiled panel (S=32768 at N=32) runs steps 1-3 twice; its time was not measured here.')
+NOTES = (
+    'Reading: decode no longer packs K and V (the old kernel repacked the whole cache every step, which\n'
+    'cost more than the attention) and splits the keys over the threads; prefill at S <= 4096 runs the\n'
+    "same blocked code with the same 24-row block, so its old / new spread is the shared machine's noise.\n"
+    'The tiled panel (S=32768 at N=32) runs steps 1-3 twice; its time was not measured here.'
+)
 RSS_SHAPE = {"b": 1, "t": 64, "s": 32768, "n": 32, "d": 16}
 
 
