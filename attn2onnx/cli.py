@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "export": "export",
     "optimize": "optimize",
     "run": "run",
+    "generate": "generate",
     "validate": "validate",
     "demo": "demo",
     "build-engine": "build_engine",

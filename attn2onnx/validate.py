@@ -124,6 +124,60 @@ def compare(
     return results
 
 
+def left_padded(rng: np.random.Generator, batch: int, prompt: int, total: int, vocab: int) -> tuple[np.ndarray, ...]:
+    """Random ids [batch, total] and their attention mask (int64, 1 = real): row r is padded on
+    the left by r * prompt // batch positions, so rows start their prompts at different points
+    and every prompt keeps at least one real token."""
+    ids = rng.integers(0, vocab, size=(batch, total), dtype=np.int64)
+    mask = np.ones((batch, total), dtype=np.int64)
+    for row in range(batch):
+        mask[row, : row * prompt // batch] = 0
+    return ids, mask
+
+
+def decode_cases(meta: dict, steps: int) -> list[tuple[int, int]]:
+    """Default (batch, prompt length) pairs for validate --decode: batch 1 and 3 at short and
+    longer prompts and, for a model with local-window layers, prompts that end just before and
+    at each window limit so the decode steps cross it; all within max_len."""
+    prompts = {1, 5, 9}
+    for cache in meta["caches"]:
+        if cache["limit"]:
+            prompts |= {max(cache["limit"] - 1, 1), cache["limit"] + 1}
+    fits = sorted(p for p in prompts if p + steps <= meta["max_len"])
+    return [(1, fits[0])] + [(3, p) for p in fits]
+
+
+def compare_decode(onnx_path: str, model: torch.nn.Module, cases: Sequence[tuple[int, int]], steps: int,
+                   dtype: str = "fp32", seed: int = 0) -> list[Comparison]:
+    """Prefill + ``steps`` one-token decode steps of the decode graph in ORT against the
+    PyTorch full-sequence forward of the same left-padded batch, row by row (the real
+    positions; a padded query row's output is no token's). ``cases``: (batch, prompt length).
+    Positions are the padded index, as the full forward computes them."""
+    from .generate import DecodeSession
+
+    rtol, atol = TOLERANCES[dtype]
+    session = DecodeSession(onnx_path)
+    model = eval_mode(model)
+    rng = np.random.default_rng(seed)
+    results = []
+    for batch, prompt in cases:
+        total = prompt + steps
+        ids, mask = left_padded(rng, batch, prompt, total, session.vocab_size)
+        positions = np.broadcast_to(np.arange(total), (batch, total))
+        with torch.inference_mode():
+            want = model(torch.from_numpy(ids), torch.from_numpy(mask).bool()).float().numpy()
+        rows = [session.prefill(ids[:, :prompt], mask[:, :prompt], positions[:, :prompt])]
+        for t in range(prompt, total):
+            rows.append(session.step(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1]))
+        got = np.concatenate(rows, axis=1)[mask.astype(bool)]
+        want = want[mask.astype(bool)]
+        abs_err, rel_err = _errors(got, want, atol)
+        diff = np.abs(got.astype(np.float64) - want)
+        passed = bool(np.isfinite(got).all() and ((diff <= atol) | (diff <= rtol * np.abs(want))).all())
+        results.append(Comparison("ort-decode", [batch, prompt, steps], abs_err, rel_err, passed))
+    return results
+
+
 def ort_runner(onnx_path: str, name: str = "onnxruntime", threads: int | None = None) -> OnnxrtRunner:
     """OnnxrtRunner whose session comes from :func:`attn2onnx.runtime.session` (native kernel
     library registered when built; Polygraphy's own loader has no hook for it)."""
@@ -195,4 +249,5 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-__all__ = ["TorchRunner", "Comparison", "compare", "ort_runner", "backend_runners", "summary", "parse_shapes", "TOLERANCES"]
+__all__ = ["TorchRunner", "Comparison", "compare", "compare_decode", "decode_cases", "ort_runner", "backend_runners",
+           "summary", "parse_shapes", "TOLERANCES"]

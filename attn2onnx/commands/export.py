@@ -6,10 +6,13 @@
   attn2onnx export model.pt -o model.fp16.onnx --dtype fp16         half-precision graph
   attn2onnx export program.pt2 -o model.onnx              a torch.export program
   attn2onnx export module.pkl -o model.onnx --trust-pickle   a pickled nn.Module (runs its code!)
+  attn2onnx export lm.pt -o lm.decode.onnx --decode        prefill + decode steps with caches as inputs/outputs
 
 Right after export, ONNX Runtime runs the file on fresh random inputs at two shapes and the
 max abs / rel error against the PyTorch model (in fp32) is printed; exit 1 when out of the
---dtype's tolerance."""
+--dtype's tolerance. With --decode the graph takes input_ids, attention_mask, position_ids and
+every layer's cache (past_key_values.{i}.*) and gives logits and the updated caches (present.{i}.*);
+the check then runs prefill + decode steps against PyTorch's full forward (validate --decode)."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +45,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimize", action="store_true", help="run the graph passes after export")
     parser.add_argument("--target", choices=("ort", "trt", "portable"), default="ort", help="pass pipeline (with --optimize)")
     parser.add_argument("--no-check", action="store_true", help="skip the ORT vs PyTorch check")
+    parser.add_argument("--decode", action="store_true",
+                        help="causal LM: one graph for prefill and decode steps, caches as inputs and outputs")
 
 
 def check_opset(opset: int) -> None:
@@ -90,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.output.endswith(".onnx"):
         raise UsageError(f"output {args.output!r} should end in .onnx")
     refuse_overwriting_inputs(output_files(args.output), [args.model])
+    if args.decode:
+        return run_decode(args)
     source = load_source(args.model, trust_pickle=args.trust_pickle)
     if source.max_seq and args.seq_len > source.max_seq:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's maximum sequence length {source.max_seq}")
@@ -116,4 +123,37 @@ def run(args: argparse.Namespace) -> int:
     for c in comparisons:
         status = "ok" if c.passed else "MISMATCH"
         print(f"check {c.backend} at batch={c.shape[0]} seq={c.shape[1]}: max abs err {c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} {status}")
+    return 0 if all(c.passed for c in comparisons) else 1
+
+
+DECODE_STEPS = 4  # decode steps of the check after a --decode export
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    """export --decode: the decode graph (attn2onnx.models.decode), then prefill + decode steps
+    in ORT checked against the PyTorch full forward."""
+    from ..errors import UsageError
+    from ..fileio import refuse_overwriting_inputs
+    from ..models.decode import check_decodable, decode_metadata, export_decode
+    from ..onnx_io import output_files
+    from ..sources import load_source
+    from ..validate import compare_decode, decode_cases
+
+    refused = (("--static", args.static), ("--dtype fp16", args.dtype == "fp16"), ("--optimize", args.optimize))
+    for flag, given in refused:
+        if given:
+            raise UsageError(f"{flag} is not supported with --decode yet")
+    refuse_overwriting_inputs(output_files(args.output), [args.model])
+    lm = check_decodable(load_source(args.model, trust_pickle=args.trust_pickle).module)
+    with opset_errors(args.opset):
+        result = export_decode(lm, args.output, opset=args.opset)
+    print(f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, {len(result.inputs) - 3} "
+          f"cache inputs, exported in {result.seconds:.1f} s")
+    if args.no_check:
+        return 0
+    comparisons = compare_decode(str(result.path), lm, decode_cases(decode_metadata(lm), DECODE_STEPS), DECODE_STEPS)
+    for c in comparisons:
+        status = "ok" if c.passed else "MISMATCH"
+        print(f"check decode at batch={c.shape[0]} prompt={c.shape[1]} +{c.shape[2]} steps: max abs err "
+              f"{c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} {status}")
     return 0 if all(c.passed for c in comparisons) else 1

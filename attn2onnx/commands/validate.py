@@ -3,16 +3,22 @@
   attn2onnx validate model.onnx --reference model.pt
   attn2onnx validate model.onnx --reference model.pt --shapes 1x8,4x31,2x64 --json
   attn2onnx validate model.onnx --reference model.pt --backends ort,trt
+  attn2onnx validate lm.decode.onnx --reference lm.pt --decode --steps 6     a graph exported with --decode
 
 Polygraphy's Comparator runs a PyTorch reference runner and the ONNX Runtime runner (and
 TensorRT where installed) on fresh random inputs at each BATCHxSEQ shape (default three),
 with per-dtype tolerances. Exit 0 pass, 1 mismatch, 2 bad input. --json prints one object:
-{"passed": bool, "comparisons": [{"backend", "shape", "max_abs_err", "max_rel_err", "passed"}]}."""
+{"passed": bool, "comparisons": [{"backend", "shape", "max_abs_err", "max_rel_err", "passed"}]}.
+
+--decode checks a decode graph: prefill of a prompt, then --steps one-token decode steps in ORT,
+against PyTorch's full-sequence forward row by row, for left-padded batches whose rows start at
+different points (shapes are BATCHxPROMPT; the default adds prompts around every local window so
+the steps cross it). Its comparisons' shape is [batch, prompt, steps]."""
 from __future__ import annotations
 
 import argparse
 
-from . import check_input_memory, non_negative_int
+from . import check_input_memory, positive_int, seed_int
 
 HELP = "compare an ONNX model with its PyTorch reference (Polygraphy)"
 
@@ -25,7 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="tolerances (and input dtype) to use")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled reference module (runs code)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="random input seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random input seed, 0 .. 2**64 - 1 (default 0)")
+    parser.add_argument("--decode", action="store_true", help="check a decode graph: prefill + decode steps")
+    parser.add_argument("--steps", type=positive_int, default=4, help="with --decode: decode steps (default 4)")
 
 
 def float_precision(model) -> str | None:
@@ -87,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if precision is not None and precision != args.dtype:
         raise UsageError(f"{args.model} computes in {precision}; --dtype {args.dtype} does not match it")
     source = load_source(args.reference, trust_pickle=args.trust_pickle)
+    if args.decode:
+        return run_decode(args, model, source)
     onnx_specs = specs_from_onnx(model)
     onnx_names = [s.name for s in onnx_specs]
     if onnx_names != [s.name for s in source.specs]:
@@ -114,5 +124,37 @@ def run(args: argparse.Namespace) -> int:
     else:
         for c in comparisons:
             print(f"{c.backend:5s} {c.shape[0]}x{c.shape[1]:<5d} max abs {c.max_abs_err:.2e}  max rel {c.max_rel_err:.2e}  {'PASS' if c.passed else 'FAIL'}")
+        print("PASSED" if result["passed"] else "FAILED")
+    return 0 if result["passed"] else 1
+
+
+def run_decode(args: argparse.Namespace, model, source) -> int:
+    """validate --decode: the decode graph's prefill + steps against the full PyTorch forward."""
+    import json
+
+    from ..errors import UsageError
+    from ..models.decode import check_decodable, read_decode_metadata
+    from ..validate import compare_decode, decode_cases, parse_shapes, summary
+
+    meta = read_decode_metadata(model, args.model)
+    lm = check_decodable(source.module)
+    if lm.config.vocab_size != meta["vocab_size"] or lm.config.variant != meta["variant"]:
+        raise UsageError(f"{args.model} is a decode graph of a {meta['variant']} LM with vocabulary "
+                         f"{meta['vocab_size']}, but the reference is a {lm.config.variant} LM with vocabulary "
+                         f"{lm.config.vocab_size}")
+    if args.backends.strip() != "ort":
+        raise UsageError("--decode runs in ONNX Runtime only (--backends ort)")
+    cases = parse_shapes(args.shapes) if args.shapes else decode_cases(meta, args.steps)
+    too_long = [p for _, p in cases if p + args.steps > meta["max_len"]]
+    if too_long:
+        raise UsageError(f"prompt {too_long[0]} + {args.steps} steps exceeds the model's max_len {meta['max_len']}")
+    result = summary(compare_decode(args.model, lm, cases, args.steps, dtype=args.dtype, seed=args.seed))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for c in result["comparisons"]:
+            batch, prompt, steps = c["shape"]
+            print(f"decode batch {batch} prompt {prompt:<4d} +{steps} steps  max abs {c['max_abs_err']:.2e}  "
+                  f"max rel {c['max_rel_err']:.2e}  {'PASS' if c['passed'] else 'FAIL'}")
         print("PASSED" if result["passed"] else "FAILED")
     return 0 if result["passed"] else 1

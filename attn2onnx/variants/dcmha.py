@@ -55,6 +55,7 @@ from torch import nn
 
 from .. import custom_ops  # noqa: F401  (registers torch.ops.attn2onnx.dcmha_attention)
 from .base import AttentionConfig, VariantError, VariantInfo, check_input, register_variant, split_heads
+from .mha import CacheEntry, cache_layout, extend_cache
 
 RMS_EPS = 1e-6
 SLOTS = 4  # pre/query, pre/key, post/query, post/key
@@ -163,11 +164,12 @@ def apply_rope(
     x: torch.Tensor, positions: torch.Tensor, base: float, rotary_dim: int, fp16_table: bool = False
 ) -> torch.Tensor:
     """Rotate-half RoPE on the first ``rotary_dim`` channels of x [B,T,N,d] at ``positions`` [T]
+    or [B,T] (per sequence, as a decode step's position_ids)
     (``fp16_table``: cos / sin rounded to float16 first, as the DCFormer release does)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     half = rotary_dim // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=dtype) * 2 / rotary_dim)
-    angles = (positions.to(dtype)[:, None] * inv_freq)[:, None, :]  # [T,1,half]
+    angles = (positions.to(dtype)[..., None] * inv_freq)[..., None, :]  # [(B,)T,1,half]
     cos, sin = torch.cos(angles), torch.sin(angles)
     if fp16_table:
         cos, sin = cos.half().to(dtype), sin.half().to(dtype)
@@ -236,8 +238,9 @@ class DcmhaAttention(nn.Module):
         factors = torch.cat([rms_norm(u), w, gate], dim=3).unflatten(2, (2, 2))  # [B,T,pre/post,q/k,2R+1,N]
         return factors[:, :, :, 0], factors[:, :, :, 1]
 
-    def _project(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
-        """q, k, v [B,T,N,d] (QK-norm, RoPE at positions start..start+T-1) and the factors."""
+    def _project(self, x: torch.Tensor, start: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v [B,T,N,d] (QK-norm, RoPE at positions start..start+T-1, or at ``start``
+        itself when it is a tensor of positions [B,T]) and the factors."""
         c = self.config
         q = split_heads(self.q_proj(x), c.n_heads)
         k, v = (split_heads(proj(x), c.kv_heads) for proj in (self.k_proj, self.v_proj))
@@ -246,7 +249,7 @@ class DcmhaAttention(nn.Module):
         if c.qk_norm:
             q, k = rms_norm(q, self.q_norm_gain), rms_norm(k, self.k_norm_gain)
         if c.rope:
-            positions = torch.arange(x.shape[1], device=x.device) + start
+            positions = start if isinstance(start, torch.Tensor) else torch.arange(x.shape[1], device=x.device) + start
             q = apply_rope(q, positions, c.rope_base, c.rotary_dim, c.rope_fp16_table)
             k = apply_rope(k, positions, c.rope_base, c.rotary_dim, c.rope_fp16_table)
         q_factors, k_factors = self.dynamic_factors(x)
@@ -308,6 +311,36 @@ class DcmhaAttention(nn.Module):
                 key_padding_mask=cache.key_padding_mask[:, start:],
             )
         return y, cache
+
+    def cache_entries(self) -> list[CacheEntry]:
+        """What a decode step caches per layer (:meth:`decode_step`): K and V after QK-norm and
+        RoPE, and the key-side compose factors; a local-window layer keeps window_keys - 1."""
+        c = self.config
+        limit = c.window_keys - 1 if c.window_keys else None
+        heads = ("batch", c.n_heads, "past", c.head_dim)
+        return [CacheEntry("key", heads, "K after QK-norm and RoPE [batch, heads, past, head_dim]", limit),
+                CacheEntry("value", heads, "V [batch, heads, past, head_dim]", limit),
+                CacheEntry("key_factors", ("batch", "past", 2, 2 * c.rank + 1, c.n_heads),
+                           "key-side compose factors [batch, past, pre/post, 2R+1 (U, V, g), heads]", limit)]
+
+    def decode_step(
+        self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """:meth:`forward_step` with explicit cache tensors, for export: x [B,T,D], key_mask
+        [B,P+T] bool over every past and new position (a window layer reads its last keys),
+        positions [B,T] (RoPE), cache (K [B,N,S,d], V, key factors [B,S,2,2R+1,N]) with S <= P.
+        Returns y [B,T,D] and the cache extended by T positions (cut to the window)."""
+        past_k, past_v, past_factors = cache
+        q, k, v, q_factors, k_factors = self._project(x, positions)
+        k, v = extend_cache(past_k, k), extend_cache(past_v, v)
+        k_factors = torch.cat([past_factors, k_factors], dim=1)
+        keys = k.shape[1]
+        y = self._attend(q, k, v, q_factors, k_factors, key_mask[:, key_mask.shape[1] - keys:])
+        limit = self.config.window_keys - 1 if self.config.window_keys else None
+        if limit is not None:  # the next query reaches back limit tokens at most
+            start = torch.sym_max(keys - limit, 0)
+            k, v, k_factors = k[:, start:], v[:, start:], k_factors[:, start:]
+        return y, (cache_layout(k), cache_layout(v), k_factors)
 
 
 INFO = register_variant(

@@ -34,6 +34,7 @@ from torch import nn
 from .. import custom_ops  # noqa: F401  (registers torch.ops.attn2onnx.super_mix)
 from ..custom_ops._attention_math import attention
 from .base import AttentionConfig, VariantError, VariantInfo, check_input, register_variant, split_heads
+from .mha import CacheEntry, cache_layout, extend_cache
 
 PAPER = "Hosseini & Hosseini, You Need to Pay Better Attention (arXiv 2403.01643, 2024)"
 
@@ -85,6 +86,32 @@ class _SlicedHeadAttention(nn.Module):
         o, _ = attention(q, k, v, mask, causal=self.config.causal)
         return self.o_proj(o.flatten(-2))
 
+    def cache_entries(self) -> list[CacheEntry]:
+        """What a decode step caches per layer: optimised K (projected) and V (x itself);
+        efficient x itself, once, as both keys and values."""
+        dims = ("batch", self.config.n_heads, "past", self.config.head_dim)
+        if self.project_keys:
+            return [CacheEntry("key", dims, "K = x Wk + bk [batch, heads, past, head_dim]"),
+                    CacheEntry("value", dims, "V = x in head slices [batch, heads, past, head_dim]")]
+        return [CacheEntry("x", dims, "x in head slices, both keys and values [batch, heads, past, head_dim]")]
+
+    def decode_step(
+        self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One causal decode step with explicit caches (:meth:`cache_entries`): x [B,T,D],
+        key_mask [B,P+T] bool, positions [B,T] (unused here). Returns y and the caches extended."""
+        n = self.config.n_heads
+        q = split_heads(self.q_proj(x), n)
+        if self.project_keys:
+            k = extend_cache(cache[0], split_heads(self.k_proj(x), n))
+            v = extend_cache(cache[1], split_heads(x, n))
+            present = (k, v)
+        else:
+            k = v = extend_cache(cache[0], split_heads(x, n))
+            present = (k,)
+        o, _ = attention(q, k, v, key_mask, causal=True)
+        return self.o_proj(o.flatten(-2)), tuple(cache_layout(t) for t in present)
+
 
 class OptimisedAttention(_SlicedHeadAttention):
     """forward(x [B,T,D], key_padding_mask [B,T] bool | None = None) -> y [B,T,D]. No Wv."""
@@ -115,6 +142,35 @@ class SuperAttention(EfficientAttention):
         if self.config.wa_bias:
             u = u + self.wa_bias[:t, None]
         return u * mask.unsqueeze(-1).to(u.dtype)  # padded rows of U re-zeroed
+
+    def cache_entries(self) -> list[CacheEntry]:
+        """What a decode step caches per layer: the past x (keys, and what new rows of U mix)
+        and the past rows of U (values), which later tokens never change (tril(WA))."""
+        dims = ("batch", self.config.n_heads, "past", self.config.head_dim)
+        return [CacheEntry("key", dims, "x in head slices (keys; mixed into new U rows) [batch, heads, past, d]"),
+                CacheEntry("value", dims, "U = tril(WA) x + b rows in head slices [batch, heads, past, head_dim]")]
+
+    def decode_step(
+        self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One causal decode step: the new rows of U = tril(WA) x + b at ``positions`` [B,T]
+        (rows of WA; its columns are the cache's positions 0..P+T-1) from the cached and new x,
+        O(P+T) per token. x [B,T,D], key_mask [B,P+T] bool, cache (x, U) [B,N,P,d]."""
+        n, t = self.config.n_heads, x.shape[1]
+        if not self.config.causal:
+            raise VariantError("super attention: decoding needs causal=True")
+        q = split_heads(self.q_proj(x), n)
+        keys = extend_cache(cache[0], split_heads(x, n))  # [B,S,N,d]
+        s = keys.shape[1]
+        real = key_mask.unsqueeze(-1).to(x.dtype)
+        mix = self.wa[positions][..., :s]  # [B,T,S]
+        mix = mix * (torch.arange(s, device=x.device) <= positions[..., None]).to(mix.dtype)  # tril(WA)
+        u = torch.matmul(mix.to(x.dtype), keys.flatten(-2) * real)
+        if self.config.wa_bias:
+            u = u + self.wa_bias[positions][..., None]
+        values = extend_cache(cache[1], split_heads(u * real[:, s - t:], n))
+        o, _ = attention(q, keys, values, key_mask, causal=True)
+        return self.o_proj(o.flatten(-2)), (cache_layout(keys), cache_layout(values))
 
 
 for _name, _config, _module, _params in (

@@ -10,6 +10,7 @@ lower the exported pattern onto fused attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,6 +42,47 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (split_heads(proj(x), n) for proj in (self.q_proj, self.k_proj, self.v_proj))
         o, _ = attention(q, k, v, mask, causal=self.config.causal)
         return self.o_proj(o.flatten(-2))
+
+    def cache_entries(self) -> list["CacheEntry"]:
+        """What a decode step caches per layer: K and V after projection (Optimum layout)."""
+        dims = ("batch", self.config.n_heads, "past", self.config.head_dim)
+        return [CacheEntry("key", dims, "K [batch, heads, past, head_dim]"),
+                CacheEntry("value", dims, "V [batch, heads, past, head_dim]")]
+
+    def decode_step(
+        self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One causal decode step with explicit cache tensors (the export of ``attn2onnx export
+        --decode``): x [B,T,D] new tokens, key_mask [B,P+T] bool over past and new keys,
+        positions [B,T] (unused: mha has no positions of its own), cache (K, V) [B,N,P,d].
+        Returns y [B,T,D] and the extended cache [B,N,P+T,d]."""
+        n = self.config.n_heads
+        q, k, v = (split_heads(proj(x), n) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        k, v = extend_cache(cache[0], k), extend_cache(cache[1], v)
+        o, _ = attention(q, k, v, key_mask, causal=True)
+        return self.o_proj(o.flatten(-2)), (cache_layout(k), cache_layout(v))
+
+
+class CacheEntry(NamedTuple):
+    """One decode-cache tensor of a layer: its name suffix (``past_key_values.{i}.<name>``), its
+    dims (ints and the symbols ``batch`` and ``past``), what it holds, and ``limit``: the most
+    positions it keeps (a local-window layer), None when it keeps them all."""
+
+    name: str
+    dims: tuple[int | str, ...]
+    holds: str
+    limit: int | None = None
+
+
+def extend_cache(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """past [B,N,P,d] (Optimum layout) and the new tokens' new [B,T,N,d] -> [B,P+T,N,d]
+    (the attention math's layout)."""
+    return torch.cat([past.transpose(1, 2), new], dim=1)
+
+
+def cache_layout(t: torch.Tensor) -> torch.Tensor:
+    """[B,S,N,d] -> [B,N,S,d], the layout of the cache inputs and outputs."""
+    return t.transpose(1, 2)
 
 
 register_variant(VariantInfo(

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import custom_ops  # noqa: F401  (registers torch.ops.attn2onnx.prob_attention)
 from .base import AttentionConfig, VariantError, VariantInfo, check_input, register_variant, split_heads
+from .mha import CacheEntry, cache_layout, extend_cache
 
 
 @dataclass
@@ -83,6 +84,42 @@ class ReuseAttention(nn.Module):
         if not fresh and prev_probs.shape[1] == n:
             return y, prev_probs
         return y, torch.cat(probs, dim=1)
+
+    def cache_entries(self) -> list[CacheEntry]:
+        """What a decode step caches per layer: K of the fresh heads (none when every head is
+        reused) and V of every head; reused heads take the new rows' probabilities from the
+        previous layer within the step."""
+        c = self.config
+        fresh = c.n_heads - c.reuse_heads
+        entries = [CacheEntry("key", ("batch", fresh, "past", c.head_dim),
+                              "K of the fresh heads [batch, fresh heads, past, head_dim]")] if fresh else []
+        return entries + [CacheEntry("value", ("batch", c.n_heads, "past", c.head_dim),
+                                     "V, fresh heads first [batch, heads, past, head_dim]")]
+
+    def decode_step(
+        self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, ...],
+        prev_probs: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        """One causal decode step with explicit caches (:meth:`cache_entries`): x [B,T,D],
+        key_mask [B,P+T] bool, positions (unused), prev_probs [B,N',T,P+T] of the new rows.
+        Returns y, the caches extended, and the new rows' probabilities for the next layer."""
+        n, reused = self.config.n_heads, self.config.reuse_heads
+        fresh = n - reused
+        v = extend_cache(cache[-1], split_heads(self.v_proj(x), n))
+        outs, probs, present = [], [], []
+        if fresh:
+            q = split_heads(self.q_proj(x), fresh)
+            k = extend_cache(cache[0], split_heads(self.k_proj(x), fresh))
+            o_new, a_new = torch.ops.attn2onnx.prob_attention(q, k, v[:, :, :fresh], key_mask, 0.0, True)
+            outs.append(o_new)
+            probs.append(a_new)
+            present.append(cache_layout(k))
+        if reused:
+            r = prev_probs[:, :reused]
+            outs.append(torch.matmul(r.to(v.dtype), v[:, :, fresh:].transpose(1, 2)).transpose(1, 2))
+            probs.append(r)
+        y = self.o_proj(torch.cat(outs, dim=2).flatten(-2))
+        return y, (*present, cache_layout(v)), torch.cat(probs, dim=1)
 
 
 register_variant(VariantInfo(
