@@ -39,6 +39,7 @@ def test_digits_quick(variant, digits_data, tmp_path):
     assert r.torch_accuracy > 0.2  # chance is 0.1
     assert r.max_abs_logit_diff < 1e-4
     assert Path(r.onnx_path).is_file() and Path(r.checkpoint_path).is_file()
+    assert r.decode_tokens and r.decode_identical  # the decode graph through attn2onnx.generate
 
 
 @pytest.mark.parametrize("variant", ["dcmha", "super"])
