@@ -31,6 +31,10 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from ._match import perm_of as _perm_of
+from ._match import scaled as _scaled
+from ._match import single_use as _single_use
+from ._match import where_mask as _mask
 from ._ir_utils import (
     DOMAIN,
     fuse_each,
@@ -38,7 +42,6 @@ from ._ir_utils import (
     attr,
     axes_of,
     const_array,
-    const_scalar,
     dims,
     ensure_function,
     norm_axes,
@@ -154,11 +157,6 @@ def _layout_chain(x: ir.Value) -> tuple[ir.Value, list[int | None]]:
             for axis in arg:
                 layout.insert(axis, None)
     return cur, layout
-
-
-def _perm_of(node: ir.Node) -> tuple | None:
-    p = attr(node, "perm")
-    return None if p is None else tuple(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,34 +566,6 @@ def fuse_compose(model: ir.Model) -> int:
 # ---------------------------------------------------------------------------------------------
 # whole core -> DcmhaAttention
 # ---------------------------------------------------------------------------------------------
-def _single_use(value: ir.Value) -> bool:
-    return not value.is_graph_output() and len(list(value.uses())) == 1
-
-
-def _scaled(value: ir.Value) -> tuple[ir.Value, float]:
-    """Strip scalar Mul / Div by constants: value = inner * scale."""
-    scale = 1.0
-    while True:
-        node = producer(value, ("Mul", "Div"))
-        if node is None:
-            return value, scale
-        c = const_scalar(node.inputs[1])
-        if c is not None and rank(node.inputs[1]) in (0, 1):
-            if node.op_type == "Div" and c != 0:
-                scale /= c
-            else:
-                scale *= c
-            value = node.inputs[0]
-            continue
-        if node.op_type == "Mul":
-            c = const_scalar(node.inputs[0])
-            if c is not None and rank(node.inputs[0]) in (0, 1):
-                scale *= c
-                value = node.inputs[1]
-                continue
-        return value, scale
-
-
 def _qk(logits: ir.Value):
     """logits [B,N,T,S] = scale * q k^T -> (q maker, k maker, scale); q/k returned as [B,X,N,d]."""
     inner, scale = _scaled(logits)
@@ -623,86 +593,6 @@ def _qk(logits: ir.Value):
     pq = [lq.index(c) for c in (lb, lt, ln, ld[0])]
     pk = [lk.index(c) for c in (lb, ls, ln, ld[0])]
     return (lambda b: _transposed(b, q, pq), lambda b: _transposed(b, k, pk), scale)
-
-
-def _is_all_true(value: ir.Value) -> bool:
-    arr = const_array(value)
-    if arr is not None:
-        return arr.dtype == np.bool_ and bool(arr.all())
-    node = producer(value, ("Expand", "ConstantOfShape"))
-    if node is None:
-        return False
-    if node.op_type == "Expand":
-        return _is_all_true(node.inputs[0])
-    fill = attr(node, "value")
-    return fill is not None and bool(np.asarray(fill.numpy()).all())
-
-
-def _allowed(value: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
-    """Decompose a boolean 'allowed' tensor into key padding and causal parts."""
-    node = value.producer()
-    if node is None or node.domain != "":
-        return None
-    if node.op_type == "And":
-        left = _allowed(node.inputs[0], b_dim, t_dim, s_dim)
-        right = _allowed(node.inputs[1], b_dim, t_dim, s_dim)
-        if left is None or right is None or (left.get("kpm") and right.get("kpm")):
-            return None
-        return {"kpm": left.get("kpm") or right.get("kpm"), "causal": left.get("causal", 0) or right.get("causal", 0)}
-    if node.op_type == "Unsqueeze":
-        axes = axes_of(node)
-        src = node.inputs[0]
-        d = dims(src)
-        if axes is None or d is None:
-            return None
-        axes = norm_axes(axes, 4)
-        if axes == [1, 2] and len(d) == 2 and same_dim(d[0], b_dim) and same_dim(d[1], s_dim):
-            return {"kpm": src, "causal": 0}
-        if axes == [0, 1] and len(d) == 2:
-            return _allowed(src, b_dim, t_dim, s_dim)
-        return None
-    if node.op_type in ("LessOrEqual", "GreaterOrEqual"):
-        keys, queries = node.inputs if node.op_type == "LessOrEqual" else node.inputs[::-1]
-        if _positions(keys, 0) is not None and _positions(keys, 0) is _positions(queries, 1) and same_dim(t_dim, s_dim):
-            return {"kpm": None, "causal": 1}
-        return None
-    if node.op_type == "Trilu":
-        k = const_scalar(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else 0
-        d = dims(value)
-        if attr(node, "upper", 1) == 0 and k == 0 and _is_all_true(node.inputs[0]) and d is not None and \
-                same_dim(d[-1], d[-2]) and same_dim(t_dim, s_dim):
-            return {"kpm": None, "causal": 1}
-    return None
-
-
-def _positions(value: ir.Value, axis: int) -> ir.Value | None:
-    """value = Unsqueeze(Range(0, n, 1), [axis]) of a 2-D result -> the Range's limit."""
-    node = producer(value, "Unsqueeze")
-    if node is None or axes_of(node) is None or norm_axes(axes_of(node), 2) != [axis]:
-        return None
-    rng = producer(node.inputs[0], "Range")
-    if rng is None or const_scalar(rng.inputs[0]) != 0 or const_scalar(rng.inputs[2]) != 1:
-        return None
-    return rng.inputs[1]
-
-
-def _mask(value: ir.Value, a_dims) -> tuple[ir.Value, dict] | None:
-    """value = where(allowed, x, NEG) -> (x, parts of allowed); a bare x -> (x, {})."""
-    node = producer(value, "Where")
-    if node is None:
-        return value, {}
-    cond, x, y = node.inputs
-    neg = const_scalar(y)
-    if neg is None:
-        negated = producer(cond, "Not")
-        neg = const_scalar(x)
-        if negated is None or neg is None:
-            return None
-        cond, x = negated.inputs[0], y
-    if neg > -1e9:
-        return None
-    parts = _allowed(cond, a_dims[0], a_dims[2], a_dims[3])
-    return None if parts is None else (x, parts)
 
 
 def _compose_node(value: ir.Value) -> ir.Node | None:

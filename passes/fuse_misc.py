@@ -46,7 +46,10 @@ from ._ir_utils import (
     same_dim,
     to_proto,
 )
-from .fuse_dcmha import _mask, _qk, _scaled, _single_use, _transposed
+from ._match import scaled as _scaled
+from ._match import single_use as _single_use
+from ._match import where_mask as _mask
+from .fuse_dcmha import _qk, _transposed
 
 
 def _is_length_of(ends: ir.Value, x: ir.Value) -> bool:

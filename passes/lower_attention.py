@@ -41,9 +41,12 @@ from ._ir_utils import (
     producer,
     rank,
     replace_value,
-    same_dim,
 )
-from .fuse_dcmha import _mask, _perm_of, _scaled, _single_use
+from ._match import merged_heads_target as _merged_heads_target
+from ._match import scaled as _scaled
+from ._match import single_use as _single_use
+from ._match import split_heads_source as _split_heads_source
+from ._match import where_mask as _mask
 
 MS_DOMAIN = "com.microsoft"
 NEG = -1e30
@@ -58,39 +61,6 @@ def folding_saves_macs(n_heads: int, d_model: int, seq: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 # matching the decomposed core
 # ---------------------------------------------------------------------------------------------
-def _split_heads_source(value: ir.Value, perm: tuple) -> ir.Value | None:
-    """value = Transpose(Reshape(src [B,X,D], [B,X,N,d]), perm) -> src."""
-    t = producer(value, "Transpose")
-    if t is None or _perm_of(t) != perm:
-        return None
-    r = producer(t.inputs[0], "Reshape")
-    if r is None:
-        return None
-    src, d4 = r.inputs[0], dims(t.inputs[0])
-    d3 = dims(src)
-    if d3 is None or d4 is None or len(d3) != 3 or len(d4) != 4 or not isinstance(d4[2], int) or \
-            not isinstance(d4[3], int) or d3[2] != d4[2] * d4[3] or not same_dim(d3[0], d4[0]) or \
-            not same_dim(d3[1], d4[1]):
-        return None
-    return src
-
-
-def _merged_heads_target(o: ir.Value) -> ir.Value | None:
-    """o [B,N,T,d] -> Transpose(0,2,1,3) -> Reshape [B,T,D]: the Reshape's output."""
-    uses = list(o.uses())
-    if not _single_use(o) or uses[0].node.op_type != "Transpose" or _perm_of(uses[0].node) != (0, 2, 1, 3):
-        return None
-    t = uses[0].node.outputs[0]
-    uses = list(t.uses())
-    if not _single_use(t) or uses[0].node.op_type != "Reshape" or uses[0].idx != 0:
-        return None
-    out = uses[0].node.outputs[0]
-    d, do = dims(out), dims(o)
-    if d is None or do is None or len(d) != 3 or d[2] != do[1] * do[3]:
-        return None
-    return out
-
-
 def _match_core(soft: ir.Node):
     """Everything the lowering needs from one decomposed core, or None."""
     if attr(soft, "axis", -1) % 4 != 3 or rank(soft.outputs[0]) != 4:
@@ -141,8 +111,8 @@ def _match_core(soft: ir.Node):
 # ---------------------------------------------------------------------------------------------
 # emitting the fused op
 # ---------------------------------------------------------------------------------------------
-def _emit(b: Builder, target: str, q, k, v, heads: int, scale: float, parts: dict | None, allowed,
-          out_dims) -> ir.Value:
+def emit_fused_attention(b: Builder, target: str, q, k, v, heads: int, scale: float, parts: dict | None, allowed,
+                         out_dims) -> ir.Value:
     """Fused attention on [B,T,D] q and [B,S,D] k, v -> [B,T,D], exactly the contract's
     ``softmax(where(allowed, logits, NEG))``: the mask is ``parts`` (key padding / causal) or an
     unrecognised boolean ``allowed`` [B|1,1,T,S]. Rows with no allowed key are guarded (see
@@ -235,8 +205,8 @@ def lower_decomposed(model: ir.Model, target: str) -> int:
             continue
         b = Builder(graph, core["anchor"], "attn")
         allowed = core["allowed"]
-        out = _emit(b, target, core["q"], core["k"], core["v"], core["heads"], core["scale"], core["parts"],
-                    allowed, dims(core["target"]))
+        out = emit_fused_attention(b, target, core["q"], core["k"], core["v"], core["heads"], core["scale"],
+                                   core["parts"], allowed, dims(core["target"]))
         replace_value(core["target"], out)
         count += 1
     if count:
@@ -352,8 +322,8 @@ def lower_pooled_norm(model: ir.Model, target: str) -> int:
             if attr(node, "normalize", 0):
                 qg, kg = _normalise(b, node, qg, kg, weight)
             q3, k3, v3 = (_flatten_heads(b, t, len(heads) * d) for t in (qg, kg, vg))
-            out3 = _emit(b, target, q3, k3, v3, len(heads), scale, {"kpm": mask, "causal": 0}, None,
-                         (dq[0], dq[1], len(heads) * d))
+            out3 = emit_fused_attention(b, target, q3, k3, v3, len(heads), scale, {"kpm": mask, "causal": 0},
+                                        None, (dq[0], dq[1], len(heads) * d))
             outs.append(b.op("Reshape", [out3, b.ints([0, 0, len(heads), d])], dtype=dtype, shape=(dq[0], dq[1], len(heads), d)))
             order += heads
         out = outs[0] if len(outs) == 1 else b.op("Concat", outs, {"axis": 2}, dtype=dtype, shape=dq)

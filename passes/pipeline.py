@@ -29,6 +29,7 @@ from ..onnx_io import save_model
 from ._ir_utils import to_ir
 from .cleanup import CleanupPass
 from .fuse_dcmha import FuseDcmhaPass
+from .fuse_decode_attention import FuseDecodeAttentionPass
 from .legalize import LegalizePass
 from .report import Report, Snapshot
 
@@ -54,6 +55,12 @@ def _optional_passes(target: str) -> list[tuple[str, Callable[[], ir.passes.Pass
         pass
     else:
         found.append(("lower_attention", lambda: LowerAttentionPass(target=target)))
+    try:
+        from .fuse_standard_attention import FuseStandardAttentionPass
+    except ImportError:
+        pass
+    else:  # after lower_attention: only what it left (this project's forms keep their own lowering)
+        found.append(("fuse_standard_attention", lambda: FuseStandardAttentionPass(target=target)))
     return found
 
 
@@ -63,6 +70,8 @@ def build_passes(target: str) -> list[tuple[str, ir.passes.PassBase]]:
         raise OptimizeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     passes: list[tuple[str, ir.passes.PassBase]] = [("legalize", LegalizePass()), ("cleanup", CleanupPass()),
                                                     ("fuse_dcmha", FuseDcmhaPass())]
+    if target == "ort":  # decode graphs' cache attention; before lower_attention, which packs its Q|K|V
+        passes.append(("fuse_decode_attention", FuseDecodeAttentionPass()))
     passes += [(name, make()) for name, make in _optional_passes(target)]
     passes.append(("cleanup", CleanupPass()))
     if target == "trt":

@@ -4,6 +4,7 @@
   attn2onnx optimize model.onnx -o model.trt.onnx --target trt       tags nodes for TensorRT plugins
   attn2onnx optimize model.onnx -o model.opt.onnx --report           what each pass changed
   attn2onnx optimize model.onnx -o model.opt.onnx --json
+  attn2onnx optimize model.onnx -o model.opt.onnx --explain         each attention core: fused, or why not
 
 Targets: ort (may use com.microsoft contrib ops), trt (standard ops + plugin nodes),
 portable (standard ops + ai.attn2onnx nodes with their bodies). --json prints
@@ -21,6 +22,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=("ort", "trt", "portable"), default="ort")
     parser.add_argument("--report", action="store_true", help="print per pass what changed")
     parser.add_argument("--json", action="store_true", help="print one JSON summary object")
+    parser.add_argument("--explain", action="store_true",
+                        help="list each attention core (softmax over q.k logits) and the fusion it got or why not")
 
 
 def summary(report) -> dict:
@@ -50,4 +53,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         s = summary(report)
         print(f"wrote {args.output}: {s['nodes_before']} -> {s['nodes_after']} nodes, fused {s['fused'] or 'nothing'}")
+    if args.explain:
+        import onnx_ir as ir
+
+        from ..passes.explain import explain
+
+        outcomes = explain(ir.load(args.model), target=args.target)  # with its weights (tril buffers)
+        print(f"attention cores: {len(outcomes)}, fused {sum(o.fused for o in outcomes)}")
+        for outcome in outcomes:
+            print(f"  {outcome}")
     return 0

@@ -1,0 +1,84 @@
+"""``optimize --explain``: every attention-shaped subgraph and what the pipeline made of it.
+
+An attention core is a Softmax whose input reaches a q·k product (MatMul / Einsum) through
+scales, casts and masks, or an ONNX Attention node. After the pipeline a core is *fused* when its
+node is gone; otherwise the reason is the first failed check of the standard-attention rules
+(:mod:`.fuse_standard_attention`) run on it in the optimised graph: node, expected, found. An
+ONNX Attention node is already the fused form for targets trt and portable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+import onnx_ir as ir
+
+from ._ir_utils import to_ir
+from ._match import NoMatch, describe
+
+_THROUGH = ("Cast", "Where", "Add", "Mul", "Div", "Sub")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One core: its node, whether it fused, and otherwise why not."""
+
+    core: str
+    fused: bool
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.core}: fused" if self.fused else f"{self.core}: not fused: {self.reason}"
+
+
+def _reaches_product(value: ir.Value, depth: int = 8) -> bool:
+    """Whether ``value`` is a q·k product seen through up to ``depth`` elementwise / mask nodes."""
+    for _ in range(depth):
+        node = value.producer()
+        if node is None or node.domain != "":
+            return False
+        if node.op_type in ("MatMul", "Einsum"):
+            return True
+        if node.op_type not in _THROUGH:
+            return False
+        inputs = [x for x in node.inputs if x is not None and x.producer() is not None]
+        if node.op_type == "Where":
+            inputs = [x for x in node.inputs[1:] if x is not None and x.producer() is not None]
+        if not inputs:
+            return False
+        value = max(inputs, key=lambda x: len(x.shape or ()))
+    return False
+
+
+def attention_cores(graph: ir.Graph) -> list[ir.Node]:
+    """The attention-shaped nodes of ``graph`` (Softmax over q·k logits, ONNX Attention)."""
+    return [n for n in graph if n.domain == "" and (n.op_type == "Attention" or
+                                                    (n.op_type == "Softmax" and _reaches_product(n.inputs[0])))]
+
+
+def explain(model: onnx.ModelProto | ir.Model, target: str = "ort") -> list[Outcome]:
+    """Run the ``target`` pipeline on a copy of ``model`` and say, per attention core, whether it
+    fused and, where not, why."""
+    from .fuse_standard_attention import match
+    from .pipeline import optimize_model
+
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    before = to_ir(proto)
+    after, _ = optimize_model(ir.serde.deserialize_model(proto), target=target)
+    remaining = {n.name: n for n in after.graph}
+    outcomes = []
+    for node in attention_cores(before.graph):
+        left = remaining.get(node.name)
+        if left is None or left.op_type != node.op_type or (left.op_type == "Attention" and target != "ort"):
+            outcomes.append(Outcome(describe(node), True))
+            continue
+        try:
+            match(left, target)
+        except NoMatch as why:
+            outcomes.append(Outcome(describe(node), False, str(why)))
+        else:  # pragma: no cover - the pipeline fuses every core the rules accept
+            outcomes.append(Outcome(describe(node), False, "the rules accept it, but no pass fused it"))
+    return outcomes
+
+
+__all__ = ["Outcome", "attention_cores", "explain"]

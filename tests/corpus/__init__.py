@@ -1,0 +1,109 @@
+"""The attention corpus: standard attention in the styles of public code, each with the fusion
+the ``ort`` pipeline is expected to give it, and near misses that must stay unfused.
+
+``ENTRIES`` lists :class:`Entry` rows; ``inputs(entry, batch, seq)`` draws the inputs (the key
+padding mask holds, by row, all real / right-padded / left-padded / all padded tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import near_misses as nm
+from . import styles as st
+
+MHA = "com.microsoft::MultiHeadAttention"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    make: Callable[[], torch.nn.Module]
+    mask: bool                       # takes a key_padding_mask input
+    expected: str | None             # fused op on target ort; None: a near miss, must not fuse
+    precision: str = "fp32"          # export precision (fp16: module.half())
+    cores: int = 1                   # attention cores in the module (per-head loops: one per head)
+    gap: str = ""                    # a standard core the rules do not fuse yet: why (explain says it too)
+
+
+ENTRIES: list[Entry] = [
+    Entry("nanogpt_causal", st.NanoGptCausal, False, MHA),
+    Entry("gpt2_hf_causal_padding", st.Gpt2HfCausal, True, MHA),
+    Entry("timm_vit", st.TimmVit, False, MHA),
+    Entry("timm_vit_sdpa", st.TimmVitFused, False, MHA),
+    Entry("bert_additive", st.BertAdditive, True, MHA),
+    Entry("llama_rope_sdpa", st.LlamaRopeSdpa, False, MHA),
+    Entry("llama_eager", st.LlamaEager, False, MHA),
+    Entry("sdpa_causal", st.SdpaCausal, False, MHA),
+    Entry("sdpa_bool_mask", st.SdpaBoolMask, True, MHA),
+    Entry("torch_mha_padding", st.TorchMhaPadding, True, MHA),
+    Entry("torch_mha_causal", st.TorchMhaCausal, False, MHA),
+    Entry("per_head_loop", st.PerHeadLoop, False, MHA, cores=st.H),
+    Entry("einsum", st.Einsum, False, MHA, gap="einsum logits and mix: the rules match MatMul products only"),
+    Entry("scale_on_q", st.ScaleOnQ, False, MHA),
+    Entry("scale_on_k_div", st.ScaleOnK, False, MHA),
+    Entry("scale_split_q_k", st.SqrtScaleBoth, False, MHA),
+    Entry("where_allowed", st.WhereAllowed, True, MHA),
+    Entry("masked_fill_padding", st.MaskedFillPadding, True, MHA),
+    Entry("causal_and_padding", st.CausalAndPadding, True, MHA),
+    Entry("dropout_eval", st.DropoutEval, False, MHA),
+    Entry("softmax_fp32_casts_fp16", st.SoftmaxFp32Casts, False, MHA, precision="fp16"),
+    Entry("timm_vit_fp16", st.TimmVit, False, MHA, precision="fp16"),
+    Entry("near_softmax_over_queries", nm.SoftmaxOverQueries, False, None),
+    Entry("near_fill_with_zero", nm.FillWithZero, True, None),
+    Entry("near_mix_over_queries", nm.MixOverQueries, False, None),
+    Entry("near_logits_over_tokens", nm.LogitsOverTokens, False, None),
+    Entry("near_scaled_after_softmax", nm.ScaledAfterSoftmax, False, None),
+]
+
+
+def padding_mask(batch: int, seq: int) -> np.ndarray:
+    """Row i: (i mod 4) all real, right-padded, left-padded, all padded."""
+    mask = np.ones((batch, seq), dtype=bool)
+    for i in range(batch):
+        kind = i % 4
+        if kind == 1:
+            mask[i, seq - seq // 3:] = False
+        elif kind == 2:
+            mask[i, : seq // 2] = False
+        elif kind == 3:
+            mask[i] = False
+    return mask
+
+
+def inputs(entry: Entry, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    dtype = np.float16 if entry.precision == "fp16" else np.float32
+    feeds = {"x": rng.standard_normal((batch, seq, st.D)).astype(dtype)}
+    if entry.mask:
+        feeds["key_padding_mask"] = padding_mask(batch, seq)
+    return feeds
+
+
+def build(entry: Entry) -> torch.nn.Module:
+    """The entry's module, seeded, in eval mode, fp32 (the reference)."""
+    torch.manual_seed(0)
+    return entry.make().eval()
+
+
+def export(entry: Entry, module: torch.nn.Module):
+    """The stock export (dynamic batch and seq) of ``module`` at the entry's precision."""
+    import copy
+    import warnings
+
+    from attn2onnx.exporter import to_onnx
+    from attn2onnx.io_spec import InputSpec
+
+    half = entry.precision == "fp16"
+    specs = [InputSpec("x", ("batch", "seq", st.D), "float", precision=entry.precision)]
+    x = torch.randn(2, 8, st.D)
+    args: list[torch.Tensor] = [x.half() if half else x]
+    if entry.mask:
+        specs.append(InputSpec("key_padding_mask", ("batch", "seq"), "mask"))
+        args.append(torch.ones(2, 8, dtype=torch.bool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return to_onnx(copy.deepcopy(module).half() if half else module, args, specs, output_names=["y"])

@@ -1,0 +1,54 @@
+"""Attention-shaped graphs that are NOT standard attention: a fusion of any of them is a bug."""
+from __future__ import annotations
+
+import torch
+
+from .styles import HEAD, _Projections
+
+
+class SoftmaxOverQueries(_Projections):
+    """Softmax over the query axis (dim=-2): columns, not rows, sum to one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        return self.merge(torch.softmax(q @ k.transpose(-1, -2) * HEAD ** -0.5, dim=-2) @ v)
+
+
+class FillWithZero(_Projections):
+    """masked_fill(~mask, 0.0): a fill that is not a mask (padded keys keep weight exp(0))."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        s = (q @ k.transpose(-1, -2) * HEAD ** -0.5).masked_fill(~key_padding_mask[:, None, None, :], 0.0)
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
+class MixOverQueries(_Projections):
+    """The probabilities transposed before the mix: values weighted along the wrong axis."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        w = torch.softmax(q @ k.transpose(-1, -2) * HEAD ** -0.5, dim=-1)
+        return self.merge(w.transpose(-1, -2) @ v)
+
+
+class LogitsOverTokens(_Projections):
+    """q^T k: a d x d product over the tokens (a linear-attention-like mix), softmax over d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        w = torch.softmax(q.transpose(-1, -2) @ k * HEAD ** -0.5, dim=-1)  # [B,H,d,d]
+        return self.merge(v @ w)
+
+
+class ScaledAfterSoftmax(_Projections):
+    """The probabilities scaled by a learnt per-head gain after the softmax (rows no longer sum to 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 2.0, 4).view(1, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        w = torch.softmax(q @ k.transpose(-1, -2) * HEAD ** -0.5, dim=-1) * self.gain
+        return self.merge(w @ v)

@@ -1,0 +1,318 @@
+"""Standard attention written the ways public PyTorch code writes it, one module per style.
+
+Every module maps ``x`` [B,T,D] (and, where it takes one, a boolean ``key_padding_mask`` [B,T],
+True = real token) to [B,T,D]. They are written here from each style's idiom (GPT-2 / nanoGPT,
+HF BERT / GPT-2 / Llama, timm ViT, torch's SDPA and nn.MultiheadAttention, einsum, per-head
+loops), not copied from those projects. D = 32, H = 4 heads of d = 8 unless said otherwise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+D, H, MAX_LEN = 32, 4, 256
+HEAD = D // H
+
+
+class _Projections(nn.Module):
+    """Separate q / k / v / out projections and the [B,T,D] <-> [B,H,T,d] head split."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D, bias=bias) for _ in range(4))
+
+    @staticmethod
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, H, HEAD).transpose(1, 2)
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = o.shape
+        return self.o(o.transpose(1, 2).reshape(b, n, D))
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+
+
+class NanoGptCausal(nn.Module):
+    """nanoGPT: packed c_attn, a registered tril buffer, masked_fill(bias[:, :, :T, :T] == 0, -inf)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.register_buffer("bias", torch.tril(torch.ones(MAX_LEN, MAX_LEN)).view(1, 1, MAX_LEN, MAX_LEN))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.size()
+        q, k, v = self.c_attn(x).split(D, dim=2)
+        q, k, v = (z.view(b, t, H, c // H).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(b, t, c)
+        return self.c_proj(y)
+
+
+class Gpt2HfCausal(nn.Module):
+    """HF GPT-2: a bool causal buffer sliced [k-q:k, :k], where(causal, w, finfo.min), Div by a
+    tensor scale, plus the padding mask as an additive (1 - mask) * finfo.min."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.register_buffer("bias", torch.tril(torch.ones(MAX_LEN, MAX_LEN, dtype=torch.bool)).view(1, 1, MAX_LEN, MAX_LEN))
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, H, HEAD).permute(0, 2, 1, 3) for z in self.c_attn(x).split(D, dim=2))
+        w = torch.matmul(q, k.transpose(-1, -2)) / torch.full([], v.size(-1) ** 0.5, dtype=x.dtype)
+        ql, kl = q.size(-2), k.size(-2)
+        causal = self.bias[:, :, kl - ql:kl, :kl]
+        w = torch.where(causal, w, torch.full([], torch.finfo(w.dtype).min, dtype=w.dtype))
+        w = w + (1.0 - key_padding_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        w = nn.functional.softmax(w, dim=-1)
+        o = torch.matmul(w, v).permute(0, 2, 1, 3).contiguous().view(b, t, D)
+        return self.c_proj(o)
+
+
+class TimmVit(nn.Module):
+    """timm ViT: qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0), q * scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.scale = HEAD ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, H, HEAD).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = attn.softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class TimmVitFused(nn.Module):
+    """timm ViT with fused_attn: the same unbind, then F.scaled_dot_product_attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, H, HEAD).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class BertAdditive(_Projections):
+    """HF BERT: transpose_for_scores (view + permute), scores / sqrt(d) + (1 - mask) * finfo.min,
+    dropout on the probabilities (eval: identity)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(0.1)
+
+    @staticmethod
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.size()[:-1] + (H, HEAD)).permute(0, 2, 1, 3)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(HEAD)
+        extended = (1.0 - key_padding_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        probs = self.dropout(nn.functional.softmax(scores + extended, dim=-1))
+        ctx = torch.matmul(probs, v).permute(0, 2, 1, 3).contiguous()
+        return self.o(ctx.view(ctx.size()[:-2] + (D,)))
+
+
+def _rotate_half(t: torch.Tensor) -> torch.Tensor:
+    a, b = t[..., : t.shape[-1] // 2], t[..., t.shape[-1] // 2:]
+    return torch.cat((-b, a), dim=-1)
+
+
+class LlamaRopeSdpa(_Projections):
+    """Llama style: RoPE from cos / sin buffers with rotate_half, then causal SDPA."""
+
+    def __init__(self) -> None:
+        super().__init__(bias=False)
+        inv = 1.0 / (10000 ** (torch.arange(0, HEAD, 2).float() / HEAD))
+        freqs = torch.outer(torch.arange(MAX_LEN).float(), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos())
+        self.register_buffer("sin", emb.sin())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        cos, sin = self.cos[:t], self.sin[:t]
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+class LlamaEager(_Projections):
+    """Llama eager attention: RoPE, q k^T * d^-0.5 + an additive causal mask of finfo.min, softmax
+    in fp32 then back (.to(q.dtype))."""
+
+    def __init__(self) -> None:
+        super().__init__(bias=False)
+        inv = 1.0 / (10000 ** (torch.arange(0, HEAD, 2).float() / HEAD))
+        emb = torch.outer(torch.arange(MAX_LEN).float(), inv).repeat(1, 2)
+        self.register_buffer("cos", emb.cos())
+        self.register_buffer("sin", emb.sin())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        q = q * self.cos[:t] + _rotate_half(q) * self.sin[:t]
+        k = k * self.cos[:t] + _rotate_half(k) * self.sin[:t]
+        w = torch.matmul(q, k.transpose(2, 3)) * HEAD ** -0.5
+        causal = torch.triu(torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype), diagonal=1)
+        w = nn.functional.softmax(w + causal, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.merge(torch.matmul(w, v))
+
+
+class SdpaCausal(_Projections):
+    """F.scaled_dot_product_attention(q, k, v, is_causal=True)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+class SdpaBoolMask(_Projections):
+    """F.scaled_dot_product_attention with a boolean key padding attn_mask [B,1,1,S]."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask[:, None, None, :]))
+
+
+class TorchMhaPadding(nn.Module):
+    """nn.MultiheadAttention(batch_first=True) with key_padding_mask (True = ignore)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, H, batch_first=True)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, key_padding_mask=~key_padding_mask, need_weights=False)[0]
+
+
+class TorchMhaCausal(nn.Module):
+    """nn.MultiheadAttention with a boolean causal attn_mask (True = not allowed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, H, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+        return self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+class PerHeadLoop(nn.Module):
+    """A loop over heads: column slices of the projections, softmax per head, Concat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        outs = []
+        for h in range(H):
+            cols = slice(h * HEAD, (h + 1) * HEAD)
+            w = torch.softmax(q[..., cols] @ k[..., cols].transpose(1, 2) / math.sqrt(HEAD), dim=-1)
+            outs.append(w @ v[..., cols])
+        return self.o(torch.cat(outs, dim=-1))
+
+
+class Einsum(_Projections):
+    """einsum('bhtd,bhsd->bhts') logits and einsum('bhts,bhsd->bhtd') mix."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        w = torch.einsum("bhtd,bhsd->bhts", q, k) * HEAD ** -0.5
+        return self.merge(torch.einsum("bhts,bhsd->bhtd", w.softmax(-1), v))
+
+
+class ScaleOnQ(_Projections):
+    """The scale folded into q before the product (q * d^-0.5) @ k^T."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        return self.merge(torch.softmax((q * HEAD ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v)
+
+
+class ScaleOnK(_Projections):
+    """The scale on the transposed keys: q @ (k^T / sqrt(d)), heads split with permute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        return self.merge(torch.softmax(q @ (k.transpose(-1, -2) / math.sqrt(HEAD)), dim=-1) @ v)
+
+
+class SqrtScaleBoth(_Projections):
+    """The scale split between q and k, d^-0.25 each (as some ports of Whisper do)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        s = HEAD ** -0.25
+        return self.merge(torch.softmax((q * s) @ (k * s).transpose(-1, -2), dim=-1) @ v)
+
+
+class WhereAllowed(_Projections):
+    """This project's own form: torch.where(allowed, s, NEG) on a key padding mask."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        s = q @ k.transpose(-1, -2) * HEAD ** -0.5
+        s = torch.where(key_padding_mask[:, None, None, :], s, torch.tensor(-1e30))
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
+class MaskedFillPadding(_Projections):
+    """masked_fill(~mask[:, None, None, :], -inf) on the logits: key padding, -inf fill."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        s = q @ k.transpose(-1, -2) / math.sqrt(HEAD)
+        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
+class CausalAndPadding(_Projections):
+    """Causal tril built in forward AND key padding, one masked_fill(-inf) of the combined mask."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        allowed = torch.tril(torch.ones(t, t, dtype=torch.bool)) & key_padding_mask[:, None, None, :]
+        s = (q @ k.transpose(-1, -2)) * HEAD ** -0.5
+        return self.merge(torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v)
+
+
+class SoftmaxFp32Casts(_Projections):
+    """Autocast style: logits upcast, softmax in fp32, probabilities cast back (exported fp16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        s = (q @ k.transpose(-1, -2)) * HEAD ** -0.5
+        return self.merge(torch.softmax(s.float(), dim=-1).to(v.dtype) @ v)
+
+
+class DropoutEval(_Projections):
+    """nn.Dropout on the probabilities (identity in eval) and on the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn_drop, self.proj_drop = nn.Dropout(0.1), nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        w = self.attn_drop(torch.softmax(q @ k.transpose(-2, -1) * HEAD ** -0.5, dim=-1))
+        return self.proj_drop(self.merge(w @ v))
