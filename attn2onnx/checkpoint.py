@@ -21,7 +21,8 @@ from torch import nn
 from .errors import CheckpointError, UsageError
 from .fileio import atomic_output
 from .models import ModelConfig, build_model
-from .models.config import SIZE_FIELDS, check_size, count_values, meta_model
+from .models.build import check_size, meta_model
+from .models.config import SIZE_FIELDS, count_values
 from .torch_files import TorchFileError, load_weights_only
 from .variants import VariantError
 

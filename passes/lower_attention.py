@@ -24,8 +24,8 @@
   one wide MatMul and a Split -- Q|K|V for mha, Q|K for optimised, and for DCMHA the
   ``[Wq|Wk|Wv|dw1|dd]`` GEMM. Packing never changes MACs.
 * Folding two consecutive linear maps (``W_V W_O`` or ``W_Q W_K^T``) is exact per head but only
-  saves work for one head (variants.md): :func:`folding_saves_macs` says when, and the pass
-  folds nothing for N >= 2 (every exported variant here has N >= 2).
+  saves work for one head (variants.md: N per-head D x D maps cost N T D^2 against 2 T D^2), so
+  the pass folds nothing (every exported variant here has N >= 2).
 """
 from __future__ import annotations
 
@@ -50,12 +50,6 @@ from ._match import where_mask as _mask
 
 MS_DOMAIN = "com.microsoft"
 NEG = -1e30
-
-
-def folding_saves_macs(n_heads: int, d_model: int, seq: int) -> bool:
-    """Whether replacing per-head ``(x W_V,h) W_O,h`` by ``x (W_V,h W_O,h)`` lowers MACs: the
-    merged per-head maps are D x D each, so N of them cost N T D^2 against 2 T D^2 unmerged."""
-    return n_heads * seq * d_model * d_model < 2 * seq * d_model * d_model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from onnx import TensorProto, helper
 import attn2onnx
 from attn2onnx import CheckpointError, ModelConfig, UsageError, build_model
 from attn2onnx.checkpoint import FORMAT, VERSION
-from attn2onnx.models.config import MAX_LAYERS, state_size
+from attn2onnx.models.build import state_size
+from attn2onnx.models.config import MAX_LAYERS
 from attn2onnx.sources import load_source
 from attn2onnx.torch_files import TorchFileError, load_program
 from test_cli_basic import assert_one_line_error, call

@@ -17,7 +17,6 @@ from attn2onnx.exporter import to_onnx
 from attn2onnx.io_spec import InputSpec
 from attn2onnx.passes import optimize_model
 from attn2onnx.passes._ir_utils import count_ops
-from attn2onnx.passes.lower_attention import folding_saves_macs
 from attn2onnx.variants import build_attention
 
 D, N = 32, 4
@@ -142,11 +141,6 @@ def test_other_variants_keep_their_ops(exported, name):
     after = {k: v for k, v in count_ops(ir.serde.deserialize_model(optimised)).items() if k.startswith("ai.attn2onnx")}
     assert before == after
     check_outputs(module, stock, optimised)
-
-
-def test_folding_only_for_one_head():
-    assert folding_saves_macs(1, 512, 1024)
-    assert not any(folding_saves_macs(n, 512, 1024) for n in (2, 4, 8, 32))
 
 
 def test_stock_super_mix_is_fused(tmp_path):

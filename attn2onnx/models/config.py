@@ -1,5 +1,5 @@
-"""``ModelConfig``: one plain dataclass that describes any model of any family, and
-``build_model`` that turns it into a module.
+"""``ModelConfig``: one plain dataclass that describes any model of any family
+(:func:`attn2onnx.models.build.build_model` turns it into a module).
 
 A config is checked when it is made (``ModelConfig(...)`` raises ``UsageError`` /
 ``VariantError`` with one line saying what to change), so a model, a checkpoint or a CLI call
@@ -14,7 +14,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import UsageError
@@ -30,7 +29,6 @@ REUSE_DEFAULT_RUN = 6  # variants.md §7: layer 0 computes, layers 1..6 reuse al
 MAX_LAYERS = 1024  # as deep as the deepest published transformers (DeepNet); bounds the cost of counting
 MAX_VALUES = 1 << 33  # values in one model's state: 8 Gi, 32 GiB as float32
 SIZE_FIELDS = ("layers", "d_model", "heads", "mlp_hidden", "max_len", "vocab_size", "num_classes", "channels")
-_PER_LAYER_FIELDS = ("reuse_schedule", "layer_options")  # reset with ``layers`` when blaming it
 
 
 @dataclass
@@ -312,82 +310,12 @@ def coerce_options(variant: str, options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def meta_model(config: ModelConfig) -> nn.Module:
-    """The model of ``config`` on the meta device: its structure, names and shapes, with
-    nothing allocated. Raises OverflowError / RuntimeError for a tensor torch cannot describe."""
-    with torch.device("meta"):
-        return _instantiate(config)
-
-
 def count_values(model: nn.Module) -> int:
     """Values in a model's state (parameters and persistent buffers, shared ones once)."""
     return sum(t.numel() for t in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values())
 
 
-def state_size(config: ModelConfig) -> float:
-    """Values in the state of the model ``config`` describes, counted without allocating;
-    ``math.inf`` when a tensor is too large for torch to describe."""
-    try:
-        return count_values(meta_model(config))
-    except (RuntimeError, OverflowError):
-        return math.inf
-
-
-def check_size(config: ModelConfig) -> None:
-    """Refuse (UsageError naming the config field to lower), before anything is allocated, a
-    config whose model holds more than ``MAX_VALUES`` values."""
-    size = state_size(config)
-    if size <= MAX_VALUES:
-        return
-    name = _field_to_blame(config)
-    count = "too many" if size == math.inf else f"{size:,}"
-    raise UsageError(f"{name}={getattr(config, name)} makes a model of {count} values, more than attn2onnx builds "
-                     f"(MAX_VALUES = {MAX_VALUES:,}, {MAX_VALUES * 4 / 2**30:.0f} GiB as float32); lower {name}")
-
-
-def _field_to_blame(config: ModelConfig) -> str:
-    """The size field whose default value shrinks the model most (``layers`` with the per-layer
-    lists that follow it); the largest size field when no default makes a valid config."""
-    fields = {f.name: f.default for f in dataclasses.fields(config)}
-    sizes = {}
-    for name in SIZE_FIELDS:
-        if getattr(config, name) == fields[name]:
-            continue
-        changes = {name: fields[name]}
-        if name == "layers":
-            changes.update({other: None for other in _PER_LAYER_FIELDS if other in fields})
-        try:
-            sizes[name] = state_size(dataclasses.replace(config, **changes))
-        except (UsageError, VariantError):
-            continue
-    return min(sizes, key=sizes.get) if sizes else max(SIZE_FIELDS, key=lambda name: getattr(config, name))
-
-
-def _instantiate(config: ModelConfig) -> nn.Module:
-    """The family module of ``config``, initialised from ``config.seed`` (global RNG untouched)."""
-    from .encoder import EncoderClassifier
-    from .layer import AttentionLayer
-    from .lm import CausalLM
-
-    family = {"lm": CausalLM, "encoder": EncoderClassifier, "layer": AttentionLayer}[config.family]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        return family(config)
-
-
-def build_model(config: ModelConfig | dict[str, Any]) -> nn.Module:
-    """A randomly initialised model of ``config.family`` (deterministic in ``config.seed``;
-    the global RNG is left untouched). The model keeps its config as ``model.config``.
-    Its size is checked first (:func:`check_size`)."""
-    if isinstance(config, dict):
-        config = ModelConfig.from_dict(config)
-    elif not isinstance(config, ModelConfig):
-        raise UsageError(f"build_model takes a ModelConfig or a dict, got {type(config).__name__}")
-    check_size(config)
-    return _instantiate(config)
-
-
 __all__ = [
-    "FAMILIES", "MAX_LAYERS", "MAX_VALUES", "MLP_KINDS", "SIZE_FIELDS", "ModelConfig", "build_model", "check_size",
-    "coerce_options", "count_values", "meta_model", "reuse_field", "state_size",
+    "FAMILIES", "MAX_LAYERS", "MAX_VALUES", "MLP_KINDS", "SIZE_FIELDS", "ModelConfig", "coerce_options",
+    "count_values", "reuse_field",
 ]
