@@ -36,6 +36,18 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+# Seeds feed torch.manual_seed, which takes at most 2**64 - 1 (numpy takes any size).
+MAX_SEED = 2**64 - 1
+
+
+def seed_int(text: str) -> int:
+    """argparse type for seeds: 0 .. MAX_SEED."""
+    value = non_negative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most 2**64 - 1, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse type for amounts such as a workspace size in GiB: finite and > 0."""
     value = _number(text, float)
