@@ -1,6 +1,7 @@
 """Small onnx-ir helpers shared by the graph passes: shapes, constants, node building."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -243,3 +244,26 @@ def fuse_each(model: ir.Model, op_type: str, anchor: Callable[[ir.Node], bool],
     if count:
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return count
+
+
+class FusionPass(ir.passes.InPlacePass):
+    """A pass that makes one kind of ``ai.attn2onnx`` node (``op_type``) with :meth:`fuse`;
+    ``counts`` after a run says how many, and the subclass's module logger says so (debug)."""
+
+    op_type: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def fuse(self, model: ir.Model) -> int:  # pragma: no cover - every subclass overrides it
+        """Make the nodes; how many were made."""
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        made = self.fuse(model)
+        self.counts = {self.op_type: made}
+        if made:
+            logging.getLogger(type(self).__module__).debug("%s: %d %s node(s)", type(self).__name__, made,
+                                                           self.op_type)
+        return ir.passes.PassResult(model, bool(made))

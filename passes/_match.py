@@ -1,13 +1,27 @@
-"""Matching helpers shared by the attention passes (fuse_dcmha, fuse_misc, lower_attention,
-fuse_standard_attention, explain): scales, masks, head layouts, and :class:`NoMatch`, the
-reason a check failed (node, what was expected, what was found), in the style of onnxscript's
+"""Matching helpers shared by the graph passes (fuse_dcmha, fuse_dcmha_release, fuse_super_mix,
+fuse_reuse, fuse_imhsa, fuse_decode_attention, fuse_standard_attention, lower_attention, explain):
+scales, masks, head layouts, einsum equations, the q·k product, and :class:`NoMatch`, the reason a
+check failed (node, what was expected, what was found), in the style of onnxscript's
 ``MatchResult.fail``."""
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 
-from ._ir_utils import attr, axes_of, const_array, const_scalar, dims, norm_axes, producer, rank, same_dim
+from typing import Callable
+
+from ._ir_utils import (
+    Builder,
+    attr,
+    axes_of,
+    const_array,
+    const_scalar,
+    dims,
+    norm_axes,
+    producer,
+    rank,
+    same_dim,
+)
 
 
 class NoMatch(Exception):
@@ -183,3 +197,111 @@ def merged_heads_target(o: ir.Value) -> ir.Value | None:
     if d is None or do is None or len(d) != 3 or d[2] != do[1] * do[3]:
         return None
     return out
+
+
+def parse_equation(node: ir.Node) -> tuple[list[str], str] | None:
+    """An Einsum's equation as (input letter strings, output letters); None with '...' or no '->'."""
+    eq = attr(node, "equation")
+    if isinstance(eq, bytes):
+        eq = eq.decode()
+    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    return lhs.split(","), out
+
+
+def layout_chain(x: ir.Value) -> tuple[ir.Value, list[int | None]]:
+    """Follow Transpose / Unsqueeze producers back to a source: x's axes as source axes (None for
+    an inserted unit axis)."""
+    ops = []
+    cur = x
+    while True:
+        node = producer(cur, ("Transpose", "Unsqueeze"))
+        if node is None or rank(node.inputs[0]) is None:
+            break
+        if node.op_type == "Transpose":
+            p = perm_of(node)
+            if p is None:
+                break
+            ops.append(("T", list(p)))
+        else:
+            axes = axes_of(node)
+            if axes is None:
+                break
+            ops.append(("U", norm_axes(axes, rank(cur))))
+        cur = node.inputs[0]
+    layout: list[int | None] = list(range(rank(cur) or 0))
+    for kind, arg in reversed(ops):
+        if kind == "T":
+            layout = [layout[p] for p in arg]
+        else:
+            for axis in arg:
+                layout.insert(axis, None)
+    return cur, layout
+
+
+def transposed(b: Builder, x: ir.Value, perm: list[int]) -> ir.Value:
+    """Transpose(x, perm), looking through the Transpose / Unsqueeze chain that made ``x`` so the
+    result is at most one Transpose and one Unsqueeze of the chain's source."""
+    if perm == list(range(len(perm))):
+        return x
+    base, layout = layout_chain(x)
+    out_layout = [layout[p] for p in perm]
+    order = [i for i in out_layout if i is not None]
+    units = [j for j, i in enumerate(out_layout) if i is None]
+    if base is x or len(order) != rank(base):
+        base, order, units = x, list(perm), []
+    d = dims(base)
+    y = base
+    if order != list(range(len(order))):
+        y = b.op("Transpose", [base], {"perm": order}, dtype=base.dtype,
+                 shape=None if d is None else [d[p] for p in order])
+    if units:
+        dy = dims(y)
+        shape = None
+        if dy is not None:
+            shape, it = [], iter(dy)
+            for j in range(len(out_layout)):
+                shape.append(1 if j in units else next(it))
+        y = b.op("Unsqueeze", [y, b.ints(units)], dtype=base.dtype, shape=shape)
+    return y
+
+
+QkMakers = tuple[Callable[[Builder], ir.Value], Callable[[Builder], ir.Value], float]
+
+
+def qk_product(logits: ir.Value) -> QkMakers | None:
+    """logits [B,N,T,S] = scale * q k^T (MatMul or Einsum) -> (q maker, k maker, scale); the makers
+    emit q / k as [B,X,N,d]."""
+    inner, scale = scaled(logits)
+    node = producer(inner, ("MatMul", "Einsum"))
+    if node is None or len(node.inputs) != 2:
+        return None
+    if node.op_type == "MatMul":
+        q, qs = scaled(node.inputs[0])
+        kt, ks = scaled(node.inputs[1])
+        dq, dk = dims(q), dims(kt)
+        if dq is None or dk is None or len(dq) != 4 or len(dk) != 4 or dq[1] != dk[1] or dq[3] != dk[2]:
+            return None
+        return (lambda b: transposed(b, q, [0, 2, 1, 3]), lambda b: transposed(b, kt, [0, 3, 1, 2]), scale * qs * ks)
+    parsed = parse_equation(node)
+    if parsed is None:
+        return None
+    (lq, lk), out = parsed
+    if len(out) != 4 or len(lq) != 4 or len(lk) != 4:
+        return None
+    lb, ln, lt, ls = out
+    ld = [c for c in lq if c not in out]
+    if len(ld) != 1 or sorted(lq) != sorted([lb, ln, lt, ld[0]]) or sorted(lk) != sorted([lb, ln, ls, ld[0]]):
+        return None
+    q, k = node.inputs
+    pq = [lq.index(c) for c in (lb, lt, ln, ld[0])]
+    pk = [lk.index(c) for c in (lb, ls, ln, ld[0])]
+    return (lambda b: transposed(b, q, pq), lambda b: transposed(b, k, pk), scale)
+
+
+def all_true_mask(b: Builder, x: ir.Value, shape: tuple) -> ir.Value:
+    """An all-true bool mask over x's first two axes (batch, tokens), of static ``shape``: what a
+    fused op gets where the pattern had no padding mask (the same computation)."""
+    size = b.op("Shape", [x], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,))
+    return b.op("Expand", [b.const(np.array(True), "true"), size], dtype=ir.DataType.BOOL, shape=shape)

@@ -1,16 +1,19 @@
 """Cleanup: constant folding, CSE, identity / dead-node removal and shape inference.
 
-Built on ``onnxscript.optimizer`` with ``inline=False``: the ``ai.attn2onnx`` nodes stay single
+Built on ``onnxscript.optimizer.optimize_ir`` (public API) with ``inline=False``: the ``ai.attn2onnx`` nodes stay single
 nodes with their function bodies attached (a runtime with a native kernel runs the kernel, the
 others run the body), and constant folding never evaluates one of our nodes.
 """
 from __future__ import annotations
 
+import logging
+
 import onnx_ir as ir
 import onnxscript.optimizer
-from onnxscript.optimizer import _optimizer
 
 from ._ir_utils import DOMAIN
+
+logger = logging.getLogger(__name__)
 
 
 def _fold(node: ir.Node) -> bool | None:
@@ -34,17 +37,21 @@ class CleanupPass(ir.passes.InPlacePass):
         ours = {key: f for key, f in model.functions.items() if key[0] == DOMAIN}
         for key in ours:
             del model.functions[key]
-        _optimizer.optimize_ir(model, num_iterations=self.num_iterations, onnx_shape_inference=self.shape_inference,
-                               should_fold=_fold, inline=False)
+        onnxscript.optimizer.optimize_ir(model, num_iterations=self.num_iterations,
+                                         onnx_shape_inference=self.shape_inference, should_fold=_fold, inline=False)
         ir.passes.common.IdentityEliminationPass()(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         model.functions.update(ours)
         ir.passes.common.RemoveUnusedFunctionsPass()(model)
-        return ir.passes.PassResult(model, _fingerprint(model) != before)
+        changed = _fingerprint(model) != before
+        logger.debug("cleanup: %d nodes, %s", len(model.graph), "changed" if changed else "no change")
+        return ir.passes.PassResult(model, changed)
 
 
 def _fingerprint(model: ir.Model) -> tuple:
-    return tuple((n.domain, n.op_type, tuple(id(v) for v in n.inputs)) for n in model.graph), len(model.graph.initializers)
+    """What cleanup may change: each node's op and inputs, and the number of initializers."""
+    nodes = tuple((n.domain, n.op_type, tuple(id(v) for v in n.inputs)) for n in model.graph)
+    return nodes, len(model.graph.initializers)
 
 
 def cleanup(model: ir.Model) -> ir.Model:
@@ -53,4 +60,4 @@ def cleanup(model: ir.Model) -> ir.Model:
     return model
 
 
-__all__ = ["CleanupPass", "cleanup", "onnxscript"]
+__all__ = ["CleanupPass", "cleanup"]

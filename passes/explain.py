@@ -3,8 +3,9 @@
 An attention core is a Softmax whose input reaches a q·k product (MatMul / Einsum) through
 scales, casts and masks, or an ONNX Attention node. After the pipeline a core is *fused* when its
 node is gone; otherwise the reason is the first failed check of the standard-attention rules
-(:mod:`.fuse_standard_attention`) run on it in the optimised graph: node, expected, found. An
-ONNX Attention node is already the fused form for targets trt and portable.
+(:mod:`.fuse_standard_attention`; :mod:`.fuse_imhsa`'s for a softmax of an iMHSA core) run on it
+in the optimised graph: node, expected, found. An ONNX Attention node is already the fused form
+for targets trt and portable.
 """
 from __future__ import annotations
 
@@ -56,10 +57,22 @@ def attention_cores(graph: ir.Graph) -> list[ir.Node]:
                                                     (n.op_type == "Softmax" and _reaches_product(n.inputs[0])))]
 
 
+def _match_any(core: ir.Node, target: str) -> None:
+    """Run the rules that claim ``core`` (iMHSA when its softmax feeds A_Q @ (A_K @ v), the
+    standard-attention rules otherwise); NoMatch says the first failed check."""
+    from .fuse_imhsa import core_end, match_landmark
+    from .fuse_standard_attention import match
+
+    end = core_end(core) if core.op_type == "Softmax" else None
+    if end is not None:
+        match_landmark(end)
+    else:
+        match(core, target)
+
+
 def explain(model: onnx.ModelProto | ir.Model, target: str = "ort") -> list[Outcome]:
     """Run the ``target`` pipeline on a copy of ``model`` and say, per attention core, whether it
     fused and, where not, why."""
-    from .fuse_standard_attention import match
     from .pipeline import optimize_model
 
     proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
@@ -73,7 +86,7 @@ def explain(model: onnx.ModelProto | ir.Model, target: str = "ort") -> list[Outc
             outcomes.append(Outcome(describe(node), True))
             continue
         try:
-            match(left, target)
+            _match_any(left, target)
         except NoMatch as why:
             outcomes.append(Outcome(describe(node), False, str(why)))
         else:  # pragma: no cover - the pipeline fuses every core the rules accept

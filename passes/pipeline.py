@@ -5,7 +5,7 @@ Targets:
 * ``ort``      -- fusions, then attention lowered onto what ONNX Runtime runs fastest
   (com.microsoft MultiHeadAttention where it measured faster, ONNX Attention-23 otherwise);
 * ``trt``      -- fusions, attention lowered onto ONNX Attention-23 (TensorRT's parser imports
-  it), and the TensorRT plugin annotations of ``passes.trt_plugins`` when that module is there;
+  it), and the TensorRT plugin annotations of ``passes.trt_plugins``;
 * ``portable`` -- fusions and standard-op lowering only (ONNX Attention-23, no vendor domains).
 
 Every target starts and ends with :class:`~attn2onnx.passes.cleanup.CleanupPass`. Our
@@ -19,8 +19,6 @@ Python API::
 from __future__ import annotations
 
 import os
-from typing import Callable
-
 import onnx
 import onnx_ir as ir
 
@@ -30,38 +28,20 @@ from ._ir_utils import to_ir
 from .cleanup import CleanupPass
 from .fuse_dcmha import FuseDcmhaPass
 from .fuse_decode_attention import FuseDecodeAttentionPass
+from .fuse_imhsa import FuseImhsaPass
+from .fuse_reuse import FuseReusePass
+from .fuse_standard_attention import FuseStandardAttentionPass
+from .fuse_super_mix import FuseSuperMixPass
 from .legalize import LegalizePass
+from .lower_attention import LowerAttentionPass
 from .report import Report, Snapshot
+from .trt_plugins import TrtPluginPass
 
 TARGETS = ("ort", "trt", "portable")
 
 
 class OptimizeError(UsageError):
     """Bad target or unreadable model."""
-
-
-def _optional_passes(target: str) -> list[tuple[str, Callable[[], ir.passes.PassBase]]]:
-    """Passes from modules that may not be there yet (each one imports lazily)."""
-    found: list[tuple[str, Callable[[], ir.passes.PassBase]]] = []
-    try:
-        from .fuse_misc import FuseMiscPass
-    except ImportError:
-        pass
-    else:
-        found.append(("fuse_misc", FuseMiscPass))
-    try:
-        from .lower_attention import LowerAttentionPass
-    except ImportError:
-        pass
-    else:
-        found.append(("lower_attention", lambda: LowerAttentionPass(target=target)))
-    try:
-        from .fuse_standard_attention import FuseStandardAttentionPass
-    except ImportError:
-        pass
-    else:  # after lower_attention: only what it left (this project's forms keep their own lowering)
-        found.append(("fuse_standard_attention", lambda: FuseStandardAttentionPass(target=target)))
-    return found
 
 
 def build_passes(target: str) -> list[tuple[str, ir.passes.PassBase]]:
@@ -72,15 +52,13 @@ def build_passes(target: str) -> list[tuple[str, ir.passes.PassBase]]:
                                                     ("fuse_dcmha", FuseDcmhaPass())]
     if target == "ort":  # decode graphs' cache attention; before lower_attention, which packs its Q|K|V
         passes.append(("fuse_decode_attention", FuseDecodeAttentionPass()))
-    passes += [(name, make()) for name, make in _optional_passes(target)]
-    passes.append(("cleanup", CleanupPass()))
+    passes += [("fuse_super_mix", FuseSuperMixPass()), ("fuse_imhsa", FuseImhsaPass()), ("fuse_reuse", FuseReusePass()),
+               ("lower_attention", LowerAttentionPass(target=target)),
+               # after lower_attention: only what it left (this project's forms keep their own lowering)
+               ("fuse_standard_attention", FuseStandardAttentionPass(target=target)),
+               ("cleanup", CleanupPass())]
     if target == "trt":
-        try:
-            from .trt_plugins import TrtPluginPass  # another engineer's module
-        except ImportError:
-            pass
-        else:
-            passes.append(("trt_plugins", TrtPluginPass()))
+        passes.append(("trt_plugins", TrtPluginPass()))
     return passes
 
 

@@ -4,7 +4,8 @@ nodes each pass created.
 MACs are counted for the matrix products (MatMul, Gemm, Einsum and the fused attention ops, with
 DCMHA's composes) and for floating-point elementwise Mul (one per output element: that is how an
 unfused compose does its work), at concrete sizes for the symbolic dims
-(``sizes={"batch": 1, "seq": 256}``); other elementwise work is not counted. A dim that cannot be resolved makes that node's MACs unknown (reported as None).
+(``sizes={"batch": 1, "seq": 256}``); other elementwise work is not counted. A dim that cannot be
+resolved makes that node's MACs unknown (reported as None).
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def node_macs(node: ir.Node, sizes: dict[str, int]) -> int | None:
             return None
         r = (qf[2] - 1) // 2
         return _prod(a) * (4 * r + 2)
-    if node.domain == "" and node.op_type == "Mul" and node.outputs[0].dtype is not None and node.outputs[0].dtype.is_floating_point():
+    out_type = node.outputs[0].dtype
+    if node.domain == "" and node.op_type == "Mul" and out_type is not None and out_type.is_floating_point():
         return None if out is None else _prod(out)  # elementwise products (how unfused composes work)
     if node.domain == DOMAIN and node.op_type == "LandmarkAttention":
         q = ins[0]
@@ -112,7 +114,8 @@ def param_bytes(model: ir.Model) -> int:
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if tensor is not None:
-            total += int(np.prod(tensor.shape.numpy() if hasattr(tensor.shape, "numpy") else tensor.shape)) * int(tensor.dtype.itemsize)
+            shape = tensor.shape.numpy() if hasattr(tensor.shape, "numpy") else tensor.shape
+            total += int(np.prod(shape)) * int(tensor.dtype.itemsize)
     return total
 
 
@@ -170,7 +173,8 @@ class Report:
                 if b.ops.get(op, 0) != a.ops.get(op, 0):
                     lines.append(f"    {op:<24}{b.ops.get(op, 0):>6} {a.ops.get(op, 0):>6}")
         for p in self.passes:
-            fused = ", ".join(f"{k} x{v}" for k, v in p["fused"].items()) or ("changed" if p["changed"] else "no change")
+            fused = ", ".join(f"{k} x{v}" for k, v in p["fused"].items())
+            fused = fused or ("changed" if p["changed"] else "no change")
             lines.append(f"  pass {p['pass']:<18} {fused}")
         return "\n".join(lines)
 
