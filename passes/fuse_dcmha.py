@@ -32,9 +32,12 @@ import numpy as np
 import onnx_ir as ir
 
 from ._match import perm_of as _perm_of
-from ._match import scaled as _scaled
 from ._match import single_use as _single_use
 from ._match import where_mask as _mask
+from ._match import qk_product as _qk
+from ._match import transposed as _transposed
+from ._match import parse_equation
+from .fuse_dcmha_release import prepare_release_forms, release_mask
 from ._ir_utils import (
     DOMAIN,
     fuse_each,
@@ -103,62 +106,6 @@ def _full(x: ir.Value, a_dims: tuple | None) -> bool:
     return d is not None and a_dims is not None and all(same_dim(p, q) for p, q in zip(d, a_dims))
 
 
-def _transposed(b: Builder, x: ir.Value, perm: list[int]) -> ir.Value:
-    """Transpose(x, perm), looking through the Transpose / Unsqueeze chain that made ``x`` so the
-    result is at most one Transpose and one Unsqueeze of the chain's source."""
-    if perm == list(range(len(perm))):
-        return x
-    base, layout = _layout_chain(x)
-    out_layout = [layout[p] for p in perm]
-    order = [i for i in out_layout if i is not None]
-    units = [j for j, i in enumerate(out_layout) if i is None]
-    if base is x or len(order) != rank(base):
-        base, order, units = x, list(perm), []
-    d = dims(base)
-    y = base
-    if order != list(range(len(order))):
-        y = b.op("Transpose", [base], {"perm": order}, dtype=base.dtype, shape=None if d is None else [d[p] for p in order])
-    if units:
-        dy = dims(y)
-        shape = None
-        if dy is not None:
-            shape, it = [], iter(dy)
-            for j in range(len(out_layout)):
-                shape.append(1 if j in units else next(it))
-        y = b.op("Unsqueeze", [y, b.ints(units)], dtype=base.dtype, shape=shape)
-    return y
-
-
-def _layout_chain(x: ir.Value) -> tuple[ir.Value, list[int | None]]:
-    """Follow Transpose / Unsqueeze producers back to a source: x's axes as source axes (None for
-    an inserted unit axis)."""
-    ops = []
-    cur = x
-    while True:
-        node = producer(cur, ("Transpose", "Unsqueeze"))
-        if node is None or rank(node.inputs[0]) is None:
-            break
-        if node.op_type == "Transpose":
-            p = _perm_of(node)
-            if p is None:
-                break
-            ops.append(("T", list(p)))
-        else:
-            axes = axes_of(node)
-            if axes is None:
-                break
-            ops.append(("U", norm_axes(axes, rank(cur))))
-        cur = node.inputs[0]
-    layout: list[int | None] = list(range(rank(cur) or 0))
-    for kind, arg in reversed(ops):
-        if kind == "T":
-            layout = [layout[p] for p in arg]
-        else:
-            for axis in arg:
-                layout.insert(axis, None)
-    return cur, layout
-
-
 # ---------------------------------------------------------------------------------------------
 # term recognisers
 # ---------------------------------------------------------------------------------------------
@@ -215,21 +162,14 @@ def _broadcast_terms(leaf: ir.Value) -> Term | None:
     return None
 
 
-def _parse_equation(node: ir.Node) -> tuple[list[str], str] | None:
-    eq = attr(node, "equation")
-    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
-        return None
-    lhs, out = eq.replace(" ", "").split("->")
-    return lhs.split(","), out
-
-
 def _einsum_terms(leaf: ir.Value) -> Term | None:
-    """``Einsum(Einsum(a, U) -> [b,t,s,r], V) -> [b,n,t,s]`` (rank axis inside the einsums), or
-    a static head mix ``Einsum(a, W) -> [b,m,t,s]``."""
+    """``Einsum(Einsum(a, U) -> [b,t,s,r], V) -> [b,n,t,s]`` (rank axis inside the einsums), the
+    release's rank-1 pair ``Einsum(Einsum(a, u [b,t|s,n]) -> [b,t,s], v [b,t|s,m]) -> [b,m,t,s]``,
+    a gate ``Einsum(a, g [b,t|s,n]) -> [b,n,t,s]`` or a static head mix ``Einsum(a, W) -> [b,m,t,s]``."""
     node = producer(leaf, "Einsum")
     if node is None or len(node.inputs) != 2:
         return None
-    parsed = _parse_equation(node)
+    parsed = parse_equation(node)
     if parsed is None:
         return None
     (l0, l1), out = parsed
@@ -246,20 +186,68 @@ def _einsum_terms(leaf: ir.Value) -> Term | None:
             continue
         perm = [lw.index(ln), lw.index(lm)]
         return Term(a, "static", None, 0, lambda b, w=w, perm=perm: (_transposed(b, w, perm),))
+    for a, g, la, lg in ((node.inputs[0], node.inputs[1], l0, l1), (node.inputs[1], node.inputs[0], l1, l0)):
+        side = _token_factor(a, g, la, lg)
+        if side is not None and out == "".join(la):
+            return Term(a, "gate", side[0], 0, lambda b, g=g, perm=side[1]: (_unit_rank(b, g, perm),))
     # rank terms: first einsum a x U -> H, then H x V -> out
     for h, v, lh, lv in ((node.inputs[0], node.inputs[1], l0, l1), (node.inputs[1], node.inputs[0], l1, l0)):
         first = producer(h, "Einsum")
         if first is None or len(first.inputs) != 2:
             continue
-        p1 = _parse_equation(first)
+        p1 = parse_equation(first)
         if p1 is None:
             continue
         (m0, m1), out1 = p1
         for a, u, la, lu in ((first.inputs[0], first.inputs[1], m0, m1), (first.inputs[1], first.inputs[0], m1, m0)):
-            term = _einsum_pair(a, u, la, lu, out1, h, v, lh, lv, out)
+            term = _einsum_pair(a, u, la, lu, out1, h, v, lh, lv, out) or \
+                _einsum_rank1(a, u, la, lu, out1, lh, v, lv, out)
             if term is not None:
                 return term
     return None
+
+
+def _token_factor(a: ir.Value, f: ir.Value, la: list[str] | str, lf: list[str] | str) -> tuple[str, list[int]] | None:
+    """f [b, t|s, n] in any letter order against a [b,n,t,s] -> (side, perm of f to [b,x,n]),
+    checked on the dims (batch, N heads, the side's axis)."""
+    da, df = _heads_tensor(a), dims(f)
+    if da is None or df is None or len(la) != 4 or len(set(la)) != 4 or len(lf) != 3 or len(set(lf)) != 3:
+        return None
+    lb, ln, lt, ls = la
+    if lb not in lf or ln not in lf or (lt in lf) == (ls in lf):
+        return None
+    lx, side, dx = (lt, "q", da[2]) if lt in lf else (ls, "k", da[3])
+    perm = [lf.index(c) for c in (lb, lx, ln)]
+    if not same_dim(df[perm[0]], da[0]) or df[perm[2]] != da[1] or not same_dim(df[perm[1]], dx):
+        return None
+    return side, perm
+
+
+def _unit_rank(b: Builder, f: ir.Value, perm: list[int]) -> ir.Value:
+    """[B,X,N] factor (after ``perm``) -> [B,X,1,N]."""
+    g = _transposed(b, f, perm)
+    d = dims(g)
+    return b.op("Unsqueeze", [g, b.ints([2])], dtype=g.dtype, shape=(d[0], d[1], 1, d[2]))
+
+
+def _einsum_rank1(a, u, la, lu, out1, lh, v, lv, out) -> Term | None:
+    """The release's rank-1 pair: H [b,t,s] = sum_n a * u [b,x,n]; out [b,m,t,s] = H * v [b,x,m]."""
+    side = _token_factor(a, u, la, lu)
+    if side is None or len(out1) != 3 or sorted(out1) != sorted(la[:1] + la[2:]) or len(lh) != 3:
+        return None
+    to_second = dict(zip(out1, lh))  # H's axes: first einsum's letters -> second einsum's
+    lb, _, lt, ls = la
+    new = [c for c in lv if c not in lh]
+    if len(lv) != 3 or len(new) != 1:
+        return None
+    lm, lx = new[0], to_second[lu[side[1][1]]]
+    if out != to_second[lb] + lm + to_second[lt] + to_second[ls] or sorted(lv) != sorted([to_second[lb], lx, lm]):
+        return None
+    perm_v = [lv.index(c) for c in (to_second[lb], lx, lm)]
+    dv = dims(v)
+    if dv is None or dv[perm_v[2]] != dims(a)[1] or not same_dim(dv[perm_v[0]], dims(a)[0]):
+        return None
+    return Term(a, "lowrank", side[0], 1, lambda b: (_unit_rank(b, u, side[1]), _unit_rank(b, v, perm_v)))
 
 
 def _einsum_pair(a, u, la, lu, out1, h, v, lh, lv, out) -> Term | None:
@@ -294,6 +282,7 @@ def _einsum_pair(a, u, la, lu, out1, h, v, lh, lv, out) -> Term | None:
     perm_u = [lu.index(c) for c in (lb, side_letter, lr, ln)]
     perm_v = [lv.index(c) for c in (inv[lb], inv[side_letter], inv[lr], lm)]
     return Term(a, "lowrank", side, r, lambda b: (_transposed(b, u, perm_u), _transposed(b, v, perm_v)))
+
 
 
 @dataclass
@@ -519,16 +508,18 @@ def _fuse_tree(graph: ir.Graph, root: ir.Node) -> bool:
     for leaf, terms in classified:
         if leaf is not a and (not terms or any(t.a is not a for t in terms)):
             return False
-    n = dims(a)[1]
+    _, n, t_dim, s_dim = dims(a)
     sides = {s: [t for t in best if t.side == s] for s in ("q", "k")}
-    if not sides["q"] or not sides["k"]:
-        return False  # a side with no factor at all: nothing to shape its zero factors from
+    present = [s for s, terms in sides.items() if terms]
+    if len(present) == 1 and not same_dim(t_dim, s_dim):
+        return False  # query-wise on cross attention: nothing to shape the key side's zero factors from
     b = Builder(graph, root, "dcmha")
     made = {id(t): t.make(b) for t in best}
     ranks = {s: sum(t.rank for t in terms if t.kind == "lowrank") for s, terms in sides.items()}
     r = max(ranks.values())
     factors = {}
-    for s, terms in sides.items():
+    for s in present:
+        terms = sides[s]
         us = [made[id(t)][0] for t in terms if t.kind == "lowrank"]
         vs = [made[id(t)][1] for t in terms if t.kind == "lowrank"]
         gates = [made[id(t)][0] for t in terms if t.kind == "gate"]
@@ -536,6 +527,9 @@ def _fuse_tree(graph: ir.Graph, root: ir.Node) -> bool:
         pad = r - ranks[s]
         gate = _sum(b, gates) if gates else _zero_rows(b, ref, 1)[0]
         factors[s] = _concat(b, us + _zero_rows(b, ref, pad) + vs + _zero_rows(b, ref, pad) + [gate], axis=2)
+    for s in ("q", "k"):  # query-wise: the side with no term gets zero factors (T = S: shaped like the other)
+        if s not in factors:
+            factors[s] = _concat(b, _zero_rows(b, factors[present[0]], 2 * r + 1), axis=2)
     statics = [made[id(t)][0] for t in best if t.kind == "static"]
     mix = _sum(b, statics) if statics else b.const(np.zeros((n, n), dtype=a.dtype.numpy()), "no_static_mix")
     fused = b.op("DcmhaCompose", [a, factors["q"], factors["k"], mix], {"use_static_mix": int(bool(statics))},
@@ -566,35 +560,6 @@ def fuse_compose(model: ir.Model) -> int:
 # ---------------------------------------------------------------------------------------------
 # whole core -> DcmhaAttention
 # ---------------------------------------------------------------------------------------------
-def _qk(logits: ir.Value):
-    """logits [B,N,T,S] = scale * q k^T -> (q maker, k maker, scale); q/k returned as [B,X,N,d]."""
-    inner, scale = _scaled(logits)
-    node = producer(inner, ("MatMul", "Einsum"))
-    if node is None or len(node.inputs) != 2:
-        return None
-    if node.op_type == "MatMul":
-        q, qs = _scaled(node.inputs[0])
-        kt, ks = _scaled(node.inputs[1])
-        dq, dk = dims(q), dims(kt)
-        if dq is None or dk is None or len(dq) != 4 or len(dk) != 4 or dq[1] != dk[1] or dq[3] != dk[2]:
-            return None
-        return (lambda b: _transposed(b, q, [0, 2, 1, 3]), lambda b: _transposed(b, kt, [0, 3, 1, 2]), scale * qs * ks)
-    parsed = _parse_equation(node)
-    if parsed is None:
-        return None
-    (lq, lk), out = parsed
-    if len(out) != 4 or len(lq) != 4 or len(lk) != 4:
-        return None
-    lb, ln, lt, ls = out
-    ld = [c for c in lq if c not in out]
-    if len(ld) != 1 or sorted(lq) != sorted([lb, ln, lt, ld[0]]) or sorted(lk) != sorted([lb, ln, ls, ld[0]]):
-        return None
-    q, k = node.inputs
-    pq = [lq.index(c) for c in (lb, lt, ln, ld[0])]
-    pk = [lk.index(c) for c in (lb, ls, ln, ld[0])]
-    return (lambda b: _transposed(b, q, pq), lambda b: _transposed(b, k, pk), scale)
-
-
 def _compose_node(value: ir.Value) -> ir.Node | None:
     return producer(value, "DcmhaCompose", DOMAIN)
 
@@ -615,7 +580,7 @@ def _fuse_core(model: ir.Model, post: ir.Node) -> bool:
     if not _single_use(masked):
         return False
     a_dims = dims(masked)
-    found = _mask(masked, a_dims)
+    found = _mask(masked, a_dims) or release_mask(masked)
     if found is None:
         return False
     pre_out, parts = found
@@ -653,7 +618,7 @@ def _fuse_core(model: ir.Model, post: ir.Node) -> bool:
         shape = b.op("Shape", [k], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,))
         kpm = b.op("Expand", [b.const(np.array(True), "true"), shape], dtype=ir.DataType.BOOL, shape=(a_dims[0], a_dims[3]))
     o = b.op("DcmhaAttention", [q, k, vv, q_factors, k_factors, kpm, mix],
-             {"scale": float(scale), "causal": int(parts.get("causal", 0)), "window": 0,
+             {"scale": float(scale), "causal": int(parts.get("causal", 0)), "window": int(parts.get("window", 0)),
               "use_static_mix": int(any(uses_mix))},
              domain=DOMAIN, dtype=masked.dtype, shape=(a_dims[0], a_dims[2], n, dv[3]))
     replace_value(pv.outputs[0], _transposed(b, o, [0, 2, 1, 3]))
@@ -675,7 +640,8 @@ class FuseDcmhaPass(ir.passes.InPlacePass):
         self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        regrouped = prepare_release_forms(model) if op_available("DcmhaCompose") else 0
         composes = fuse_compose(model)
         cores = fuse_attention(model) if self.attention else 0
         self.counts = {"DcmhaCompose": composes - 2 * cores, "DcmhaAttention": cores}
-        return ir.passes.PassResult(model, bool(composes or cores))
+        return ir.passes.PassResult(model, bool(regrouped or composes or cores))
