@@ -7,6 +7,7 @@ Python API (the CLI is ``attn2onnx``):
     load(path)            the model back (torch.load weights_only=True: never runs code)
     export(model, example_inputs, path)   ONNX with ai.attn2onnx nodes and their bodies
     optimize(in_path, out_path, target)   graph passes for ort / trt / portable
+    check_parity(onnx_path, reference, shapes, backends, dtype)   ONNX vs PyTorch -> ParityReport
 
 Names are imported on first use (PEP 562), so ``import attn2onnx`` and ``attn2onnx --help``
 stay fast; add an entry to ``_API`` to export a new name.
@@ -24,6 +25,8 @@ _API = {
     "ModelConfig": "models",
     "export": "exporter",
     "optimize": "passes",
+    "check_parity": "validate",
+    "ParityReport": "validate",
     "save": "checkpoint",
     "load": "checkpoint",
     "UsageError": "errors",
@@ -37,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover  (for type checkers and IDEs)
     from .checkpoint import load, save
     from .exporter import export
     from .passes import optimize  # noqa: F401
+    from .validate import ParityReport, check_parity  # noqa: F401
     from .errors import CheckpointError, UsageError  # noqa: F401
     from .models import ModelConfig, build_model  # noqa: F401
     from .variants import VariantError  # noqa: F401

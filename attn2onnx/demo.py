@@ -10,8 +10,6 @@ from typing import Callable
 
 import torch
 
-from .validate import DEFAULT_SHAPES
-
 TIMING_SHAPE = (1, 64)
 
 
@@ -48,7 +46,7 @@ def demo_variant(name: str, out_dir: Path) -> DemoRow:
     from .models import ModelConfig, build_model
     from .runtime import session
     from .sources import from_module
-    from .validate import TorchRunner, compare, ort_runner
+    from .validate import check_parity
     from .variants import get_variant
 
     family = "lm" if get_variant(name).causal else "encoder"
@@ -58,9 +56,7 @@ def demo_variant(name: str, out_dir: Path) -> DemoRow:
                     output_names=source.output_names, max_seq=source.max_seq)
     optimized = out_dir / f"{name}.opt.onnx"
     report = optimize(result.path, optimized, target="ort")
-    comparisons = compare(TorchRunner(model, source.specs, source.output_names),
-                          {"ort": ort_runner(str(result.path)), "ort-optimized": ort_runner(str(optimized))},
-                          source.specs, DEFAULT_SHAPES)
+    comparisons = [c for path in (result.path, optimized) for c in check_parity(path, source).comparisons]
     feeds = random_inputs(source.specs, *TIMING_SHAPE, seed=1)
     sess = session(str(optimized))
     args = [torch.from_numpy(feeds[s.name]) for s in source.specs]
@@ -71,7 +67,8 @@ def demo_variant(name: str, out_dir: Path) -> DemoRow:
                    max(c.max_abs_err for c in comparisons), ort_ms, torch_ms, all(c.passed for c in comparisons))
 
 
-def run_demo(out_dir: Path, variants: list[str] | None = None, progress: Callable[[str], None] = lambda s: None) -> list[DemoRow]:
+def run_demo(out_dir: Path, variants: list[str] | None = None,
+             progress: Callable[[str], None] = lambda s: None) -> list[DemoRow]:
     """Demo rows for ``variants`` (default: every registered variant)."""
     from .variants import VARIANTS
 
@@ -85,10 +82,11 @@ def run_demo(out_dir: Path, variants: list[str] | None = None, progress: Callabl
 
 def format_table(rows: list[DemoRow]) -> str:
     """The demo's table, one row per variant."""
-    header = ("variant", "family", "nodes", "optimised", "custom", "export s", "max err", "ORT ms", "PyTorch ms", "passed")
+    header = ("variant", "family", "nodes", "optimised", "custom", "export s", "max err", "ORT ms", "PyTorch ms",
+              "passed")
     lines = [header] + [
-        (r.variant, r.family, str(r.nodes), str(r.optimized_nodes), str(r.custom_nodes), f"{r.export_s:.1f}", f"{r.max_abs_err:.1e}",
-         f"{r.ort_ms:.2f}", f"{r.torch_ms:.2f}", "yes" if r.passed else "NO")
+        (r.variant, r.family, str(r.nodes), str(r.optimized_nodes), str(r.custom_nodes), f"{r.export_s:.1f}",
+         f"{r.max_abs_err:.1e}", f"{r.ort_ms:.2f}", f"{r.torch_ms:.2f}", "yes" if r.passed else "NO")
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

@@ -4,13 +4,19 @@ A :class:`TorchRunner` (the PyTorch reference) and Polygraphy's ``OnnxrtRunner``
 our session callable, so native kernels are registered) — plus ``TrtRunner`` where TensorRT
 exists — run the same fresh random inputs at several dynamic shapes; Polygraphy's Comparator
 checks every output with per-dtype tolerances. NaN never passes.
+
+:func:`check_parity` is the whole check as one call -- what ``attn2onnx validate``, ``export``
+and ``demo`` run and print -- returning a :class:`ParityReport`; with ``decode=True`` it checks
+a decode graph (prefill + decode steps) instead.
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,7 +29,7 @@ from polygraphy.logger import G_LOGGER
 
 from .errors import UsageError
 from .io_spec import InputSpec, random_inputs
-from .sources import eval_mode
+from .sources import ModelSource, eval_mode
 
 # (rtol, atol) per dtype: an element passes when within atol absolutely or rtol relatively.
 TOLERANCES = {"fp32": (1e-5, 1e-5), "fp16": (1e-2, 1e-2), "bf16": (2e-2, 2e-2)}
@@ -42,7 +48,8 @@ def input_metadata(specs: Sequence[InputSpec]) -> TensorMetadata:
 class TorchRunner(BaseRunner):
     """Polygraphy runner for the PyTorch reference: feeds by name in ``specs`` order."""
 
-    def __init__(self, model: torch.nn.Module, specs: Sequence[InputSpec], output_names: Sequence[str], name: str = "pytorch"):
+    def __init__(self, model: torch.nn.Module, specs: Sequence[InputSpec], output_names: Sequence[str],
+                 name: str = "pytorch"):
         super().__init__(name=name, prefix="pytorch-runner")
         self.model = eval_mode(model)
         self.specs = list(specs)
@@ -186,32 +193,6 @@ def ort_runner(onnx_path: str, name: str = "onnxruntime", threads: int | None = 
     return OnnxrtRunner(lambda: session(onnx_path, backend="ort", threads=threads), name=name)
 
 
-class TrtEngineRunner(BaseRunner):
-    """Polygraphy runner over a TensorRT engine built (plugins registered) from the ONNX file
-    with one profile covering every shape to be compared."""
-
-    def __init__(self, onnx_path: str, specs: Sequence[InputSpec], shapes: Sequence[tuple[int, int]], name: str = "tensorrt"):
-        super().__init__(name=name, prefix="trt-engine-runner")
-        self.onnx_path, self.specs, self.shapes = onnx_path, list(specs), list(shapes)
-
-    def activate_impl(self) -> None:
-        from .runtime.tensorrt import TrtSession, engine_for_shapes
-
-        self.session = TrtSession(engine_for_shapes(self.onnx_path, self.shapes))
-
-    def get_input_metadata_impl(self) -> TensorMetadata:
-        return input_metadata(self.specs)
-
-    def infer_impl(self, feed_dict: dict) -> OrderedDict:
-        start = time.perf_counter()
-        outputs = self.session.run(feed_dict)
-        self.inference_time = time.perf_counter() - start
-        return OrderedDict(outputs)
-
-    def deactivate_impl(self) -> None:
-        del self.session
-
-
 def backend_runners(onnx_path: str, backends: Sequence[str], specs: Sequence[InputSpec],
                     shapes: Sequence[tuple[int, int]]) -> dict[str, BaseRunner]:
     """Runner per backend name (``ort``, ``trt``); unknown names, or TensorRT where it is not
@@ -221,18 +202,35 @@ def backend_runners(onnx_path: str, backends: Sequence[str], specs: Sequence[Inp
         if backend == "ort":
             runners[backend] = ort_runner(onnx_path)
         elif backend == "trt":
-            from .runtime.tensorrt import _trt
+            from functools import partial
 
-            _trt()  # TensorRTUnavailable (a UsageError) where it is missing
-            runners[backend] = TrtEngineRunner(onnx_path, specs, shapes)
+            from .runtime.tensorrt import TrtRunner, engine_for_shapes, require_tensorrt
+
+            require_tensorrt()  # TensorRTUnavailable (a UsageError) where it is missing
+            runners[backend] = TrtRunner(partial(engine_for_shapes, onnx_path, list(shapes)), input_metadata(specs))
         else:
             raise UsageError(f"unknown backend {backend!r}; choose from ort, trt")
     return runners
 
 
-def summary(comparisons: Sequence[Comparison]) -> dict:
-    """The ``validate --json`` object."""
-    return {"passed": bool(comparisons) and all(c.passed for c in comparisons), "comparisons": [asdict(c) for c in comparisons]}
+@dataclass
+class ParityReport:
+    """What :func:`check_parity` found: one :class:`Comparison` per backend and shape."""
+
+    comparisons: list[Comparison]
+
+    @property
+    def passed(self) -> bool:
+        """True when there was something to compare and every comparison passed."""
+        return bool(self.comparisons) and all(c.passed for c in self.comparisons)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``validate --json`` object: {"passed", "comparisons": [{"backend", "shape", ...}]}."""
+        return {"passed": self.passed, "comparisons": [asdict(c) for c in self.comparisons]}
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as one line of JSON."""
+        return json.dumps(self.to_dict())
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -249,5 +247,132 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-__all__ = ["TorchRunner", "Comparison", "compare", "compare_decode", "decode_cases", "ort_runner", "backend_runners",
-           "summary", "parse_shapes", "TOLERANCES"]
+Reference = Union[str, "os.PathLike[str]", torch.nn.Module, ModelSource]
+
+
+def float_precision(model) -> str | None:
+    """``fp32`` / ``fp16`` from the ONNX model's float inputs and weights (None if it has neither)."""
+    import onnx
+
+    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}
+    types = [v.type.tensor_type.elem_type for v in model.graph.input] + [i.data_type for i in model.graph.initializer]
+    found = [names[t] for t in types if t in names]
+    return found[0] if found else None
+
+
+def reference_source(reference: Reference, trust_pickle: bool = False) -> ModelSource:
+    """The reference as a ModelSource: a model file (:func:`attn2onnx.sources.load_source`:
+    .pt, .pt2, DCFormer folder; a pickle only with ``trust_pickle``), an attn2onnx model, or a
+    ModelSource as it is."""
+    from .sources import from_module, load_source
+
+    if isinstance(reference, ModelSource):
+        return reference
+    if isinstance(reference, torch.nn.Module):
+        return from_module(reference)
+    return load_source(reference, trust_pickle=trust_pickle)
+
+
+def check_reference(path: str, model, specs: list, source: ModelSource, shape: tuple[int, int]) -> None:
+    """Refuse (UsageError) a reference that is not the model's, in one line, before comparing:
+    inputs of another kind or rank, ids past the reference's vocabulary (known for attn2onnx
+    models), or outputs whose names, ranks or fixed sizes differ from the ONNX graph's at
+    ``shape`` (the reference runs once there). Otherwise the comparison itself fails on them
+    with an IndexError or a broadcast ValueError."""
+    vocab_known = hasattr(source.module, "config")
+    for mine, ref in zip(specs, source.specs):
+        if mine.kind != ref.kind or len(mine.dims) != len(ref.dims):
+            raise UsageError(f"input {mine.name!r} of {path} is {mine.kind} {list(mine.dims)} "
+                             f"but the reference takes {ref.kind} {list(ref.dims)}")
+        if mine.kind == "ids" and vocab_known and mine.high > ref.high:
+            raise UsageError(f"input {mine.name!r} of {path} takes ids in [0, {mine.high}) "
+                             f"but the reference only in [0, {ref.high})")
+    names = [o.name for o in model.graph.output]
+    if names != list(source.output_names):
+        raise UsageError(f"{path} gives outputs {names} but the reference gives {list(source.output_names)}")
+    batch, seq = shape
+    outputs = TorchRunner(source.module, specs, source.output_names).infer_impl(random_inputs(specs, batch, seq))
+    sizes = {"batch": batch, "seq": seq}
+    for output in model.graph.output:
+        if not output.type.tensor_type.HasField("shape"):
+            continue
+        dims = [sizes.get(d.dim_param, d.dim_param) if d.dim_param else d.dim_value
+                for d in output.type.tensor_type.shape.dim]
+        got = list(outputs[output.name].shape)
+        if len(dims) != len(got) or any(isinstance(d, int) and d and d != g for d, g in zip(dims, got)):
+            raise UsageError(f"output {output.name!r} of {path} is {dims} at batch {batch} x seq {seq} but the "
+                             f"reference's is {got}: is --reference the model it was exported from?")
+
+
+def comparison_specs(path: str, model, source: ModelSource, precision: str | None) -> list[InputSpec]:
+    """The inputs to feed: the specs our exports record (fixed dims of a --static export, id
+    ranges), else the reference's at the file's precision; the input names must agree."""
+    from .io_spec import METADATA_KEY, specs_from_onnx, with_precision
+
+    onnx_specs = specs_from_onnx(model)
+    onnx_names = [s.name for s in onnx_specs]
+    if onnx_names != [s.name for s in source.specs]:
+        raise UsageError(f"{path} takes inputs {onnx_names} but the reference takes {[s.name for s in source.specs]}")
+    has_specs = any(p.key == METADATA_KEY for p in model.metadata_props)
+    return onnx_specs if has_specs else with_precision(source.specs, precision or "fp32")
+
+
+def check_parity(onnx_path: str | os.PathLike, reference: Reference, shapes: Sequence[tuple[int, int]] | None = None,
+                 backends: Sequence[str] = ("ort",), dtype: str = "fp32", *, seed: int = 0, trust_pickle: bool = False,
+                 decode: bool = False, steps: int = 4) -> ParityReport:
+    """Compare the ONNX model at ``onnx_path`` with ``reference`` (a model file, an attn2onnx
+    model or a ModelSource) on fresh random inputs at each (batch, seq) of ``shapes`` (default
+    :data:`DEFAULT_SHAPES`) in every backend (``ort``, ``trt``), with ``dtype``'s tolerances.
+
+    With ``decode`` the file is a decode graph: prefill + ``steps`` decode steps in ORT against
+    the full forward (see :func:`compare_decode`), ``shapes`` then being (batch, prompt length).
+    Inputs that cannot be compared (another model, wrong precision, too long, too large, no
+    or unknown backend, TensorRT missing) raise UsageError before anything runs."""
+    from .commands import check_input_memory
+    from .onnx_io import load_onnx
+
+    path = os.fspath(onnx_path)
+    model = load_onnx(path)
+    precision = float_precision(model)
+    if precision is not None and precision != dtype:
+        raise UsageError(f"{path} computes in {precision}; --dtype {dtype} does not match it")
+    source = reference_source(reference, trust_pickle)
+    if decode:
+        return decode_parity(path, model, source, shapes, backends, dtype, seed=seed, steps=steps)
+    specs = comparison_specs(path, model, source, precision)
+    shapes = list(shapes or DEFAULT_SHAPES)
+    too_long = [seq for _, seq in shapes if source.max_seq and seq > source.max_seq]
+    if too_long:
+        raise UsageError(f"sequence length {too_long[0]} exceeds the model's maximum {source.max_seq}")
+    if not backends:
+        raise UsageError("no backend to compare; choose from ort, trt")
+    check_input_memory(specs, shapes)
+    check_reference(path, model, specs, source, shapes[0])
+    runners = backend_runners(path, backends, specs, shapes)
+    reference_runner = TorchRunner(source.module, specs, source.output_names)
+    return ParityReport(compare(reference_runner, runners, specs, shapes, dtype=dtype, seed=seed))
+
+
+def decode_parity(path: str, model, source: ModelSource, cases: Sequence[tuple[int, int]] | None,
+                  backends: Sequence[str], dtype: str, *, seed: int, steps: int) -> ParityReport:
+    """check_parity(decode=True): the decode graph ``model`` (read from ``path``) against the
+    causal LM of ``source``, at ``cases`` (batch, prompt length; default :func:`decode_cases`)."""
+    from .models.decode import check_decodable, read_decode_metadata
+
+    meta = read_decode_metadata(model, path)
+    lm = check_decodable(source.module)
+    if lm.config.vocab_size != meta["vocab_size"] or lm.config.variant != meta["variant"]:
+        raise UsageError(f"{path} is a decode graph of a {meta['variant']} LM with vocabulary "
+                         f"{meta['vocab_size']}, but the reference is a {lm.config.variant} LM with vocabulary "
+                         f"{lm.config.vocab_size}")
+    if list(backends) != ["ort"]:
+        raise UsageError("--decode runs in ONNX Runtime only (--backends ort)")
+    cases = list(cases or decode_cases(meta, steps))
+    too_long = [p for _, p in cases if p + steps > meta["max_len"]]
+    if too_long:
+        raise UsageError(f"prompt {too_long[0]} + {steps} steps exceeds the model's max_len {meta['max_len']}")
+    return ParityReport(compare_decode(path, lm, cases, steps, dtype=dtype, seed=seed))
+
+
+__all__ = ["TorchRunner", "Comparison", "ParityReport", "check_parity", "compare", "compare_decode", "decode_cases",
+           "ort_runner", "backend_runners", "parse_shapes", "TOLERANCES"]

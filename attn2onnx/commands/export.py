@@ -43,7 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="precision of the exported graph (fp16: weights and float inputs in half)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module (unpickling runs code)")
     parser.add_argument("--optimize", action="store_true", help="run the graph passes after export")
-    parser.add_argument("--target", choices=("ort", "trt", "portable"), default="ort", help="pass pipeline (with --optimize)")
+    parser.add_argument("--target", choices=("ort", "trt", "portable"), default="ort",
+                        help="pass pipeline (with --optimize)")
     parser.add_argument("--no-check", action="store_true", help="skip the ORT vs PyTorch check")
     parser.add_argument("--decode", action="store_true",
                         help="causal LM: one graph for prefill and decode steps, caches as inputs and outputs")
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io_spec import random_inputs, with_precision
     from ..onnx_io import output_files
     from ..sources import load_source
-    from ..validate import compare, ort_runner, TorchRunner
+    from ..validate import check_parity
 
     check_opset(args.opset)
     if not args.output.endswith(".onnx"):
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     with opset_errors(args.opset):
         result = export(module, example, args.output, specs=specs, output_names=source.output_names,
                         opset=args.opset, dynamic=not args.static, max_seq=source.max_seq)
-    print(f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, exported in {result.seconds:.1f} s")
+    print(f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, "
+          f"exported in {result.seconds:.1f} s")
     if args.optimize:
         from ..passes import optimize
 
@@ -118,12 +120,17 @@ def run(args: argparse.Namespace) -> int:
     shapes = [(args.batch, args.seq_len)]
     if not args.static:
         shapes.append((args.batch + 1, max(1, args.seq_len // 2 + 1)))
-    comparisons = compare(TorchRunner(source.module, result.inputs, source.output_names),
-                          {"ort": ort_runner(str(result.path))}, result.inputs, shapes, dtype=args.dtype)
-    for c in comparisons:
-        status = "ok" if c.passed else "MISMATCH"
-        print(f"check {c.backend} at batch={c.shape[0]} seq={c.shape[1]}: max abs err {c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} {status}")
-    return 0 if all(c.passed for c in comparisons) else 1
+    return print_check(check_parity(result.path, source, shapes, dtype=args.dtype))
+
+
+def print_check(report) -> int:
+    """Print the check after export, a line per comparison (validate.ParityReport); the exit code."""
+    for c in report.comparisons:
+        where = (f"decode at batch={c.shape[0]} prompt={c.shape[1]} +{c.shape[2]} steps" if len(c.shape) == 3
+                 else f"{c.backend} at batch={c.shape[0]} seq={c.shape[1]}")
+        print(f"check {where}: max abs err {c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} "
+              f"{'ok' if c.passed else 'MISMATCH'}")
+    return 0 if report.passed else 1
 
 
 DECODE_STEPS = 4  # decode steps of the check after a --decode export
@@ -134,10 +141,10 @@ def run_decode(args: argparse.Namespace) -> int:
     in ORT checked against the PyTorch full forward."""
     from ..errors import UsageError
     from ..fileio import refuse_overwriting_inputs
-    from ..models.decode import check_decodable, decode_metadata, export_decode
+    from ..models.decode import check_decodable, export_decode
     from ..onnx_io import output_files
     from ..sources import load_source
-    from ..validate import compare_decode, decode_cases
+    from ..validate import check_parity
 
     refused = (("--static", args.static), ("--dtype fp16", args.dtype == "fp16"), ("--optimize", args.optimize))
     for flag, given in refused:
@@ -151,9 +158,4 @@ def run_decode(args: argparse.Namespace) -> int:
           f"cache inputs, exported in {result.seconds:.1f} s")
     if args.no_check:
         return 0
-    comparisons = compare_decode(str(result.path), lm, decode_cases(decode_metadata(lm), DECODE_STEPS), DECODE_STEPS)
-    for c in comparisons:
-        status = "ok" if c.passed else "MISMATCH"
-        print(f"check decode at batch={c.shape[0]} prompt={c.shape[1]} +{c.shape[2]} steps: max abs err "
-              f"{c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} {status}")
-    return 0 if all(c.passed for c in comparisons) else 1
+    return print_check(check_parity(result.path, lm, decode=True, steps=DECODE_STEPS))
