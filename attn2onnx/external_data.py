@@ -73,6 +73,9 @@ def check_tensor(tensor: onnx.TensorProto, folder: Path) -> None:
     location = info.get("location", "")
     if not location:
         raise ExternalDataError(f"tensor {tensor.name!r} is stored externally but names no location")
+    if "\x00" in location:
+        raise ExternalDataError(f"tensor {tensor.name!r}: external data location {location!r} holds a NUL byte, "
+                                "which no file name can")
     if os.path.isabs(location) or Path(location).drive:
         raise ExternalDataError(f"tensor {tensor.name!r}: external data location {location!r} is an absolute path; "
                                 "it must be relative to the model's folder")

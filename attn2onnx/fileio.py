@@ -6,6 +6,9 @@ every file is fsynced, given the mode a plain ``open()`` would give it (0666 & ~
 renamed over its destination, companions first and the main file last. On any failure, and on
 SIGINT / SIGTERM while writing, the temporary folder is removed and the old files stay as they
 were. An output that is the same file as one of the inputs is refused before anything is made.
+
+Reading: :func:`regular_file` is the check every reader of a user's file makes first (a FIFO or
+a device would block the reader or never end).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -54,6 +58,40 @@ def refuse_overwriting_inputs(outputs: Iterable[PathLike], inputs: Iterable[Path
         for source in sources:
             if _same_file(out, source):
                 raise UsageError(f"output {out} is the same file as input {source}; write to another path")
+
+
+def regular_file(path: PathLike) -> Path:
+    """``path`` when it names a regular file (symlinks followed), else a one-line error: missing
+    (FileNotFoundError), a folder (IsADirectoryError), or a FIFO, socket or device (UsageError:
+    reading a pipe with no writer blocks forever, a device may never end). Readers of user files
+    call this before opening them."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except ValueError:  # a NUL byte in the name
+        raise UsageError(f"{str(path)!r} is not a valid file name") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{path} is not a regular file (a pipe, socket or device); give a file")
+    return path
+
+
+def check_destination(path: PathLike) -> Path:
+    """The resolved destination of an output ``path`` (through a symlink, its target), refused
+    in one line when it is a folder or its folder does not exist (outputs never create folders).
+    :func:`atomic_output` checks this; commands call it before long work as well."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.pt'}")
+    dest = Path(os.path.realpath(path))
+    if dest.parent.exists() and not dest.parent.is_dir():
+        raise NotADirectoryError(f"{path.parent} is a file, not a folder; {path} cannot be written")
+    if not dest.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist")
+    return dest
 
 
 def _umask() -> int:
@@ -122,15 +160,21 @@ class _SignalGuard:
                 raise SystemExit(128 + self.received)
 
 
-def _commit(tmp_dir: Path, folder: Path, name: str, companions: Sequence[str]) -> None:
-    """Move ``tmp_dir/name`` and its companions over their destinations in ``folder``: each
-    file synced and given 0666 & ~umask first, companions renamed before the main file."""
+def _prepare(tmp_dir: Path, name: str, companions: Sequence[str]) -> list[str]:
+    """Sync the written files of ``tmp_dir`` and give them 0666 & ~umask; returns their names in
+    rename order (companions first, the main file last). Nothing is replaced yet, so a signal
+    here (the fsync of a large file takes long) still aborts the write."""
     mode = 0o666 & ~_umask()
     names = [name + suffix for suffix in companions if (tmp_dir / (name + suffix)).is_file()] + [name]
     for each in names:
         with open(tmp_dir / each, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp_dir / each, mode)
+    return names
+
+
+def _commit(tmp_dir: Path, folder: Path, names: Sequence[str]) -> None:
+    """Rename the prepared files of ``tmp_dir`` over their destinations in ``folder``, in order."""
     for each in names:
         os.replace(tmp_dir / each, folder / each)
     with contextlib.suppress(OSError):  # not every platform / file system can sync a folder
@@ -152,19 +196,16 @@ def atomic_output(path: PathLike, *, inputs: Iterable[PathLike | None] = (),
     as outputs (see :func:`refuse_overwriting_inputs`).
     """
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.pt'}")
-    dest = Path(os.path.realpath(path))
+    dest = check_destination(path)
     refuse_overwriting_inputs([path, *(f"{dest}{suffix}" for suffix in companions)], inputs)
-    if not dest.parent.is_dir():
-        raise FileNotFoundError(f"folder {path.parent} does not exist")
     guard = _SignalGuard()
     with guard.installed():
         with guard.deferred():
             tmp_dir = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
         try:
             yield tmp_dir / dest.name
+            names = _prepare(tmp_dir, dest.name, companions)
             with guard.deferred():
-                _commit(tmp_dir, dest.parent, dest.name, companions)
+                _commit(tmp_dir, dest.parent, names)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)

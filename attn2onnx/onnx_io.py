@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 
 from . import custom_ops
-from .fileio import atomic_output
+from .fileio import atomic_output, regular_file
 
 # The one external-data threshold, in tensor bytes: a model whose initializers hold more keeps
 # them in <name>.data beside it. Protobuf cannot serialise a message of 2 GiB or more; the
@@ -92,9 +92,9 @@ def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike,
     weights go to ``<name>.data`` beside it when they pass :data:`PROTOBUF_LIMIT` or already
     live in an external file. ``check`` (e.g. :func:`check_model`) runs on the finished
     temporary model, its data beside it: when it raises, the old model and data stay untouched.
-    The data file is renamed over its destination first, the model last."""
+    The data file is renamed over its destination first, the model last. Like every output,
+    ``path``'s folder must exist (a mistyped folder is an error, not created)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     irm = ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
     external = _has_external_data(irm) or _tensor_bytes(irm) > PROTOBUF_LIMIT
     with atomic_output(path, companions=[DATA_SUFFIX]) as tmp:
@@ -110,18 +110,14 @@ def check_model(path: str | os.PathLike) -> None:
 
 
 def load_onnx(path: str | os.PathLike, *, load_weights: bool = False) -> onnx.ModelProto:
-    """Read an ONNX file with one-line errors for a missing or non-ONNX file. Weights in
-    external data are not loaded unless asked (metadata and graph are enough for checks), and
-    every external-data reference is checked to stay inside the model's folder before any
-    weight is read (:mod:`attn2onnx.external_data`)."""
+    """Read an ONNX file with one-line errors for a missing, non-regular or non-ONNX file, or
+    one that is no valid model. Weights in external data are not loaded unless asked (metadata
+    and graph are enough for checks), and every external-data reference is checked to stay
+    inside the model's folder before any weight is read (:mod:`attn2onnx.external_data`)."""
     from .errors import UsageError
     from .external_data import check_external_data
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
-    if not path.is_file():
-        raise UsageError(f"{path} is not a file")
+    path = regular_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises several unrelated types
@@ -129,6 +125,24 @@ def load_onnx(path: str | os.PathLike, *, load_weights: bool = False) -> onnx.Mo
     if not model.graph.node and not model.graph.output:
         raise UsageError(f"{path} is not a readable ONNX model (empty graph)")
     check_external_data(model, path)
+    _check_structure(model, path)
     if load_weights:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     return model
+
+
+def _check_structure(model: onnx.ModelProto, path: Path) -> None:
+    """onnx.checker without shape inference (cheap: one parse of the file, external weights only
+    looked up), so a damaged file that still parses (a flipped byte in a name or an op type)
+    is refused here, not run or rewritten. A broken ai.attn2onnx node is reported by the op
+    validator first, whose message names the node and the rule."""
+    from .errors import UsageError
+
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError) as e:  # ValueError: a name that is no UTF-8
+        from .custom_ops._validation import check_model as check_nodes
+
+        check_nodes(model)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path} is not a valid ONNX model ({first})") from None

@@ -40,6 +40,7 @@ class AttrRule:
     required: bool = True
     min: float | None = None  # inclusive lower bound
     above: float | None = None  # exclusive lower bound
+    max: float | None = None  # inclusive upper bound (a sanity cap: sizes the bodies allocate)
     choices: tuple[int, ...] | None = None
     length: str | None = None  # a list attribute has one entry per unit of this input dim label
 

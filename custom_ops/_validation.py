@@ -237,6 +237,8 @@ def _bounds(rule: AttrRule) -> list[tuple[Callable[[Any], bool], str]]:
         bounds.append((lambda v: v >= rule.min, f">= {rule.min:g}"))
     if rule.above is not None:
         bounds.append((lambda v: v > rule.above, f"> {rule.above:g}"))
+    if rule.max is not None:
+        bounds.append((lambda v: v <= rule.max, f"<= {rule.max:g}"))
     if rule.choices is not None:
         bounds.append((lambda v: v in rule.choices, f"one of {', '.join(map(str, rule.choices))}"))
     return bounds

@@ -34,12 +34,14 @@ def save_lm(path, **sizes) -> str:
     return str(path)
 
 
-def save_onnx(path, op: str, dims: list) -> str:
-    """A one-node ONNX model ``y = op(x)`` on a float input of ``dims``, with attn2onnx's input metadata."""
+def save_onnx(path, op: str, dims: list, domain: str = "") -> str:
+    """A one-node ONNX model ``y = op(x)`` (op of ``domain``) on a float input of ``dims``, with
+    attn2onnx's input metadata."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
-    model = helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 23)])
+    opsets = [helper.make_opsetid("", 23)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"], domain=domain)], "g", [x], [y]),
+                              opset_imports=opsets)
     helper.set_model_props(model, {METADATA_KEY: specs_to_json([InputSpec("x", tuple(dims), "float")])})
     onnx.save(model, path)
     return str(path)
@@ -146,7 +148,8 @@ def test_export_opset_other_than_the_op_bodies(exported, capsys, tmp_path):
 
 # --- files ONNX Runtime or torch refuse -----------------------------------------------------
 def test_run_model_onnx_runtime_cannot_load(capsys, tmp_path):
-    model = save_onnx(tmp_path / "bad.onnx", "NoSuchOp", ["batch", 4])
+    """A valid ONNX model (onnx.checker does not know the domain) that ORT has no kernel for."""
+    model = save_onnx(tmp_path / "bad.onnx", "NoSuchOp", ["batch", 4], domain="com.example")
     refused(capsys, tmp_path, "run", model, match=f"{model}: ONNX Runtime cannot load it: ")
 
 

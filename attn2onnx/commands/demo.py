@@ -28,9 +28,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..demo import format_table, rows_json, run_demo
+    from ..errors import UsageError
     from ..variants import get_variant
 
-    names = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    names = None if args.variants is None else [v.strip() for v in args.variants.split(",")]
+    if names is not None and not any(names):
+        raise UsageError(f"--variants takes a comma-separated list of variant names, got {args.variants!r}")
     for name in names or []:
         get_variant(name)  # unknown names fail before any work
     rows = run_demo(Path(args.out), names, progress=lambda n: print(f"  {n} ...", file=sys.stderr, flush=True))

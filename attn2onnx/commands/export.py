@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import UsageError
     from ..exporter import export
-    from ..fileio import refuse_overwriting_inputs
+    from ..fileio import check_destination, refuse_overwriting_inputs
     from ..io_spec import random_inputs, with_precision
     from ..onnx_io import output_files
     from ..sources import load_source
@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.output.endswith(".onnx"):
         raise UsageError(f"output {args.output!r} should end in .onnx")
     refuse_overwriting_inputs(output_files(args.output), [args.model])
+    check_destination(args.output)  # a missing or mistyped folder fails before the export, not after
     if args.decode:
         return run_decode(args)
     source = load_source(args.model, trust_pickle=args.trust_pickle)

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from ..errors import UsageError
-from . import positive_int
+from . import positive_int, seed_int
 
 HELP = "create a randomly initialised model checkpoint"
 
@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=positive_int, default=4, help="attention heads (default 4)")
     parser.add_argument("--max-len", type=positive_int, default=256,
                         help="longest sequence, CLS included (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="initialisation seed, 0 .. 2**64 - 1 (default 0)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="variant option, repeatable (e.g. rope=true)")
     parser.add_argument("--vocab-size", type=positive_int, default=256,

@@ -13,6 +13,7 @@ import argparse
 from . import check_input_memory, positive_int
 
 HELP = "run an exported model on given or random inputs"
+MAX_THREADS = 1024  # far above any CPU's cores
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,24 +23,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("ort", "trt"), default="ort")
     parser.add_argument("--batch", type=positive_int, default=1, help="random inputs: batch size")
     parser.add_argument("--seq-len", type=positive_int, default=16, help="random inputs: sequence length")
-    parser.add_argument("--threads", type=positive_int, help="ORT intra-op threads")
+    parser.add_argument("--threads", type=thread_count, help=f"ORT intra-op threads (1 .. {MAX_THREADS})")
+
+
+def thread_count(text: str) -> int:
+    """argparse type of --threads: 1 .. MAX_THREADS (ORT takes an int32; more threads than
+    that only cost memory)."""
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value}")
+    return value
 
 
 def load_npz(path: str) -> dict:
-    """Arrays of an .npz file; a clear error for anything else (pickled objects refused)."""
+    """Arrays of an .npz file; a clear error for anything else (pickled objects refused, an
+    empty or damaged file, a .npy array, a pipe or device that would block the read)."""
     import zipfile
 
     import numpy as np
 
     from ..errors import UsageError
+    from ..fileio import regular_file
 
+    regular_file(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            raise ValueError("a single .npy array, not an .npz archive of named arrays")
+        with data:
             return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise UsageError(f"{path}: not a readable .npz of arrays ({str(e).splitlines()[0]})") from None
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path}: not a readable .npz of arrays ({first})") from None
 
 
 def check_seq_len(model, specs: list, feeds: dict) -> None:

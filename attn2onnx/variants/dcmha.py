@@ -66,7 +66,8 @@ class DcmhaConfig(AttentionConfig):
     """DCMHA options. ``k_dim`` (K, the dynamic-weight hidden size) defaults to 4N.
 
     ``window`` (local attention over the last W keys including the query's own) needs
-    ``causal``. ``rotary_fraction`` of each head's channels get RoPE (rounded down to even).
+    ``causal`` and 1 <= W <= ``max_len``. ``rotary_fraction`` of each head's channels get RoPE
+    (rounded down to even).
     """
 
     rank: int = 2
@@ -111,6 +112,9 @@ class DcmhaConfig(AttentionConfig):
         if self.window is not None:
             if self.window < 1:
                 raise VariantError(f"dcmha: window must be >= 1 (keys including the query's own), got {self.window}")
+            if self.window > self.max_len:
+                raise VariantError(f"dcmha: window {self.window} is longer than max_len {self.max_len} "
+                                   "(no sequence has that many keys; leave window out for global attention)")
             if not self.causal:
                 raise VariantError("dcmha: a local window needs causal=True")
         elif self.window_plus_one:

@@ -15,8 +15,11 @@ a2o = Opset(DOMAIN, OPSET_VERSION)
 _MIX_INPUTS = [(f"{stage}_{kind}_{side}", "T", "") for stage in ("pre", "post") for side in ("q", "k")
                for kind in ("mix", "bias")]
 
+# Upper bound of landmarks (the body builds [B, L, T] pooling matrices): far above any model's L.
+MAX_LANDMARKS = 1 << 16
+
 RULES = OpRules(
-    attributes=(AttrRule("landmarks", min=1), AttrRule("grid", min=0), AttrRule("scale")),
+    attributes=(AttrRule("landmarks", min=1, max=MAX_LANDMARKS), AttrRule("grid", min=0), AttrRule("scale")),
     inputs={"q": "B T N d", "k": "B T N d", "v": "B T N d", "key_padding_mask": "B T",
             **{name: ("N" if "bias" in name else "N N") for name, _, _ in _MIX_INPUTS}},
     rules=(Rule("landmarks = grid * grid when grid > 0", ("landmarks", "grid"),

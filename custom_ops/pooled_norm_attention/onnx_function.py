@@ -12,9 +12,12 @@ from .._common import DOMAIN, FLAG, NEG, OPSET_VERSION, AttrRule, OpRules, make_
 
 a2o = Opset(DOMAIN, OPSET_VERSION)
 
+# Upper bound of a pooling factor (every head gathers max(factors) keys per window slot).
+MAX_FACTOR = 1 << 16
+
 RULES = OpRules(
-    attributes=(AttrRule("factors", min=1, length="N"), AttrRule("normalize", choices=FLAG), AttrRule("eps", above=0),
-                AttrRule("beta"), AttrRule("rescale", choices=FLAG), AttrRule("scale")),
+    attributes=(AttrRule("factors", min=1, max=MAX_FACTOR, length="N"), AttrRule("normalize", choices=FLAG),
+                AttrRule("eps", above=0), AttrRule("beta"), AttrRule("rescale", choices=FLAG), AttrRule("scale")),
     inputs={"q": "B T N d", "k": "B S N d", "v": "B S N d", "key_padding_mask": "B S"},
 )
 

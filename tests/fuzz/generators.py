@@ -493,6 +493,7 @@ OP_ATTRIBUTES: dict[str, dict[str, Any]] = {
     "DcmhaAttention": {"scale": 0.0, "causal": 1, "window": 2, "use_static_mix": 1},
 }
 OP_OUTPUTS = {"ProbAttention": ("o", "probs")}
+OUTPUT_RANKS = {"SuperMix": 3}  # every other op's outputs have rank 4
 MISSING = object()  # an attribute value meaning "leave the attribute out"
 
 _FLAG = {"-1": -1, "2": 2, "huge": 2**62}
@@ -537,16 +538,29 @@ def op_model(op: str, attributes: dict[str, Any] | None = None, shapes: dict[str
     inputs = [helper.make_tensor_value_info(name, TensorProto.BOOL if name == "key_padding_mask" else TensorProto.FLOAT,
                                             list(shape)) for name, shape in shapes.items()]
     outputs = OP_OUTPUTS.get(op, ("out",))
-    node = helper.make_node(op_type or op, list(shapes), list(outputs), domain=DOMAIN,
-                            **{k: v for k, v in attrs.items() if v is not MISSING})
+    node = helper.make_node(op_type or op, list(shapes), list(outputs), domain=DOMAIN)
+    node.attribute.extend(_attribute(op, k, v) for k, v in attrs.items() if v is not MISSING)
+    rank = OUTPUT_RANKS.get(op, 4)  # a valid model declares its outputs' shapes (onnx.checker)
     graph = helper.make_graph([node], f"fuzz_{op}", inputs,
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs])
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [f"{o}{i}" for i in range(rank)])
+                               for o in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
     attach_functions(model)
     for opset in model.opset_import:
         if opset.domain == DOMAIN:
             opset.version = OPSET_VERSION if domain_version is None else domain_version
     return model.SerializeToString()
+
+
+def _attribute(op: str, name: str, value: Any):
+    """The attribute ``name=value``; an empty list gets its type from the op's schema (the
+    helper cannot infer one from no entries)."""
+    from onnx import AttributeProto, helper
+
+    if isinstance(value, list) and not value:
+        return helper.make_attribute(name, value, attr_type=AttributeProto.AttributeType.Value(
+            schema_attributes(op)[name]))
+    return helper.make_attribute(name, value)
 
 
 def schema_attributes(op: str) -> dict[str, str]:
