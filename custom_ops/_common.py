@@ -1,21 +1,28 @@
 """Shared machinery of the ``ai.attn2onnx`` op set.
 
-Every op folder defines three things and hands them to :func:`register_op`:
+Every op folder defines these things and hands them to :func:`register_op` as one :class:`OpDef`:
 
-* a ``torch.library.custom_op`` whose eager implementation is the op's pure-PyTorch
-  *reference* (the numerical contract of variants.md), with a fake (shape) function;
+* a ``torch.library.custom_op`` made by :func:`define_op` from the op's pure-PyTorch *reference*
+  (the numerical contract of variants.md) itself: torch infers the schema from the reference's
+  type hints, so the op's signature is written once; plus a fake (shape) function;
 * an ``onnx.defs.OpSchema`` so that exporters and checkers know the node's signature;
 * an onnxscript function body built from standard ONNX ops (opset 23), attached to every
   exported model so that stock runtimes can run the node when no native kernel is registered,
   plus the onnxscript *translation* used by ``torch.onnx.export(custom_translation_table=...)``
-  that emits one bare ``ai.attn2onnx`` node (the body is attached after export, never inlined).
+  that emits one bare ``ai.attn2onnx`` node (the body is attached after export, never inlined);
+* optionally its :class:`Backends` (C++ ORT kernel, Triton kernel, TensorRT plugin), declared in
+  the op folder's ``backends.py``. The native build, the TensorRT plugin registration, the trt
+  target and ``attn2onnx doctor`` all find an op's backends there, through :data:`REGISTRY`.
 
 Training through the ops works because :func:`register_autograd_from_reference` gives each op
 a backward that differentiates its reference implementation.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
 
 import onnx
@@ -75,6 +82,36 @@ FLAG = (0, 1)
 
 
 @dataclass(frozen=True)
+class Backends:
+    """Where an op runs besides its standard-op function body; every entry is optional.
+
+    An op folder declares them in its ``backends.py``: plain constants (``KERNEL_SOURCE``,
+    ``TRITON_MODULE``, ``TRT_PLUGIN_MODULE``) and no imports, because the native build
+    (:func:`attn2onnx.runtime.native.kernel_sources`) reads that file by path: importing the op
+    set needs torch, and ``python -m attn2onnx.runtime.native`` must work without it."""
+
+    kernel_source: Path | None = None  # C++ ONNX Runtime CPU kernel, compiled into the native library
+    triton_module: str | None = None  # imported where triton is: registers the torch op's CUDA kernel
+    trt_plugin_module: str | None = None  # TensorRT plugin: ONNX_OP, PLUGIN_NAMESPACE, register()
+
+    @classmethod
+    def declared(cls, package: str) -> Backends:
+        """The backends that the op package ``package`` declares in its ``backends.py``."""
+        declaration = importlib.import_module(f"{package}.backends")
+        kernel = getattr(declaration, "KERNEL_SOURCE", None)
+        triton = getattr(declaration, "TRITON_MODULE", None)
+        plugin = getattr(declaration, "TRT_PLUGIN_MODULE", None)
+        return cls(kernel_source=Path(declaration.__file__).parent / kernel if kernel else None,
+                   triton_module=f"{package}.{triton}" if triton else None,
+                   trt_plugin_module=f"{package}.{plugin}" if plugin else None)
+
+    def names(self) -> list[str]:
+        """The kinds of backend declared: "native", "triton", "tensorrt"."""
+        kinds = {"native": self.kernel_source, "triton": self.triton_module, "tensorrt": self.trt_plugin_module}
+        return [kind for kind, where in kinds.items() if where is not None]
+
+
+@dataclass(frozen=True)
 class OpDef:
     """Everything the exporter and the runtimes need to know about one op."""
 
@@ -84,6 +121,7 @@ class OpDef:
     translation: Any  # onnxscript OnnxFunction emitting the bare custom node
     body: Any  # onnxscript OnnxFunction made of standard ops
     rules: OpRules | None = field(default=None, compare=False)
+    backends: Backends = field(default_factory=Backends, compare=False)
 
     @property
     def overload_packet(self) -> Any:
@@ -142,11 +180,42 @@ def make_schema(
 
 
 def register_op(opdef: OpDef) -> OpDef:
-    """Register the schema with onnx (once per process) and the op in :data:`REGISTRY`."""
+    """Register the schema with onnx (once per process) and the op in :data:`REGISTRY`; where
+    triton is installed, import the op's Triton kernel (it registers the torch op's CUDA kernel)."""
     if not onnx.defs.has(opdef.onnx_name, DOMAIN):
         onnx.defs.register_schema(opdef.schema)
     REGISTRY[opdef.onnx_name] = opdef
+    if opdef.backends.triton_module and importlib.util.find_spec("triton") is not None:
+        importlib.import_module(opdef.backends.triton_module)
     return opdef
+
+
+def check_attention_inputs(op_name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           key_padding_mask: torch.Tensor) -> None:
+    """ValueError unless q is [B,T,N,d], k and v are [B,S,N,d] and key_padding_mask is [B,S]."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"{op_name}: expected q [B,T,N,d] and k, v [B,S,N,d], got {list(q.shape)}, "
+                         f"{list(k.shape)}, {list(v.shape)}")
+    if key_padding_mask.shape != k.shape[:2]:
+        raise ValueError(f"{op_name}: key_padding_mask must be [B,S] = {list(k.shape[:2])}, "
+                         f"got {list(key_padding_mask.shape)}")
+
+
+def empty_like_first(x: torch.Tensor, *_: object) -> torch.Tensor:
+    """Fake function of an op whose one output is shaped like its first input."""
+    return torch.empty_like(x)
+
+
+def define_op(name: str, reference: Callable[..., Any], fake: Callable[..., Any]) -> Any:
+    """The torch op ``attn2onnx::<name>`` whose eager body is ``reference`` itself: torch infers
+    the op's schema from the reference's type hints, so its signature is written once. ``fake``
+    gives the output shapes (it may take ``*args``); the backward differentiates the reference
+    (:func:`register_autograd_from_reference`). The reference must return fresh tensors laid out
+    as ``fake`` says (contiguous), since it is what the op returns."""
+    torch_op = torch.library.custom_op(f"{TORCH_NAMESPACE}::{name}", reference, mutates_args=())
+    torch_op.register_fake(fake)
+    register_autograd_from_reference(torch_op, reference)
+    return torch_op
 
 
 def register_autograd_from_reference(torch_op: Any, reference: Callable[..., Any]) -> None:

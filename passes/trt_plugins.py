@@ -3,7 +3,7 @@
 TensorRT's parser imports a custom node as a plugin only when the node carries a string
 attribute ``plugin_namespace`` naming a registered plugin's namespace; otherwise it imports the
 node's local function body (standard ops). This pass adds ``plugin_namespace`` to every
-``ai.attn2onnx`` node whose op has a TensorRT plugin (``custom_ops/<op>/trt_plugin.py``), in the
+``ai.attn2onnx`` node whose op declares a TensorRT plugin (``OpDef.backends`` in the op registry), in the
 main graph, its subgraphs and the model's local functions, and leaves every other node alone.
 
 It also refuses a model that TensorRT would silently mis-import: the parser's built-in
@@ -34,7 +34,7 @@ def clashes_with_builtin(op_type: str) -> bool:
 
 
 def default_plugin_ops() -> dict[str, str]:
-    """ONNX op type -> plugin namespace for every op with a TensorRT plugin."""
+    """ONNX op type -> plugin namespace for every op of the registry that declares a TensorRT plugin."""
     from ..runtime.tensorrt import plugin_ops
 
     return plugin_ops()

@@ -1,4 +1,5 @@
-"""Report what this machine can run: native ORT kernels, GPU (CUDA, Triton), TensorRT.
+"""Report what this machine can run: native ORT kernels, GPU (CUDA, Triton), TensorRT, and per
+op of the registry which backends it has besides its function body and which of them run here.
 
   attn2onnx doctor
   attn2onnx doctor --json
@@ -54,14 +55,38 @@ def _onnxruntime() -> tuple[bool, str]:
     return True, f"onnxruntime {onnxruntime.__version__}, providers: {', '.join(onnxruntime.get_available_providers())}"
 
 
+def _op_backends() -> dict[str, list[str]]:
+    """Op type -> the kinds of backend it declares besides its function body ("native", ...)."""
+    from ..custom_ops import REGISTRY
+
+    return {name: opdef.backends.names() for name, opdef in sorted(REGISTRY.items())}
+
+
+def _usable(checks: dict[str, tuple[bool, str]]) -> dict[str, bool]:
+    """Backend kind -> whether it runs here: the native library builds; Triton kernels and
+    TensorRT plugins need their package and a CUDA device."""
+    cuda = checks["cuda"][0]
+    return {"native": checks["native_kernels"][0], "triton": checks["triton"][0] and cuda,
+            "tensorrt": checks["tensorrt"][0] and cuda}
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
     checks = {"onnxruntime": _onnxruntime(), "native_kernels": _native(), "cuda": _gpu(), "triton": _triton(),
               "tensorrt": _tensorrt()}
+    ops, usable = _op_backends(), _usable(checks)
+    kind_check = {"native": "native_kernels", "triton": "triton", "tensorrt": "tensorrt"}
     if args.json:
-        print(json.dumps({name: {"available": ok, "detail": detail} for name, (ok, detail) in checks.items()}))
-    else:
-        for name, (ok, detail) in checks.items():
-            print(f"{name:15s} {'yes' if ok else 'no ':3s}  {detail}")
+        report = {name: {"available": ok, "detail": detail} for name, (ok, detail) in checks.items()}
+        for kind, check in kind_check.items():  # which ops have this backend, and whether it runs here
+            report[check].update(ops=[op for op, kinds in ops.items() if kind in kinds], usable=usable[kind])
+        print(json.dumps(report))
+        return 0
+    for name, (ok, detail) in checks.items():
+        print(f"{name:15s} {'yes' if ok else 'no ':3s}  {detail}")
+    print("\nbackends per op besides the function body (usable here: yes / no)")
+    for op, kinds in ops.items():
+        listed = ", ".join(f"{kind} {'yes' if usable[kind] else 'no'}" for kind in kinds)
+        print(f"  {op:21s} {listed or '-'}")
     return 0

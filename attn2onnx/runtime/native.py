@@ -1,7 +1,7 @@
 """The native ONNX Runtime CPU kernel library (``ai.attn2onnx`` op kernels, C++).
 
 The library is compiled on first use, on the machine that runs it, from the sources shipped with
-the package (``custom_ops/native/*.cc`` and every ``custom_ops/<op>/kernel.cc``) against ONNX
+the package (``custom_ops/native/*.cc`` and the kernel each op declares in ``backends.py``) against ONNX
 Runtime's C/C++ API headers, and cached. Because it is built where it runs, it is compiled for
 that CPU (``-march=native``: AVX2 / AVX-512 micro-kernels); the cache key holds the resolved
 target, the compiler, the flags and the sources, so a shared cache never hands one CPU another's
@@ -27,6 +27,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import runpy
 import shlex
 import stat
 import subprocess
@@ -54,10 +55,21 @@ def custom_ops_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def kernel_sources() -> list[Path]:
+    """Each op's C++ kernel, as ``KERNEL_SOURCE`` in its folder's ``backends.py`` declares it
+    (``OpDef.backends.kernel_source``). The declarations are read by path, not imported: the op
+    set needs torch, this module must not."""
+    found = []
+    for declaration in sorted(custom_ops_dir().glob("*/backends.py")):
+        source = runpy.run_path(str(declaration)).get("KERNEL_SOURCE")
+        if source:
+            found.append(declaration.parent / source)
+    return found
+
+
 def sources() -> list[Path]:
-    """Every C++ source of the library: the shared register.cc and each op's kernel.cc."""
-    root = custom_ops_dir()
-    return sorted((root / "native").glob("*.cc")) + sorted(root.glob("*/kernel.cc"))
+    """Every C++ source of the library: the shared ``custom_ops/native/*.cc`` and each op's kernel."""
+    return sorted((custom_ops_dir() / "native").glob("*.cc")) + kernel_sources()
 
 
 def cache_dir() -> Path:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .._attention_math import attention_mask, masked_softmax, resolve_scale
-from .._common import TORCH_NAMESPACE
+from .._common import define_op
 from ..dcmha_compose.reference import compute_dtype, dcmha_compose_reference
 
 
@@ -55,29 +55,11 @@ def dcmha_attention_reference(
     logits = dcmha_compose_reference(logits, q_factors[:, :, 0], k_factors[:, :, 0], static_mix[0], use_static_mix)
     probs = masked_softmax(logits, allowed_mask(key_padding_mask, q.shape[1], causal, window))
     probs = dcmha_compose_reference(probs, q_factors[:, :, 1], k_factors[:, :, 1], static_mix[1], use_static_mix)
-    return torch.einsum("bnts,bsnd->btnd", probs, v.to(dtype)).to(q.dtype)
+    return torch.einsum("bnts,bsnd->btnd", probs, v.to(dtype)).to(q.dtype).contiguous()  # as the fake says
 
 
-@torch.library.custom_op(f"{TORCH_NAMESPACE}::dcmha_attention", mutates_args=())
-def dcmha_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_factors: torch.Tensor,
-    k_factors: torch.Tensor,
-    key_padding_mask: torch.Tensor,
-    static_mix: torch.Tensor,
-    scale: float,
-    causal: bool,
-    window: int,
-    use_static_mix: bool,
-) -> torch.Tensor:
-    """Custom op wrapper of :func:`dcmha_attention_reference` (one ``ai.attn2onnx::DcmhaAttention`` node)."""
-    return dcmha_attention_reference(
-        q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix
-    ).contiguous()  # the fake function promises a contiguous output
-
-
-@dcmha_attention.register_fake
-def _(q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix):
+def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: object) -> torch.Tensor:
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+dcmha_attention = define_op("dcmha_attention", dcmha_attention_reference, _fake)

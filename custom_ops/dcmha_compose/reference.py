@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import TORCH_NAMESPACE
+from .._common import define_op, empty_like_first
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -50,17 +50,7 @@ def dcmha_compose_reference(
     out = out + x * gq.transpose(1, 2).unsqueeze(-1) + x * gk.transpose(1, 2).unsqueeze(-2)
     if use_static_mix:
         out = out + torch.einsum("bnts,nm->bmts", x, static_mix.to(dtype))
-    return out.to(a.dtype)
+    return out.to(a.dtype).contiguous()  # the op's output: contiguous, as its fake says
 
 
-@torch.library.custom_op(f"{TORCH_NAMESPACE}::dcmha_compose", mutates_args=())
-def dcmha_compose(
-    a: torch.Tensor, q_factors: torch.Tensor, k_factors: torch.Tensor, static_mix: torch.Tensor, use_static_mix: bool
-) -> torch.Tensor:
-    """Custom op wrapper of :func:`dcmha_compose_reference` (one ``ai.attn2onnx::DcmhaCompose`` node)."""
-    return dcmha_compose_reference(a, q_factors, k_factors, static_mix, use_static_mix).contiguous()
-
-
-@dcmha_compose.register_fake
-def _(a: torch.Tensor, q_factors: torch.Tensor, k_factors: torch.Tensor, static_mix: torch.Tensor, use_static_mix: bool) -> torch.Tensor:
-    return torch.empty_like(a)
+dcmha_compose = define_op("dcmha_compose", dcmha_compose_reference, empty_like_first)

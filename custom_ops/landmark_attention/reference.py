@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .._attention_math import landmark_count, masked_softmax, mix_heads, resolve_scale, segment_weights
-from .._common import TORCH_NAMESPACE
+from .._common import define_op, empty_like_first
 
 
 def landmark_attention_reference(
@@ -68,30 +68,4 @@ def landmark_attention_reference(
     return torch.matmul(a_q, torch.matmul(a_k, vh)).transpose(1, 2).contiguous()
 
 
-@torch.library.custom_op(f"{TORCH_NAMESPACE}::landmark_attention", mutates_args=())
-def landmark_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor,
-    pre_mix_q: torch.Tensor,
-    pre_bias_q: torch.Tensor,
-    pre_mix_k: torch.Tensor,
-    pre_bias_k: torch.Tensor,
-    post_mix_q: torch.Tensor,
-    post_bias_q: torch.Tensor,
-    post_mix_k: torch.Tensor,
-    post_bias_k: torch.Tensor,
-    landmarks: int,
-    grid: int,
-    scale: float,
-) -> torch.Tensor:
-    """Custom op wrapper of :func:`landmark_attention_reference` (one ``ai.attn2onnx::LandmarkAttention`` node)."""
-    return landmark_attention_reference(q, k, v, key_padding_mask, pre_mix_q, pre_bias_q, pre_mix_k, pre_bias_k,
-                                        post_mix_q, post_bias_q, post_mix_k, post_bias_k, landmarks, grid, scale)
-
-
-@landmark_attention.register_fake
-def _(q, k, v, key_padding_mask, pre_mix_q, pre_bias_q, pre_mix_k, pre_bias_k,
-      post_mix_q, post_bias_q, post_mix_k, post_bias_k, landmarks, grid, scale):
-    return torch.empty_like(q)
+landmark_attention = define_op("landmark_attention", landmark_attention_reference, empty_like_first)

@@ -1,9 +1,8 @@
 """PooledNormAttention op: Attention-BN / SH / BN+SH, every backend side by side."""
-from .._common import OpDef, register_autograd_from_reference, register_op
+from .._common import OpDef, register_op
 from .onnx_function import RULES, SCHEMA, PooledNormAttention, translate_pooled_norm_attention
 from .reference import pooled_norm_attention, pooled_norm_attention_reference
 
-register_autograd_from_reference(pooled_norm_attention, pooled_norm_attention_reference)
 OP = register_op(
     OpDef("PooledNormAttention", pooled_norm_attention, SCHEMA, translate_pooled_norm_attention, PooledNormAttention,
           RULES)

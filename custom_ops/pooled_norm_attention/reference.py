@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .._attention_math import attention, masked_moments, window_pool
-from .._common import TORCH_NAMESPACE
+from .._common import check_attention_inputs, define_op, empty_like_first
 
 
 def pooled_norm_attention_reference(
@@ -32,12 +32,7 @@ def pooled_norm_attention_reference(
 ) -> torch.Tensor:
     """q [B,T,N,d], k/v [B,S,N,d], key_padding_mask [B,S] bool, factors (one int >= 1 per head)
     -> o [B,T,N,d]."""
-    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"PooledNormAttention: expected q [B,T,N,d] and k, v [B,S,N,d], got {list(q.shape)}, "
-                         f"{list(k.shape)}, {list(v.shape)}")
-    if key_padding_mask.shape != k.shape[:2]:
-        raise ValueError(f"PooledNormAttention: key_padding_mask must be [B,S] = {list(k.shape[:2])}, "
-                         f"got {list(key_padding_mask.shape)}")
+    check_attention_inputs("PooledNormAttention", q, k, v, key_padding_mask)
     factors = [int(f) for f in factors]
     if len(factors) != q.shape[2] or min(factors) < 1:
         raise ValueError(f"PooledNormAttention: factors must be one integer >= 1 per head ({q.shape[2]}), "
@@ -63,23 +58,4 @@ def pooled_norm_attention_reference(
     return torch.stack(outputs, dim=2)
 
 
-@torch.library.custom_op(f"{TORCH_NAMESPACE}::pooled_norm_attention", mutates_args=())
-def pooled_norm_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor,
-    factors: list[int],
-    normalize: bool,
-    eps: float,
-    beta: float,
-    rescale: bool,
-    scale: float,
-) -> torch.Tensor:
-    """Custom op wrapper of :func:`pooled_norm_attention_reference` (one ``ai.attn2onnx::PooledNormAttention`` node)."""
-    return pooled_norm_attention_reference(q, k, v, key_padding_mask, factors, normalize, eps, beta, rescale, scale)
-
-
-@pooled_norm_attention.register_fake
-def _(q, k, v, key_padding_mask, factors, normalize, eps, beta, rescale, scale):
-    return torch.empty_like(q)
+pooled_norm_attention = define_op("pooled_norm_attention", pooled_norm_attention_reference, empty_like_first)

@@ -6,13 +6,13 @@ of padded tokens are zeroed before mixing, because WA would mix them into real t
 
 Only the linear part of super's mix: WA's bias and the re-zeroing of U's padded rows are added
 by the super module in standard ops after this op (attn2onnx/variants/hosseini.py), so the op
-stays exactly the plain ``WA[:T,:T] @ x`` pattern that passes/fuse_misc.py fuses into it.
+stays exactly the plain ``WA[:T,:T] @ x`` pattern that passes/fuse_super_mix.py fuses into it.
 """
 from __future__ import annotations
 
 import torch
 
-from .._common import TORCH_NAMESPACE
+from .._common import define_op, empty_like_first
 
 
 def super_mix_reference(
@@ -29,12 +29,4 @@ def super_mix_reference(
     return torch.matmul(mix.to(x.dtype), x)
 
 
-@torch.library.custom_op(f"{TORCH_NAMESPACE}::super_mix", mutates_args=())
-def super_mix(x: torch.Tensor, wa: torch.Tensor, key_padding_mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Custom op wrapper of :func:`super_mix_reference` (one ``ai.attn2onnx::SuperMix`` node)."""
-    return super_mix_reference(x, wa, key_padding_mask, causal)
-
-
-@super_mix.register_fake
-def _(x: torch.Tensor, wa: torch.Tensor, key_padding_mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    return torch.empty_like(x)
+super_mix = define_op("super_mix", super_mix_reference, empty_like_first)
