@@ -141,7 +141,7 @@ def _check_structure(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError) as e:  # ValueError: a name that is no UTF-8
-        from .custom_ops._validation import check_model as check_nodes
+        from .custom_ops import check_model as check_nodes
 
         check_nodes(model)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -15,6 +15,7 @@ from . import landmark_attention  # noqa: F401
 from . import pooled_norm_attention  # noqa: F401
 from . import dcmha_compose  # noqa: F401  (registers the op)
 from . import dcmha_attention  # noqa: F401  (registers the op)
+from ._validation import InvalidModelError, check_model
 
 
 def translation_table() -> dict:
@@ -34,4 +35,5 @@ def function_protos() -> dict[str, onnx.FunctionProto]:
     return {name: opdef.function_proto() for name, opdef in REGISTRY.items()}
 
 
-__all__ = ["DOMAIN", "OPSET_VERSION", "REGISTRY", "OpDef", "translation_table", "decompositions", "function_protos"]
+__all__ = ["DOMAIN", "OPSET_VERSION", "REGISTRY", "InvalidModelError", "OpDef", "check_model", "decompositions",
+           "function_protos", "translation_table"]

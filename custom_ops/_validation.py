@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import onnx
 
-from ..errors import UsageError
+from attn2onnx.errors import UsageError
 from ._common import DOMAIN, OPSET_VERSION, REGISTRY, TRT_RULES, AttrRule, OpDef, OpRules
 
 # A known shape: one entry per axis, an int where the size is static, None where it is not.
@@ -73,7 +73,7 @@ def _as_proto(model: Any) -> onnx.ModelProto:
     if isinstance(model, bytes):
         return onnx.load_from_string(model)
     if isinstance(model, (str, os.PathLike)):
-        from ..onnx_io import load_onnx
+        from attn2onnx.onnx_io import load_onnx
 
         return load_onnx(model)
     import onnx_ir as ir

@@ -23,7 +23,7 @@ import functools
 import onnx
 import onnx_ir as ir
 
-from ..errors import UsageError
+from attn2onnx.errors import UsageError
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 INT64 = "tensor(int64)"

@@ -22,8 +22,8 @@ import os
 import onnx
 import onnx_ir as ir
 
-from ..errors import UsageError
-from ..onnx_io import save_model
+from attn2onnx.errors import UsageError
+from attn2onnx.onnx_io import save_model
 from ._ir_utils import to_ir
 from .cleanup import CleanupPass
 from .fuse_dcmha import FuseDcmhaPass
@@ -79,7 +79,7 @@ def optimize_model(model: onnx.ModelProto | ir.Model, target: str = "ort",
                    sizes: dict[str, int] | None = None) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Run the ``target`` pipeline. An ``onnx_ir.Model`` is changed in place and returned; a
     ModelProto gives a new ModelProto. ``sizes`` (symbol -> int) sets where MACs are counted."""
-    from ..custom_ops._validation import check_model  # imports the op set (torch) only when optimising
+    from attn2onnx.custom_ops import check_model  # imports the op set (torch) only when optimising
 
     passes = build_passes(target)
     check_model(model)  # every ai.attn2onnx node against its op's rules: InvalidModelError, a UsageError
@@ -99,7 +99,7 @@ def optimize(in_path: str | os.PathLike, out_path: str | os.PathLike, target: st
     """Optimize the model at ``in_path`` and write it to ``out_path`` with
     :func:`attn2onnx.onnx_io.save_model` (atomic; weights in ``<out>.data`` past its one
     threshold, or when the input already kept them outside). ``out_path`` may be ``in_path``."""
-    from ..onnx_io import load_onnx
+    from attn2onnx.onnx_io import load_onnx
 
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
     load_onnx(in_path)  # one-line errors, and external data checked before ir.load reads any of it

@@ -35,7 +35,7 @@ def clashes_with_builtin(op_type: str) -> bool:
 
 def default_plugin_ops() -> dict[str, str]:
     """ONNX op type -> plugin namespace for every op of the registry that declares a TensorRT plugin."""
-    from ..runtime.tensorrt import plugin_ops
+    from attn2onnx.runtime.tensorrt import plugin_ops
 
     return plugin_ops()
 

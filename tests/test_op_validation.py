@@ -18,7 +18,7 @@ from onnx import helper as oh
 
 import attn2onnx.custom_ops as ops
 from attn2onnx import cli
-from attn2onnx.custom_ops._validation import InvalidModelError, check_model
+from attn2onnx.custom_ops import InvalidModelError, check_model
 from attn2onnx.errors import UsageError
 from attn2onnx.passes import optimize_model
 from attn2onnx.runtime import session

@@ -62,7 +62,7 @@ def session(path: Any, backend: str = "ort", *, native: bool = True, threads: in
         model = path.SerializeToString()
     else:
         raise TypeError(f"expected a model path, onnx.ModelProto or bytes, got {type(path).__name__}")
-    from ..custom_ops._validation import check_model
+    from ..custom_ops import check_model
 
     check_model(path)  # every ai.attn2onnx node against its op's rules before ORT sees it
     name = str(path) if isinstance(path, (str, os.PathLike)) else "the in-memory model"
