@@ -108,6 +108,9 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
+            if value > MAX_VALUES:  # no model holds fewer values than one of its sizes (used or not)
+                raise UsageError(f"{name}={value} is more than attn2onnx builds (MAX_VALUES = {MAX_VALUES:,}); "
+                                 f"lower {name}")
 
     @property
     def is_image(self) -> bool:

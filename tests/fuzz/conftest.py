@@ -19,7 +19,7 @@ import pytest
 
 from .generators import Sources, make_sources
 
-SLOW_SAMPLE_EVERY = 4
+SLOW_SAMPLE_EVERY = 8
 FUZZ_DIR = Path(__file__).parent
 # Slow cases that once exposed a defect (issue 11): kept in the default selection.
 PINNED = {
