@@ -1,6 +1,6 @@
 """iMHSA and reuse-transformer layers written in plain PyTorch (never imports attn2onnx).
 
-They are the *input* of the fusions in ``attn2onnx.passes.fuse_misc``: exported with the stock
+They are the *input* of the fusions in ``attn2onnx.passes.fuse_imhsa`` / ``fuse_reuse``: exported with the stock
 ``torch.onnx.export`` (see :func:`plain_dcmha.export_stock`) they are standard ops only.
 
 * :class:`PlainImhsa` -- iMHSA (variants.md §6) with landmark pooling by a [B,L,T] averaging

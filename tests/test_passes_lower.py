@@ -144,7 +144,7 @@ def test_other_variants_keep_their_ops(exported, name):
 
 
 def test_stock_super_mix_is_fused(tmp_path):
-    """The stock exporter decomposes super's token mix (Slice/Trilu/Mul/MatMul); fuse_misc turns
+    """The stock exporter decomposes super's token mix (Slice/Trilu/Mul/MatMul); fuse_super_mix turns
     it back into one SuperMix node, and the core is lowered as usual."""
     torch.manual_seed(0)
     module = build_attention("super", d_model=D, n_heads=N, causal=True, max_len=32).eval()
