@@ -313,9 +313,13 @@ def align_mask_shapes(model: ir.Model) -> int:
         if out.shape != shape:
             out.shape = shape
             count += 1
-        for use in out.uses():
-            if use.node.op_type == "Softmax" and use.node.domain == "":
-                use.node.outputs[0].shape = shape
+        # Down to the Softmax, through additive masks (HF adds a padding bias after the Where):
+        # every value on the way has the logits' shape too.
+        value = out
+        while len(uses := list(value.uses())) == 1 and uses[0].node.domain == "" and \
+                uses[0].node.op_type in ("Add", "Softmax"):
+            value = uses[0].node.outputs[0]
+            value.shape = shape
     return count
 
 
