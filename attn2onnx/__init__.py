@@ -12,6 +12,7 @@ Python API (the CLI is ``attn2onnx``):
 Names are imported on first use (PEP 562), so ``import attn2onnx`` and ``attn2onnx --help``
 stay fast; add an entry to ``_API`` to export a new name.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -37,8 +38,8 @@ _API = {
 __all__ = sorted(_API)
 
 if TYPE_CHECKING:  # pragma: no cover  (for type checkers and IDEs)
-    from .checkpoint import load, save
-    from .exporter import export
+    from .checkpoint import load, save  # noqa: F401
+    from .exporter import export  # noqa: F401
     from .passes import optimize  # noqa: F401
     from .validate import ParityReport, check_parity  # noqa: F401
     from .errors import CheckpointError, UsageError  # noqa: F401

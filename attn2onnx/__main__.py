@@ -1,4 +1,5 @@
 """``python -m attn2onnx`` is the ``attn2onnx`` command."""
+
 import sys
 
 from .cli import main

@@ -7,6 +7,7 @@ checked against its weights on the meta device before the model is allocated. Ev
 file can fail to load is a one-line ``CheckpointError`` (or ``FileNotFoundError``,
 ``VariantError``) saying which file and why.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     leaves a partial checkpoint. Returns the path."""
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
-        raise UsageError("save() takes a model made by attn2onnx.build_model or attn2onnx.load (it keeps a ModelConfig as .config)")
+        raise UsageError(
+            "save() takes a model made by attn2onnx.build_model or attn2onnx.load (it keeps a ModelConfig as .config)"
+        )
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -69,7 +72,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             ) from None
         raise CheckpointError(f"{path} is not an attn2onnx checkpoint (not a PyTorch file: {_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - torch.load fails on foreign bytes in many ways
-        raise CheckpointError(f"{path} is not an attn2onnx checkpoint (not a PyTorch file, or a damaged one: {_first_line(e)})") from None
+        raise CheckpointError(
+            f"{path} is not an attn2onnx checkpoint (not a PyTorch file, or a damaged one: {_first_line(e)})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         what = "a PyTorch file without the attn2onnx header"
         if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
@@ -77,7 +82,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not an attn2onnx checkpoint ({what})")
     version = payload.get("version")
     if version != VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported (this attn2onnx reads version {VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version!r} is not supported (this attn2onnx reads version {VERSION})"
+        )
     if not isinstance(payload.get("config"), dict) or not isinstance(payload.get("state_dict"), dict):
         raise CheckpointError(f"{path}: damaged attn2onnx checkpoint (config or state_dict missing)")
     return payload

@@ -12,6 +12,7 @@ for sizes past the machine) are printed as one line ``attn2onnx: error: ...`` on
 exit status 2; anything else is a bug and keeps its traceback. ATTN2ONNX_DEBUG=1 shows the
 traceback for every error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,9 @@ def build_parser() -> ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f".commands.{module_name}", __package__)
         doc = (module.__doc__ or module.HELP).strip()
-        cmd = sub.add_parser(name, help=module.HELP, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd = sub.add_parser(
+            name, help=module.HELP, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         module.configure(cmd)
         cmd.set_defaults(_run=module.run)
     return parser

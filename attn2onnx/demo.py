@@ -1,5 +1,6 @@
 """The main job: for every variant, build a small model in a family it fits, export it, run it
 in ONNX Runtime, validate it against PyTorch at several dynamic shapes, and time both."""
+
 from __future__ import annotations
 
 import statistics
@@ -52,8 +53,14 @@ def demo_variant(name: str, out_dir: Path) -> DemoRow:
     family = "lm" if get_variant(name).causal else "encoder"
     model = build_model(ModelConfig(family=family, variant=name, layers=2, d_model=64, heads=4, max_len=128, seed=0))
     source = from_module(model)
-    result = export(model, source.example_inputs(2, 16), out_dir / f"{name}.onnx", specs=source.specs,
-                    output_names=source.output_names, max_seq=source.max_seq)
+    result = export(
+        model,
+        source.example_inputs(2, 16),
+        out_dir / f"{name}.onnx",
+        specs=source.specs,
+        output_names=source.output_names,
+        max_seq=source.max_seq,
+    )
     optimized = out_dir / f"{name}.opt.onnx"
     report = optimize(result.path, optimized, target="ort")
     comparisons = [c for path in (result.path, optimized) for c in check_parity(path, source).comparisons]
@@ -63,12 +70,23 @@ def demo_variant(name: str, out_dir: Path) -> DemoRow:
     with torch.inference_mode():
         torch_ms = median_ms(lambda: model(*args))
     ort_ms = median_ms(lambda: sess.run(None, feeds))
-    return DemoRow(name, family, result.nodes, report.after.nodes, result.custom_nodes, result.seconds,
-                   max(c.max_abs_err for c in comparisons), ort_ms, torch_ms, all(c.passed for c in comparisons))
+    return DemoRow(
+        name,
+        family,
+        result.nodes,
+        report.after.nodes,
+        result.custom_nodes,
+        result.seconds,
+        max(c.max_abs_err for c in comparisons),
+        ort_ms,
+        torch_ms,
+        all(c.passed for c in comparisons),
+    )
 
 
-def run_demo(out_dir: Path, variants: list[str] | None = None,
-             progress: Callable[[str], None] = lambda s: None) -> list[DemoRow]:
+def run_demo(
+    out_dir: Path, variants: list[str] | None = None, progress: Callable[[str], None] = lambda s: None
+) -> list[DemoRow]:
     """Demo rows for ``variants`` (default: every registered variant)."""
     from .variants import VARIANTS
 
@@ -82,11 +100,31 @@ def run_demo(out_dir: Path, variants: list[str] | None = None,
 
 def format_table(rows: list[DemoRow]) -> str:
     """The demo's table, one row per variant."""
-    header = ("variant", "family", "nodes", "optimised", "custom", "export s", "max err", "ORT ms", "PyTorch ms",
-              "passed")
+    header = (
+        "variant",
+        "family",
+        "nodes",
+        "optimised",
+        "custom",
+        "export s",
+        "max err",
+        "ORT ms",
+        "PyTorch ms",
+        "passed",
+    )
     lines = [header] + [
-        (r.variant, r.family, str(r.nodes), str(r.optimized_nodes), str(r.custom_nodes), f"{r.export_s:.1f}",
-         f"{r.max_abs_err:.1e}", f"{r.ort_ms:.2f}", f"{r.torch_ms:.2f}", "yes" if r.passed else "NO")
+        (
+            r.variant,
+            r.family,
+            str(r.nodes),
+            str(r.optimized_nodes),
+            str(r.custom_nodes),
+            f"{r.export_s:.1f}",
+            f"{r.max_abs_err:.1e}",
+            f"{r.ort_ms:.2f}",
+            f"{r.torch_ms:.2f}",
+            "yes" if r.passed else "NO",
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

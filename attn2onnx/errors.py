@@ -4,6 +4,7 @@ and exits 2, never with a traceback.
 ``VariantError`` (attn2onnx.variants.base) is the variant-level sibling of these; both are
 ``ValueError`` subclasses. Anything else escaping a command is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

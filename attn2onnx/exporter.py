@@ -5,6 +5,7 @@ attn2onnx torch custom op into one bare ``ai.attn2onnx`` node; afterwards each o
 standard-op body is attached as an ONNX local function, so any runtime can run the model and
 native kernels can replace the bodies. Dynamic dims are named ``batch`` and ``seq``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,11 @@ def _input_names(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
     """The names torch gives the inputs (``forward``'s parameters), in order; ``names`` where
     the signature does not say (``*args``)."""
     try:
-        params = [p for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         params = []
     return [params[i].name if i < len(params) else name for i, name in enumerate(names)]
@@ -76,30 +80,42 @@ def _marked_dims(model: torch.nn.Module, input_names: Sequence[str], dynamic_sha
         names = _input_names(model, input_names)
         unknown = sorted(set(dynamic_shapes) - set(names))
         if unknown:
-            raise DynamicShapeError(f"dynamic_shapes names {', '.join(map(repr, unknown))}, not inputs of the model "
-                                    f"({', '.join(names)})")
+            raise DynamicShapeError(
+                f"dynamic_shapes names {', '.join(map(repr, unknown))}, not inputs of the model ({', '.join(names)})"
+            )
         per_input = [dynamic_shapes.get(name) for name in names]
     elif isinstance(dynamic_shapes, (tuple, list)) and len(dynamic_shapes) == n:
         per_input = list(dynamic_shapes)
     else:
-        raise DynamicShapeError(f"dynamic_shapes must be a tuple of {n} entries (one per example input) or a dict "
-                                "keyed by the forward parameters' names")
+        raise DynamicShapeError(
+            f"dynamic_shapes must be a tuple of {n} entries (one per example input) or a dict "
+            "keyed by the forward parameters' names"
+        )
     marked = []
     for entry in per_input:
         dims = entry.items() if isinstance(entry, dict) else enumerate(entry or ())
-        marked.append(frozenset(i for i, d in dims
-                                if d is not None and not isinstance(d, int) and d is not torch.export.Dim.STATIC))
+        marked.append(
+            frozenset(
+                i for i, d in dims if d is not None and not isinstance(d, int) and d is not torch.export.Dim.STATIC
+            )
+        )
     return marked
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _SPECIALISED = (  # torch's ways of saying that tracing fixed a dim marked dynamic (inferred size or guard)
-    re.compile(r"inferred a static shape of (?P<size>\d+) for dimension "
-               r"inputs\['(?P<input>\w+)'\]\.shape\[(?P<dim>\d+)\]"),
-    re.compile(r"You marked L\['(?P<input>\w+)'\]\.size\(\)\[(?P<dim>\d+)\] as dynamic but your code specialized "
-               r"it to be a constant \((?P<size>\d+)\)"),
-    re.compile(r"Not all values of (?P<symbol>\w+) = L\['(?P<input>\w+)'\]\.size\(\)\[(?P<dim>\d+)\] in the "
-               r"specified range .*? satisfy the generated guard (?P<guard>[^\n]+)"),
+    re.compile(
+        r"inferred a static shape of (?P<size>\d+) for dimension "
+        r"inputs\['(?P<input>\w+)'\]\.shape\[(?P<dim>\d+)\]"
+    ),
+    re.compile(
+        r"You marked L\['(?P<input>\w+)'\]\.size\(\)\[(?P<dim>\d+)\] as dynamic but your code specialized "
+        r"it to be a constant \((?P<size>\d+)\)"
+    ),
+    re.compile(
+        r"Not all values of (?P<symbol>\w+) = L\['(?P<input>\w+)'\]\.size\(\)\[(?P<dim>\d+)\] in the "
+        r"specified range .*? satisfy the generated guard (?P<guard>[^\n]+)"
+    ),
 )
 _RELATED = (  # torch's ways of saying that dims given different dynamic dims must be equal
     re.compile(r"The size of tensor a \(s\d+\) must match the size of tensor b \(s\d+\)[^\n)]*"),
@@ -110,7 +126,8 @@ _RELATED = (  # torch's ways of saying that dims given different dynamic dims mu
 def _specialised(label: str, dim: int | str, inferred: str) -> DynamicShapeError:
     return DynamicShapeError(
         f"input {label} dim {dim} cannot stay dynamic: torch inferred {inferred} from the model; export with "
-        "dynamic=False (CLI: --static), or pass dynamic_shapes with that dim static")
+        "dynamic=False (CLI: --static), or pass dynamic_shapes with that dim static"
+    )
 
 
 def _shape_error(err: BaseException, model: torch.nn.Module, specs: Sequence[InputSpec]) -> DynamicShapeError | None:
@@ -120,8 +137,10 @@ def _shape_error(err: BaseException, model: torch.nn.Module, specs: Sequence[Inp
         seen.add(id(err))
         text += "\n" + _ANSI.sub("", str(err))
         err = err.__cause__ or err.__context__
-    labels = {torch_name: (repr(torch_name) if torch_name == s.name else f"{torch_name!r} ({s.name})")
-              for torch_name, s in zip(_input_names(model, [s.name for s in specs]), specs)}
+    labels = {
+        torch_name: (repr(torch_name) if torch_name == s.name else f"{torch_name!r} ({s.name})")
+        for torch_name, s in zip(_input_names(model, [s.name for s in specs]), specs)
+    }
     for pattern in _SPECIALISED:
         found = pattern.search(text)
         if found is None:
@@ -137,7 +156,8 @@ def _shape_error(err: BaseException, model: torch.nn.Module, specs: Sequence[Inp
         if found:
             return DynamicShapeError(
                 f"the model relates dims that were given different dynamic dims ({found[0].strip()}); give them "
-                "one name in dynamic_shapes, or export with dynamic=False (CLI: --static)")
+                "one name in dynamic_shapes, or export with dynamic=False (CLI: --static)"
+            )
     return None
 
 
@@ -262,8 +282,15 @@ def export(
     if not dynamic:
         specs = [dataclasses.replace(s, dims=tuple(example_inputs[i].shape)) for i, s in enumerate(specs)]
     start = time.perf_counter()
-    proto = to_onnx(model, example_inputs, specs, output_names=output_names, opset=opset, max_seq=max_seq,
-                    dynamic_shapes=dynamic_shapes)
+    proto = to_onnx(
+        model,
+        example_inputs,
+        specs,
+        output_names=output_names,
+        opset=opset,
+        max_seq=max_seq,
+        dynamic_shapes=dynamic_shapes,
+    )
     seconds = time.perf_counter() - start
     path = save_model(proto, path, check=check_model)  # checked as a temporary: a failure keeps the old file
     counts: dict[str, int] = {}

@@ -8,6 +8,7 @@ location and refuses the model unless each one stays inside the model's folder (
 resolved) and names a byte range that exists, so optimize, run and validate never open a file
 the model does not own.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,9 @@ def _int_field(tensor: onnx.TensorProto, info: dict[str, str], key: str) -> int 
     try:
         value = int(info[key])
     except ValueError:
-        raise ExternalDataError(f"tensor {tensor.name!r}: external-data {key} {info[key]!r} is not an integer") from None
+        raise ExternalDataError(
+            f"tensor {tensor.name!r}: external-data {key} {info[key]!r} is not an integer"
+        ) from None
     if value < 0:
         raise ExternalDataError(f"tensor {tensor.name!r}: external-data {key} {value} is negative")
     return value
@@ -74,26 +77,33 @@ def check_tensor(tensor: onnx.TensorProto, folder: Path) -> None:
     if not location:
         raise ExternalDataError(f"tensor {tensor.name!r} is stored externally but names no location")
     if "\x00" in location:
-        raise ExternalDataError(f"tensor {tensor.name!r}: external data location {location!r} holds a NUL byte, "
-                                "which no file name can")
+        raise ExternalDataError(
+            f"tensor {tensor.name!r}: external data location {location!r} holds a NUL byte, which no file name can"
+        )
     if os.path.isabs(location) or Path(location).drive:
-        raise ExternalDataError(f"tensor {tensor.name!r}: external data location {location!r} is an absolute path; "
-                                "it must be relative to the model's folder")
+        raise ExternalDataError(
+            f"tensor {tensor.name!r}: external data location {location!r} is an absolute path; "
+            "it must be relative to the model's folder"
+        )
     root = folder.resolve()
     target = (root / location).resolve()
     if root not in target.parents:
-        raise ExternalDataError(f"tensor {tensor.name!r}: external data location {location!r} leads outside the "
-                                f"model's folder {root}")
+        raise ExternalDataError(
+            f"tensor {tensor.name!r}: external data location {location!r} leads outside the model's folder {root}"
+        )
     if not target.is_file():
-        raise ExternalDataError(f"tensor {tensor.name!r}: external data file {location!r} does not exist "
-                                "in the model's folder")
+        raise ExternalDataError(
+            f"tensor {tensor.name!r}: external data file {location!r} does not exist in the model's folder"
+        )
     offset = _int_field(tensor, info, "offset") or 0
     length = _int_field(tensor, info, "length")
     size = target.stat().st_size
     end = offset + (length if length is not None else 0)
     if offset > size or end > size:
-        raise ExternalDataError(f"tensor {tensor.name!r}: external data bytes {offset}..{end} lie past the end of "
-                                f"{location!r} ({size} bytes)")
+        raise ExternalDataError(
+            f"tensor {tensor.name!r}: external data bytes {offset}..{end} lie past the end of "
+            f"{location!r} ({size} bytes)"
+        )
 
 
 def check_external_data(model: onnx.ModelProto, model_path: str | os.PathLike) -> None:

@@ -10,6 +10,7 @@ were. An output that is the same file as one of the inputs is refused before any
 Reading: :func:`regular_file` is the check every reader of a user's file makes first (a FIFO or
 a device would block the reader or never end).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -186,8 +187,9 @@ def _commit(tmp_dir: Path, folder: Path, names: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: PathLike, *, inputs: Iterable[PathLike | None] = (),
-                  companions: Sequence[str] = ()) -> Iterator[Path]:
+def atomic_output(
+    path: PathLike, *, inputs: Iterable[PathLike | None] = (), companions: Sequence[str] = ()
+) -> Iterator[Path]:
     """Yield ``<temporary folder>/<name of path>`` beside ``path``; when the block succeeds it
     replaces ``path`` (through a symlink, its target, as ``open()`` would write it).
 

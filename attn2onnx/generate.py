@@ -6,6 +6,7 @@ values: each step's ``present.*`` outputs are bound, as they are, to the next st
 the last row of logits is read back. :func:`generate` is the loop: prefill once, then one step
 per token, greedy or sampled (temperature, top-k, seed), until EOS or ``max_new_tokens``.
 """
+
 from __future__ import annotations
 
 import time
@@ -87,15 +88,21 @@ class DecodeSession:
         self.length += ids.shape[1]
         return outputs[0].numpy()
 
-    def prefill(self, ids: np.ndarray, mask: np.ndarray | None = None,
-                positions: np.ndarray | None = None) -> np.ndarray:
+    def prefill(
+        self, ids: np.ndarray, mask: np.ndarray | None = None, positions: np.ndarray | None = None
+    ) -> np.ndarray:
         """Run the prompt ids [B,T] from an empty cache (mask: 1 = real token, default all;
         positions: default 0..T-1)."""
         self.length = 0
         return self.step(ids, mask, positions, self._empty_past(ids.shape[0]))
 
-    def step(self, ids: np.ndarray, mask: np.ndarray | None = None, positions: np.ndarray | None = None,
-             past: list[Any] | None = None) -> np.ndarray:
+    def step(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray | None = None,
+        positions: np.ndarray | None = None,
+        past: list[Any] | None = None,
+    ) -> np.ndarray:
         """Run new ids [B,T] after the cached positions (mask [B, cached + T], default all real;
         positions: default the next T indices)."""
         batch, seq = ids.shape
@@ -129,8 +136,10 @@ def check_request(session: DecodeSession, prompt_ids: Sequence[int], max_new_tok
         raise UsageError(f"prompt id {bad[0]} is outside the model's vocabulary [0, {session.vocab_size})")
     # The last new token is never fed back: positions run to len(prompt) + max_new_tokens - 2.
     if len(prompt_ids) + max_new_tokens - 1 > session.max_len:
-        raise UsageError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new ones exceed the model's max_len "
-                         f"{session.max_len}; lower --max-new-tokens or shorten the prompt")
+        raise UsageError(
+            f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new ones exceed the model's max_len "
+            f"{session.max_len}; lower --max-new-tokens or shorten the prompt"
+        )
 
 
 def generate(

@@ -3,6 +3,7 @@
 A model's inputs are described by :class:`InputSpec` rows whose dims are fixed sizes or the
 symbols ``"batch"`` and ``"seq"``: the dynamic dims of the exported graph (its dim_params).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,8 +52,12 @@ class DynamicShapeError(UsageError):
     examples, a dim marked dynamic that is neither, or one that torch specialised on export."""
 
 
-def specs_from_examples(names: Sequence[str], examples: Sequence[torch.Tensor], dynamic: bool,
-                        marked: Sequence[Collection[int]] | None = None) -> list[InputSpec]:
+def specs_from_examples(
+    names: Sequence[str],
+    examples: Sequence[torch.Tensor],
+    dynamic: bool,
+    marked: Sequence[Collection[int]] | None = None,
+) -> list[InputSpec]:
     """Specs for a module handed over with example inputs, dynamic dims named by their size.
 
     The reference input is the first float input of rank 3 (``x`` [B, T, D]), else the first
@@ -76,7 +81,8 @@ def specs_from_examples(names: Sequence[str], examples: Sequence[torch.Tensor], 
             if symbol is None and marked is not None:
                 raise DynamicShapeError(
                     f"dynamic_shapes makes input {name!r} dim {j} (size {size}) dynamic, but it is neither the "
-                    f"example batch ({batch}) nor sequence length ({seq}); pass specs= as well")
+                    f"example batch ({batch}) nor sequence length ({seq}); pass specs= as well"
+                )
             dims[j] = symbol or size
         if t.dtype == torch.bool:
             kind, high = "mask", 0
@@ -113,11 +119,14 @@ def _dim_name(is_ref: bool, j: int, size: int, batch: int | None, seq: int | Non
     if len(candidates) == 2:
         raise DynamicShapeError(
             f"input {name!r} dim 0 has size {size}, which is both the example batch and sequence length: "
-            "give example inputs where they differ (e.g. batch 2, seq 8), or pass dynamic_shapes and specs")
+            "give example inputs where they differ (e.g. batch 2, seq 8), or pass dynamic_shapes and specs"
+        )
     return candidates[0] if candidates else None
 
 
-def random_inputs(specs: Sequence[InputSpec], batch: int, seq: int, seed: int = 0, pad: bool = True) -> dict[str, np.ndarray]:
+def random_inputs(
+    specs: Sequence[InputSpec], batch: int, seq: int, seed: int = 0, pad: bool = True
+) -> dict[str, np.ndarray]:
     """Fresh random inputs for ``specs``. Masks are all true unless ``pad``; with ``pad``, a
     [batch, seq] key padding mask holds the padding patterns attention must get right
     (variants.md: a query row with no allowed key gives a uniform distribution, never NaN): see
@@ -170,7 +179,9 @@ def check_feeds(specs: Sequence[InputSpec], feeds: dict[str, np.ndarray]) -> Non
         if value.dtype != spec.numpy_dtype:
             raise UsageError(f"input {spec.name!r} must be {spec.numpy_dtype}, got {value.dtype}")
         if value.ndim != len(spec.dims):
-            raise UsageError(f"input {spec.name!r} must have {len(spec.dims)} dims {list(spec.dims)}, got shape {list(value.shape)}")
+            raise UsageError(
+                f"input {spec.name!r} must have {len(spec.dims)} dims {list(spec.dims)}, got shape {list(value.shape)}"
+            )
         for dim, size in zip(spec.dims, value.shape):
             if isinstance(dim, str):
                 if bound.setdefault(dim, size) != size:
@@ -188,8 +199,12 @@ def specs_to_json(specs: Sequence[InputSpec]) -> str:
     """Serialise specs for the exported model's metadata_props (run/validate read them back)."""
     import json
 
-    return json.dumps([{"name": s.name, "dims": list(s.dims), "kind": s.kind, "high": s.high, "precision": s.precision}
-                       for s in specs])
+    return json.dumps(
+        [
+            {"name": s.name, "dims": list(s.dims), "kind": s.kind, "high": s.high, "precision": s.precision}
+            for s in specs
+        ]
+    )
 
 
 def specs_from_onnx(model) -> list[InputSpec]:
@@ -201,8 +216,10 @@ def specs_from_onnx(model) -> list[InputSpec]:
 
     meta = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY in meta:
-        return [InputSpec(d["name"], tuple(d["dims"]), d["kind"], d["high"], d.get("precision", "fp32"))
-                for d in json.loads(meta[METADATA_KEY])]
+        return [
+            InputSpec(d["name"], tuple(d["dims"]), d["kind"], d["high"], d.get("precision", "fp32"))
+            for d in json.loads(meta[METADATA_KEY])
+        ]
     initializers = {i.name for i in model.graph.initializer}
     specs = []
     for value in model.graph.input:

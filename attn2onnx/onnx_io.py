@@ -1,5 +1,6 @@
 """Writing ONNX models safely (the one ONNX writer: atomic, external data past one threshold),
 reading ONNX files, attaching op bodies."""
+
 from __future__ import annotations
 
 import os
@@ -69,15 +70,21 @@ def model_files(path: str | os.PathLike, model: onnx.ModelProto) -> list[Path]:
     model and every external-data file its tensors name."""
     from .external_data import all_tensors
 
-    locations = {entry.value for tensor in all_tensors(model) if tensor.data_location == onnx.TensorProto.EXTERNAL
-                 for entry in tensor.external_data if entry.key == "location"}
+    locations = {
+        entry.value
+        for tensor in all_tensors(model)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
     return [Path(path), *(Path(path).parent / location for location in sorted(locations))]
 
 
 def _tensor_bytes(model: ir.Model) -> int:
     """Bytes held by the initializers of every graph (external ones counted from their metadata)."""
-    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
-               if v.const_value is not None)
+    return sum(
+        v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None
+    )
 
 
 def _has_external_data(model: ir.Model) -> bool:
@@ -86,8 +93,9 @@ def _has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values())
 
 
-def save_model(model: onnx.ModelProto | ir.Model, path: str | os.PathLike,
-               check: Callable[[Path], None] | None = None) -> Path:
+def save_model(
+    model: onnx.ModelProto | ir.Model, path: str | os.PathLike, check: Callable[[Path], None] | None = None
+) -> Path:
     """Save ``model`` to ``path`` atomically (:func:`attn2onnx.fileio.atomic_output`); its
     weights go to ``<name>.data`` beside it when they pass :data:`PROTOBUF_LIMIT` or already
     live in an external file. ``check`` (e.g. :func:`check_model`) runs on the finished

@@ -4,6 +4,7 @@ behind an explicit opt-in, pickled modules (unpickling runs the file's code).
 Every source becomes a :class:`ModelSource`: the module, its input specs (names, dynamic
 dims, kinds) and output names, which export, validate and the demo all share.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,11 @@ def family_specs(model: nn.Module) -> tuple[list[InputSpec], list[str], int | No
         if config.is_image:
             side = config.image_size
             return [InputSpec("pixels", ("batch", config.channels, side, side), "float")], ["logits"], None
-        return [InputSpec("input_ids", ("batch", "seq"), "ids", config.vocab_size), mask], ["logits"], config.max_len - 1
+        return (
+            [InputSpec("input_ids", ("batch", "seq"), "ids", config.vocab_size), mask],
+            ["logits"],
+            config.max_len - 1,
+        )
     return [InputSpec("x", ("batch", "seq", config.d_model), "float"), mask], ["y"], config.max_len
 
 
@@ -121,8 +126,10 @@ def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
     specs = []
     for node in inputs:
         meta = node.meta["val"]
-        dims = tuple(d if isinstance(d, int) else symbols.get(str(d), "batch" if j == 0 else "seq")
-                     for j, d in enumerate(meta.shape))
+        dims = tuple(
+            d if isinstance(d, int) else symbols.get(str(d), "batch" if j == 0 else "seq")
+            for j, d in enumerate(meta.shape)
+        )
         kind = "mask" if meta.dtype == torch.bool else "ids" if not meta.dtype.is_floating_point else "float"
         # A program does not say its vocabulary: random ids for checks stay in [0, 2).
         specs.append(InputSpec(node.name, dims, kind, 2 if kind == "ids" else 0))

@@ -21,6 +21,7 @@ The policy:
 
 Every refusal is a one-line :class:`TorchFileError` naming the file and the entry.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,7 +80,7 @@ def check_archive(source: str | os.PathLike | IO[bytes], size: int, name: str) -
     except (zipfile.BadZipFile, ValueError, EOFError) as e:
         raise TorchFileError(name, f"not a PyTorch file (damaged zip archive: {e})") from None
     root = infos[0].filename.split("/", 1)[0] + "/" if infos else ""
-    return {info.filename[len(root):] if info.filename.startswith(root) else info.filename: info for info in infos}
+    return {info.filename[len(root) :] if info.filename.startswith(root) else info.filename: info for info in infos}
 
 
 def _check_sizes(infos: list[zipfile.ZipInfo], size: int, name: str) -> None:
@@ -89,13 +90,19 @@ def _check_sizes(infos: list[zipfile.ZipInfo], size: int, name: str) -> None:
     total = 0
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-            raise TorchFileError(name, f"entry {info.filename!r} is compressed, {info.compress_size:,} bytes "
-                                       f"declaring {info.file_size:,}; torch writes entries uncompressed, "
-                                       "so attn2onnx does not inflate it")
+            raise TorchFileError(
+                name,
+                f"entry {info.filename!r} is compressed, {info.compress_size:,} bytes "
+                f"declaring {info.file_size:,}; torch writes entries uncompressed, "
+                "so attn2onnx does not inflate it",
+            )
         total += info.file_size
         if info.header_offset + info.file_size > size or total > size:
-            raise TorchFileError(name, f"entry {info.filename!r} declares more data ({total:,} bytes so far) "
-                                       f"than the {size:,}-byte file holds")
+            raise TorchFileError(
+                name,
+                f"entry {info.filename!r} declares more data ({total:,} bytes so far) "
+                f"than the {size:,}-byte file holds",
+            )
 
 
 def _check_crcs(archive: zipfile.ZipFile, name: str) -> None:

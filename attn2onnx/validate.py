@@ -9,6 +9,7 @@ checks every output with per-dtype tolerances. NaN never passes.
 and ``demo`` run and print -- returning a :class:`ParityReport`; with ``decode=True`` it checks
 a decode graph (prefill + decode steps) instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ def input_metadata(specs: Sequence[InputSpec]) -> TensorMetadata:
 class TorchRunner(BaseRunner):
     """Polygraphy runner for the PyTorch reference: feeds by name in ``specs`` order."""
 
-    def __init__(self, model: torch.nn.Module, specs: Sequence[InputSpec], output_names: Sequence[str],
-                 name: str = "pytorch"):
+    def __init__(
+        self, model: torch.nn.Module, specs: Sequence[InputSpec], output_names: Sequence[str], name: str = "pytorch"
+    ):
         super().__init__(name=name, prefix="pytorch-runner")
         self.model = eval_mode(model)
         self.specs = list(specs)
@@ -154,8 +156,14 @@ def decode_cases(meta: dict, steps: int) -> list[tuple[int, int]]:
     return [(1, fits[0])] + [(3, p) for p in fits]
 
 
-def compare_decode(onnx_path: str, model: torch.nn.Module, cases: Sequence[tuple[int, int]], steps: int,
-                   dtype: str = "fp32", seed: int = 0) -> list[Comparison]:
+def compare_decode(
+    onnx_path: str,
+    model: torch.nn.Module,
+    cases: Sequence[tuple[int, int]],
+    steps: int,
+    dtype: str = "fp32",
+    seed: int = 0,
+) -> list[Comparison]:
     """Prefill + ``steps`` one-token decode steps of the decode graph in ORT against the
     PyTorch full-sequence forward of the same left-padded batch, row by row (the real
     positions; a padded query row's output is no token's). ``cases``: (batch, prompt length).
@@ -175,7 +183,7 @@ def compare_decode(onnx_path: str, model: torch.nn.Module, cases: Sequence[tuple
             want = model(torch.from_numpy(ids), torch.from_numpy(mask).bool()).float().numpy()
         rows = [session.prefill(ids[:, :prompt], mask[:, :prompt], positions[:, :prompt])]
         for t in range(prompt, total):
-            rows.append(session.step(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1]))
+            rows.append(session.step(ids[:, t : t + 1], mask[:, : t + 1], positions[:, t : t + 1]))
         got = np.concatenate(rows, axis=1)[mask.astype(bool)]
         want = want[mask.astype(bool)]
         abs_err, rel_err = _errors(got, want, atol)
@@ -193,8 +201,9 @@ def ort_runner(onnx_path: str, name: str = "onnxruntime", threads: int | None = 
     return OnnxrtRunner(lambda: session(onnx_path, backend="ort", threads=threads), name=name)
 
 
-def backend_runners(onnx_path: str, backends: Sequence[str], specs: Sequence[InputSpec],
-                    shapes: Sequence[tuple[int, int]]) -> dict[str, BaseRunner]:
+def backend_runners(
+    onnx_path: str, backends: Sequence[str], specs: Sequence[InputSpec], shapes: Sequence[tuple[int, int]]
+) -> dict[str, BaseRunner]:
     """Runner per backend name (``ort``, ``trt``); unknown names, or TensorRT where it is not
     installed, are usage errors (exit 2) before anything runs."""
     runners: dict[str, BaseRunner] = {}
@@ -282,11 +291,14 @@ def check_reference(path: str, model, specs: list, source: ModelSource, shape: t
     vocab_known = hasattr(source.module, "config")
     for mine, ref in zip(specs, source.specs):
         if mine.kind != ref.kind or len(mine.dims) != len(ref.dims):
-            raise UsageError(f"input {mine.name!r} of {path} is {mine.kind} {list(mine.dims)} "
-                             f"but the reference takes {ref.kind} {list(ref.dims)}")
+            raise UsageError(
+                f"input {mine.name!r} of {path} is {mine.kind} {list(mine.dims)} "
+                f"but the reference takes {ref.kind} {list(ref.dims)}"
+            )
         if mine.kind == "ids" and vocab_known and mine.high > ref.high:
-            raise UsageError(f"input {mine.name!r} of {path} takes ids in [0, {mine.high}) "
-                             f"but the reference only in [0, {ref.high})")
+            raise UsageError(
+                f"input {mine.name!r} of {path} takes ids in [0, {mine.high}) but the reference only in [0, {ref.high})"
+            )
     names = [o.name for o in model.graph.output]
     if names != list(source.output_names):
         raise UsageError(f"{path} gives outputs {names} but the reference gives {list(source.output_names)}")
@@ -296,12 +308,16 @@ def check_reference(path: str, model, specs: list, source: ModelSource, shape: t
     for output in model.graph.output:
         if not output.type.tensor_type.HasField("shape"):
             continue
-        dims = [sizes.get(d.dim_param, d.dim_param) if d.dim_param else d.dim_value
-                for d in output.type.tensor_type.shape.dim]
+        dims = [
+            sizes.get(d.dim_param, d.dim_param) if d.dim_param else d.dim_value
+            for d in output.type.tensor_type.shape.dim
+        ]
         got = list(outputs[output.name].shape)
         if len(dims) != len(got) or any(isinstance(d, int) and d and d != g for d, g in zip(dims, got)):
-            raise UsageError(f"output {output.name!r} of {path} is {dims} at batch {batch} x seq {seq} but the "
-                             f"reference's is {got}: is --reference the model it was exported from?")
+            raise UsageError(
+                f"output {output.name!r} of {path} is {dims} at batch {batch} x seq {seq} but the "
+                f"reference's is {got}: is --reference the model it was exported from?"
+            )
 
 
 def comparison_specs(path: str, model, source: ModelSource, precision: str | None) -> list[InputSpec]:
@@ -317,9 +333,18 @@ def comparison_specs(path: str, model, source: ModelSource, precision: str | Non
     return onnx_specs if has_specs else with_precision(source.specs, precision or "fp32")
 
 
-def check_parity(onnx_path: str | os.PathLike, reference: Reference, shapes: Sequence[tuple[int, int]] | None = None,
-                 backends: Sequence[str] = ("ort",), dtype: str = "fp32", *, seed: int = 0, trust_pickle: bool = False,
-                 decode: bool = False, steps: int = 4) -> ParityReport:
+def check_parity(
+    onnx_path: str | os.PathLike,
+    reference: Reference,
+    shapes: Sequence[tuple[int, int]] | None = None,
+    backends: Sequence[str] = ("ort",),
+    dtype: str = "fp32",
+    *,
+    seed: int = 0,
+    trust_pickle: bool = False,
+    decode: bool = False,
+    steps: int = 4,
+) -> ParityReport:
     """Compare the ONNX model at ``onnx_path`` with ``reference`` (a model file, an attn2onnx
     model or a ModelSource) on fresh random inputs at each (batch, seq) of ``shapes`` (default
     :data:`DEFAULT_SHAPES`) in every backend (``ort``, ``trt``), with ``dtype``'s tolerances.
@@ -353,8 +378,17 @@ def check_parity(onnx_path: str | os.PathLike, reference: Reference, shapes: Seq
     return ParityReport(compare(reference_runner, runners, specs, shapes, dtype=dtype, seed=seed))
 
 
-def decode_parity(path: str, model, source: ModelSource, cases: Sequence[tuple[int, int]] | None,
-                  backends: Sequence[str], dtype: str, *, seed: int, steps: int) -> ParityReport:
+def decode_parity(
+    path: str,
+    model,
+    source: ModelSource,
+    cases: Sequence[tuple[int, int]] | None,
+    backends: Sequence[str],
+    dtype: str,
+    *,
+    seed: int,
+    steps: int,
+) -> ParityReport:
     """check_parity(decode=True): the decode graph ``model`` (read from ``path``) against the
     causal LM of ``source``, at ``cases`` (batch, prompt length; default :func:`decode_cases`)."""
     from .models.decode import check_decodable, read_decode_metadata
@@ -362,9 +396,11 @@ def decode_parity(path: str, model, source: ModelSource, cases: Sequence[tuple[i
     meta = read_decode_metadata(model, path)
     lm = check_decodable(source.module)
     if lm.config.vocab_size != meta["vocab_size"] or lm.config.variant != meta["variant"]:
-        raise UsageError(f"{path} is a decode graph of a {meta['variant']} LM with vocabulary "
-                         f"{meta['vocab_size']}, but the reference is a {lm.config.variant} LM with vocabulary "
-                         f"{lm.config.vocab_size}")
+        raise UsageError(
+            f"{path} is a decode graph of a {meta['variant']} LM with vocabulary "
+            f"{meta['vocab_size']}, but the reference is a {lm.config.variant} LM with vocabulary "
+            f"{lm.config.vocab_size}"
+        )
     if list(backends) != ["ort"]:
         raise UsageError("--decode runs in ONNX Runtime only (--backends ort)")
     cases = list(cases or decode_cases(meta, steps))
@@ -374,5 +410,16 @@ def decode_parity(path: str, model, source: ModelSource, cases: Sequence[tuple[i
     return ParityReport(compare_decode(path, lm, cases, steps, dtype=dtype, seed=seed))
 
 
-__all__ = ["TorchRunner", "Comparison", "ParityReport", "check_parity", "compare", "compare_decode", "decode_cases",
-           "ort_runner", "backend_runners", "parse_shapes", "TOLERANCES"]
+__all__ = [
+    "TorchRunner",
+    "Comparison",
+    "ParityReport",
+    "check_parity",
+    "compare",
+    "compare_decode",
+    "decode_cases",
+    "ort_runner",
+    "backend_runners",
+    "parse_shapes",
+    "TOLERANCES",
+]

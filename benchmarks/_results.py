@@ -1,4 +1,5 @@
 """What every benchmark script shares: the machine's name and RESULTS.md section writing."""
+
 from __future__ import annotations
 
 import platform

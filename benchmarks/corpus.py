@@ -8,6 +8,7 @@ ms per forward: best of interleaved runs (benchmarks/optimize.py's timer). "fail
 to run the graph (torch exports SDPA / nn.MultiheadAttention padding masks as a [B,H|1,1,S]
 Attention-23 mask, which ORT's CPU Attention rejects).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,26 +59,40 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.3, help="seconds of timing per graph")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = ["| entry | expected | stock graph | optimised graph | stock ms | optimised ms | speedup |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| entry | expected | stock graph | optimised graph | stock ms | optimised ms | speedup |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for entry in corpus.ENTRIES:
         stock = corpus.export(entry, corpus.build(entry))
         opt = optimize_model(stock, target="ort")[0]
         feeds = corpus.inputs(entry, 1, args.seq)
-        runners = {k: r for k, r in (("stock", _runner(stock, feeds, args.threads)),
-                                     ("opt", _runner(opt, feeds, args.threads))) if r is not None}
+        runners = {
+            k: r
+            for k, r in (("stock", _runner(stock, feeds, args.threads)), ("opt", _runner(opt, feeds, args.threads)))
+            if r is not None
+        }
         ms = interleaved(runners, args.budget, 200)
         fmt = {k: f"{ms[k]:.3f}" if k in ms else "fails" for k in ("stock", "opt")}
         speed = f"{ms['stock'] / ms['opt']:.2f}x" if len(ms) == 2 else "-"
         expected = "must not fuse" if entry.expected is None else ("gap: " + entry.gap if entry.gap else "fuses")
-        rows.append(f"| {entry.name} ({entry.precision}) | {expected} | {_attention_ops(stock)} | {_attention_ops(opt)} "
-                    f"| {fmt['stock']} | {fmt['opt']} | {speed} |")
+        rows.append(
+            f"| {entry.name} ({entry.precision}) | {expected} | {_attention_ops(stock)} | {_attention_ops(opt)} "
+            f"| {fmt['stock']} | {fmt['opt']} | {speed} |"
+        )
         print(rows[-1], flush=True)
-    text = "\n".join([HEADER, "",
-                      f"`python benchmarks/corpus.py --seq {args.seq} --threads {args.threads}`; {cpu_model()}, "
-                      f"ORT {ort.__version__}, B=1 T={args.seq} D=32 H=4 (tiny: per-op overhead dominates), "
-                      "shared loaded machine. The corpus modules and their parity checks: tests/corpus, "
-                      "tests/test_corpus.py.", ""] + rows)
+    text = "\n".join(
+        [
+            HEADER,
+            "",
+            f"`python benchmarks/corpus.py --seq {args.seq} --threads {args.threads}`; {cpu_model()}, "
+            f"ORT {ort.__version__}, B=1 T={args.seq} D=32 H=4 (tiny: per-op overhead dominates), "
+            "shared loaded machine. The corpus modules and their parity checks: tests/corpus, "
+            "tests/test_corpus.py.",
+            "",
+        ]
+        + rows
+    )
     replace_section(HEADER, text)
 
 

@@ -21,6 +21,7 @@ d=64, 2 threads) against the floor a fused kernel could reach without new math: 
 q, k, v through plain MatMul-Softmax-MatMul attention and through ORT's fused com.microsoft
 MultiHeadAttention (the target of the lowering passes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,34 +108,68 @@ def candidate_model(op: str):
     elif op == "LandmarkAttention":
         for stage in ("pre", "post"):
             for side in ("q", "k"):
-                extra += [helper.make_tensor_value_info(f"{stage}_mix_{side}", TensorProto.FLOAT, [N, N]),
-                          helper.make_tensor_value_info(f"{stage}_bias_{side}", TensorProto.FLOAT, [N])]
-        nodes.append(helper.make_node(op, names + [e.name for e in extra], ["o"], domain=ops.DOMAIN,
-                                      landmarks=64, grid=0, scale=0.0))
+                extra += [
+                    helper.make_tensor_value_info(f"{stage}_mix_{side}", TensorProto.FLOAT, [N, N]),
+                    helper.make_tensor_value_info(f"{stage}_bias_{side}", TensorProto.FLOAT, [N]),
+                ]
+        nodes.append(
+            helper.make_node(
+                op, names + [e.name for e in extra], ["o"], domain=ops.DOMAIN, landmarks=64, grid=0, scale=0.0
+            )
+        )
     elif op == "PooledNormAttention":
-        nodes.append(helper.make_node(op, names, ["o"], domain=ops.DOMAIN, factors=[1] * (N // 2) + [2] * (N - N // 2),
-                                      normalize=1, eps=1e-5, beta=1.0, rescale=1, scale=0.0))
+        nodes.append(
+            helper.make_node(
+                op,
+                names,
+                ["o"],
+                domain=ops.DOMAIN,
+                factors=[1] * (N // 2) + [2] * (N - N // 2),
+                normalize=1,
+                eps=1e-5,
+                beta=1.0,
+                rescale=1,
+                scale=0.0,
+            )
+        )
     elif op == "plain attention":  # MatMul - Softmax - MatMul, heads transposed, no mask
-        nodes += [helper.make_node("Transpose", ["q"], ["qh"], perm=[0, 2, 1, 3]),
-                  helper.make_node("Transpose", ["k"], ["kh"], perm=[0, 2, 3, 1]),
-                  helper.make_node("Transpose", ["v"], ["vh"], perm=[0, 2, 1, 3]),
-                  helper.make_node("MatMul", ["qh", "kh"], ["l0"]),
-                  helper.make_node("Mul", ["l0", "scale"], ["l"]),
-                  helper.make_node("Softmax", ["l"], ["p"], axis=-1),
-                  helper.make_node("MatMul", ["p", "vh"], ["oh"]),
-                  helper.make_node("Transpose", ["oh"], ["o"], perm=[0, 2, 1, 3])]
+        nodes += [
+            helper.make_node("Transpose", ["q"], ["qh"], perm=[0, 2, 1, 3]),
+            helper.make_node("Transpose", ["k"], ["kh"], perm=[0, 2, 3, 1]),
+            helper.make_node("Transpose", ["v"], ["vh"], perm=[0, 2, 1, 3]),
+            helper.make_node("MatMul", ["qh", "kh"], ["l0"]),
+            helper.make_node("Mul", ["l0", "scale"], ["l"]),
+            helper.make_node("Softmax", ["l"], ["p"], axis=-1),
+            helper.make_node("MatMul", ["p", "vh"], ["oh"]),
+            helper.make_node("Transpose", ["oh"], ["o"], perm=[0, 2, 1, 3]),
+        ]
         inputs = inputs[:3]
     elif op == "MultiHeadAttention":
-        shape = helper.make_node("Constant", [], ["shape"], value=helper.make_tensor("s", TensorProto.INT64, [3], [1, -1, D]))
+        shape = helper.make_node(
+            "Constant", [], ["shape"], value=helper.make_tensor("s", TensorProto.INT64, [3], [1, -1, D])
+        )
         nodes += [shape] + [helper.make_node("Reshape", [x, "shape"], [x + "2"]) for x in "qkv"]
         nodes.append(helper.make_node(op, ["q2", "k2", "v2"], ["o"], domain="com.microsoft", num_heads=N))
         inputs = inputs[:3]
-    graph = helper.make_graph(nodes, "candidate", inputs + extra, outputs,
-                              initializer=[helper.make_tensor("scale", TensorProto.FLOAT, [], [(D // N) ** -0.5])]
-                              if op == "plain attention" else [])
-    return helper.make_model(graph, ir_version=10, functions=list(ops.function_protos().values()),
-                             opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(ops.DOMAIN, 1),
-                                            helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        nodes,
+        "candidate",
+        inputs + extra,
+        outputs,
+        initializer=[helper.make_tensor("scale", TensorProto.FLOAT, [], [(D // N) ** -0.5])]
+        if op == "plain attention"
+        else [],
+    )
+    return helper.make_model(
+        graph,
+        ir_version=10,
+        functions=list(ops.function_protos().values()),
+        opset_imports=[
+            helper.make_opsetid("", 23),
+            helper.make_opsetid(ops.DOMAIN, 1),
+            helper.make_opsetid("com.microsoft", 1),
+        ],
+    )
 
 
 def candidate_feeds(model, t: int) -> dict:
@@ -227,13 +262,24 @@ for name, f in (("torch", lambda: b @ b), ("numpy", lambda: a @ a)):
     out[name] = 2 * n ** 3 / statistics.median(ts) / 1e9
 print(json.dumps(out))
 """
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_worker(impl: str, t: int, threads: int, repeats: int, models: dict[str, Path], timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, str(t), str(threads), str(repeats), json.dumps({k: str(v) for k, v in models.items()})]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        str(t),
+        str(threads),
+        str(repeats),
+        json.dumps({k: str(v) for k, v in models.items()}),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -259,8 +305,10 @@ def table(results: dict, lengths: list[int], rates: dict) -> str:
                 continue
             gflops = layer_flops(t) / r["median_s"] / 1e9
             speedup = f"{r['median_s'] / ours:.1f}x" if ours else ""
-            lines.append(f"| {t} | {impl} | {r['median_s'] * 1e3:.1f} | {speedup} | {r['peak_extra_mib']:.0f} | "
-                         f"{gflops:.1f} | {100 * gflops / best_matmul:.0f}% |")
+            lines.append(
+                f"| {t} | {impl} | {r['median_s'] * 1e3:.1f} | {speedup} | {r['peak_extra_mib']:.0f} | "
+                f"{gflops:.1f} | {100 * gflops / best_matmul:.0f}% |"
+            )
     return "\n".join(lines)
 
 
@@ -304,8 +352,10 @@ Decisions drawn from these figures (2026-11, ORT 1.32):
 
 
 def candidates(args, argv) -> int:
-    rows = ["| T | graph (ORT, function body) | median ms | vs plain attention | peak extra RSS MiB |",
-            "|---:|---|---:|---:|---:|"]
+    rows = [
+        "| T | graph (ORT, function body) | median ms | vs plain attention | peak extra RSS MiB |",
+        "|---:|---|---:|---:|---:|",
+    ]
     for t in args.lengths:
         results = {}
         for op in CANDIDATES:
@@ -320,20 +370,24 @@ def candidates(args, argv) -> int:
             ratio = f"{r['median_s'] / floor:.2f}x" if floor else ""
             rows.append(f"| {t} | {op} | {r['median_s'] * 1e3:.1f} | {ratio} | {r['peak_extra_mib']:.0f} |")
     cmd = "python benchmarks/cpu_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = "\n".join([
-        SUBSECTION,
-        "",
-        f"Single node, B=1, N={N}, d={D // N}, non-causal, all keys real, {args.threads} threads; LandmarkAttention "
-        "with 64 landmarks, identity mixes; PooledNormAttention BN+SH with factors 1,1,1,1,2,2,2,2. "
-        "`plain attention` (MatMul-Softmax-MatMul) and `MultiHeadAttention` (com.microsoft, fused) on the same q, k, v "
-        "are the floors a kernel without new math could reach.",
-        "",
-        f"- command: `{cmd.strip()}`",
-        f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; load average at the end {os.getloadavg()[0]:.1f}",
-        "",
-        *rows,
-        CANDIDATE_DECISIONS,
-    ])
+    text = "\n".join(
+        [
+            SUBSECTION,
+            "",
+            f"Single node, B=1, N={N}, d={D // N}, non-causal, all keys real, {args.threads} threads; "
+            f"LandmarkAttention "
+            "with 64 landmarks, identity mixes; PooledNormAttention BN+SH with factors 1,1,1,1,2,2,2,2. "
+            "`plain attention` (MatMul-Softmax-MatMul) and `MultiHeadAttention` (com.microsoft, fused) on "
+            "the same q, k, v "
+            "are the floors a kernel without new math could reach.",
+            "",
+            f"- command: `{cmd.strip()}`",
+            f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; load average at the end {os.getloadavg()[0]:.1f}",
+            "",
+            *rows,
+            CANDIDATE_DECISIONS,
+        ]
+    )
     print(text)
     if not args.no_write:
         write_section(text, candidates=True)
@@ -377,21 +431,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"T={t} {impl}: {r}", file=sys.stderr, flush=True)
     load = os.getloadavg()
     cmd = "python benchmarks/cpu_kernels.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    text = "\n".join([
-        SECTION,
-        "",
-        f"One DCMHA layer, B=1, D={D}, N={N}, d={D // N}, R={R}, causal, {args.threads} threads, fp32. "
-        "ours = exported model with the native kernel library in ORT; body = same model, function body "
-        "(no library); eager = PyTorch module; stock = stock torch.onnx.export in ORT. Median wall time; "
-        "peak extra RSS of the runs (subprocess per row); GFLOP/s of the layer's dense matmul work. "
-        "The machine may be shared with other work (load average below): compare rows of one table.",
-        "",
-        f"- command: `{cmd.strip()}`",
-        f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; load average at the end {load[0]:.1f}",
-        f"- fp32 MatMul 2048^3 on {args.threads} threads: torch {rates['torch']:.0f} GFLOP/s, numpy {rates['numpy']:.0f} GFLOP/s",
-        "",
-        table(results, args.lengths, rates),
-    ])
+    text = "\n".join(
+        [
+            SECTION,
+            "",
+            f"One DCMHA layer, B=1, D={D}, N={N}, d={D // N}, R={R}, causal, {args.threads} threads, fp32. "
+            "ours = exported model with the native kernel library in ORT; body = same model, function body "
+            "(no library); eager = PyTorch module; stock = stock torch.onnx.export in ORT. Median wall time; "
+            "peak extra RSS of the runs (subprocess per row); GFLOP/s of the layer's dense matmul work. "
+            "The machine may be shared with other work (load average below): compare rows of one table.",
+            "",
+            f"- command: `{cmd.strip()}`",
+            f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; load average at the end {load[0]:.1f}",
+            f"- fp32 MatMul 2048^3 on {args.threads} threads: torch {rates['torch']:.0f} GFLOP/s, numpy "
+            f"{rates['numpy']:.0f} GFLOP/s",
+            "",
+            table(results, args.lengths, rates),
+        ]
+    )
     print(text)
     if not args.no_write:
         write_section(text)

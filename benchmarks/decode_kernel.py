@@ -17,6 +17,7 @@ Scratch: per-thread bytes of the blocked path at S=32768, N=32 from the kernel's
     python benchmarks/decode_kernel.py --old-rev ab1413c           # prints, updates RESULTS.md
     python benchmarks/decode_kernel.py --old-rev ab1413c --repeats 1 --no-write
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,10 @@ N, D_HEAD, R = 8, 64, 2
 DECODE = [(b, 1, s) for s in (512, 2048, 8192) for b in (1, 8)]
 PREFILL = [(1, 1024, 1024), (1, 4096, 4096)]
 NOTES = (
-    'Reading: decode no longer packs K and V (the old kernel repacked the whole cache every step, which\n'
-    'cost more than the attention) and splits the keys over the threads; prefill at S <= 4096 runs the\n'
+    "Reading: decode no longer packs K and V (the old kernel repacked the whole cache every step, which\n"
+    "cost more than the attention) and splits the keys over the threads; prefill at S <= 4096 runs the\n"
     "same blocked code with the same 24-row block, so its old / new spread is the shared machine's noise.\n"
-    'The tiled panel (S=32768 at N=32) runs steps 1-3 twice; its time was not measured here.'
+    "The tiled panel (S=32768 at N=32) runs steps 1-3 twice; its time was not measured here."
 )
 RSS_SHAPE = {"b": 1, "t": 64, "s": 32768, "n": 32, "d": 16}
 
@@ -52,12 +53,30 @@ def build_old(rev: str, folder: Path) -> Path:
     from attn2onnx.runtime import native
 
     kernel = folder / "kernel.cc"
-    kernel.write_text(subprocess.run(["git", "show", f"{rev}:custom_ops/dcmha_attention/kernel.cc"], cwd=ROOT,
-                                     check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout)
+    kernel.write_text(
+        subprocess.run(
+            ["git", "show", f"{rev}:custom_ops/dcmha_attention/kernel.cc"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        ).stdout
+    )
     lib = folder / native.LIBRARY_NAME
     native_dir = native.custom_ops_dir() / "native"
-    cmd = [*native.compiler(), *native.CXXFLAGS, "-I", str(native.ort_include_dir()), "-I", str(native_dir),
-           *map(str, sorted(native_dir.glob("*.cc"))), str(kernel), "-o", str(lib)]
+    cmd = [
+        *native.compiler(),
+        *native.CXXFLAGS,
+        "-I",
+        str(native.ort_include_dir()),
+        "-I",
+        str(native_dir),
+        *map(str, sorted(native_dir.glob("*.cc"))),
+        str(kernel),
+        "-o",
+        str(lib),
+    ]
     subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
     return lib
 
@@ -171,21 +190,32 @@ def main(argv: list[str] | None = None) -> int:
                 reps[name].append(run_worker(lib, "time", args.runs))
         rss = {name: run_worker(lib, "rss", 1)["peak_extra_mib"] for name, lib in libs.items()}
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:10]
-    text = "\n".join([
-        SECTION, "",
-        f"One DcmhaAttention node (causal, N={N}, d={D_HEAD}, R={R}, static mix, all keys real), ORT, 2 threads, "
-        f"fp32: old = kernel.cc of {args.old_rev}, new = this checkout. Decode = T=1 against S cached keys "
-        "(the layer's attention core at one step). Median over interleaved repetitions of per-run medians "
-        "(prefill T=4096: one timed call per repetition); the machine is shared, so read the ratios.", "",
-        f"- command: `python benchmarks/decode_kernel.py --old-rev {args.old_rev} --repeats {args.repeats} "
-        f"--runs {args.runs}`",
-        f"- date: {time.strftime('%Y-%m-%d')}; machine: {cpu_model()}, {os.cpu_count()} CPUs; "
-        f"load average at the end {os.getloadavg()[0]:.1f}",
-        *scratch_lines(rss), "",
-        *table(reps), "",
-        NOTES, "",
-        "`lscpu | head`:", "", "```", *lscpu, "```",
-    ])
+    text = "\n".join(
+        [
+            SECTION,
+            "",
+            f"One DcmhaAttention node (causal, N={N}, d={D_HEAD}, R={R}, static mix, all keys real), ORT, 2 threads, "
+            f"fp32: old = kernel.cc of {args.old_rev}, new = this checkout. Decode = T=1 against S cached keys "
+            "(the layer's attention core at one step). Median over interleaved repetitions of per-run medians "
+            "(prefill T=4096: one timed call per repetition); the machine is shared, so read the ratios.",
+            "",
+            f"- command: `python benchmarks/decode_kernel.py --old-rev {args.old_rev} --repeats {args.repeats} "
+            f"--runs {args.runs}`",
+            f"- date: {time.strftime('%Y-%m-%d')}; machine: {cpu_model()}, {os.cpu_count()} CPUs; "
+            f"load average at the end {os.getloadavg()[0]:.1f}",
+            *scratch_lines(rss),
+            "",
+            *table(reps),
+            "",
+            NOTES,
+            "",
+            "`lscpu | head`:",
+            "",
+            "```",
+            *lscpu,
+            "```",
+        ]
+    )
     print(text)
     if not args.no_write:
         replace_section(SECTION, text)

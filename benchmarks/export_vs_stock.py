@@ -20,6 +20,7 @@ Max abs diff is each ORT output against eager on the timed input (all keys real)
     python benchmarks/export_vs_stock.py                     # every variant; updates RESULTS.md
     python benchmarks/export_vs_stock.py --variants mha,dcmha --seqs 256 --no-write
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,9 @@ class Row:
     stock_note: str = ""
 
 
-def block_medians(calls: dict[str, Callable[[], object]], min_runs: int, max_runs: int, budget: float,
-                  rounds: int = 3) -> dict[str, float]:
+def block_medians(
+    calls: dict[str, Callable[[], object]], min_runs: int, max_runs: int, budget: float, rounds: int = 3
+) -> dict[str, float]:
     """Median ms of each call. The calls are timed in blocks, one implementation at a time (an
     idle ORT or OpenMP thread pool keeps spinning for a moment after its last call, which would
     steal a core from the next implementation if calls alternated), in ``rounds`` rounds of
@@ -70,7 +72,7 @@ def block_medians(calls: dict[str, Callable[[], object]], min_runs: int, max_run
     times: dict[str, list[float]] = {name: [] for name in calls}
     names = list(calls)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate: no fixed neighbour
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no fixed neighbour
             fn = calls[name]
             fn()
             want = -(-min_runs * (r + 1) // rounds)  # ceil: min_runs spread over the rounds
@@ -97,8 +99,16 @@ def describe(proto) -> str:
     return f"{len(proto.graph.node)}" + (f" ({', '.join(custom)})" if custom else "")
 
 
-def bench_one(variant: str, t: int, folder: Path, threads: int, min_runs: int, max_runs: int, budget: float,
-              log: Callable[[str], None]) -> Row:
+def bench_one(
+    variant: str,
+    t: int,
+    folder: Path,
+    threads: int,
+    min_runs: int,
+    max_runs: int,
+    budget: float,
+    log: Callable[[str], None],
+) -> Row:
     import onnx
     import torch
 
@@ -124,8 +134,9 @@ def bench_one(variant: str, t: int, folder: Path, threads: int, min_runs: int, m
     for impl in ("ours", "stock"):
         custom = impl == "ours"
         try:
-            proto = to_onnx(model, example, source.specs, output_names=source.output_names, max_seq=source.max_seq,
-                            custom=custom)
+            proto = to_onnx(
+                model, example, source.specs, output_names=source.output_names, max_seq=source.max_seq, custom=custom
+            )
         except Exception as e:  # noqa: BLE001 - the failure itself is the result
             setattr(row, f"{impl}_note", f"{impl} export failed: {reason(e)}")
             log(f"{variant} T={t}: {impl} export failed: {reason(e)}")
@@ -145,8 +156,11 @@ def bench_one(variant: str, t: int, folder: Path, threads: int, min_runs: int, m
         calls[impl] = lambda sess=sess, feeds=feeds: sess.run(None, feeds)
     for impl, ms in block_medians(calls, min_runs, max_runs, budget).items():
         setattr(row, f"{impl}_ms", ms)
-    log(f"{variant} T={t}: " + ", ".join(f"{impl} {getattr(row, f'{impl}_ms'):.1f} ms" for impl in calls)
-        + f"; nodes {row.ours_nodes} / {row.stock_nodes or '-'}; max abs diff {row.ours_err} / {row.stock_err}")
+    log(
+        f"{variant} T={t}: "
+        + ", ".join(f"{impl} {getattr(row, f'{impl}_ms'):.1f} ms" for impl in calls)
+        + f"; nodes {row.ours_nodes} / {row.stock_nodes or '-'}; max abs diff {row.ours_err} / {row.stock_err}"
+    )
     return row
 
 
@@ -166,15 +180,18 @@ def table(rows: list[Row]) -> str:
         return f"{note.split(':')[0]} [{notes.index(note) + 1}]"
 
     lines = [
-        "| variant | T | ours ORT ms | stock ORT ms | eager ms | stock / ours | eager / ours | ours nodes (ai.attn2onnx ops) | stock nodes | max abs diff ours / stock |",
+        "| variant | T | ours ORT ms | stock ORT ms | eager ms | stock / ours | eager / ours | ours nodes "
+        "(ai.attn2onnx ops) | stock nodes | max abs diff ours / stock |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
         speed_stock = f"{r.stock_ms / r.ours_ms:.2f}x" if r.stock_ms and r.ours_ms else ""
         speed_eager = f"{r.eager_ms / r.ours_ms:.2f}x" if r.eager_ms and r.ours_ms else ""
         errs = " / ".join("-" if e is None else f"{e:.1e}" for e in (r.ours_err, r.stock_err))
-        lines.append(f"| {r.variant} | {r.t} | {cell(r.ours_ms, r.ours_note)} | {cell(r.stock_ms, r.stock_note)} | "
-                     f"{fmt_ms(r.eager_ms)} | {speed_stock} | {speed_eager} | {r.ours_nodes} | {r.stock_nodes or '-'} | {errs} |")
+        lines.append(
+            f"| {r.variant} | {r.t} | {cell(r.ours_ms, r.ours_note)} | {cell(r.stock_ms, r.stock_note)} | "
+            f"{fmt_ms(r.eager_ms)} | {speed_stock} | {speed_eager} | {r.ours_nodes} | {r.stock_nodes or '-'} | {errs} |"
+        )
     if notes:
         lines.append("")
         lines += [f"[{i}] {note}" + ("  " if i < len(notes) else "") for i, note in enumerate(notes, 1)]
@@ -195,9 +212,12 @@ def summary(rows: list[Row], margin: float = 0.1) -> list[str]:
             groups["slower"].append(f"{label} ({r.stock_ms / r.ours_ms:.2f}x)")
         else:
             groups["same"].append(label)
-    words = {"faster": f"ours faster than stock by more than {margin:.0%}",
-             "slower": f"ours slower than stock by more than {margin:.0%} (or no number)",
-             "same": f"within {margin:.0%}", "no stock": "no stock number (see notes)"}
+    words = {
+        "faster": f"ours faster than stock by more than {margin:.0%}",
+        "slower": f"ours slower than stock by more than {margin:.0%} (or no number)",
+        "same": f"within {margin:.0%}",
+        "no stock": "no stock number (see notes)",
+    }
     return [f"- {words[k]}: {', '.join(v)}" for k, v in groups.items() if v]
 
 
@@ -208,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads (default 2)")
     parser.add_argument("--min-runs", type=int, default=5)
     parser.add_argument("--max-runs", type=int, default=50)
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per implementation (after min-runs)")
+    parser.add_argument(
+        "--budget", type=float, default=2.0, help="seconds of timed calls per implementation (after min-runs)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     args = parser.parse_args(argv)
 
@@ -233,32 +255,38 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="export_vs_stock_") as tmp:
         for t in seqs:
             for variant in variants:
-                rows.append(bench_one(variant, t, Path(tmp), args.threads, args.min_runs, args.max_runs, args.budget, log))
+                rows.append(
+                    bench_one(variant, t, Path(tmp), args.threads, args.min_runs, args.max_runs, args.budget, log)
+                )
     minutes = (time.perf_counter() - start) / 60
     cmd = "python benchmarks/export_vs_stock.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = "\n".join([
-        SECTION,
-        "",
-        f"One bare attention layer per variant (`ModelConfig(family=\"layer\")`, non-causal, all keys real), "
-        f"B={B}, D={D}, N={N}, fp32, {args.threads} threads everywhere (torch.set_num_threads, ORT "
-        "intra_op_num_threads). ours = `attn2onnx.export` in ORT via `attn2onnx.runtime.session` (native kernels "
-        "registered; ops without a native kernel run their function bodies); stock = `to_onnx(custom=False)`, "
-        "torch.onnx.export (dynamo) of the same module without attn2onnx's translation table, in ORT; eager = the "
-        "PyTorch module. Both exports have dynamic batch and seq. Median wall time of repeated calls after a warm-up, "
-        f"timed in blocks of one implementation, 3 rounds of blocks (at least {args.min_runs} calls, about {args.budget:g} s "
-        "each). "
-        "Max abs diff: ORT output vs eager. mha, optimised and efficient are plain PyTorch (no attn2onnx op), so "
-        "their two exports are the same graph: those rows show the measurement noise.",
-        "",
-        f"- command: `{cmd.strip()}`",
-        f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; load average {load_start:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end (other jobs shared the machine when above ~0.5); "
-        f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}; {minutes:.1f} min in all",
-        "",
-        table(rows),
-        "",
-        *summary(rows),
-    ])
+    text = "\n".join(
+        [
+            SECTION,
+            "",
+            f'One bare attention layer per variant (`ModelConfig(family="layer")`, non-causal, all keys real), '
+            f"B={B}, D={D}, N={N}, fp32, {args.threads} threads everywhere (torch.set_num_threads, ORT "
+            "intra_op_num_threads). ours = `attn2onnx.export` in ORT via `attn2onnx.runtime.session` (native kernels "
+            "registered; ops without a native kernel run their function bodies); stock = `to_onnx(custom=False)`, "
+            "torch.onnx.export (dynamo) of the same module without attn2onnx's translation table, in ORT; eager = the "
+            "PyTorch module. Both exports have dynamic batch and seq. Median wall time of repeated calls "
+            "after a warm-up, "
+            f"timed in blocks of one implementation, 3 rounds of blocks (at least {args.min_runs} calls, "
+            f"about {args.budget:g} s "
+            "each). "
+            "Max abs diff: ORT output vs eager. mha, optimised and efficient are plain PyTorch (no attn2onnx op), so "
+            "their two exports are the same graph: those rows show the measurement noise.",
+            "",
+            f"- command: `{cmd.strip()}`",
+            f"- machine: {cpu_model()}, {os.cpu_count()} CPUs; load average {load_start:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end (other jobs shared the machine when above ~0.5); "
+            f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}; {minutes:.1f} min in all",
+            "",
+            table(rows),
+            "",
+            *summary(rows),
+        ]
+    )
     print(text)
     if not args.no_write:
         replace_section(SECTION, text)

@@ -17,11 +17,11 @@ The table is printed last.
     python benchmarks/gpu.py --batches 1 4 --lengths 2048 --json out.json
     python benchmarks/gpu.py --tiny --interpret           # CPU, Triton interpreter, tiny sizes
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -37,8 +37,8 @@ class Row:
     d: int
     batch: int
     length: int
-    ms: dict = field(default_factory=dict)     # impl -> median ms, or None
-    mb: dict = field(default_factory=dict)     # impl -> peak MiB, or None
+    ms: dict = field(default_factory=dict)  # impl -> median ms, or None
+    mb: dict = field(default_factory=dict)  # impl -> peak MiB, or None
     notes: dict = field(default_factory=dict)  # impl -> why missing (OOM, skipped, ...)
 
 
@@ -117,9 +117,11 @@ def correctness(torch, fused, reference, device, tiny) -> list[str]:
         err = (out.double() - ref).abs().max().item()
         rel = err / max(ref.abs().max().item(), 1e-12)
         ok = rel < c["tol"] and bool(torch.isfinite(out).all())
-        lines.append(f"{'PASS' if ok else 'FAIL'} {str(c['dtype']).removeprefix('torch.'):8s} d={dd:<3d} "
-                     f"causal={int(c['causal'])} window={c['window']:<3d} mix={int(c['mix'])} pad={int(c['pad'])} "
-                     f"max|err|={err:.2e} rel={rel:.2e} (tol {c['tol']:.0e})")
+        lines.append(
+            f"{'PASS' if ok else 'FAIL'} {str(c['dtype']).removeprefix('torch.'):8s} d={dd:<3d} "
+            f"causal={int(c['causal'])} window={c['window']:<3d} mix={int(c['mix'])} pad={int(c['pad'])} "
+            f"max|err|={err:.2e} rel={rel:.2e} (tol {c['tol']:.0e})"
+        )
         if not ok:
             raise SystemExit("\n".join(lines) + "\ncorrectness check failed")
     return lines
@@ -163,7 +165,9 @@ def sdpa_fn(torch, q, k, v, mask, causal):
     T, S = q.shape[1], k.shape[1]
     allowed = mask[:, None, None, :]
     if causal:
-        allowed = allowed & (torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + S - T)
+        allowed = allowed & (
+            torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + S - T
+        )
     return lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed)
 
 
@@ -177,8 +181,10 @@ def run(args) -> int:
     from attn2onnx.custom_ops.dcmha_attention.reference import dcmha_attention_reference
     from attn2onnx.custom_ops.dcmha_attention.triton_kernel import dcmha_attention_triton
 
-    header = [f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter)'}; "
-              f"torch {torch.__version__}"]
+    header = [
+        f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter)'}; "
+        f"torch {torch.__version__}"
+    ]
     try:
         import triton
 
@@ -226,13 +232,20 @@ def run(args) -> int:
                     finally:
                         if device == "cuda":
                             torch.cuda.empty_cache()
-                print(f"  done d={d} T={T} B={B}: " + ", ".join(
-                    f"{i} {row.ms[i]:.3f} ms" if i in row.ms else f"{i} {row.notes.get(i)}" for i in args.impls),
-                    flush=True)
-                del ins
+                print(
+                    f"  done d={d} T={T} B={B}: "
+                    + ", ".join(
+                        f"{i} {row.ms[i]:.3f} ms" if i in row.ms else f"{i} {row.notes.get(i)}" for i in args.impls
+                    ),
+                    flush=True,
+                )
+                ins = fns = None  # free this shape's inputs before the next one
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "heads": args.heads, "window": window,
-                                         "rows": [asdict(r) for r in rows]}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"header": header, "heads": args.heads, "window": window, "rows": [asdict(r) for r in rows]}, indent=1
+            )
+        )
     print_table(header, args, rows)
     return 0
 
@@ -246,8 +259,9 @@ def print_table(header, args, rows) -> None:
     for r in rows:
         cells = [str(r.d), str(r.batch), str(r.length)]
         cells += [f"{r.ms[i]:.3f}" if i in r.ms else r.notes.get(i, "-") for i in impls]
-        cells += [f"{r.mb[i]:.0f}" if r.mb.get(i) is not None else ("-" if i in r.ms else r.notes.get(i, "-"))
-                  for i in impls]
+        cells += [
+            f"{r.mb[i]:.0f}" if r.mb.get(i) is not None else ("-" if i in r.ms else r.notes.get(i, "-")) for i in impls
+        ]
         if "eager/fused" in cols:
             cells.append(f"{r.ms['eager'] / r.ms['fused']:.2f}x" if "fused" in r.ms and "eager" in r.ms else "-")
         table.append(cells)
@@ -255,8 +269,10 @@ def print_table(header, args, rows) -> None:
     print()
     for line in header:
         print(line)
-    print(f"DCMHA attention core, N={args.heads}, R=2, causal, window={args.window or 'none'}, "
-          f"{'fp32' if args.interpret else 'bf16'}, warm-up {args.warmup}, median of {args.reps}")
+    print(
+        f"DCMHA attention core, N={args.heads}, R=2, causal, window={args.window or 'none'}, "
+        f"{'fp32' if args.interpret else 'bf16'}, warm-up {args.warmup}, median of {args.reps}"
+    )
     for i, row in enumerate(table):
         print(" | ".join(cell.rjust(w) for cell, w in zip(row, widths)))
         if i == 0:

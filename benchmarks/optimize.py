@@ -8,6 +8,7 @@ exported with the stock exporter vs the same graph after the DCMHA fusion.
 Prints a markdown table (best of N interleaved runs, ms per forward; x = speedup). ORT sessions register the native
 kernel library when it is built (attn2onnx.runtime.native), else the function bodies run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,11 +72,20 @@ def build(name: str, d_model: int, heads: int, seq: int) -> torch.nn.Module:
 def export(module, seq: int, d_model: int, custom: bool) -> onnx.ModelProto:
     x = torch.randn(2, min(seq, 16), d_model)  # batch 2: batch 1 would be specialised away
     kpm = torch.ones(2, min(seq, 16), dtype=torch.bool)
-    specs = [InputSpec("x", ("batch", "seq", d_model), "float"), InputSpec("key_padding_mask", ("batch", "seq"), "mask")]
+    specs = [
+        InputSpec("x", ("batch", "seq", d_model), "float"),
+        InputSpec("key_padding_mask", ("batch", "seq"), "mask"),
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return to_onnx(module, (x, kpm), specs, output_names=["y"], custom=custom,
-                       max_seq=seq if isinstance(module, torch.nn.Module) and hasattr(module, "wa") else None)
+        return to_onnx(
+            module,
+            (x, kpm),
+            specs,
+            output_names=["y"],
+            custom=custom,
+            max_seq=seq if isinstance(module, torch.nn.Module) and hasattr(module, "wa") else None,
+        )
 
 
 def ort_runner(model: onnx.ModelProto, feeds: dict, threads: int, use_native: bool):
@@ -145,16 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per runner (at least 3 interleaved rounds)")
+    parser.add_argument(
+        "--budget", type=float, default=2.0, help="seconds of timed runs per runner (at least 3 interleaved rounds)"
+    )
     parser.add_argument("--max-reps", type=int, default=20)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    print(f"B={args.batch} D={args.d_model} N={args.heads}, {args.threads} threads, torch {torch.__version__}, "
-          f"onnxruntime {__import__('onnxruntime').__version__}, native kernels: {native.available()}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(
+        f"B={args.batch} D={args.d_model} N={args.heads}, {args.threads} threads, torch {torch.__version__}, "
+        f"onnxruntime {__import__('onnxruntime').__version__}, native kernels: {native.available()}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
     print()
-    print("| variant | T | eager ms | stock ORT ms | ours unopt ms | optimised ms | opt vs eager | opt vs unopt | opt vs stock | fused | max err |")
+    print(
+        "| variant | T | eager ms | stock ORT ms | ours unopt ms | optimised ms | opt vs eager | opt vs "
+        "unopt | opt vs stock | fused | max err |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for seq in args.seqs:
         for name in args.variants:
@@ -165,9 +182,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             base = r["ours"] if r["ours"] is not None else r["stock"]
             vs_stock = "-" if r["stock"] is None else f"{r['stock'] / r['optimised']:.2f}x"
-            print(f"| {name} | {seq} | {fmt(r['eager'])} | {fmt(r['stock'])} | {fmt(r['ours'])} | {fmt(r['optimised'])} | "
-                  f"{r['eager'] / r['optimised']:.2f}x | {base / r['optimised']:.2f}x | {vs_stock} | "
-                  f"{r['fused']}{' (' + r['note'] + ')' if 'note' in r else ''} | {r['max_err']:.1e} |", flush=True)
+            print(
+                f"| {name} | {seq} | {fmt(r['eager'])} | {fmt(r['stock'])} | {fmt(r['ours'])} | "
+                f"{fmt(r['optimised'])} | "
+                f"{r['eager'] / r['optimised']:.2f}x | {base / r['optimised']:.2f}x | {vs_stock} | "
+                f"{r['fused']}{' (' + r['note'] + ')' if 'note' in r else ''} | {r['max_err']:.1e} |",
+                flush=True,
+            )
     return 0
 
 

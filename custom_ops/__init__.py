@@ -4,6 +4,7 @@ Importing this package registers every op with torch (``torch.ops.attn2onnx.*``)
 schema with onnx. :func:`translation_table` feeds ``torch.onnx.export`` and
 :func:`function_protos` gives the standard-op bodies to attach to exported models.
 """
+
 from __future__ import annotations
 
 import onnx
@@ -35,5 +36,14 @@ def function_protos() -> dict[str, onnx.FunctionProto]:
     return {name: opdef.function_proto() for name, opdef in REGISTRY.items()}
 
 
-__all__ = ["DOMAIN", "OPSET_VERSION", "REGISTRY", "InvalidModelError", "OpDef", "check_model", "decompositions",
-           "function_protos", "translation_table"]
+__all__ = [
+    "DOMAIN",
+    "OPSET_VERSION",
+    "REGISTRY",
+    "InvalidModelError",
+    "OpDef",
+    "check_model",
+    "decompositions",
+    "function_protos",
+    "translation_table",
+]

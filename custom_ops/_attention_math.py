@@ -15,6 +15,7 @@ Written once here and reused everywhere:
 Layouts follow docs/ops.md: q [B,T,N,d], k and v [B,S,N,d], probabilities [B,N,T,S],
 key_padding_mask [B,S] bool (True = real token).
 """
+
 from __future__ import annotations
 
 import math

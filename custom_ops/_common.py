@@ -17,6 +17,7 @@ Every op folder defines these things and hands them to :func:`register_op` as on
 Training through the ops works because :func:`register_autograd_from_reference` gives each op
 a backward that differentiates its reference implementation.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -101,9 +102,11 @@ class Backends:
         kernel = getattr(declaration, "KERNEL_SOURCE", None)
         triton = getattr(declaration, "TRITON_MODULE", None)
         plugin = getattr(declaration, "TRT_PLUGIN_MODULE", None)
-        return cls(kernel_source=Path(declaration.__file__).parent / kernel if kernel else None,
-                   triton_module=f"{package}.{triton}" if triton else None,
-                   trt_plugin_module=f"{package}.{plugin}" if plugin else None)
+        return cls(
+            kernel_source=Path(declaration.__file__).parent / kernel if kernel else None,
+            triton_module=f"{package}.{triton}" if triton else None,
+            trt_plugin_module=f"{package}.{plugin}" if plugin else None,
+        )
 
     def names(self) -> list[str]:
         """The kinds of backend declared: "native", "triton", "tensorrt"."""
@@ -164,8 +167,10 @@ def make_schema(
     "" (single) or "optional"; ``outputs`` are (name, type_str); ``required`` names the
     attributes a node must carry (``OpRules.required``, so onnx.checker agrees with the validator)."""
     param = onnx.defs.OpSchema.FormalParameter
-    option = {"": onnx.defs.OpSchema.FormalParameterOption.Single,
-              "optional": onnx.defs.OpSchema.FormalParameterOption.Optional}
+    option = {
+        "": onnx.defs.OpSchema.FormalParameterOption.Single,
+        "optional": onnx.defs.OpSchema.FormalParameterOption.Optional,
+    }
     return onnx.defs.OpSchema(
         name,
         DOMAIN,
@@ -174,8 +179,10 @@ def make_schema(
         inputs=[param(n, t, param_option=option[o]) for n, t, o in inputs],
         outputs=[param(n, t) for n, t in outputs],
         type_constraints=list(type_constraints),
-        attributes=[onnx.defs.OpSchema.Attribute(n, kind, d, required=n in required)
-                    for n, kind, d in [*attributes, *TRT_ATTRIBUTES]],
+        attributes=[
+            onnx.defs.OpSchema.Attribute(n, kind, d, required=n in required)
+            for n, kind, d in [*attributes, *TRT_ATTRIBUTES]
+        ],
     )
 
 
@@ -190,15 +197,18 @@ def register_op(opdef: OpDef) -> OpDef:
     return opdef
 
 
-def check_attention_inputs(op_name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           key_padding_mask: torch.Tensor) -> None:
+def check_attention_inputs(
+    op_name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor
+) -> None:
     """ValueError unless q is [B,T,N,d], k and v are [B,S,N,d] and key_padding_mask is [B,S]."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"{op_name}: expected q [B,T,N,d] and k, v [B,S,N,d], got {list(q.shape)}, "
-                         f"{list(k.shape)}, {list(v.shape)}")
+        raise ValueError(
+            f"{op_name}: expected q [B,T,N,d] and k, v [B,S,N,d], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
+        )
     if key_padding_mask.shape != k.shape[:2]:
-        raise ValueError(f"{op_name}: key_padding_mask must be [B,S] = {list(k.shape[:2])}, "
-                         f"got {list(key_padding_mask.shape)}")
+        raise ValueError(
+            f"{op_name}: key_padding_mask must be [B,S] = {list(k.shape[:2])}, got {list(key_padding_mask.shape)}"
+        )
 
 
 def empty_like_first(x: torch.Tensor, *_: object) -> torch.Tensor:
@@ -242,9 +252,13 @@ def register_autograd_from_reference(torch_op: Any, reference: Callable[..., Any
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
             wanted = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
             pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs], allow_unused=True
-            ) if pairs else [None] * len(wanted)
+            grads = (
+                torch.autograd.grad(
+                    [o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs], allow_unused=True
+                )
+                if pairs
+                else [None] * len(wanted)
+            )
         result: list[Any] = [None] * len(inputs)
         for i, g in zip(wanted, grads):
             result[i] = g

@@ -12,6 +12,7 @@ Walked: the main graph and its subgraphs (with the ranks and static dims that ON
 inference knows) and the model's functions (attribute references there are taken on trust:
 their values arrive with the calling node, which is checked itself).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,13 @@ def check_model(model: Any) -> None:
     ModelProto, an ``onnx_ir.Model``, serialized bytes or a path (read without its external
     weights, which no check needs)."""
     proto = _as_proto(model)
-    problems = [p for site in _sites(proto) for node_index, node in enumerate(site.nodes)
-                if node.domain == DOMAIN for p in _node_problems(node, node_index, site)]
+    problems = [
+        p
+        for site in _sites(proto)
+        for node_index, node in enumerate(site.nodes)
+        if node.domain == DOMAIN
+        for p in _node_problems(node, node_index, site)
+    ]
     if problems:
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         raise InvalidModelError(f"invalid model: {problems[0]}{more}")
@@ -92,8 +98,9 @@ def _sites(model: onnx.ModelProto) -> Iterator[Site]:
         yield Site("" if graph is model.graph else f" in subgraph {graph.name!r}", graph.node, version, values)
     for function in model.functions:
         nodes = [n for g in _function_scopes(function) for n in g]
-        yield Site(f" in function {function.domain}::{function.name}", nodes,
-                   _domain_version(function.opset_import), {})
+        yield Site(
+            f" in function {function.domain}::{function.name}", nodes, _domain_version(function.opset_import), {}
+        )
 
 
 def _domain_version(opset_import: Sequence[onnx.OperatorSetIdProto]) -> int | None:
@@ -110,8 +117,13 @@ def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """Every graph held by ``node``'s attributes, each with its own subgraphs."""
     for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
-                    attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+        for sub in (
+            [attr.g]
+            if attr.type == onnx.AttributeProto.GRAPH
+            else attr.graphs
+            if attr.type == onnx.AttributeProto.GRAPHS
+            else []
+        ):
             yield from _graphs(sub)
 
 
@@ -174,9 +186,11 @@ def _arity_problems(node: onnx.NodeProto, schema: onnx.defs.OpSchema) -> list[st
     problems = []
     given = list(node.input)
     if not schema.min_input <= len(given) <= schema.max_input:
-        problems.append(f"takes {_count(schema.min_input, schema.max_input)} inputs "
-                        f"({', '.join(i.name for i in schema.inputs)}), found {len(given)}")
-    missing = [schema.inputs[i].name for i, name in enumerate(given[:len(schema.inputs)]) if not name]
+        problems.append(
+            f"takes {_count(schema.min_input, schema.max_input)} inputs "
+            f"({', '.join(i.name for i in schema.inputs)}), found {len(given)}"
+        )
+    missing = [schema.inputs[i].name for i, name in enumerate(given[: len(schema.inputs)]) if not name]
     if missing:
         problems.append(f"input {missing[0]} is required, found it left empty")
     if not schema.min_output <= len(node.output) <= schema.max_output:
@@ -192,8 +206,11 @@ def _attribute_values(node: onnx.NodeProto, opdef: OpDef, rules: OpRules) -> tup
     """(name -> value of every attribute that has one here, problems with the attributes)."""
     declared = opdef.schema.attributes
     by_name = {a.name: a for a in node.attribute}
-    problems = [f"unknown attribute {name!r}; {opdef.onnx_name} takes {', '.join(sorted(declared))}"
-                for name in by_name if name not in declared]
+    problems = [
+        f"unknown attribute {name!r}; {opdef.onnx_name} takes {', '.join(sorted(declared))}"
+        for name in by_name
+        if name not in declared
+    ]
     values: dict[str, Any] = {}
     for rule in (*rules.attributes, *TRT_RULES):
         attr = by_name.get(rule.name)
@@ -244,8 +261,9 @@ def _bounds(rule: AttrRule) -> list[tuple[Callable[[Any], bool], str]]:
     return bounds
 
 
-def _input_problems(node: onnx.NodeProto, schema: onnx.defs.OpSchema, rules: OpRules,
-                    values: Mapping[str, ValueInfo]) -> tuple[dict[str, int], list[str]]:
+def _input_problems(
+    node: onnx.NodeProto, schema: onnx.defs.OpSchema, rules: OpRules, values: Mapping[str, ValueInfo]
+) -> tuple[dict[str, int], list[str]]:
     """(dim label -> static size, problems): element types against the schema's type
     constraints, ranks and static sizes against the op's dim labels."""
     dims: dict[str, int] = {}
@@ -261,16 +279,19 @@ def _input_problems(node: onnx.NodeProto, schema: onnx.defs.OpSchema, rules: OpR
             continue
         labels = spec.split()
         if len(info.shape) != len(labels):
-            problems.append(f"input {formal.name} must have rank {len(labels)} [{','.join(labels)}], "
-                            f"found rank {len(info.shape)} {list(info.shape)}")
+            problems.append(
+                f"input {formal.name} must have rank {len(labels)} [{','.join(labels)}], "
+                f"found rank {len(info.shape)} {list(info.shape)}"
+            )
             continue
         for axis, (want, size) in enumerate(zip(labels, info.shape)):
             problems += _dim_problems(formal.name, axis, want, size, dims, seen)
     return dims, problems
 
 
-def _type_problems(formal: Any, elem_type: int, allowed: Mapping[str, Sequence[str]],
-                   type_of: dict[str, tuple[int, str]]) -> list[str]:
+def _type_problems(
+    formal: Any, elem_type: int, allowed: Mapping[str, Sequence[str]], type_of: dict[str, tuple[int, str]]
+) -> list[str]:
     if not elem_type:
         return []
     found = f"tensor({onnx.TensorProto.DataType.Name(elem_type).lower()})"
@@ -279,13 +300,16 @@ def _type_problems(formal: Any, elem_type: int, allowed: Mapping[str, Sequence[s
         return [f"input {formal.name} must be {' or '.join(options)}, found {found}"]
     first = type_of.setdefault(formal.type_str, (elem_type, formal.name))
     if first[0] != elem_type:
-        return [f"input {formal.name} must have the element type of {first[1]} "
-                f"({onnx.TensorProto.DataType.Name(first[0]).lower()}), found {found}"]
+        return [
+            f"input {formal.name} must have the element type of {first[1]} "
+            f"({onnx.TensorProto.DataType.Name(first[0]).lower()}), found {found}"
+        ]
     return []
 
 
-def _dim_problems(input_name: str, axis: int, want: str, size: int | None, dims: dict[str, int],
-                  seen: dict[str, str]) -> list[str]:
+def _dim_problems(
+    input_name: str, axis: int, want: str, size: int | None, dims: dict[str, int], seen: dict[str, str]
+) -> list[str]:
     """One axis against its label: a literal size, or the size the label took first."""
     if size is None:
         return []
@@ -305,8 +329,10 @@ def _rule_problems(rules: OpRules, attrs: Mapping[str, Any], dims: Mapping[str, 
     for attr in rules.attributes:
         value = attrs.get(attr.name)
         if attr.length and value is not None and attr.length in dims and len(value) != dims[attr.length]:
-            problems.append(f"attribute {attr.name!r} needs one entry per {attr.length} = {dims[attr.length]}, "
-                            f"found {len(value)}: {list(value)}")
+            problems.append(
+                f"attribute {attr.name!r} needs one entry per {attr.length} = {dims[attr.length]}, "
+                f"found {len(value)}: {list(value)}"
+            )
     for rule in rules.rules:
         if all(name in known for name in rule.uses) and not rule.holds(**{n: known[n] for n in rule.uses}):
             found = ", ".join(f"{n}={known[n]}" for n in rule.uses)

@@ -1,4 +1,5 @@
 """Small onnx-ir helpers shared by the graph passes: shapes, constants, node building."""
+
 from __future__ import annotations
 
 import logging
@@ -118,12 +119,21 @@ class Builder:
         self.graph, self.anchor, self.prefix = graph, anchor, prefix
         self.nodes: list[ir.Node] = []
 
-    def op(self, op_type: str, inputs: Sequence[ir.Value | None], attributes: dict | None = None, *,
-           domain: str = "", num_outputs: int = 1, dtype: ir.DataType | None = None,
-           shape: Sequence[Any] | None = None) -> Any:
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[ir.Value | None],
+        attributes: dict | None = None,
+        *,
+        domain: str = "",
+        num_outputs: int = 1,
+        dtype: ir.DataType | None = None,
+        shape: Sequence[Any] | None = None,
+    ) -> Any:
         attrs = ir.convenience.convert_attributes(attributes or {})
-        node = ir.Node(domain, op_type, inputs, attributes=attrs, num_outputs=num_outputs,
-                       version=1 if domain == DOMAIN else None)
+        node = ir.Node(
+            domain, op_type, inputs, attributes=attrs, num_outputs=num_outputs, version=1 if domain == DOMAIN else None
+        )
         self.graph.insert_before(self.anchor, node)
         self.nodes.append(node)
         node.name = _names(self.graph).next(f"{self.prefix}_{op_type}")
@@ -233,8 +243,9 @@ def count_ops(model: ir.Model) -> dict[str, int]:
     return counts
 
 
-def fuse_each(model: ir.Model, op_type: str, anchor: Callable[[ir.Node], bool],
-              fuse: Callable[[ir.Model, ir.Node], bool]) -> int:
+def fuse_each(
+    model: ir.Model, op_type: str, anchor: Callable[[ir.Node], bool], fuse: Callable[[ir.Model, ir.Node], bool]
+) -> int:
     """Try ``fuse(model, node)`` at every top-level node where ``anchor(node)`` holds, when the
     ``op_type`` it would create is available; drop what the fusions left unused. Returns how
     many fused."""
@@ -264,6 +275,5 @@ class FusionPass(ir.passes.InPlacePass):
         made = self.fuse(model)
         self.counts = {self.op_type: made}
         if made:
-            logging.getLogger(type(self).__module__).debug("%s: %d %s node(s)", type(self).__name__, made,
-                                                           self.op_type)
+            logging.getLogger(type(self).__module__).debug("%s: %d %s node(s)", type(self).__name__, made, self.op_type)
         return ir.passes.PassResult(model, bool(made))

@@ -3,6 +3,7 @@ fuse_reuse, fuse_imhsa, fuse_decode_attention, fuse_standard_attention, lower_at
 scales, masks, head layouts, einsum equations, the q·k product, and :class:`NoMatch`, the reason a
 check failed (node, what was expected, what was found), in the style of onnxscript's
 ``MatchResult.fail``."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -130,8 +131,14 @@ def allowed_parts(value: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
     if node.op_type == "Trilu":
         k = const_scalar(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else 0
         d = dims(value)
-        if attr(node, "upper", 1) == 0 and k == 0 and is_all_true(node.inputs[0]) and d is not None and \
-                same_dim(d[-1], d[-2]) and same_dim(t_dim, s_dim):
+        if (
+            attr(node, "upper", 1) == 0
+            and k == 0
+            and is_all_true(node.inputs[0])
+            and d is not None
+            and same_dim(d[-1], d[-2])
+            and same_dim(t_dim, s_dim)
+        ):
             return {"kpm": None, "causal": 1}
     return None
 
@@ -176,9 +183,17 @@ def split_heads_source(value: ir.Value, perm: tuple) -> ir.Value | None:
         return None
     src, d4 = r.inputs[0], dims(t.inputs[0])
     d3 = dims(src)
-    if d3 is None or d4 is None or len(d3) != 3 or len(d4) != 4 or not isinstance(d4[2], int) or \
-            not isinstance(d4[3], int) or d3[2] != d4[2] * d4[3] or not same_dim(d3[0], d4[0]) or \
-            not same_dim(d3[1], d4[1]):
+    if (
+        d3 is None
+        or d4 is None
+        or len(d3) != 3
+        or len(d4) != 4
+        or not isinstance(d4[2], int)
+        or not isinstance(d4[3], int)
+        or d3[2] != d4[2] * d4[3]
+        or not same_dim(d3[0], d4[0])
+        or not same_dim(d3[1], d4[1])
+    ):
         return None
     return src
 
@@ -254,8 +269,9 @@ def transposed(b: Builder, x: ir.Value, perm: list[int]) -> ir.Value:
     d = dims(base)
     y = base
     if order != list(range(len(order))):
-        y = b.op("Transpose", [base], {"perm": order}, dtype=base.dtype,
-                 shape=None if d is None else [d[p] for p in order])
+        y = b.op(
+            "Transpose", [base], {"perm": order}, dtype=base.dtype, shape=None if d is None else [d[p] for p in order]
+        )
     if units:
         dy = dims(y)
         shape = None

@@ -4,6 +4,7 @@ Built on ``onnxscript.optimizer.optimize_ir`` (public API) with ``inline=False``
 nodes with their function bodies attached (a runtime with a native kernel runs the kernel, the
 others run the body), and constant folding never evaluates one of our nodes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,13 @@ class CleanupPass(ir.passes.InPlacePass):
         ours = {key: f for key, f in model.functions.items() if key[0] == DOMAIN}
         for key in ours:
             del model.functions[key]
-        onnxscript.optimizer.optimize_ir(model, num_iterations=self.num_iterations,
-                                         onnx_shape_inference=self.shape_inference, should_fold=_fold, inline=False)
+        onnxscript.optimizer.optimize_ir(
+            model,
+            num_iterations=self.num_iterations,
+            onnx_shape_inference=self.shape_inference,
+            should_fold=_fold,
+            inline=False,
+        )
         ir.passes.common.IdentityEliminationPass()(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         model.functions.update(ours)

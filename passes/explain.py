@@ -7,6 +7,7 @@ node is gone; otherwise the reason is the first failed check of the standard-att
 in the optimised graph: node, expected, found. An ONNX Attention node is already the fused form
 for targets trt and portable.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,8 +54,11 @@ def _reaches_product(value: ir.Value, depth: int = 8) -> bool:
 
 def attention_cores(graph: ir.Graph) -> list[ir.Node]:
     """The attention-shaped nodes of ``graph`` (Softmax over q·k logits, ONNX Attention)."""
-    return [n for n in graph if n.domain == "" and (n.op_type == "Attention" or
-                                                    (n.op_type == "Softmax" and _reaches_product(n.inputs[0])))]
+    return [
+        n
+        for n in graph
+        if n.domain == "" and (n.op_type == "Attention" or (n.op_type == "Softmax" and _reaches_product(n.inputs[0])))
+    ]
 
 
 def _match_any(core: ir.Node, target: str) -> None:

@@ -23,6 +23,7 @@ Then, when the whole core is there -- ``q k^T`` (scaled), pre compose, a recogni
 DcmhaAttention node. The ops' standard-op bodies are attached from
 ``attn2onnx.custom_ops.function_protos()``; nothing is inlined.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -151,7 +152,13 @@ def _broadcast_terms(leaf: ir.Value) -> Term | None:
         if side is None or _side(fv, a) != side:
             return None
         perm = _FACTOR_PERM[side]
-        return Term(a, "lowrank", side, 1, lambda b, fu=fu, fv=fv, perm=perm: (_transposed(b, fu, perm), _transposed(b, fv, perm)))
+        return Term(
+            a,
+            "lowrank",
+            side,
+            1,
+            lambda b, fu=fu, fv=fv, perm=perm: (_transposed(b, fu, perm), _transposed(b, fv, perm)),
+        )
     out_dims = dims(leaf)
     for a, g in ((x, y), (y, x)):
         if _full(a, out_dims):
@@ -200,8 +207,9 @@ def _einsum_terms(leaf: ir.Value) -> Term | None:
             continue
         (m0, m1), out1 = p1
         for a, u, la, lu in ((first.inputs[0], first.inputs[1], m0, m1), (first.inputs[1], first.inputs[0], m1, m0)):
-            term = _einsum_pair(a, u, la, lu, out1, h, v, lh, lv, out) or \
-                _einsum_rank1(a, u, la, lu, out1, lh, v, lv, out)
+            term = _einsum_pair(a, u, la, lu, out1, h, v, lh, lv, out) or _einsum_rank1(
+                a, u, la, lu, out1, lh, v, lv, out
+            )
             if term is not None:
                 return term
     return None
@@ -284,7 +292,6 @@ def _einsum_pair(a, u, la, lu, out1, h, v, lh, lv, out) -> Term | None:
     return Term(a, "lowrank", side, r, lambda b: (_transposed(b, u, perm_u), _transposed(b, v, perm_v)))
 
 
-
 @dataclass
 class _Piece:
     kind: str  # lowrank | diag | static
@@ -336,7 +343,7 @@ def _decompose_matrix(m: ir.Value, gathers: list) -> list[_Piece] | None:
 def _gathered(b: Builder, x: ir.Value, gathers: list) -> ir.Value:
     for axis, index in gathers:
         d = dims(x)
-        shape = None if d is None else d[:axis] + d[axis + 1:]
+        shape = None if d is None else d[:axis] + d[axis + 1 :]
         x = b.op("Gather", [x, index], {"axis": axis}, dtype=x.dtype, shape=shape)
     return x
 
@@ -346,7 +353,7 @@ def _gathered_dims(x: ir.Value, gathers: list) -> tuple | None:
     if d is None:
         return None
     for axis, _ in gathers:
-        d = d[:axis] + d[axis + 1:]
+        d = d[:axis] + d[axis + 1 :]
     return d
 
 
@@ -378,8 +385,13 @@ def _matmul_terms(leaf: ir.Value) -> list[Term] | None:
         return None
 
     def lead_ok(d: tuple | None, tail: tuple) -> bool:
-        return d is not None and len(d) == 4 and same_dim(d[0], lead[0]) and same_dim(d[1], lead[1]) and \
-            all(x == y or y is None for x, y in zip(d[2:], tail))
+        return (
+            d is not None
+            and len(d) == 4
+            and same_dim(d[0], lead[0])
+            and same_dim(d[1], lead[1])
+            and all(x == y or y is None for x, y in zip(d[2:], tail))
+        )
 
     if inner is not None:  # (a^T @ Ut) @ V, Ut [B,X,N,R], V [B,X,R,N]
         ut = inner.inputs[1]
@@ -409,7 +421,15 @@ def _matmul_terms(leaf: ir.Value) -> list[Term] | None:
             perm = [0, 1, 3, 2] if dg[3] == 1 else [0, 1, 2, 3]
             if not lead_ok(dg, (n, 1) if dg[3] == 1 else (1, n)):
                 return None
-            terms.append(Term(a, "gate", side, 0, lambda bld, g=g, gs=piece.gathers, perm=perm: (_transposed(bld, _gathered(bld, g, gs), perm),)))
+            terms.append(
+                Term(
+                    a,
+                    "gate",
+                    side,
+                    0,
+                    lambda bld, g=g, gs=piece.gathers, perm=perm: (_transposed(bld, _gathered(bld, g, gs), perm),),
+                )
+            )
         else:
             p, v = piece.values
             dp, dv = _gathered_dims(p, piece.gathers), _gathered_dims(v, piece.gathers)
@@ -421,8 +441,11 @@ def _matmul_terms(leaf: ir.Value) -> list[Term] | None:
 
             def make(bld, p=p, v=v, gs=piece.gathers):
                 pt = producer(p, "Transpose")
-                if pt is not None and len(_perm_of(pt) or ()) == rank(p) and list(_perm_of(pt)) == \
-                        list(range(rank(p) - 2)) + [rank(p) - 1, rank(p) - 2]:
+                if (
+                    pt is not None
+                    and len(_perm_of(pt) or ()) == rank(p)
+                    and list(_perm_of(pt)) == list(range(rank(p) - 2)) + [rank(p) - 1, rank(p) - 2]
+                ):
                     u = _gathered(bld, pt.inputs[0], gs)
                 else:
                     u = _transposed(bld, _gathered(bld, p, gs), [0, 1, 3, 2])
@@ -445,8 +468,9 @@ def classify(leaf: ir.Value) -> list[Term] | None:
 # ---------------------------------------------------------------------------------------------
 def _interior_add(value: ir.Value) -> bool:
     uses = list(value.uses())
-    return (not value.is_graph_output() and len(uses) == 1 and uses[0].node.op_type == "Add"
-            and uses[0].node.domain == "")
+    return (
+        not value.is_graph_output() and len(uses) == 1 and uses[0].node.op_type == "Add" and uses[0].node.domain == ""
+    )
 
 
 def _leaves(value: ir.Value, root: bool = True) -> list[ir.Value]:
@@ -532,8 +556,14 @@ def _fuse_tree(graph: ir.Graph, root: ir.Node) -> bool:
             factors[s] = _concat(b, _zero_rows(b, factors[present[0]], 2 * r + 1), axis=2)
     statics = [made[id(t)][0] for t in best if t.kind == "static"]
     mix = _sum(b, statics) if statics else b.const(np.zeros((n, n), dtype=a.dtype.numpy()), "no_static_mix")
-    fused = b.op("DcmhaCompose", [a, factors["q"], factors["k"], mix], {"use_static_mix": int(bool(statics))},
-                 domain=DOMAIN, dtype=a.dtype, shape=dims(a))
+    fused = b.op(
+        "DcmhaCompose",
+        [a, factors["q"], factors["k"], mix],
+        {"use_static_mix": int(bool(statics))},
+        domain=DOMAIN,
+        dtype=a.dtype,
+        shape=dims(a),
+    )
     replace_value(root.outputs[0], fused)
     return True
 
@@ -602,10 +632,22 @@ def _fuse_core(model: ir.Model, post: ir.Node) -> bool:
     b = Builder(graph, pv, "dcmha")
     q, k = make_q(b), make_k(b)
     vv = _transposed(b, v, [0, 2, 1, 3])
-    q_factors = _concat(b, [b.op("Unsqueeze", [f, b.ints([2])], dtype=f.dtype, shape=dims(f)[:2] + (1,) + dims(f)[2:])
-                            for f in (pre.inputs[1], post.inputs[1])], axis=2)
-    k_factors = _concat(b, [b.op("Unsqueeze", [f, b.ints([2])], dtype=f.dtype, shape=dims(f)[:2] + (1,) + dims(f)[2:])
-                            for f in (pre.inputs[2], post.inputs[2])], axis=2)
+    q_factors = _concat(
+        b,
+        [
+            b.op("Unsqueeze", [f, b.ints([2])], dtype=f.dtype, shape=dims(f)[:2] + (1,) + dims(f)[2:])
+            for f in (pre.inputs[1], post.inputs[1])
+        ],
+        axis=2,
+    )
+    k_factors = _concat(
+        b,
+        [
+            b.op("Unsqueeze", [f, b.ints([2])], dtype=f.dtype, shape=dims(f)[:2] + (1,) + dims(f)[2:])
+            for f in (pre.inputs[2], post.inputs[2])
+        ],
+        axis=2,
+    )
     uses_mix = [attr(c, "use_static_mix", 0) for c in (pre, post)]
     n = a_dims[1]
     mixes = []
@@ -616,11 +658,22 @@ def _fuse_core(model: ir.Model, post: ir.Node) -> bool:
     kpm = parts.get("kpm")
     if kpm is None:
         shape = b.op("Shape", [k], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,))
-        kpm = b.op("Expand", [b.const(np.array(True), "true"), shape], dtype=ir.DataType.BOOL, shape=(a_dims[0], a_dims[3]))
-    o = b.op("DcmhaAttention", [q, k, vv, q_factors, k_factors, kpm, mix],
-             {"scale": float(scale), "causal": int(parts.get("causal", 0)), "window": int(parts.get("window", 0)),
-              "use_static_mix": int(any(uses_mix))},
-             domain=DOMAIN, dtype=masked.dtype, shape=(a_dims[0], a_dims[2], n, dv[3]))
+        kpm = b.op(
+            "Expand", [b.const(np.array(True), "true"), shape], dtype=ir.DataType.BOOL, shape=(a_dims[0], a_dims[3])
+        )
+    o = b.op(
+        "DcmhaAttention",
+        [q, k, vv, q_factors, k_factors, kpm, mix],
+        {
+            "scale": float(scale),
+            "causal": int(parts.get("causal", 0)),
+            "window": int(parts.get("window", 0)),
+            "use_static_mix": int(any(uses_mix)),
+        },
+        domain=DOMAIN,
+        dtype=masked.dtype,
+        shape=(a_dims[0], a_dims[2], n, dv[3]),
+    )
     replace_value(pv.outputs[0], _transposed(b, o, [0, 2, 1, 3]))
     return True
 

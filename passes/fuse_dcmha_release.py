@@ -14,6 +14,7 @@ Two things the release writes differently from the plain-PyTorch styles:
   a function of ``row - col`` (allowed for 0 <= row - col <= W) has the same form, whatever the
   sequence length.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ FP16_MIN = -65504.0
 # the unit group axis
 # ---------------------------------------------------------------------------------------------
 def _without(d: tuple, axis: int) -> tuple:
-    return d[:axis] + d[axis + 1:]
+    return d[:axis] + d[axis + 1 :]
 
 
 def _drop_axis(b: Builder, value: ir.Value, axis: int) -> ir.Value:
@@ -140,8 +141,9 @@ class _View:
     fixed: dict[int, int] = field(default_factory=dict)
 
     def but(self, axes: list[int | None], **changes) -> "_View":
-        return _View(self.table, axes, {**self.lengths, **changes.get("lengths", {})},
-                     {**self.fixed, **changes.get("fixed", {})})
+        return _View(
+            self.table, axes, {**self.lengths, **changes.get("lengths", {})}, {**self.fixed, **changes.get("fixed", {})}
+        )
 
 
 def _length(value: ir.Value | None):
@@ -249,7 +251,9 @@ def _gathered(node: ir.Node, src: _View) -> _View | None:
         return None
     index = const_array(node.inputs[1])
     if index is not None and index.ndim == 0:
-        return src.but(src.axes[:axis] + src.axes[axis + 1:], fixed={table_axis: int(index) % src.table.shape[table_axis]})
+        return src.but(
+            src.axes[:axis] + src.axes[axis + 1 :], fixed={table_axis: int(index) % src.table.shape[table_axis]}
+        )
     limit = _from_zero(node.inputs[1])
     if limit is None or len(dims(node.inputs[1]) or ()) != 1:
         return None
@@ -316,8 +320,11 @@ def align_mask_shapes(model: ir.Model) -> int:
         # Down to the Softmax, through additive masks (HF adds a padding bias after the Where):
         # every value on the way has the logits' shape too.
         value = out
-        while len(uses := list(value.uses())) == 1 and uses[0].node.domain == "" and \
-                uses[0].node.op_type in ("Add", "Softmax"):
+        while (
+            len(uses := list(value.uses())) == 1
+            and uses[0].node.domain == ""
+            and uses[0].node.op_type in ("Add", "Softmax")
+        ):
             value = uses[0].node.outputs[0]
             value.shape = shape
     return count

@@ -14,6 +14,7 @@ ways of writing it listed there. A pooling written any other way is not fused; t
 which step differed (``optimize --explain`` shows it).
 Not matched: post (after-softmax) mixing, grid pooling, reshape-mean pooling, einsum pooling.
 """
+
 from __future__ import annotations
 
 import logging
@@ -191,8 +192,12 @@ def _clamped_to_one(value: ir.Value) -> ir.Value:
     """value = max(x, 1) written as Clip(x, 1) or Max(x, 1) (through exact casts) -> x."""
     v = _uncast(value)
     node = producer(v, ("Clip", "Max"))
-    if node is not None and node.op_type == "Clip" and const_scalar(node.inputs[1]) == 1 and \
-            (len(node.inputs) < 3 or node.inputs[2] is None):
+    if (
+        node is not None
+        and node.op_type == "Clip"
+        and const_scalar(node.inputs[1]) == 1
+        and (len(node.inputs) < 3 or node.inputs[2] is None)
+    ):
         return node.inputs[0]
     if node is not None and node.op_type == "Max" and len(node.inputs) == 2:
         for x, one in (node.inputs, node.inputs[::-1]):
@@ -206,8 +211,14 @@ def _check_row_sum(value: ir.Value, src: ir.Value, axis: int, keepdims: int) -> 
     v = _uncast(value)
     node = producer(v, "ReduceSum")
     axes = axes_of(node) if node is not None else None
-    if node is None or axes is None or _uncast(node.inputs[0]) is not src or rank(src) is None or \
-            norm_axes(axes, rank(src)) != [axis] or attr(node, "keepdims", 1) != keepdims:
+    if (
+        node is None
+        or axes is None
+        or _uncast(node.inputs[0]) is not src
+        or rank(src) is None
+        or norm_axes(axes, rank(src)) != [axis]
+        or attr(node, "keepdims", 1) != keepdims
+    ):
         raise NoMatch(v, f"ReduceSum over axis {axis} (keepdims={keepdims}) of {src.name}", found_op(v))
 
 
@@ -219,10 +230,16 @@ def _check_ranks(value: ir.Value, kpm: ir.Value) -> None:
     exclusive = 0 if sub is not None and const_scalar(sub.inputs[1]) == 1 else 1
     cum_value = _uncast(sub.inputs[0]) if exclusive == 0 else v
     cum = producer(cum_value, "CumSum")
-    if cum is None or _uncast(cum.inputs[0]) is not kpm or const_scalar(cum.inputs[1]) not in (1, -1) or \
-            attr(cum, "reverse", 0) != 0 or attr(cum, "exclusive", 0) != exclusive:
-        raise NoMatch(cum_value, "token ranks CumSum(kpm, axis=1) - 1 or CumSum(kpm, axis=1, exclusive=1)",
-                      found_op(cum_value))
+    if (
+        cum is None
+        or _uncast(cum.inputs[0]) is not kpm
+        or const_scalar(cum.inputs[1]) not in (1, -1)
+        or attr(cum, "reverse", 0) != 0
+        or attr(cum, "exclusive", 0) != exclusive
+    ):
+        raise NoMatch(
+            cum_value, "token ranks CumSum(kpm, axis=1) - 1 or CumSum(kpm, axis=1, exclusive=1)", found_op(cum_value)
+        )
 
 
 def _check_segments(value: ir.Value, kpm: ir.Value, landmarks: int) -> None:
@@ -255,9 +272,14 @@ def _check_membership(member: ir.Value, kpm: ir.Value, landmarks: int) -> None:
     equal = producer(eq, "Equal")
     for seg, ids in (equal.inputs, equal.inputs[::-1]) if equal is not None else ():
         arr, node = const_array(ids), producer(seg, "Unsqueeze")
-        if arr is not None and arr.shape in ((landmarks, 1), (1, landmarks, 1)) and \
-                np.issubdtype(arr.dtype, np.integer) and np.array_equal(arr.reshape(-1), np.arange(landmarks)) and \
-                node is not None and norm_axes(axes_of(node) or [], 3) == [1]:
+        if (
+            arr is not None
+            and arr.shape in ((landmarks, 1), (1, landmarks, 1))
+            and np.issubdtype(arr.dtype, np.integer)
+            and np.array_equal(arr.reshape(-1), np.arange(landmarks))
+            and node is not None
+            and norm_axes(axes_of(node) or [], 3) == [1]
+        ):
             _check_segments(node.inputs[0], kpm, landmarks)
             return
     raise NoMatch(eq, f"Equal(Unsqueeze(segment ids, 1), arange({landmarks}) as [L, 1])", found_op(eq))
@@ -359,13 +381,28 @@ def _emit(model: ir.Model, final: ir.Node, core: LandmarkCore) -> None:
     qq, kk, vv = (transposed(b, x, [0, 2, 1, 3]) for x in (core.q, core.k, core.v))
     eye, zeros = np.eye(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
     m_q, c_q, m_k, c_k = core.mixes
-    consts = [b.const(a, name) for a, name in ((m_q, "pre_mix_q"), (c_q, "pre_bias_q"), (m_k, "pre_mix_k"),
-                                                (c_k, "pre_bias_k"), (eye, "post_mix_q"), (zeros, "post_bias_q"),
-                                                (eye, "post_mix_k"), (zeros, "post_bias_k"))]
+    consts = [
+        b.const(a, name)
+        for a, name in (
+            (m_q, "pre_mix_q"),
+            (c_q, "pre_bias_q"),
+            (m_k, "pre_mix_k"),
+            (c_k, "pre_bias_k"),
+            (eye, "post_mix_q"),
+            (zeros, "post_bias_q"),
+            (eye, "post_mix_k"),
+            (zeros, "post_bias_k"),
+        )
+    ]
     dq, dv = dims(core.q), dims(core.v)
-    o = b.op("LandmarkAttention", [qq, kk, vv, core.kpm, *consts],
-             {"landmarks": core.landmarks, "grid": 0, "scale": core.scale},
-             domain=DOMAIN, dtype=core.q.dtype, shape=(dq[0], dq[2], n, dv[3]))
+    o = b.op(
+        "LandmarkAttention",
+        [qq, kk, vv, core.kpm, *consts],
+        {"landmarks": core.landmarks, "grid": 0, "scale": core.scale},
+        domain=DOMAIN,
+        dtype=core.q.dtype,
+        shape=(dq[0], dq[2], n, dv[3]),
+    )
     replace_value(final.outputs[0], transposed(b, o, [0, 2, 1, 3]))
 
 
@@ -384,8 +421,12 @@ def _fuse_landmark(model: ir.Model, final: ir.Node) -> bool:
 
 def fuse_landmark_attention(model: ir.Model) -> int:
     """Replace each iMHSA core ending in A_Q @ (A_K @ v) by a LandmarkAttention node."""
-    return fuse_each(model, "LandmarkAttention",
-                     lambda n: n.op_type == "MatMul" and n.domain == "" and rank(n.outputs[0]) == 4, _fuse_landmark)
+    return fuse_each(
+        model,
+        "LandmarkAttention",
+        lambda n: n.op_type == "MatMul" and n.domain == "" and rank(n.outputs[0]) == 4,
+        _fuse_landmark,
+    )
 
 
 class FuseImhsaPass(FusionPass):

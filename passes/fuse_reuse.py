@@ -5,6 +5,7 @@ again (sliced by later layers, concatenated and passed on) becomes one ProbAtten
 ``o`` replaces the ``@ v`` and its ``probs`` every other use of the softmax. An attention whose
 probabilities feed only its ``@ v`` is left to ``lower_attention``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,14 @@ logger = logging.getLogger(__name__)
 def _value_matmul(probs: ir.Value) -> ir.Node | None:
     """The ``probs @ v`` (v rank 4) among the uses of ``probs``, when it has other uses too."""
     uses = list(probs.uses())
-    pv = next((u.node for u in uses if u.node.op_type == "MatMul" and u.node.domain == "" and u.idx == 0
-               and rank(u.node.inputs[1]) == 4), None)
+    pv = next(
+        (
+            u.node
+            for u in uses
+            if u.node.op_type == "MatMul" and u.node.domain == "" and u.idx == 0 and rank(u.node.inputs[1]) == 4
+        ),
+        None,
+    )
     if pv is None or (len(uses) < 2 and not probs.is_graph_output()):
         return None
     return pv
@@ -61,8 +68,13 @@ def _fuse_prob(model: ir.Model, soft: ir.Node) -> bool:
     kpm = parts.get("kpm")
     if kpm is None:
         kpm = all_true_mask(b, k, (a_dims[0], a_dims[3]))
-    o, p = b.op("ProbAttention", [q, k, v, kpm], {"scale": float(scale), "causal": int(parts.get("causal", 0))},
-                domain=DOMAIN, num_outputs=2)
+    o, p = b.op(
+        "ProbAttention",
+        [q, k, v, kpm],
+        {"scale": float(scale), "causal": int(parts.get("causal", 0))},
+        domain=DOMAIN,
+        num_outputs=2,
+    )
     o.dtype, p.dtype = masked.dtype, probs.dtype
     o.shape = ir.Shape([a_dims[0], a_dims[2], a_dims[1], dv[3]])
     p.shape = ir.Shape(list(a_dims))

@@ -20,6 +20,7 @@ ONNX Attention-23. Boolean masks go through :func:`.lower_attention.emit_fused_a
 with no allowed key keep the project's contract (uniform); where PyTorch fills with -inf such
 rows are NaN in PyTorch and any value here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,17 +40,17 @@ class Core:
     """One matched attention core, heads-first: q [B,H,T,d] (or [B,T,d]), k^T [B,H,d,S], v [B,H,S,d]."""
 
     rule: str
-    anchor: ir.Node          # the node the fused op is inserted before
-    out: ir.Value            # the core's output [B,H,T,d] (or [B,T,d]), replaced by the fused op's
+    anchor: ir.Node  # the node the fused op is inserted before
+    out: ir.Value  # the core's output [B,H,T,d] (or [B,T,d]), replaced by the fused op's
     q: ir.Value
     kt: ir.Value
     v: ir.Value
     scale: float
-    parts: dict | None = None      # recognised boolean mask: {"kpm": [B,S] | None, "causal": 0 | 1}
+    parts: dict | None = None  # recognised boolean mask: {"kpm": [B,S] | None, "causal": 0 | 1}
     allowed: ir.Value | None = None  # an unrecognised boolean mask [B|1,1,T|1,S]
-    negated: bool = False          # ``allowed`` holds the disallowed positions (Where(c, fill, x))
-    bias: ir.Value | None = None   # an additive float mask
-    k: ir.Value | None = None      # keys [B,H,S,d] where the op takes them untransposed (Attention-23)
+    negated: bool = False  # ``allowed`` holds the disallowed positions (Where(c, fill, x))
+    bias: ir.Value | None = None  # an additive float mask
+    k: ir.Value | None = None  # keys [B,H,S,d] where the op takes them untransposed (Attention-23)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def _tril_buffer(value: ir.Value) -> bool:
     if arr is None or arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
         return False
     square = arr.reshape(-1, *arr.shape[-2:])[0].astype(bool)
-    return square.shape[0] == arr.size ** 0.5 and bool((square == np.tril(np.ones_like(square))).all())
+    return square.shape[0] == arr.size**0.5 and bool((square == np.tril(np.ones_like(square))).all())
 
 
 def _bool_mask(where: ir.Node, logits_dims: tuple) -> tuple[ir.Value, dict | None, ir.Value | None, bool]:
@@ -94,8 +95,11 @@ def _bool_mask(where: ir.Node, logits_dims: tuple) -> tuple[ir.Value, dict | Non
     elif _fill(a) is not None:
         x, allowed, negated = b, cond, True
     else:
-        raise NoMatch(where, f"a Where filling masked logits with a constant <= {FILL_LIMIT:g}",
-                      f"fill values {const_scalar(a)} / {const_scalar(b)}")
+        raise NoMatch(
+            where,
+            f"a Where filling masked logits with a constant <= {FILL_LIMIT:g}",
+            f"fill values {const_scalar(a)} / {const_scalar(b)}",
+        )
     b_dim, t_dim, s_dim = logits_dims[0], logits_dims[-2], logits_dims[-1]
     if negated:
         eq, nt = producer(cond, "Equal"), producer(cond, "Not")
@@ -171,22 +175,41 @@ def match_softmax_core(soft: ir.Node) -> Core:
         raise NoMatch(pv, "v's rows = the keys of k^T", f"k^T {dk}, v {dv}")
     if r == 4 and not (isinstance(dq[1], int) and dq[1] == dk[1] == dv[1]):
         raise NoMatch(qk, "the same constant head count on q, k, v (axis 1)", f"{dq[1]}, {dk[1]}, {dv[1]}")
-    return Core("softmax_core", pv, pv.outputs[0], q, kt, v, scale * qs * ks, mask.get("parts"),
-                mask.get("allowed"), mask.get("negated", False), mask.get("bias"))
+    return Core(
+        "softmax_core",
+        pv,
+        pv.outputs[0],
+        q,
+        kt,
+        v,
+        scale * qs * ks,
+        mask.get("parts"),
+        mask.get("allowed"),
+        mask.get("negated", False),
+        mask.get("bias"),
+    )
 
 
 def match_onnx_attention(node: ir.Node) -> Core:
     """pattern + check of an ONNX Attention-23 node on 4-D heads."""
     q, k, v = node.inputs[:3]
     dq, dk, dv = dims(q), dims(k), dims(v)
-    extra = [i for i, x in enumerate(node.inputs[4:], 4) if x is not None] + \
-        [i for i, out in enumerate(node.outputs[1:], 1) if out.uses()]
+    extra = [i for i, x in enumerate(node.inputs[4:], 4) if x is not None] + [
+        i for i, out in enumerate(node.outputs[1:], 1) if out.uses()
+    ]
     if extra:
         raise NoMatch(node, "no past key / value and one output", f"inputs / outputs {extra}")
     if attr(node, "softcap", 0.0) or attr(node, "qk_matmul_output_mode", 0):
         raise NoMatch(node, "softcap 0 and qk_matmul_output_mode 0", "softcap or a logits output")
-    if dq is None or dk is None or dv is None or len(dq) != 4 or not isinstance(dq[1], int) or \
-            not isinstance(dq[3], int) or not (dq[1] == dk[1] == dv[1]):
+    if (
+        dq is None
+        or dk is None
+        or dv is None
+        or len(dq) != 4
+        or not isinstance(dq[1], int)
+        or not isinstance(dq[3], int)
+        or not (dq[1] == dk[1] == dv[1])
+    ):
         raise NoMatch(node, "4-D q, k, v [B,H,X,d] with one constant head count", f"{dq}, {dk}, {dv}")
     scale = attr(node, "scale", None)
     core = Core("onnx_attention", node, node.outputs[0], q, k, v, scale or float(dq[3]) ** -0.5, k=k)
@@ -232,10 +255,17 @@ def _bias_4d(b: Builder, bias: ir.Value, q3: ir.Value, k3: ir.Value) -> ir.Value
     r = rank(bias) or 0
     if r < 4:
         bias = b.op("Unsqueeze", [bias, b.ints(list(range(4 - r)))], dtype=bias.dtype, shape=None)
-    shape = b.op("Concat", [b.op("Shape", [bias], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,)),
-                            b.op("Shape", [q3], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
-                            b.op("Shape", [k3], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))],
-                 {"axis": 0}, dtype=ir.DataType.INT64, shape=(4,))
+    shape = b.op(
+        "Concat",
+        [
+            b.op("Shape", [bias], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,)),
+            b.op("Shape", [q3], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
+            b.op("Shape", [k3], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
+        ],
+        {"axis": 0},
+        dtype=ir.DataType.INT64,
+        shape=(4,),
+    )
     return b.op("Expand", [bias, shape], dtype=bias.dtype, shape=None)
 
 
@@ -251,8 +281,11 @@ def rewrite(model: ir.Model, core: Core, target: str) -> None:
     else:
         q3 = _to_3d(b, core.q, [0, 2, 1, 3], heads, d, seq)
         v3 = _to_3d(b, core.v, [0, 2, 1, 3], heads, dv[-1], dv[-2])
-        k3 = _to_3d(b, core.k, [0, 2, 1, 3], heads, d, dv[-2]) if core.k is not None else \
-            _to_3d(b, core.kt, [0, 3, 1, 2], heads, d, dv[-2])
+        k3 = (
+            _to_3d(b, core.k, [0, 2, 1, 3], heads, d, dv[-2])
+            if core.k is not None
+            else _to_3d(b, core.kt, [0, 3, 1, 2], heads, d, dv[-2])
+        )
     out_dims = (dq[0], seq, heads * dv[-1])
     allowed = core.allowed
     if core.negated:
@@ -281,8 +314,9 @@ def _zero_empty_rows(b: Builder, o3: ir.Value, allowed: ir.Value | None, kpm: ir
         allowed = b.op("Unsqueeze", [kpm, b.ints([1, 2])], dtype=ir.DataType.BOOL, shape=None)
     real = b.op("Cast", [allowed], {"to": dtype}, dtype=dtype, shape=None)
     has_key = b.op("ReduceMax", [real, b.ints([3])], {"keepdims": 1}, dtype=dtype, shape=None)  # [B|1,1,T|1,1]
-    return b.op("Mul", [o3, b.op("Squeeze", [has_key, b.ints([1])], dtype=dtype, shape=None)], dtype=dtype,
-                shape=dims(o3))
+    return b.op(
+        "Mul", [o3, b.op("Squeeze", [has_key, b.ints([1])], dtype=dtype, shape=None)], dtype=dtype, shape=dims(o3)
+    )
 
 
 def _emit_with_bias(b: Builder, target: str, q3, k3, v3, heads: int, core: Core, out_dims) -> ir.Value:
@@ -292,8 +326,14 @@ def _emit_with_bias(b: Builder, target: str, q3, k3, v3, heads: int, core: Core,
     causal = int(parts.get("causal", 0))
     if target == "ort":
         attrs = {"num_heads": heads, "scale": float(core.scale), "unidirectional": causal}
-        return b.op("MultiHeadAttention", [q3, k3, v3, None, None, bias], attrs, domain=MS_DOMAIN,
-                    dtype=q3.dtype, shape=out_dims)
+        return b.op(
+            "MultiHeadAttention",
+            [q3, k3, v3, None, None, bias],
+            attrs,
+            domain=MS_DOMAIN,
+            dtype=q3.dtype,
+            shape=out_dims,
+        )
     attrs = {"q_num_heads": heads, "kv_num_heads": heads, "scale": float(core.scale), "is_causal": causal}
     return b.op("Attention", [q3, k3, v3, bias], attrs, dtype=q3.dtype, shape=out_dims)
 
@@ -302,8 +342,9 @@ def check_rewritable(core: Core, target: str) -> None:
     """The checks every rule shares before rewriting (raise NoMatch)."""
     parts = core.parts or {}
     if core.bias is not None and (parts.get("kpm") is not None or core.allowed is not None):
-        raise NoMatch(core.anchor, "an additive mask with at most a causal boolean mask",
-                      "an additive and a padding mask")
+        raise NoMatch(
+            core.anchor, "an additive mask with at most a causal boolean mask", "an additive and a padding mask"
+        )
     if core.bias is not None and core.bias.dtype != core.q.dtype:
         raise NoMatch(core.anchor, f"an additive mask of q's type {core.q.dtype}", str(core.bias.dtype))
     if core.allowed is not None:

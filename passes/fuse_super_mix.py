@@ -4,6 +4,7 @@ The pattern is ``WA[:T,:T] @ x`` (optionally ``tril(WA[:T,:T])`` and ``x * mask[
 WA a constant [Lmax, Lmax]: one SuperMix node per layer, whatever the number of heads. Without a
 padding mask in the pattern the node gets an all-true mask (exactly the same computation).
 """
+
 from __future__ import annotations
 
 import logging
@@ -116,8 +117,9 @@ def _fuse_mix(model: ir.Model, node: ir.Node) -> bool:
     b = Builder(model.graph, node, "super")
     if mask is None:
         mask = all_true_mask(b, src, dx[:2])
-    out = b.op("SuperMix", [src, w, mask], {"causal": causal}, domain=DOMAIN, dtype=src.dtype,
-               shape=dims(node.outputs[0]))
+    out = b.op(
+        "SuperMix", [src, w, mask], {"causal": causal}, domain=DOMAIN, dtype=src.dtype, shape=dims(node.outputs[0])
+    )
     replace_value(node.outputs[0], out)
     logger.debug("SuperMix (causal=%d) replaces MatMul %r", causal, node.name)
     return True

@@ -16,6 +16,7 @@ inputs of GatherND, Gather, GatherElements, ScatterND, ScatterElements and Slice
 op with an index-like input. Any other type error cannot be repaired: :class:`LegalizeError`
 names the node. Values of unknown type (e.g. in generic function bodies) are left alone.
 """
+
 from __future__ import annotations
 
 import functools
@@ -109,7 +110,8 @@ def _legalize_node(node: ir.Node, version: int, casts: dict[tuple[int, int], ir.
             raise LegalizeError(
                 f"node {node.name!r} ({node.op_type}): input {index} is {_type_str(value)}, which opset {version} "
                 f"does not allow with the node's other inputs (allowed: {', '.join(sorted(permitted))}); "
-                "a cast to int64 cannot repair it")
+                "a cast to int64 cannot repair it"
+            )
         for index, value in members:
             if _type_str(value) != INT64:
                 node.replace_input_with(index, _int64(node, index, value, casts))

@@ -27,6 +27,7 @@
   saves work for one head (variants.md: N per-head D x D maps cost N T D^2 against 2 T D^2), so
   the pass folds nothing (every exported variant here has N >= 2).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -98,15 +99,27 @@ def _match_core(soft: ir.Node):
     if q3 is None or k3 is None or v3 is None:
         return None
     n = dims(qh)[1]
-    return dict(q=q3, k=k3, v=v3, heads=n, head_dim=dims(qh)[3], scale=scale * ks * kscale, parts=parts,
-                allowed=allowed, where=where, target=target, anchor=pv)
+    return dict(
+        q=q3,
+        k=k3,
+        v=v3,
+        heads=n,
+        head_dim=dims(qh)[3],
+        scale=scale * ks * kscale,
+        parts=parts,
+        allowed=allowed,
+        where=where,
+        target=target,
+        anchor=pv,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # emitting the fused op
 # ---------------------------------------------------------------------------------------------
-def emit_fused_attention(b: Builder, target: str, q, k, v, heads: int, scale: float, parts: dict | None, allowed,
-                         out_dims) -> ir.Value:
+def emit_fused_attention(
+    b: Builder, target: str, q, k, v, heads: int, scale: float, parts: dict | None, allowed, out_dims
+) -> ir.Value:
     """Fused attention on [B,T,D] q and [B,S,D] k, v -> [B,T,D], exactly the contract's
     ``softmax(where(allowed, logits, NEG))``: the mask is ``parts`` (key padding / causal) or an
     unrecognised boolean ``allowed`` [B|1,1,T,S]. Rows with no allowed key are guarded (see
@@ -121,10 +134,17 @@ def emit_fused_attention(b: Builder, target: str, q, k, v, heads: int, scale: fl
     if allowed is not None and (parts is None or kpm is not None):
         q, allowed = _guard_empty_rows(b, q, allowed)
     if allowed is not None:  # the full [B|1, 1, T, S] (ORT checks the T axis)
-        shape = b.op("Concat", [b.op("Shape", [allowed], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,)),
-                                b.op("Shape", [q], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
-                                b.op("Shape", [k], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))],
-                     {"axis": 0}, dtype=ir.DataType.INT64, shape=(4,))
+        shape = b.op(
+            "Concat",
+            [
+                b.op("Shape", [allowed], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,)),
+                b.op("Shape", [q], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
+                b.op("Shape", [k], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
+            ],
+            {"axis": 0},
+            dtype=ir.DataType.INT64,
+            shape=(4,),
+        )
         allowed = b.op("Expand", [allowed, shape], dtype=ir.DataType.BOOL, shape=None)
     dtype = q.dtype
     if target == "ort":  # padding with causality: an additive bias, as MHA's causal mode has its own empty rows
@@ -133,11 +153,22 @@ def emit_fused_attention(b: Builder, target: str, q, k, v, heads: int, scale: fl
             f = dtype.numpy()
             neg = b.const(np.full((), max(NEG, float(np.finfo(f).min)), dtype=f), "neg")
             bias = b.op("Where", [allowed, b.const(np.zeros((), dtype=f), "zero"), neg], dtype=dtype, shape=None)
-        return b.op("MultiHeadAttention", [q, k, v, None, None, bias], {"num_heads": heads, "scale": float(scale)},
-                    domain=MS_DOMAIN, dtype=dtype, shape=out_dims)
+        return b.op(
+            "MultiHeadAttention",
+            [q, k, v, None, None, bias],
+            {"num_heads": heads, "scale": float(scale)},
+            domain=MS_DOMAIN,
+            dtype=dtype,
+            shape=out_dims,
+        )
     inputs = [q, k, v] + ([allowed] if allowed is not None else [])
-    return b.op("Attention", inputs, {"q_num_heads": heads, "kv_num_heads": heads, "scale": float(scale)},
-                dtype=dtype, shape=out_dims)
+    return b.op(
+        "Attention",
+        inputs,
+        {"q_num_heads": heads, "kv_num_heads": heads, "scale": float(scale)},
+        dtype=dtype,
+        shape=out_dims,
+    )
 
 
 def _multi_head_attention(b: Builder, q, k, v, heads: int, scale: float, kpm, causal: int, out_dims) -> ir.Value:
@@ -167,8 +198,12 @@ def _guard_empty_rows(b: Builder, q: ir.Value, allowed: ir.Value) -> tuple[ir.Va
     real = b.op("Cast", [allowed], {"to": dtype}, dtype=dtype, shape=None)
     has_key = b.op("ReduceMax", [real, b.ints([3])], {"keepdims": 1}, dtype=dtype, shape=None)  # [B|1,1,T|1,1]
     q = b.op("Mul", [q, b.op("Squeeze", [has_key, b.ints([1])], dtype=dtype, shape=None)], dtype=dtype, shape=dims(q))
-    empty = b.op("Not", [b.op("Cast", [has_key], {"to": ir.DataType.BOOL}, dtype=ir.DataType.BOOL, shape=None)],
-                 dtype=ir.DataType.BOOL, shape=None)
+    empty = b.op(
+        "Not",
+        [b.op("Cast", [has_key], {"to": ir.DataType.BOOL}, dtype=ir.DataType.BOOL, shape=None)],
+        dtype=ir.DataType.BOOL,
+        shape=None,
+    )
     return q, b.op("Or", [allowed, empty], dtype=ir.DataType.BOOL, shape=None)
 
 
@@ -180,9 +215,15 @@ def _allowed_from_parts(b: Builder, parts: dict, q, k) -> ir.Value | None:
     if causal:
         t = b.op("Shape", [q], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))
         s = b.op("Shape", [k], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))
-        ones = b.op("Expand", [b.const(np.array(True), "true"), b.op("Concat", [t, s], {"axis": 0}, dtype=ir.DataType.INT64, shape=(2,))],
-                    dtype=ir.DataType.BOOL, shape=None)
-        offset = b.op("Squeeze", [b.op("Sub", [s, t], dtype=ir.DataType.INT64, shape=(1,))], dtype=ir.DataType.INT64, shape=())
+        ones = b.op(
+            "Expand",
+            [b.const(np.array(True), "true"), b.op("Concat", [t, s], {"axis": 0}, dtype=ir.DataType.INT64, shape=(2,))],
+            dtype=ir.DataType.BOOL,
+            shape=None,
+        )
+        offset = b.op(
+            "Squeeze", [b.op("Sub", [s, t], dtype=ir.DataType.INT64, shape=(1,))], dtype=ir.DataType.INT64, shape=()
+        )
         tril = b.op("Trilu", [ones, offset], {"upper": 0}, dtype=ir.DataType.BOOL, shape=None)
         mask = tril if mask is None else b.op("And", [mask, tril], dtype=ir.DataType.BOOL, shape=None)
     return mask
@@ -199,8 +240,18 @@ def lower_decomposed(model: ir.Model, target: str) -> int:
             continue
         b = Builder(graph, core["anchor"], "attn")
         allowed = core["allowed"]
-        out = emit_fused_attention(b, target, core["q"], core["k"], core["v"], core["heads"], core["scale"],
-                                   core["parts"], allowed, dims(core["target"]))
+        out = emit_fused_attention(
+            b,
+            target,
+            core["q"],
+            core["k"],
+            core["v"],
+            core["heads"],
+            core["scale"],
+            core["parts"],
+            allowed,
+            dims(core["target"]),
+        )
         replace_value(core["target"], out)
         count += 1
     if count:
@@ -219,7 +270,9 @@ def _flatten_heads(b: Builder, x4: ir.Value, width: int) -> ir.Value:
     if r is not None and rank(r.inputs[0]) == 3 and dims(r.inputs[0])[2] == width:
         return r.inputs[0]
     d = dims(x4)
-    return b.op("Reshape", [x4, b.ints([0, 0, width])], dtype=x4.dtype, shape=None if d is None else (d[0], d[1], width))
+    return b.op(
+        "Reshape", [x4, b.ints([0, 0, width])], dtype=x4.dtype, shape=None if d is None else (d[0], d[1], width)
+    )
 
 
 def _normalise(b: Builder, node: ir.Node, q4: ir.Value, k4: ir.Value, weight: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -252,14 +305,36 @@ def _pool(b: Builder, x4: ir.Value, weight: ir.Value, factor: int, tail: tuple[i
     d = (None, None) + tuple(tail)
     s = b.op("Shape", [x4], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))
     r = b.ints([factor], "factor")
-    pad = b.op("Mod", [b.op("Sub", [r, b.op("Mod", [s, r], dtype=ir.DataType.INT64, shape=(1,))], dtype=ir.DataType.INT64,
-                            shape=(1,)), r], dtype=ir.DataType.INT64, shape=(1,))
+    pad = b.op(
+        "Mod",
+        [
+            b.op(
+                "Sub",
+                [r, b.op("Mod", [s, r], dtype=ir.DataType.INT64, shape=(1,))],
+                dtype=ir.DataType.INT64,
+                shape=(1,),
+            ),
+            r,
+        ],
+        dtype=ir.DataType.INT64,
+        shape=(1,),
+    )
     zeros = b.ints([0], "zero")
-    pads = b.op("Concat", [zeros, zeros, zeros, zeros, zeros, pad, zeros, zeros], {"axis": 0}, dtype=ir.DataType.INT64, shape=(8,))
+    pads = b.op(
+        "Concat",
+        [zeros, zeros, zeros, zeros, zeros, pad, zeros, zeros],
+        {"axis": 0},
+        dtype=ir.DataType.INT64,
+        shape=(8,),
+    )
     windows = b.ints([0, -1, factor, d[2], d[3]], "windows")
     wwin = b.ints([0, -1, factor, 1, 1], "weight_windows")
-    xs = b.op("Reshape", [b.op("Pad", [b.op("Mul", [x4, weight], dtype=dtype, shape=None), pads], dtype=dtype, shape=None), windows],
-              dtype=dtype, shape=None)
+    xs = b.op(
+        "Reshape",
+        [b.op("Pad", [b.op("Mul", [x4, weight], dtype=dtype, shape=None), pads], dtype=dtype, shape=None), windows],
+        dtype=dtype,
+        shape=None,
+    )
     ws = b.op("Reshape", [b.op("Pad", [weight, pads], dtype=dtype, shape=None), wwin], dtype=dtype, shape=None)
     axis = b.ints([2])
     total = b.op("ReduceSum", [xs, axis], {"keepdims": 0}, dtype=dtype, shape=None)
@@ -293,32 +368,73 @@ def lower_pooled_norm(model: ir.Model, target: str) -> int:
         order: list[int] = []
         outs = []
         for factor, heads in groups.items():
+
             def take(x: ir.Value) -> ir.Value:
                 if len(heads) == n:
                     return x
                 dx = dims(x)
-                return b.op("Gather", [x, b.ints(heads, "heads")], {"axis": 2}, dtype=dtype,
-                            shape=(dx[0], dx[1], len(heads), dx[3]))
+                return b.op(
+                    "Gather",
+                    [x, b.ints(heads, "heads")],
+                    {"axis": 2},
+                    dtype=dtype,
+                    shape=(dx[0], dx[1], len(heads), dx[3]),
+                )
+
             qg, kg, vg = take(q4), take(k4), take(v4)
-            weight = b.op("Cast", [b.op("Unsqueeze", [kpm, b.ints([2, 3])], dtype=ir.DataType.BOOL, shape=None)],
-                          {"to": dtype}, dtype=dtype, shape=None)  # [B,S,1,1]
+            weight = b.op(
+                "Cast",
+                [b.op("Unsqueeze", [kpm, b.ints([2, 3])], dtype=ir.DataType.BOOL, shape=None)],
+                {"to": dtype},
+                dtype=dtype,
+                shape=None,
+            )  # [B,S,1,1]
             mask = kpm
             if factor > 1:
                 tail = (len(heads), d)
                 kg, vg = _pool(b, kg, weight, factor, tail), _pool(b, vg, weight, factor, tail)
                 weight = _pool(b, weight, weight, factor, (1, 1))  # fraction of real tokens, > 0 iff the window is real
-                weight = b.op("Cast", [b.op("Greater", [weight, b.const(np.zeros((), dtype.numpy()), "zero")],
-                                            dtype=ir.DataType.BOOL, shape=None)], {"to": dtype}, dtype=dtype, shape=None)
-                mask = b.op("Cast", [b.op("Squeeze", [weight, b.ints([2, 3])], dtype=dtype, shape=None)],
-                            {"to": ir.DataType.BOOL}, dtype=ir.DataType.BOOL, shape=None)
+                weight = b.op(
+                    "Cast",
+                    [
+                        b.op(
+                            "Greater",
+                            [weight, b.const(np.zeros((), dtype.numpy()), "zero")],
+                            dtype=ir.DataType.BOOL,
+                            shape=None,
+                        )
+                    ],
+                    {"to": dtype},
+                    dtype=dtype,
+                    shape=None,
+                )
+                mask = b.op(
+                    "Cast",
+                    [b.op("Squeeze", [weight, b.ints([2, 3])], dtype=dtype, shape=None)],
+                    {"to": ir.DataType.BOOL},
+                    dtype=ir.DataType.BOOL,
+                    shape=None,
+                )
             else:  # the reference pools by 1 too: a padded token's value is 0, what a fully padded row averages
                 vg = b.op("Mul", [vg, weight], dtype=dtype, shape=dims(vg))
             if attr(node, "normalize", 0):
                 qg, kg = _normalise(b, node, qg, kg, weight)
             q3, k3, v3 = (_flatten_heads(b, t, len(heads) * d) for t in (qg, kg, vg))
-            out3 = emit_fused_attention(b, target, q3, k3, v3, len(heads), scale, {"kpm": mask, "causal": 0},
-                                        None, (dq[0], dq[1], len(heads) * d))
-            outs.append(b.op("Reshape", [out3, b.ints([0, 0, len(heads), d])], dtype=dtype, shape=(dq[0], dq[1], len(heads), d)))
+            out3 = emit_fused_attention(
+                b,
+                target,
+                q3,
+                k3,
+                v3,
+                len(heads),
+                scale,
+                {"kpm": mask, "causal": 0},
+                None,
+                (dq[0], dq[1], len(heads) * d),
+            )
+            outs.append(
+                b.op("Reshape", [out3, b.ints([0, 0, len(heads), d])], dtype=dtype, shape=(dq[0], dq[1], len(heads), d))
+            )
             order += heads
         out = outs[0] if len(outs) == 1 else b.op("Concat", outs, {"axis": 2}, dtype=dtype, shape=dq)
         if order != list(range(n)):
@@ -401,7 +517,9 @@ def pack_projections(model: ir.Model, min_group: int = 2) -> int:
         out_shape = None if dx is None else dx[:-1] + (int(weights.shape[1]),)
         y = b.op("MatMul", [x, b.const(weights, "weight")], dtype=x.dtype, shape=out_shape)
         if any(p[1] is not None for _, p in members):
-            bias = np.concatenate([p[1] if p[1] is not None else np.zeros(w, weights.dtype) for (_, p), w in zip(members, widths)])
+            bias = np.concatenate(
+                [p[1] if p[1] is not None else np.zeros(w, weights.dtype) for (_, p), w in zip(members, widths)]
+            )
             y = b.op("Add", [y, b.const(bias.astype(weights.dtype), "bias")], dtype=x.dtype, shape=out_shape)
         outs = b.op("Split", [y, b.ints(widths, "split")], {"axis": -1}, num_outputs=len(members), dtype=x.dtype)
         for out, ((_, p), w) in zip(outs, zip(members, widths)):

@@ -7,6 +7,7 @@ unfused compose does its work), at concrete sizes for the symbolic dims
 (``sizes={"batch": 1, "seq": 256}``); other elementwise work is not counted. A dim that cannot be
 resolved makes that node's MACs unknown (reported as None).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,8 @@ def node_macs(node: ir.Node, sizes: dict[str, int]) -> int | None:
                 extent[c] = max(extent.get(c, 1), n)
         return _prod(extent.values())
     if node.op_type in ("Attention", "MultiHeadAttention", "GroupQueryAttention") or (
-            node.domain == DOMAIN and node.op_type in ("DcmhaAttention", "ProbAttention", "PooledNormAttention")):
+        node.domain == DOMAIN and node.op_type in ("DcmhaAttention", "ProbAttention", "PooledNormAttention")
+    ):
         return _attention_macs(node, ins, out)
     if node.domain == DOMAIN and node.op_type == "DcmhaCompose":
         a, qf = ins[0], ins[1]
@@ -158,8 +160,14 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         def snap(s: Snapshot | None):
             return None if s is None else {"ops": s.ops, "nodes": s.nodes, "macs": s.macs, "param_bytes": s.param_bytes}
-        return {"target": self.target, "sizes": self.sizes, "before": snap(self.before), "after": snap(self.after),
-                "passes": self.passes}
+
+        return {
+            "target": self.target,
+            "sizes": self.sizes,
+            "before": snap(self.before),
+            "after": snap(self.after),
+            "passes": self.passes,
+        }
 
     def __str__(self) -> str:
         lines = [f"optimize (target {self.target}, MACs at {', '.join(f'{k}={v}' for k, v in self.sizes.items())})"]

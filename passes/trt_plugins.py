@@ -11,6 +11,7 @@ importers win by op *name* whatever the domain, so a non-standard-domain node or
 named ``Attention``, ``RMSNormalization``, ``RotaryEmbedding`` or ``TRT_*`` would run as
 TensorRT's built-in op instead of ours (:class:`TrtNameClash`).
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -100,7 +101,8 @@ class TrtPluginPass(ir.passes.InPlacePass):
         if clashes:
             raise TrtNameClash(
                 f"{', '.join(sorted(clashes))}: TensorRT's parser would import these as its built-in "
-                f"{'/'.join(sorted(TRT_BUILTIN_NAMES))}/{TRT_RESERVED_PREFIX}* layers; rename the op")
+                f"{'/'.join(sorted(TRT_BUILTIN_NAMES))}/{TRT_RESERVED_PREFIX}* layers; rename the op"
+            )
 
 
 def tag_trt_plugins(model, plugin_ops: Mapping[str, str] | None = None, *, aot: bool = False):

@@ -8,6 +8,7 @@ that ONNX Runtime gives the same answers as PyTorch.
 The scripts run from a checkout (``python samples/...``) and import as ``samples.digits_vit``
 and ``samples.char_lm`` (tests/test_samples.py runs their quick modes).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

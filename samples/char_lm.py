@@ -18,6 +18,7 @@ ORT) within the context, and must give PyTorch's first tokens.
 
 Exit status 1 when the ORT and PyTorch generations differ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -132,8 +133,16 @@ def causal_variants() -> list[str]:
 def make_config(variant: str, vocab_size: int, settings: Settings, seed: int = SEED):
     from attn2onnx.models import ModelConfig
 
-    return ModelConfig(family="lm", variant=variant, vocab_size=vocab_size, d_model=settings.d_model,
-                       heads=settings.heads, layers=settings.layers, max_len=settings.context, seed=seed)
+    return ModelConfig(
+        family="lm",
+        variant=variant,
+        vocab_size=vocab_size,
+        d_model=settings.d_model,
+        heads=settings.heads,
+        layers=settings.layers,
+        max_len=settings.context,
+        seed=seed,
+    )
 
 
 def windows(data: torch.Tensor, starts: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +163,9 @@ def train(model: torch.nn.Module, data: torch.Tensor, settings: Settings, seed: 
     """AdamW, one-cycle schedule, random windows; returns the loss of every step."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=settings.steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=settings.lr, total_steps=settings.steps, pct_start=0.1
+    )
     high = len(data) - settings.context - 1
     losses = []
     model.train()
@@ -178,11 +189,18 @@ def greedy(next_logits: Callable[[np.ndarray], np.ndarray], prompt: list[int], t
     for _ in range(tokens):
         window = np.asarray(ids[-context:], dtype=np.int64)[None, :]
         ids.append(int(np.argmax(next_logits(window))))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
-def run_variant(variant: str, out_dir: str | Path, settings: Settings | None = None, text: str = "zen",
-                prompt: str = DEFAULT_PROMPT, threads: int = 2, seed: int = SEED) -> CharLMResult:
+def run_variant(
+    variant: str,
+    out_dir: str | Path,
+    settings: Settings | None = None,
+    text: str = "zen",
+    prompt: str = DEFAULT_PROMPT,
+    threads: int = 2,
+    seed: int = SEED,
+) -> CharLMResult:
     """Train, save, reload, export, and generate in PyTorch and ORT; returns the measurements."""
     import attn2onnx
     from attn2onnx.exporter import export
@@ -216,9 +234,14 @@ def run_variant(variant: str, out_dir: str | Path, settings: Settings | None = N
     model = attn2onnx.load(checkpoint)
     source = from_module(model)
     start = time.perf_counter()
-    result = export(source.module, source.example_inputs(batch=2, seq=min(16, settings.context)),
-                    out_dir / f"char_lm_{variant}.onnx", specs=source.specs, output_names=source.output_names,
-                    max_seq=source.max_seq)
+    result = export(
+        source.module,
+        source.example_inputs(batch=2, seq=min(16, settings.context)),
+        out_dir / f"char_lm_{variant}.onnx",
+        specs=source.specs,
+        output_names=source.output_names,
+        max_seq=source.max_seq,
+    )
     export_seconds = time.perf_counter() - start
     sess = ort_session(result.path, threads=threads)
     names = [i.name for i in sess.get_inputs()]
@@ -244,8 +267,13 @@ def run_variant(variant: str, out_dir: str | Path, settings: Settings | None = N
         ids = np.asarray(stream[: len(prompt_ids) + step][-settings.context :], dtype=np.int64)[None, :]
         max_diff = max(max_diff, float(np.abs(torch_logits(ids) - ort_logits(ids)).max()))
     mismatch = next((i for i, (a, b) in enumerate(zip(torch_tokens, ort_tokens)) if a != b), None)
-    decode = generate_with_decode_graph(model, out_dir / f"char_lm_{variant}.decode.onnx", prompt_ids,
-                                        min(settings.tokens, settings.context - len(prompt_ids) + 1), threads)
+    decode = generate_with_decode_graph(
+        model,
+        out_dir / f"char_lm_{variant}.decode.onnx",
+        prompt_ids,
+        min(settings.tokens, settings.context - len(prompt_ids) + 1),
+        threads,
+    )
     return CharLMResult(
         variant=variant,
         text=text,
@@ -285,11 +313,17 @@ def generate_with_decode_graph(model: torch.nn.Module, path: Path, prompt_ids: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variant", default="dcmha", help="a causal-capable variant (default dcmha)")
-    parser.add_argument("--text", default="zen", help="'zen' (the Zen of Python) or 'module:NAME' (a stdlib module's source)")
+    parser.add_argument(
+        "--text", default="zen", help="'zen' (the Zen of Python) or 'module:NAME' (a stdlib module's source)"
+    )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--tokens", type=int, default=None, help="characters to generate (default 200, 24 with --quick)")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="characters to generate (default 200, 24 with --quick)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 300, 60 with --quick)")
     parser.add_argument("--out", default="out/char_lm", help="folder for the checkpoint and the ONNX file")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps (seconds)")
@@ -307,21 +341,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         settings.steps = args.steps
     try:
-        r = run_variant(args.variant, args.out, settings, text=args.text, prompt=args.prompt, threads=args.threads, seed=args.seed)
+        r = run_variant(
+            args.variant, args.out, settings, text=args.text, prompt=args.prompt, threads=args.threads, seed=args.seed
+        )
     except ValueError as e:
         parser.error(str(e))
     print(f"{r.variant}: {r.text} ({r.text_chars} chars, vocab {r.vocab_size}); {settings}")
-    print(f"loss {r.loss_before:.3f} -> {r.loss_after:.3f} nats/char, trained in {r.train_seconds:.1f} s ({r.train_cpu_seconds:.1f} CPU s), "
-          f"exported in {r.export_seconds:.1f} s to {r.onnx_path}")
+    print(
+        f"loss {r.loss_before:.3f} -> {r.loss_after:.3f} nats/char, trained in {r.train_seconds:.1f} s "
+        f"({r.train_cpu_seconds:.1f} CPU s), "
+        f"exported in {r.export_seconds:.1f} s to {r.onnx_path}"
+    )
     print(f"--- PyTorch greedy ({len(r.torch_tokens)} chars after {r.prompt!r}):\n{r.prompt}{r.torch_sample}")
     print(f"--- ONNX Runtime greedy:\n{r.prompt}{r.ort_sample}")
     if r.identical:
-        print(f"--- identical: {len(r.torch_tokens)}/{len(r.torch_tokens)} tokens; max abs logit diff {r.max_abs_logit_diff:.1e}")
+        print(
+            f"--- identical: {len(r.torch_tokens)}/{len(r.torch_tokens)} tokens; max abs logit diff "
+            f"{r.max_abs_logit_diff:.1e}"
+        )
     else:
         print(f"--- MISMATCH at generated token {r.first_mismatch}; max abs logit diff {r.max_abs_logit_diff:.1e}")
     verdict = "identical to PyTorch's first tokens" if r.decode_identical else "MISMATCH with PyTorch"
-    print(f"--- decode graph (attn2onnx generate): {len(r.decode_tokens)} tokens, {verdict}, "
-          f"{r.decode_tokens_per_s:.0f} tokens/s")
+    print(
+        f"--- decode graph (attn2onnx generate): {len(r.decode_tokens)} tokens, {verdict}, "
+        f"{r.decode_tokens_per_s:.0f} tokens/s"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(r), indent=2))
     return 0 if r.identical and r.decode_identical else 1

@@ -14,6 +14,7 @@ must equal PyTorch's on every test image.
 
 Exit status 1 when ORT and PyTorch disagree on any test image.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,9 +101,17 @@ def make_config(variant: str, settings: Settings, seed: int = SEED):
 
     tokens = (8 // settings.patch_size) ** 2 + 1
     return ModelConfig(
-        family="encoder", variant=variant, image_size=8, patch_size=settings.patch_size, channels=1,
-        num_classes=10, d_model=settings.d_model, heads=settings.heads, layers=settings.layers,
-        max_len=tokens, seed=seed,
+        family="encoder",
+        variant=variant,
+        image_size=8,
+        patch_size=settings.patch_size,
+        channels=1,
+        num_classes=10,
+        d_model=settings.d_model,
+        heads=settings.heads,
+        layers=settings.layers,
+        max_len=tokens,
+        seed=seed,
     )
 
 
@@ -112,7 +121,9 @@ def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return float(F.cross_entropy(model(x), y))
 
 
-def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings, seed: int = SEED) -> list[float]:
+def train(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Settings, seed: int = SEED
+) -> list[float]:
     """AdamW with a cosine schedule; returns the mean training loss of each epoch."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -137,8 +148,9 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Se
     return losses
 
 
-def run_variant(variant: str, out_dir: str | Path, settings: Settings | None = None, threads: int = 2,
-                seed: int = SEED, data=None) -> DigitsResult:
+def run_variant(
+    variant: str, out_dir: str | Path, settings: Settings | None = None, threads: int = 2, seed: int = SEED, data=None
+) -> DigitsResult:
     """Train, save, reload, export and compare one variant; returns the measurements."""
     import attn2onnx
     from attn2onnx.exporter import export
@@ -166,8 +178,14 @@ def run_variant(variant: str, out_dir: str | Path, settings: Settings | None = N
     model = attn2onnx.load(checkpoint)
     source = from_module(model)
     start = time.perf_counter()
-    result = export(source.module, source.example_inputs(batch=2), out_dir / f"digits_{variant}.onnx",
-                    specs=source.specs, output_names=source.output_names, max_seq=source.max_seq)
+    result = export(
+        source.module,
+        source.example_inputs(batch=2),
+        out_dir / f"digits_{variant}.onnx",
+        specs=source.specs,
+        output_names=source.output_names,
+        max_seq=source.max_seq,
+    )
     export_seconds = time.perf_counter() - start
 
     with torch.inference_mode():
@@ -196,22 +214,30 @@ def run_variant(variant: str, out_dir: str | Path, settings: Settings | None = N
 
 def table(results: list[DigitsResult]) -> str:
     lines = [
-        "| variant | test acc (PyTorch) | test acc (ORT) | ORT = PyTorch argmax | max abs logit diff | loss before -> after | train s (CPU s) | export s |",
+        "| variant | test acc (PyTorch) | test acc (ORT) | ORT = PyTorch argmax | max abs logit diff | loss "
+        "before -> after | train s (CPU s) | export s |",
         "|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.variant} | {r.torch_accuracy:.2%} | {r.ort_accuracy:.2%} | "
             f"{r.test_images - r.disagreements}/{r.test_images} | {r.max_abs_logit_diff:.1e} | "
-            f"{r.loss_before:.3f} -> {r.loss_after:.3f} | {r.train_seconds:.1f} ({r.train_cpu_seconds:.1f}) | {r.export_seconds:.1f} |"
+            f"{r.loss_before:.3f} -> {r.loss_after:.3f} | {r.train_seconds:.1f} ({r.train_cpu_seconds:.1f}) "
+            f"| {r.export_seconds:.1f} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="", help="comma-separated variants (default: every variant that fits the encoder family)")
-    parser.add_argument("--out", default="out/digits", help="folder for checkpoints and ONNX files (default out/digits)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--variants", default="", help="comma-separated variants (default: every variant that fits the encoder family)"
+    )
+    parser.add_argument(
+        "--out", default="out/digits", help="folder for checkpoints and ONNX files (default out/digits)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, few epochs (seconds per variant)")
     parser.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads (default 2)")
@@ -233,9 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for variant in variants:
         r = run_variant(variant, args.out, settings, threads=args.threads, seed=args.seed, data=data)
-        print(f"{variant:>10}: test accuracy {r.torch_accuracy:.2%} (ORT {r.ort_accuracy:.2%}), "
-              f"ORT agrees on {r.test_images - r.disagreements}/{r.test_images}, "
-              f"loss {r.loss_before:.3f} -> {r.loss_after:.3f}, trained in {r.train_seconds:.1f} s ({r.train_cpu_seconds:.1f} CPU s)", flush=True)
+        print(
+            f"{variant:>10}: test accuracy {r.torch_accuracy:.2%} (ORT {r.ort_accuracy:.2%}), "
+            f"ORT agrees on {r.test_images - r.disagreements}/{r.test_images}, "
+            f"loss {r.loss_before:.3f} -> {r.loss_after:.3f}, trained in {r.train_seconds:.1f} s "
+            f"({r.train_cpu_seconds:.1f} CPU s)",
+            flush=True,
+        )
         results.append(r)
     print()
     print(table(results))

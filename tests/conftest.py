@@ -3,6 +3,7 @@
 Test files import the helpers directly (``from conftest import ...``); the float64 oracles
 live in tests/oracles (pure numpy).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,16 @@ torch.set_num_threads(1)
 
 # Variants as variants.md defines them: name -> supports causal.
 CAUSAL_CAPABLE = {
-    "mha": True, "optimised": True, "efficient": True, "super": True, "dcmha": True,
-    "imhsa": False, "reuse": True, "bn": False, "sh": False, "bn-sh": False,
+    "mha": True,
+    "optimised": True,
+    "efficient": True,
+    "super": True,
+    "dcmha": True,
+    "imhsa": False,
+    "reuse": True,
+    "bn": False,
+    "sh": False,
+    "bn-sh": False,
 }
 ALL_VARIANTS = list(CAUSAL_CAPABLE)
 
@@ -133,8 +142,9 @@ def random_mask(rng: np.random.Generator, batch: int, length: int, p_real: float
     return m
 
 
-def assert_real_rows_close(actual: np.ndarray, expected: np.ndarray, key_padding_mask, atol: float = 1e-10,
-                           rtol: float = 1e-10, what: str = "") -> None:
+def assert_real_rows_close(
+    actual: np.ndarray, expected: np.ndarray, key_padding_mask, atol: float = 1e-10, rtol: float = 1e-10, what: str = ""
+) -> None:
     """Compare [B,T,...] outputs on real query rows only (padded rows are unspecified)."""
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     if key_padding_mask is not None:

@@ -10,6 +10,7 @@ as ``pre_proj.w`` / ``post_proj.w`` [1,N,N]), its W + 1-key window mask, float16
 ``write_release_folder`` writes a small random checkpoint folder in the release's layout
 (config.json + model.safetensors or pytorch_model.bin); ``release_forward`` computes its logits.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,22 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-DEFAULTS = dict(block_size=2048, vocab_size=32000, n_layer=32, n_head=32, dim=2560, intermediate_size=None,
-                n_local_heads=-1, rope_base=500000.0, norm_eps=1e-5, use_qk_norm=False, window_size=256,
-                window_type=None, query_wise=False, use_sw=False)
+DEFAULTS = dict(
+    block_size=2048,
+    vocab_size=32000,
+    n_layer=32,
+    n_head=32,
+    dim=2560,
+    intermediate_size=None,
+    n_local_heads=-1,
+    rope_base=500000.0,
+    norm_eps=1e-5,
+    use_qk_norm=False,
+    window_size=256,
+    window_type=None,
+    query_wise=False,
+    use_sw=False,
+)
 PATTERNS = {None: [256, None], "LG": [256, None], "LGLL": [256, None, 256, 256], "LGL6": [256, None] + [256] * 6}
 
 
@@ -45,20 +59,22 @@ def release_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D)}
     for i in range(c["n_layer"]):
         p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wqkv.weight": ((N + 2 * L) * d, D),
-            p + "attention.wo.weight": (D, D),
-            p + "attention.dyn_w_proj.dw1": (D, 1, 4, K),
-            p + "attention.dyn_w_proj.qkw": (1, 4, K, 2 * I, N),
-            p + "attention.dyn_w_proj.dd": (D, 1, 4 * N),
-            p + "attention.dyn_w_proj.pre_proj.w": (1, N, N),
-            p + "attention.dyn_w_proj.post_proj.w": (1, N, N),
-            p + "feed_forward.w1.weight": (H, D),
-            p + "feed_forward.w3.weight": (H, D),
-            p + "feed_forward.w2.weight": (D, H),
-            p + "attention_norm.weight": (D,),
-            p + "ffn_norm.weight": (D,),
-        })
+        shapes.update(
+            {
+                p + "attention.wqkv.weight": ((N + 2 * L) * d, D),
+                p + "attention.wo.weight": (D, D),
+                p + "attention.dyn_w_proj.dw1": (D, 1, 4, K),
+                p + "attention.dyn_w_proj.qkw": (1, 4, K, 2 * I, N),
+                p + "attention.dyn_w_proj.dd": (D, 1, 4 * N),
+                p + "attention.dyn_w_proj.pre_proj.w": (1, N, N),
+                p + "attention.dyn_w_proj.post_proj.w": (1, N, N),
+                p + "feed_forward.w1.weight": (H, D),
+                p + "feed_forward.w3.weight": (H, D),
+                p + "feed_forward.w2.weight": (D, H),
+                p + "attention_norm.weight": (D,),
+                p + "ffn_norm.weight": (D,),
+            }
+        )
         if c["use_qk_norm"]:
             shapes[p + "attention.q_norm.scale"] = (d,)
             shapes[p + "attention.k_norm.scale"] = (d,)
@@ -92,8 +108,13 @@ def random_release_state(config: dict[str, Any], seed: int = 0) -> dict[str, tor
     return state
 
 
-def write_release_folder(folder: Path, config: dict[str, Any], state: dict[str, torch.Tensor] | None = None,
-                         fmt: str = "safetensors", seed: int = 0) -> dict[str, torch.Tensor]:
+def write_release_folder(
+    folder: Path,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor] | None = None,
+    fmt: str = "safetensors",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """config.json (the given keys, plus the Hugging Face bookkeeping the release writes) and the
     weights (``fmt``: safetensors or bin) in ``folder``; returns the state written."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,12 +143,13 @@ def _rope(x: torch.Tensor, base: float, length: int) -> torch.Tensor:
     angles = torch.outer(torch.arange(length).float(), freqs)
     cos = torch.cos(angles).half().double()[None, :, None, :]
     sin = torch.sin(angles).half().double()[None, :, None, :]
-    a, b = x[..., : d // 2], x[..., d // 2:]
+    a, b = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
 
-def _compose(a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gate: torch.Tensor, sw: torch.Tensor | None,
-             side: int) -> torch.Tensor:
+def _compose(
+    a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gate: torch.Tensor, sw: torch.Tensor | None, side: int
+) -> torch.Tensor:
     """Cross-head projection of a [B,N,T,S] with one side's factors (side 0 query: factors of t,
     side 1 key: factors of s). w1/w2 [B,P,I,N], gate [B,P,N]."""
     out = torch.zeros_like(a) if sw is None else torch.einsum("bmts,mn->bnts", a, sw)

@@ -18,6 +18,7 @@ check that the three agree. Near misses (:class:`WrongAxisCompose`, :class:`Mask
 :class:`BroadcastHeadCompose`) look like DCMHA but are not: the passes must leave them alone
 (or at least never claim the whole attention core for them).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,16 @@ class PlainDcmhaBase(nn.Module):
     Slots c: 0 pre/query, 1 pre/key, 2 post/query, 3 post/key.
     """
 
-    def __init__(self, d_model: int = 32, n_heads: int = 4, rank: int = 2, causal: bool = False,
-                 static_mix: bool = False, bias: bool = False, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        d_model: int = 32,
+        n_heads: int = 4,
+        rank: int = 2,
+        causal: bool = False,
+        static_mix: bool = False,
+        bias: bool = False,
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.d_model, self.n_heads, self.rank = d_model, n_heads, rank
@@ -67,8 +76,10 @@ class PlainDcmhaBase(nn.Module):
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as [B, N, T, d]."""
         b, t, _ = x.shape
+
         def split(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+
         return split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
 
     def allowed(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -138,8 +149,8 @@ class RankEinsumStyle(PlainDcmhaBase):
     def factors(self, x: torch.Tensor):
         b, t, _ = x.shape
         n, r = self.n_heads, self.rank
-        h = F.gelu(x @ self.dw1.flatten(1)).view(b, t, 4, -1)           # [B,T,4,K]
-        z = torch.einsum("btck,ckrn->btcrn", h, self.qkw)                 # [B,T,4,2R,N]
+        h = F.gelu(x @ self.dw1.flatten(1)).view(b, t, 4, -1)  # [B,T,4,K]
+        z = torch.einsum("btck,ckrn->btcrn", h, self.qkw)  # [B,T,4,2R,N]
         u, w = z[:, :, :, :r], z[:, :, :, r:]
         u = u / torch.sqrt(torch.mean(u * u, dim=-1, keepdim=True) + 1e-6)
         g = torch.tanh(x @ self.dd).view(b, t, 4, n)
@@ -159,7 +170,7 @@ class RankEinsumStyle(PlainDcmhaBase):
         q, k, v = self.heads(x)
         u, w, g = self.factors(x)
         wb = (None, None) if self.wb is None else (self.wb[0], self.wb[1])
-        logits = torch.einsum("bntd,bnsd->bnts", q, k) * self.head_dim ** -0.5
+        logits = torch.einsum("bntd,bnsd->bnts", q, k) * self.head_dim**-0.5
         logits = self.compose(logits, u[:, :, 0], w[:, :, 0], u[:, :, 1], w[:, :, 1], g[:, :, 0], g[:, :, 1], wb[0])
         allowed = self.allowed(x, key_padding_mask)
         if allowed is not None:
@@ -179,12 +190,12 @@ class MergedMatrixStyle(PlainDcmhaBase):
         b, t, _ = x.shape
         n, r = self.n_heads, self.rank
         h = F.gelu(torch.matmul(x[:, :, None, None, :], self.dw1.permute(1, 0, 2)))  # [B,T,4,1,K]
-        z = torch.matmul(h, self.qkw.flatten(2)).view(b, t, 4, 2 * r, n)      # [B,T,4,2R,N]
+        z = torch.matmul(h, self.qkw.flatten(2)).view(b, t, 4, 2 * r, n)  # [B,T,4,2R,N]
         u, w = z.split(r, dim=3)
         u = u * torch.rsqrt(u.square().mean(dim=-1, keepdim=True) + 1e-6)
         g = torch.tanh(F.linear(x, self.dd.t())).unflatten(-1, (4, n))
         eye = torch.eye(n, dtype=x.dtype, device=x.device)
-        merged = u.transpose(-1, -2) @ w + g.unsqueeze(-1) * eye            # [B,T,4,N,N]
+        merged = u.transpose(-1, -2) @ w + g.unsqueeze(-1) * eye  # [B,T,4,N,N]
         return merged
 
     def compose(self, a, mq, mk, wb):
@@ -199,7 +210,7 @@ class MergedMatrixStyle(PlainDcmhaBase):
         q, k, v = self.heads(x)
         m = self.factors(x)
         wb = (None, None) if self.wb is None else (self.wb[0], self.wb[1])
-        logits = torch.matmul(q * self.head_dim ** -0.5, k.transpose(2, 3))
+        logits = torch.matmul(q * self.head_dim**-0.5, k.transpose(2, 3))
         logits = self.compose(logits, m[:, :, 0], m[:, :, 1], wb[0])
         allowed = self.allowed(x, key_padding_mask)
         if allowed is not None:
@@ -279,16 +290,18 @@ def reference_dcmha(m: PlainDcmhaBase, x: torch.Tensor, key_padding_mask: torch.
     b, t, _ = x.shape
     n, r, d = m.n_heads, m.rank, m.head_dim
     W = lambda lin: (lin.weight.to(dt), None if lin.bias is None else lin.bias.to(dt))  # noqa: E731
+
     def lin(l, y):
         w, bias = W(l)
         return y @ w.t() + (0 if bias is None else bias)
+
     q = lin(m.q_proj, x).view(b, t, n, d)
     k = lin(m.k_proj, x).view(b, t, n, d)
     v = lin(m.v_proj, x).view(b, t, n, d)
     hid = F.gelu(torch.einsum("btd,dck->btck", x, m.dw1.to(dt)))
     z = torch.einsum("btck,ckrn->btcrn", hid, m.qkw.to(dt))
     u, vv = z[:, :, :, :r], z[:, :, :, r:]
-    u = u / torch.sqrt((u ** 2).mean(-1, keepdim=True) + 1e-6)
+    u = u / torch.sqrt((u**2).mean(-1, keepdim=True) + 1e-6)
     g = torch.tanh(x @ m.dd.to(dt)).view(b, t, 4, n)
 
     def compose(a, cq, ck, wb):
@@ -336,8 +349,16 @@ def export_stock(module: nn.Module, d_model: int, path: str, with_mask: bool = T
         dyn["key_padding_mask"] = {0: batch, 1: seq}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=23, input_names=names,
-                                    output_names=["y"], dynamic_shapes=dyn, verbose=False)
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=23,
+            input_names=names,
+            output_names=["y"],
+            dynamic_shapes=dyn,
+            verbose=False,
+        )
     program.save(path)
     return path
 
@@ -361,6 +382,6 @@ def random_feeds(batch: int, seq: int, d_model: int, seed: int = 0, pad: int = 2
     feeds = {"x": rng.standard_normal((batch, seq, d_model)).astype(np.float32)}
     if with_mask:
         mask = np.ones((batch, seq), dtype=bool)
-        mask[-1, seq - min(pad, seq - 1):] = False
+        mask[-1, seq - min(pad, seq - 1) :] = False
         feeds["key_padding_mask"] = mask
     return feeds

@@ -17,6 +17,7 @@ Near misses (they look alike but are not the ops' math, the passes must leave th
 :class:`WrongAxisMixImhsa` (the mix runs over the landmark axis, L = N) and
 :class:`ColumnSoftmaxReuseStack` (probabilities normalised over queries).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ class _Heads(nn.Module):
         super().__init__()
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         std = 1.0 / math.sqrt(d_model)
-        self.wq, self.wk, self.wv, self.wo = (nn.Parameter(torch.randn(d_model, d_model, generator=gen) * std)
-                                              for _ in range(4))
+        self.wq, self.wk, self.wv, self.wo = (
+            nn.Parameter(torch.randn(d_model, d_model, generator=gen) * std) for _ in range(4)
+        )
 
     def split(self, y: torch.Tensor) -> torch.Tensor:
         b, t, _ = y.shape
@@ -81,8 +83,15 @@ class PlainImhsa(nn.Module):
 
     pooling = staticmethod(segment_pooling)
 
-    def __init__(self, d_model: int = 32, n_heads: int = 4, landmarks: int = 3, style: str = "einsum",
-                 rezero: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        d_model: int = 32,
+        n_heads: int = 4,
+        landmarks: int = 3,
+        style: str = "einsum",
+        rezero: bool = True,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.rezero = rezero
         gen = torch.Generator().manual_seed(seed)
@@ -142,8 +151,14 @@ class PlainReuseStack(nn.Module):
 
     softmax_axis = -1
 
-    def __init__(self, d_model: int = 32, n_heads: int = 4, reuse: tuple[int, ...] = (0, 4, 2, 2),
-                 causal: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        d_model: int = 32,
+        n_heads: int = 4,
+        reuse: tuple[int, ...] = (0, 4, 2, 2),
+        causal: bool = True,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         assert reuse[0] == 0
         gen = torch.Generator().manual_seed(seed)

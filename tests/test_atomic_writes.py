@@ -2,6 +2,7 @@
 interrupted write never touches the old file, an output that is one of the inputs is refused
 before any work, new files get the mode a plain open() would give them, and an ONNX model and
 its ``.data`` file are replaced together (issue 11, item 4)."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,14 @@ def made(tmp_path_factory) -> tuple[Path, Path]:
     model = build_model(CONFIG)
     ckpt = attn2onnx.save(model, folder / "m.pt")
     source = from_module(model)
-    result = export(model, source.example_inputs(1, 4), folder / "m.onnx", specs=source.specs,
-                    output_names=source.output_names, max_seq=source.max_seq)
+    result = export(
+        model,
+        source.example_inputs(1, 4),
+        folder / "m.onnx",
+        specs=source.specs,
+        output_names=source.output_names,
+        max_seq=source.max_seq,
+    )
     return ckpt, result.path
 
 
@@ -62,8 +69,14 @@ def test_failed_export_keeps_the_existing_model_and_data(tmp_path):
     model = build_model(CONFIG)
     source = from_module(model)
     with pytest.raises(onnx.checker.ValidationError):
-        export(model, source.example_inputs(1, 4), tmp_path / "keep.onnx", specs=source.specs,
-               output_names=source.output_names, opset=5)
+        export(
+            model,
+            source.example_inputs(1, 4),
+            tmp_path / "keep.onnx",
+            specs=source.specs,
+            output_names=source.output_names,
+            opset=5,
+        )
     assert _snapshot(tmp_path) == before
 
 
@@ -120,9 +133,17 @@ def _same_file_cases(tmp_path: Path, ckpt: Path, model: Path) -> dict[str, list[
     }
 
 
-CASES = ["run -o MODEL", "run -o symlink to MODEL", "run --inputs IN -o IN", "run -o MODEL.data",
-         "optimize -o MODEL", "optimize -o symlink to MODEL", "optimize, OUT.data is MODEL",
-         "export -o symlink to CKPT", "convert -o a file of DIR"]
+CASES = [
+    "run -o MODEL",
+    "run -o symlink to MODEL",
+    "run --inputs IN -o IN",
+    "run -o MODEL.data",
+    "optimize -o MODEL",
+    "optimize -o symlink to MODEL",
+    "optimize, OUT.data is MODEL",
+    "export -o symlink to CKPT",
+    "convert -o a file of DIR",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -181,16 +202,22 @@ sys.exit(main(["new", "mha", "-o", sys.argv[1]]))
 """
 
 
-@pytest.mark.parametrize("signum, statuses", [(signal.SIGTERM, (-signal.SIGTERM, 143)),
-                                              (signal.SIGINT, (-signal.SIGINT, 130))])
+@pytest.mark.parametrize(
+    "signum, statuses", [(signal.SIGTERM, (-signal.SIGTERM, 143)), (signal.SIGINT, (-signal.SIGINT, 130))]
+)
 def test_a_signal_mid_write_removes_the_temporary(tmp_path, signum, statuses):
     """SIGTERM / SIGINT while `new` writes: the old checkpoint stays, no temporary is left, and
     the process ends the conventional way (killed by the signal, or 143 / 130)."""
     out = tmp_path / "m.pt"
     out.write_bytes(b"old checkpoint")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_NEW, str(out)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_NEW, str(out)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 180)
         assert ready and proc.stdout.readline() == b"writing\n", proc.stderr.read1()

@@ -5,6 +5,7 @@ The leakage check is shown to be able to fail: it flags super attention without 
 (the oracle built wrong on purpose, and the module with torch's tril patched out), and any
 non-causal layer.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,6 +43,7 @@ def causal_fn(name, opts, rng, causal=True):
             for layer in layers:
                 x, probs = run(layer, x, mask, prev_probs=probs)
             return x
+
         return fn
     if not causal:
         opts = {k: v for k, v in opts.items() if k != "window"}  # a local window needs causal
@@ -67,8 +69,9 @@ def test_prefix_consistency(case, rng):
         for p in (1, 5, T - 1):
             part = fn(x[:, :p], None if mask is None else mask[:, :p])
             sel = np.ones((2, p), bool) if mask is None else mask[:, :p]
-            np.testing.assert_allclose(part[sel], full[:, :p][sel], atol=1e-10, rtol=1e-10,
-                                       err_msg=f"{case_id(case)} prefix {p}")
+            np.testing.assert_allclose(
+                part[sel], full[:, :p][sel], atol=1e-10, rtol=1e-10, err_msg=f"{case_id(case)} prefix {p}"
+            )
 
 
 @pytest.mark.parametrize("case", CAUSAL_CASES, ids=case_id)
@@ -79,8 +82,9 @@ def test_no_leak_from_future_tokens(case, rng):
         assert leak(fn, x, t0, rng) < 1e-12, f"{case_id(case)}: outputs before {t0} depend on later tokens"
 
 
-@pytest.mark.parametrize("case", [c for c in CAUSAL_CASES if c[0] != "reuse"] + [("reuse", {"schedule": [0]})],
-                         ids=case_id)
+@pytest.mark.parametrize(
+    "case", [c for c in CAUSAL_CASES if c[0] != "reuse"] + [("reuse", {"schedule": [0]})], ids=case_id
+)
 def test_leak_detector_flags_non_causal_layers(case, rng):
     """The same detector on the non-causal layer does see the future (it is not vacuous)."""
     fn = causal_fn(*case, rng, causal=False)

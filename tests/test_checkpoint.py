@@ -1,5 +1,6 @@
 """attn2onnx checkpoints: save / load round trips for every variant and family, atomic
 writes, and a one-line error for every file that is not a loadable checkpoint."""
+
 from __future__ import annotations
 
 import os

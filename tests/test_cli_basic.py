@@ -2,6 +2,7 @@
 
 Two tests run the real command in a subprocess (the installed entry point, ``python -m
 attn2onnx``); the rest call ``attn2onnx.cli.main`` in-process, which is the same code path."""
+
 from __future__ import annotations
 
 import importlib
@@ -23,7 +24,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     """``python -m attn2onnx ARGS`` (each run pays torch's import: keep these few)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("ATTN2ONNX_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "attn2onnx", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "attn2onnx", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def assert_one_line_error(stderr: str, match: str) -> None:
@@ -49,9 +52,30 @@ def test_new_through_the_entry_point(tmp_path):
     exe = shutil.which("attn2onnx")
     command = [exe] if exe else [sys.executable, "-m", "attn2onnx.cli"]
     out = tmp_path / "lm.pt"
-    result = subprocess.run([*command, "new", "dcmha", "-o", str(out), "--layers", "3", "--d-model", "32",
-                             "--heads", "4", "--max-len", "16", "--seed", "7", "--option", "rope=true"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            *command,
+            "new",
+            "dcmha",
+            "-o",
+            str(out),
+            "--layers",
+            "3",
+            "--d-model",
+            "32",
+            "--heads",
+            "4",
+            "--max-len",
+            "16",
+            "--seed",
+            "7",
+            "--option",
+            "rope=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "CausalLM" in result.stdout and result.stderr == ""
     model = attn2onnx.load(out)
@@ -86,8 +110,21 @@ def test_variants_command_lists_every_variant(capsys):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_new_every_variant_in_its_default_family(tmp_path, capsys, variant):
     out = tmp_path / "m.pt"
-    status, stdout, stderr = call(capsys, "new", variant, "-o", str(out), "--d-model", "16", "--heads", "2",
-                                  "--max-len", "16", "--vocab-size", "11")
+    status, stdout, stderr = call(
+        capsys,
+        "new",
+        variant,
+        "-o",
+        str(out),
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--max-len",
+        "16",
+        "--vocab-size",
+        "11",
+    )
     assert status == 0 and stderr == "", stderr
     model = attn2onnx.load(out)
     expected = "lm" if VARIANTS[variant].causal else "encoder"
@@ -98,15 +135,51 @@ def test_new_every_variant_in_its_default_family(tmp_path, capsys, variant):
 
 def test_new_with_every_model_option(tmp_path, capsys):
     out = tmp_path / "enc.pt"
-    status, _, err = call(capsys, "new", "imhsa", "-o", str(out), "--family", "encoder", "--image-size", "8",
-                          "--patch-size", "2", "--channels", "1", "--num-classes", "5", "--mlp", "swiglu",
-                          "--mlp-hidden", "24", "--max-len", "17", "--d-model", "16", "--heads", "2")
+    status, _, err = call(
+        capsys,
+        "new",
+        "imhsa",
+        "-o",
+        str(out),
+        "--family",
+        "encoder",
+        "--image-size",
+        "8",
+        "--patch-size",
+        "2",
+        "--channels",
+        "1",
+        "--num-classes",
+        "5",
+        "--mlp",
+        "swiglu",
+        "--mlp-hidden",
+        "24",
+        "--max-len",
+        "17",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+    )
     assert status == 0, err
     c = attn2onnx.load(out).config
     assert (c.image_size, c.patch_size, c.channels, c.num_classes, c.mlp, c.mlp_hidden) == (8, 2, 1, 5, "swiglu", 24)
     out = tmp_path / "reuse.pt"
-    status, _, err = call(capsys, "new", "reuse", "-o", str(out), "--layers", "4", "--reuse-schedule", "0,2,4,1",
-                          "--untied", "--family", "lm")
+    status, _, err = call(
+        capsys,
+        "new",
+        "reuse",
+        "-o",
+        str(out),
+        "--layers",
+        "4",
+        "--reuse-schedule",
+        "0,2,4,1",
+        "--untied",
+        "--family",
+        "lm",
+    )
     assert status == 0, err
     c = attn2onnx.load(out).config
     assert c.reuse_schedule == [0, 2, 4, 1] and not c.tie_embeddings
@@ -192,16 +265,43 @@ def test_command_modules_follow_the_interface():
 
 def test_option_values():
     assert [parse_value(v) for v in ("true", "False", "none", "3", "0.5", "[1, 2]", "1,2", '"x"', "tanh")] == [
-        True, False, None, 3, 0.5, [1, 2], (1, 2), "x", "tanh"]
+        True,
+        False,
+        None,
+        3,
+        0.5,
+        [1, 2],
+        (1, 2),
+        "x",
+        "tanh",
+    ]
     assert parse_options(["rope=true", "rope-base=500", "gelu_approx=tanh"]) == {
-        "rope": True, "rope_base": 500, "gelu_approx": "tanh"}
+        "rope": True,
+        "rope_base": 500,
+        "gelu_approx": "tanh",
+    }
 
 
 @pytest.mark.parametrize("variant,family", [(v, f) for v, info in VARIANTS.items() for f in info.families])
 def test_new_every_variant_in_every_family_it_fits(tmp_path, capsys, variant, family):
     out = tmp_path / "m.pt"
-    status, _, stderr = call(capsys, "new", variant, "-o", str(out), "--family", family, "--d-model", "16",
-                             "--heads", "2", "--max-len", "16", "--vocab-size", "11")
+    status, _, stderr = call(
+        capsys,
+        "new",
+        variant,
+        "-o",
+        str(out),
+        "--family",
+        family,
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--max-len",
+        "16",
+        "--vocab-size",
+        "11",
+    )
     assert status == 0, stderr
     model = attn2onnx.load(out)
     assert (model.config.family, model.config.variant) == (family, variant)

@@ -1,6 +1,7 @@
 """Odd values on the command line (issue 11, item 7): zero, negative, huge, a reference of
 another model, an unsupported opset, files ONNX Runtime or torch refuse. Each must give exit 2
 and exactly one line ``attn2onnx: error: ...`` on stderr, no traceback, and write nothing."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ def save_onnx(path, op: str, dims: list, domain: str = "") -> str:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
     opsets = [helper.make_opsetid("", 23)] + ([helper.make_opsetid(domain, 1)] if domain else [])
-    model = helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"], domain=domain)], "g", [x], [y]),
-                              opset_imports=opsets)
+    model = helper.make_model(
+        helper.make_graph([helper.make_node(op, ["x"], ["y"], domain=domain)], "g", [x], [y]), opset_imports=opsets
+    )
     helper.set_model_props(model, {METADATA_KEY: specs_to_json([InputSpec("x", tuple(dims), "float")])})
     onnx.save(model, path)
     return str(path)
@@ -57,37 +59,69 @@ def exported(tmp_path_factory):
 
 
 # --- sizes and counts: positive integers at argparse level, for every command ---------------
-@pytest.mark.parametrize("args,match", [
-    (["run", "m.onnx", "--seq-len", "0"], "argument --seq-len: must be a positive integer, got 0"),
-    (["run", "m.onnx", "--seq-len", "-3"], "argument --seq-len: must be a positive integer, got -3"),
-    (["run", "m.onnx", "--batch", "0"], "argument --batch: must be a positive integer, got 0"),
-    (["run", "m.onnx", "--threads", "0"], "argument --threads: must be a positive integer, got 0"),
-    (["run", "m.onnx", "--threads", "1.5"], "argument --threads: invalid int value: '1.5'"),
-    (["export", "m.pt", "-o", "m.onnx", "--batch", "0"], "argument --batch: must be a positive integer"),
-    (["export", "m.pt", "-o", "m.onnx", "--seq-len", "-1"], "argument --seq-len: must be a positive integer"),
-    (["validate", "m.onnx", "--reference", "m.pt", "--seed", "-1"], "argument --seed: must be a non-negative integer"),
-    (["new", "mha", "-o", "m.pt", "--max-len", "0"], "argument --max-len: must be a positive integer, got 0"),
-    (["new", "mha", "-o", "m.pt", "--heads", "0"], "argument --heads: must be a positive integer, got 0"),
-    (["new", "mha", "-o", "m.pt", "--d-model", "-8"], "argument --d-model: must be a positive integer, got -8"),
-    (["new", "mha", "-o", "m.pt", "--vocab-size", "0"], "argument --vocab-size: must be a positive integer"),
-    (["build-engine", "m.onnx", "-o", "m.engine", "--workspace-gb", "0"], "argument --workspace-gb: must be a positive"),
-    (["build-engine", "m.onnx", "-o", "m.engine", "--workspace-gb", "nan"], "argument --workspace-gb: must be a finite"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["run", "m.onnx", "--seq-len", "0"], "argument --seq-len: must be a positive integer, got 0"),
+        (["run", "m.onnx", "--seq-len", "-3"], "argument --seq-len: must be a positive integer, got -3"),
+        (["run", "m.onnx", "--batch", "0"], "argument --batch: must be a positive integer, got 0"),
+        (["run", "m.onnx", "--threads", "0"], "argument --threads: must be a positive integer, got 0"),
+        (["run", "m.onnx", "--threads", "1.5"], "argument --threads: invalid int value: '1.5'"),
+        (["export", "m.pt", "-o", "m.onnx", "--batch", "0"], "argument --batch: must be a positive integer"),
+        (["export", "m.pt", "-o", "m.onnx", "--seq-len", "-1"], "argument --seq-len: must be a positive integer"),
+        (
+            ["validate", "m.onnx", "--reference", "m.pt", "--seed", "-1"],
+            "argument --seed: must be a non-negative integer",
+        ),
+        (["new", "mha", "-o", "m.pt", "--max-len", "0"], "argument --max-len: must be a positive integer, got 0"),
+        (["new", "mha", "-o", "m.pt", "--heads", "0"], "argument --heads: must be a positive integer, got 0"),
+        (["new", "mha", "-o", "m.pt", "--d-model", "-8"], "argument --d-model: must be a positive integer, got -8"),
+        (["new", "mha", "-o", "m.pt", "--vocab-size", "0"], "argument --vocab-size: must be a positive integer"),
+        (
+            ["build-engine", "m.onnx", "-o", "m.engine", "--workspace-gb", "0"],
+            "argument --workspace-gb: must be a positive",
+        ),
+        (
+            ["build-engine", "m.onnx", "-o", "m.engine", "--workspace-gb", "nan"],
+            "argument --workspace-gb: must be a finite",
+        ),
+    ],
+)
 def test_sizes_must_be_positive(capsys, tmp_path, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
     refused(capsys, tmp_path, *args, match=match)
 
 
 def test_new_token_encoder_needs_room_past_its_cls_token(capsys, tmp_path):
-    refused(capsys, tmp_path, "new", "mha", "-o", str(tmp_path / "m.pt"), "--family", "encoder", "--max-len", "1",
-            match="max_len 1 leaves no room for a token")
+    refused(
+        capsys,
+        tmp_path,
+        "new",
+        "mha",
+        "-o",
+        str(tmp_path / "m.pt"),
+        "--family",
+        "encoder",
+        "--max-len",
+        "1",
+        match="max_len 1 leaves no room for a token",
+    )
 
 
 # --- sequence past the model's max_len, huge inputs, MemoryError ----------------------------
 def test_run_sequence_past_max_len(exported, capsys, tmp_path):
     _, model = exported
-    refused(capsys, tmp_path, "run", model, "--seq-len", "17", "-o", str(tmp_path / "out.npz"),
-            match="sequence length 17 exceeds the model's maximum sequence length 16")
+    refused(
+        capsys,
+        tmp_path,
+        "run",
+        model,
+        "--seq-len",
+        "17",
+        "-o",
+        str(tmp_path / "out.npz"),
+        match="sequence length 17 exceeds the model's maximum sequence length 16",
+    )
 
 
 def test_export_records_max_seq(exported):
@@ -97,14 +131,32 @@ def test_export_records_max_seq(exported):
 
 def test_run_refuses_inputs_larger_than_memory(capsys, tmp_path):
     model = save_onnx(tmp_path / "id.onnx", "Identity", ["batch", "seq"])
-    refused(capsys, tmp_path, "run", model, "--batch", "100000000", "--seq-len", "100000000",
-            match="inputs of batch 100000000 x seq 100000000 take")
+    refused(
+        capsys,
+        tmp_path,
+        "run",
+        model,
+        "--batch",
+        "100000000",
+        "--seq-len",
+        "100000000",
+        match="inputs of batch 100000000 x seq 100000000 take",
+    )
 
 
 def test_validate_refuses_shapes_larger_than_memory(exported, capsys, tmp_path):
     ckpt, model = exported
-    refused(capsys, tmp_path, "validate", model, "--reference", ckpt, "--shapes", "1000000000000x4",
-            match="more than this machine's")
+    refused(
+        capsys,
+        tmp_path,
+        "validate",
+        model,
+        "--reference",
+        ckpt,
+        "--shapes",
+        "1000000000000x4",
+        match="more than this machine's",
+    )
 
 
 def test_memory_error_is_one_line(capsys, tmp_path, monkeypatch):
@@ -116,11 +168,17 @@ def test_memory_error_is_one_line(capsys, tmp_path, monkeypatch):
 
 
 # --- validate against a reference of another model ------------------------------------------
-@pytest.mark.parametrize("sizes,match", [
-    (dict(vocab_size=512), "output 'logits' of"),  # was a broadcast ValueError
-    (dict(family="encoder", variant="mha"), "output 'logits' of"),  # was a broadcast ValueError
-    (dict(vocab_size=100, variant="mha"), "takes ids in [0, 256) but the reference only in [0, 100)"),  # was an IndexError
-])
+@pytest.mark.parametrize(
+    "sizes,match",
+    [
+        (dict(vocab_size=512), "output 'logits' of"),  # was a broadcast ValueError
+        (dict(family="encoder", variant="mha"), "output 'logits' of"),  # was a broadcast ValueError
+        (
+            dict(vocab_size=100, variant="mha"),
+            "takes ids in [0, 256) but the reference only in [0, 100)",
+        ),  # was an IndexError
+    ],
+)
 def test_validate_reference_of_another_model(exported, capsys, tmp_path, sizes, match):
     _, model = exported
     other = save_lm(tmp_path / "other.pt", **sizes)
@@ -129,21 +187,50 @@ def test_validate_reference_of_another_model(exported, capsys, tmp_path, sizes, 
 
 def test_validate_needs_a_backend(exported, capsys, tmp_path):
     ckpt, model = exported
-    refused(capsys, tmp_path, "validate", model, "--reference", ckpt, "--shapes", "1x5", "--backends", ",",
-            match="names no backend")
+    refused(
+        capsys,
+        tmp_path,
+        "validate",
+        model,
+        "--reference",
+        ckpt,
+        "--shapes",
+        "1x5",
+        "--backends",
+        ",",
+        match="names no backend",
+    )
 
 
 # --- opsets --------------------------------------------------------------------------------
 def test_export_opset_out_of_range(exported, capsys, tmp_path):
     ckpt, _ = exported
-    refused(capsys, tmp_path, "export", ckpt, "-o", str(tmp_path / "x.onnx"), "--opset", "5",
-            match="--opset 5 is not supported: torch's exporter and the ai.attn2onnx op bodies support opsets 18 to 23")
+    refused(
+        capsys,
+        tmp_path,
+        "export",
+        ckpt,
+        "-o",
+        str(tmp_path / "x.onnx"),
+        "--opset",
+        "5",
+        match="--opset 5 is not supported: torch's exporter and the ai.attn2onnx op bodies support opsets 18 to 23",
+    )
 
 
 def test_export_opset_other_than_the_op_bodies(exported, capsys, tmp_path):
     ckpt, _ = exported
-    refused(capsys, tmp_path, "export", ckpt, "-o", str(tmp_path / "x.onnx"), "--opset", "22",
-            match="models with ai.attn2onnx ops need --opset 23")
+    refused(
+        capsys,
+        tmp_path,
+        "export",
+        ckpt,
+        "-o",
+        str(tmp_path / "x.onnx"),
+        "--opset",
+        "22",
+        match="models with ai.attn2onnx ops need --opset 23",
+    )
 
 
 # --- files ONNX Runtime or torch refuse -----------------------------------------------------
@@ -158,8 +245,10 @@ def test_run_external_data_onnx_runtime_refuses(capsys, tmp_path):
     weight = onnx.numpy_helper.from_array(np.ones(64, np.float32), "w")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])
-    model = helper.make_model(helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [weight]),
-                              opset_imports=[helper.make_opsetid("", 23)])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [weight]),
+        opset_imports=[helper.make_opsetid("", 23)],
+    )
     onnx.external_data_helper.convert_model_to_external_data(model, location="m.data", size_threshold=0)
     onnx.save(model, tmp_path / "m.onnx")
     model = onnx.load(tmp_path / "m.onnx", load_external_data=False)

@@ -1,5 +1,6 @@
 """``attn2onnx export / run / validate / demo``: happy paths and every bad input of the issue
 (one line on stderr, exit 2, no traceback, no partial output file)."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,9 @@ def exported(tmp_path_factory):
 
 def test_export_prints_parity_and_writes_custom_nodes(exported, capsys, tmp_path):
     ckpt, _ = exported
-    status, out, err = call(capsys, "export", str(ckpt), "-o", str(tmp_path / "x.onnx"), "--batch", "1", "--seq-len", "6")
+    status, out, err = call(
+        capsys, "export", str(ckpt), "-o", str(tmp_path / "x.onnx"), "--batch", "1", "--seq-len", "6"
+    )
     assert status == 0, err
     assert "max abs err" in out and "MISMATCH" not in out
     proto = onnx.load(str(tmp_path / "x.onnx"))
@@ -37,7 +40,9 @@ def test_export_prints_parity_and_writes_custom_nodes(exported, capsys, tmp_path
 
 def test_validate_json(exported, capsys):
     ckpt, model = exported
-    status, out, err = call(capsys, "validate", str(model), "--reference", str(ckpt), "--shapes", "1x3,2x9,3x17", "--json")
+    status, out, err = call(
+        capsys, "validate", str(model), "--reference", str(ckpt), "--shapes", "1x3,2x9,3x17", "--json"
+    )
     assert status == 0, err
     result = json.loads(out)
     assert result["passed"] is True
@@ -50,7 +55,9 @@ def test_validate_detects_mismatch(exported, capsys, tmp_path):
     """A reference whose weights differ from the exported ones: exit 1, passed false."""
     ckpt, model = exported
     other = tmp_path / "other.pt"
-    attn2onnx.save(build_model(ModelConfig(family="lm", variant="dcmha", d_model=32, heads=4, max_len=48, seed=7)), other)
+    attn2onnx.save(
+        build_model(ModelConfig(family="lm", variant="dcmha", d_model=32, heads=4, max_len=48, seed=7)), other
+    )
     status, out, _ = call(capsys, "validate", str(model), "--reference", str(other), "--json")
     assert status == 1
     assert json.loads(out)["passed"] is False
@@ -60,23 +67,30 @@ def test_run_with_inputs_and_outputs(exported, capsys, tmp_path):
     _, model = exported
     ids = np.random.default_rng(0).integers(0, 256, size=(2, 7))
     np.savez(tmp_path / "in.npz", input_ids=ids, key_padding_mask=np.ones((2, 7), bool))
-    status, out, err = call(capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz"))
+    status, out, err = call(
+        capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz")
+    )
     assert status == 0, err
     with np.load(tmp_path / "out.npz") as data:
         assert data["logits"].shape == (2, 7, 256) and np.isfinite(data["logits"]).all()
 
 
-@pytest.mark.parametrize("inputs,match", [
-    ({"input_ids": np.zeros((2, 7), np.int32), "key_padding_mask": np.ones((2, 7), bool)}, "must be int64"),
-    ({"input_ids": np.zeros((2, 7, 1), np.int64), "key_padding_mask": np.ones((2, 7), bool)}, "must have 2 dims"),
-    ({"input_ids": np.zeros((2, 7), np.int64), "key_padding_mask": np.ones((2, 6), bool)}, "seq is 6"),
-    ({"input_ids": np.zeros((2, 7), np.int64)}, "missing input"),
-    ({"input_ids": np.full((2, 7), 999, np.int64), "key_padding_mask": np.ones((2, 7), bool)}, "outside"),
-])
+@pytest.mark.parametrize(
+    "inputs,match",
+    [
+        ({"input_ids": np.zeros((2, 7), np.int32), "key_padding_mask": np.ones((2, 7), bool)}, "must be int64"),
+        ({"input_ids": np.zeros((2, 7, 1), np.int64), "key_padding_mask": np.ones((2, 7), bool)}, "must have 2 dims"),
+        ({"input_ids": np.zeros((2, 7), np.int64), "key_padding_mask": np.ones((2, 6), bool)}, "seq is 6"),
+        ({"input_ids": np.zeros((2, 7), np.int64)}, "missing input"),
+        ({"input_ids": np.full((2, 7), 999, np.int64), "key_padding_mask": np.ones((2, 7), bool)}, "outside"),
+    ],
+)
 def test_run_rejects_bad_inputs(exported, capsys, tmp_path, inputs, match):
     _, model = exported
     np.savez(tmp_path / "in.npz", **inputs)
-    status, _, err = call(capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz"))
+    status, _, err = call(
+        capsys, "run", str(model), "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz")
+    )
     assert status == 2
     assert_one_line_error(err, match)
     assert not (tmp_path / "out.npz").exists()
@@ -90,12 +104,15 @@ def _bad_files(tmp_path):
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
 
 
-@pytest.mark.parametrize("name,match", [
-    ("missing.pt", "no such file"),
-    ("junk.pt", "not an attn2onnx checkpoint"),
-    ("state.pt", "not an attn2onnx checkpoint"),
-    ("module.pt", "not unpickle"),
-])
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("missing.pt", "no such file"),
+        ("junk.pt", "not an attn2onnx checkpoint"),
+        ("state.pt", "not an attn2onnx checkpoint"),
+        ("module.pt", "not unpickle"),
+    ],
+)
 def test_export_rejects_bad_model_files(capsys, tmp_path, name, match):
     _bad_files(tmp_path)
     status, _, err = call(capsys, "export", str(tmp_path / name), "-o", str(tmp_path / "out.onnx"))
@@ -117,7 +134,9 @@ def test_export_unknown_variant_in_checkpoint(capsys, tmp_path):
 
 
 def test_export_super_beyond_max_len(capsys, tmp_path):
-    attn2onnx.save(build_model(ModelConfig(family="layer", variant="super", d_model=16, heads=2, max_len=8)), tmp_path / "s.pt")
+    attn2onnx.save(
+        build_model(ModelConfig(family="layer", variant="super", d_model=16, heads=2, max_len=8)), tmp_path / "s.pt"
+    )
     status, _, err = call(capsys, "export", str(tmp_path / "s.pt"), "-o", str(tmp_path / "out.onnx"), "--seq-len", "9")
     assert status == 2
     assert_one_line_error(err, "exceeds")
@@ -133,20 +152,25 @@ def test_causal_for_non_causal_variant(capsys, tmp_path):
 
 def test_trusted_pickle_exports(capsys, tmp_path):
     """A pickled attn2onnx model exports only with --trust-pickle."""
-    torch.save(build_model(ModelConfig(family="layer", variant="mha", d_model=16, heads=2, max_len=32)), tmp_path / "p.pt")
+    torch.save(
+        build_model(ModelConfig(family="layer", variant="mha", d_model=16, heads=2, max_len=32)), tmp_path / "p.pt"
+    )
     status, _, err = call(capsys, "export", str(tmp_path / "p.pt"), "-o", str(tmp_path / "p.onnx"))
     assert status == 2 and "pickled" in err
     status, _, err = call(capsys, "export", str(tmp_path / "p.pt"), "-o", str(tmp_path / "p.onnx"), "--trust-pickle")
     assert status == 0, err
 
 
-@pytest.mark.parametrize("args,match", [
-    (["validate", "MODEL", "--reference", "CKPT", "--shapes", "2by3"], "bad shape"),
-    (["validate", "MODEL", "--reference", "CKPT", "--shapes", "1x500"], "exceeds"),
-    (["validate", "MODEL", "--reference", "CKPT", "--backends", "tpu"], "unknown backend"),
-    (["validate", "CKPT", "--reference", "CKPT"], "not a readable ONNX model"),
-    (["run", "CKPT"], "not a readable ONNX model"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["validate", "MODEL", "--reference", "CKPT", "--shapes", "2by3"], "bad shape"),
+        (["validate", "MODEL", "--reference", "CKPT", "--shapes", "1x500"], "exceeds"),
+        (["validate", "MODEL", "--reference", "CKPT", "--backends", "tpu"], "unknown backend"),
+        (["validate", "CKPT", "--reference", "CKPT"], "not a readable ONNX model"),
+        (["run", "CKPT"], "not a readable ONNX model"),
+    ],
+)
 def test_validate_and_run_bad_input(exported, capsys, args, match):
     ckpt, model = exported
     args = [str(model) if a == "MODEL" else str(ckpt) if a == "CKPT" else a for a in args]
@@ -170,11 +194,14 @@ def test_demo_unknown_variant(capsys, tmp_path):
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
-@pytest.mark.parametrize("args", [
-    ["build-engine", "MODEL", "-o", "ENGINE", "--shapes", "1x1/2x8/4x32"],
-    ["run", "MODEL", "--backend", "trt"],
-    ["validate", "MODEL", "--reference", "CKPT", "--backends", "ort,trt"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["build-engine", "MODEL", "-o", "ENGINE", "--shapes", "1x1/2x8/4x32"],
+        ["run", "MODEL", "--backend", "trt"],
+        ["validate", "MODEL", "--reference", "CKPT", "--backends", "ort,trt"],
+    ],
+)
 def test_tensorrt_commands_without_tensorrt(exported, capsys, tmp_path, args):
     """Where TensorRT is missing: one line saying so, exit 2, no engine file."""
     ckpt, model = exported
@@ -187,7 +214,9 @@ def test_tensorrt_commands_without_tensorrt(exported, capsys, tmp_path, args):
 
 def test_build_engine_bad_shapes(exported, capsys, tmp_path):
     _, model = exported
-    status, _, err = call(capsys, "build-engine", str(model), "-o", str(tmp_path / "m.engine"), "--shapes", "4x8/2x8/1x8")
+    status, _, err = call(
+        capsys, "build-engine", str(model), "-o", str(tmp_path / "m.engine"), "--shapes", "4x8/2x8/1x8"
+    )
     assert status == 2
     assert_one_line_error(err, "min <= opt <= max")
 
@@ -214,11 +243,15 @@ def test_fp16_export_validates_with_fp16_tolerances(capsys, tmp_path, family, va
     fp32 PyTorch model within fp16 tolerances; the fp32 tolerance is refused for it."""
     ckpt = tmp_path / "m.pt"
     attn2onnx.save(build_model(ModelConfig(family=family, variant=variant, d_model=32, heads=4, max_len=48)), ckpt)
-    status, out, err = call(capsys, "export", str(ckpt), "-o", str(tmp_path / "m16.onnx"), "--dtype", "fp16", "--seq-len", "8")
+    status, out, err = call(
+        capsys, "export", str(ckpt), "-o", str(tmp_path / "m16.onnx"), "--dtype", "fp16", "--seq-len", "8"
+    )
     assert status == 0, err
     proto = onnx.load(str(tmp_path / "m16.onnx"))
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
-    status, out, err = call(capsys, "validate", str(tmp_path / "m16.onnx"), "--reference", str(ckpt), "--dtype", "fp16", "--json")
+    status, out, err = call(
+        capsys, "validate", str(tmp_path / "m16.onnx"), "--reference", str(ckpt), "--dtype", "fp16", "--json"
+    )
     assert status == 0, err
     result = json.loads(out)
     assert result["passed"] and all(0 < c["max_abs_err"] < 1e-2 for c in result["comparisons"])

@@ -8,6 +8,7 @@ no allowed key (an all-padding sequence); the fused graph gives such rows the pr
 (uniform) or, for SDPA / nn.MultiheadAttention, zeros -- which is what PyTorch's SDPA returns
 there, so those rows are finite and compared. A fusion never changes a finite PyTorch row.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,12 @@ from attn2onnx.passes.explain import explain
 
 SHAPES = [(4, 7), (3, 16)]  # two dynamic shapes; batch 4 holds an all-padding row
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
-FUSED_OPS = ("com.microsoft::MultiHeadAttention", "com.microsoft::GroupQueryAttention", "Attention",
-             "ai.attn2onnx::DcmhaAttention")
+FUSED_OPS = (
+    "com.microsoft::MultiHeadAttention",
+    "com.microsoft::GroupQueryAttention",
+    "Attention",
+    "ai.attn2onnx::DcmhaAttention",
+)
 STANDARD = [e for e in corpus.ENTRIES if e.expected is not None]
 NEAR_MISSES = [e for e in corpus.ENTRIES if e.expected is None]
 
@@ -114,8 +119,9 @@ def test_optimize_explain_cli(optimised, tmp_path, capsys):
     for name, fused in (("timm_vit", 1), ("near_fill_with_zero", 0)):
         entry = next(e for e in corpus.ENTRIES if e.name == name)
         onnx.save(optimised(entry)[1], tmp_path / f"{name}.onnx")
-        code = cli.main(["optimize", str(tmp_path / f"{name}.onnx"), "-o", str(tmp_path / f"{name}.opt.onnx"),
-                         "--explain"])
+        code = cli.main(
+            ["optimize", str(tmp_path / f"{name}.onnx"), "-o", str(tmp_path / f"{name}.opt.onnx"), "--explain"]
+        )
         out = capsys.readouterr().out
         assert code == 0 and f"attention cores: 1, fused {fused}" in out, out
         assert ("Softmax 'node_softmax': fused" in out) if fused else ("expected a Where filling" in out), out

@@ -1,6 +1,7 @@
 """Import of DCFormer PyTorch release checkpoints (issue 10): small folders in the release's
 layout (tests/dcformer_release.py) converted, exported and compared with an independent
 float64 re-implementation of the release's forward; every unmappable input is one line."""
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,13 @@ def write_layout(folder, layout: dict) -> tuple[dict, dict]:
     if layout.get("merged"):  # stale merged copies (zeros), as a converted checkpoint holds them
         for i in range(config["n_layer"]):
             p = f"layers.{i}.attention.dyn_w_proj."
-            stored.update({p + "dw_m": torch.zeros(32, 4 * 16 + 16), p + "qkw_m": torch.zeros(4, 16, 16),
-                           p + "sw": torch.zeros(2, 4, 4)})
+            stored.update(
+                {
+                    p + "dw_m": torch.zeros(32, 4 * 16 + 16),
+                    p + "qkw_m": torch.zeros(4, 16, 16),
+                    p + "sw": torch.zeros(2, 4, 4),
+                }
+            )
     write_release_folder(folder, config, stored, fmt=layout.get("fmt", "safetensors"))
     if layout.get("shards"):
         from safetensors.torch import save_file
@@ -110,12 +116,15 @@ def test_the_release_semantics_matter(tmp_path):
             assert (model(x) - reference).abs().max() > 1e-4, option
 
 
-@pytest.mark.parametrize("case", [
-    dict(window_type=None, use_qk_norm=True, use_sw=True),
-    dict(window_type="LG"),
-    dict(window_type="LGLL", use_qk_norm=True),
-    dict(window_type="LGL6", use_sw=True, n_local_heads=1),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(window_type=None, use_qk_norm=True, use_sw=True),
+        dict(window_type="LG"),
+        dict(window_type="LGLL", use_qk_norm=True),
+        dict(window_type="LGL6", use_sw=True, n_local_heads=1),
+    ],
+)
 def test_export_folder_validates_against_release(tmp_path, capsys, case):
     """``attn2onnx export DIR -o lm.onnx``: a dynamic-shape model whose ORT logits equal the
     release's forward at several shapes."""
@@ -156,6 +165,7 @@ def _mutate_state(key: str, value):
             del state[key]
         else:
             state[key] = value
+
     return apply
 
 
@@ -166,10 +176,14 @@ def _nonzero_key_side(config: dict, state: dict) -> None:
 
 
 ERRORS = {
-    "unknown key": (_mutate_state("layers.0.attention.extra.weight", torch.zeros(3)),
-                    "'layers.0.attention.extra.weight'"),
-    "bad shape": (_mutate_state("layers.2.attention.wo.weight", torch.zeros(32, 31)),
-                  "'layers.2.attention.wo.weight' has shape [32, 31]"),
+    "unknown key": (
+        _mutate_state("layers.0.attention.extra.weight", torch.zeros(3)),
+        "'layers.0.attention.extra.weight'",
+    ),
+    "bad shape": (
+        _mutate_state("layers.2.attention.wo.weight", torch.zeros(32, 31)),
+        "'layers.2.attention.wo.weight' has shape [32, 31]",
+    ),
     "missing key": (_mutate_state("layers.3.feed_forward.w2.weight", None), "lack 'layers.3.feed_forward.w2.weight'"),
     "integer weight": (_mutate_state("norm.weight", torch.ones(32, dtype=torch.int64)), "'norm.weight' is torch.int64"),
     "unknown option": (lambda c, s: c.update(use_mla=True), "option 'use_mla'"),
@@ -180,7 +194,9 @@ ERRORS = {
     "model type": (lambda c, s: c.update(model_type="dcpythia"), "model_type 'dcpythia'"),
     "query wise": (_nonzero_key_side, "layer 1 is query_wise but its key-side dynamic weights"),
     "static mix without use_sw": (
-        _mutate_state("layers.0.attention.dyn_w_proj.post_proj.w", 2 * torch.eye(4)[None]), "does not set use_sw"),
+        _mutate_state("layers.0.attention.dyn_w_proj.post_proj.w", 2 * torch.eye(4)[None]),
+        "does not set use_sw",
+    ),
 }
 
 
@@ -214,8 +230,13 @@ def test_broken_folder_is_one_line(tmp_path, capsys, problem):
         folder = folder / "config.json"
     status, _, err = call(capsys, "convert", str(folder), "-o", str(tmp_path / "out.pt"))
     assert status == 2
-    expected = {"no config": "no config.json", "no weights": "no weights", "bad json": "not valid JSON",
-                "corrupt weights": "unreadable", "not a folder": "is not a folder"}[problem]
+    expected = {
+        "no config": "no config.json",
+        "no weights": "no weights",
+        "bad json": "not valid JSON",
+        "corrupt weights": "unreadable",
+        "not a folder": "is not a folder",
+    }[problem]
     assert_one_line_error(err, expected)
     assert not (tmp_path / "out.pt").exists()
 
@@ -238,15 +259,19 @@ def test_kv_heads_share_keys_and_values():
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     shared = _layer(kv_heads=1, qk_norm=True)
     full = _layer(qk_norm=True)
-    tiled = {f"{proj}.{name}": getattr(getattr(shared, proj), name).repeat(4, *([1] * (name == "weight")))
-             for proj in ("k_proj", "v_proj") for name in ("weight", "bias")}
+    tiled = {
+        f"{proj}.{name}": getattr(getattr(shared, proj), name).repeat(4, *([1] * (name == "weight")))
+        for proj in ("k_proj", "v_proj")
+        for name in ("weight", "bias")
+    }
     full.load_state_dict({**shared.state_dict(), **tiled})
     assert shared.k_proj.weight.shape == (8, 32)
     torch.testing.assert_close(shared(x), full(x), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("options", [dict(window=3, window_plus_one=True, kv_heads=2),
-                                     dict(kv_heads=1, rope_fp16_table=True)])
+@pytest.mark.parametrize(
+    "options", [dict(window=3, window_plus_one=True, kv_heads=2), dict(kv_heads=1, rope_fp16_table=True)]
+)
 def test_decode_with_the_new_options_equals_forward(options):
     layer = _layer(**options)
     x = torch.randn(2, 11, 32, dtype=torch.float64)
@@ -257,24 +282,36 @@ def test_decode_with_the_new_options_equals_forward(options):
     torch.testing.assert_close(torch.cat(rows, dim=1), layer(x), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(window_plus_one=True), "window_plus_one needs a window"),
-    (dict(kv_heads=3), "kv_heads must divide n_heads 4"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(window_plus_one=True), "window_plus_one needs a window"),
+        (dict(kv_heads=3), "kv_heads must divide n_heads 4"),
+    ],
+)
 def test_new_dcmha_options_are_checked(options, message):
     with pytest.raises(VariantError, match=message):
         DcmhaConfig(d_model=32, n_heads=4, causal=True, **options)
 
 
 def test_layer_options_and_norm_eps():
-    config = ModelConfig(variant="dcmha", d_model=32, heads=4, layers=3, norm_eps=1e-5,
-                         layer_options=[{"window": 2}, {}, {"window": 5, "window_plus_one": True}])
+    config = ModelConfig(
+        variant="dcmha",
+        d_model=32,
+        heads=4,
+        layers=3,
+        norm_eps=1e-5,
+        layer_options=[{"window": 2}, {}, {"window": 5, "window_plus_one": True}],
+    )
     assert [c.window_keys for c in config.attention_configs()] == [2, 0, 6]
     model = build_model(config)
     assert model.norm.eps == 1e-5 and model.trunk.blocks[0].norm1.eps == 1e-5
     assert ModelConfig.from_dict(config.to_dict()) == config
-    for bad, message in (([{}], "one dict per layer (3)"), ([{}, {}, 3], "entries are dicts"),
-                         ([{}, {"d_model": 8}, {}], "'d_model' is not a variant option")):
+    for bad, message in (
+        ([{}], "one dict per layer (3)"),
+        ([{}, {}, 3], "entries are dicts"),
+        ([{}, {"d_model": 8}, {}], "'d_model' is not a variant option"),
+    ):
         with pytest.raises(attn2onnx.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
             ModelConfig(variant="dcmha", d_model=32, heads=4, layers=3, layer_options=bad)
     assert not math.isnan(model(torch.zeros(1, 4, dtype=torch.long)).sum().item())

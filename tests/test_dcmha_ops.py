@@ -7,6 +7,7 @@
 - the module: zero dynamic weights == multi-head attention written here, cached decoding ==
   full forward row by row, export of the whole layer to ORT.
 """
+
 from __future__ import annotations
 
 import copy
@@ -70,9 +71,13 @@ def op_inputs(b, t, s, n=N_HEADS, d=HEAD_DIM, rank=2, seed=0, dtype=torch.float3
     rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(dtype)  # noqa: E731
     mask = random_padding(b, s, gen) if padded else torch.ones(b, s, dtype=torch.bool)
     return (
-        rnd(b, t, n, d), rnd(b, s, n, d), rnd(b, s, n, d),
-        rnd(b, t, 2, 2 * rank + 1, n, scale=0.4), rnd(b, s, 2, 2 * rank + 1, n, scale=0.4),
-        mask, rnd(2, n, n, scale=0.3),
+        rnd(b, t, n, d),
+        rnd(b, s, n, d),
+        rnd(b, s, n, d),
+        rnd(b, t, 2, 2 * rank + 1, n, scale=0.4),
+        rnd(b, s, 2, 2 * rank + 1, n, scale=0.4),
+        mask,
+        rnd(2, n, n, scale=0.3),
     )
 
 
@@ -151,7 +156,9 @@ class AttentionCall(torch.nn.Module):
         self.attrs = (scale, causal, window, use_static_mix)
 
     def forward(self, q, k, v, q_factors, k_factors, key_padding_mask, static_mix):
-        return torch.ops.attn2onnx.dcmha_attention(q, k, v, q_factors, k_factors, key_padding_mask, static_mix, *self.attrs)
+        return torch.ops.attn2onnx.dcmha_attention(
+            q, k, v, q_factors, k_factors, key_padding_mask, static_mix, *self.attrs
+        )
 
 
 class ComposeCall(torch.nn.Module):
@@ -193,8 +200,12 @@ def test_compose_body_in_ort_matches_reference():
     gen = torch.Generator().manual_seed(7)
 
     def inputs(bb, tt, ss, rank):
-        return (torch.randn(bb, N_HEADS, tt, ss, generator=gen), torch.randn(bb, tt, 2 * rank + 1, N_HEADS, generator=gen),
-                torch.randn(bb, ss, 2 * rank + 1, N_HEADS, generator=gen), torch.randn(N_HEADS, N_HEADS, generator=gen))
+        return (
+            torch.randn(bb, N_HEADS, tt, ss, generator=gen),
+            torch.randn(bb, tt, 2 * rank + 1, N_HEADS, generator=gen),
+            torch.randn(bb, ss, 2 * rank + 1, N_HEADS, generator=gen),
+            torch.randn(N_HEADS, N_HEADS, generator=gen),
+        )
 
     model = export_with_functions(ComposeCall(), inputs(2, 3, 4, 2), shapes)
     session = ort_session(model)
@@ -227,20 +238,26 @@ def test_gradcheck_attention():
 
 def test_gradcheck_compose():
     gen = torch.Generator().manual_seed(6)
-    a, qf, kf, wb = (torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
-                     for shape in ((1, 2, 3, 2), (1, 3, 5, 2), (1, 2, 5, 2), (2, 2)))
-    assert torch.autograd.gradcheck(lambda *x: torch.ops.attn2onnx.dcmha_compose(*x, True), (a, qf, kf, wb), fast_mode=True)
+    a, qf, kf, wb = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+        for shape in ((1, 2, 3, 2), (1, 3, 5, 2), (1, 2, 5, 2), (2, 2))
+    )
+    assert torch.autograd.gradcheck(
+        lambda *x: torch.ops.attn2onnx.dcmha_compose(*x, True), (a, qf, kf, wb), fast_mode=True
+    )
 
 
 def test_opcheck_ops():
     q, k, v, qf, kf, mask, wb = op_inputs(1, 2, 3, n=2, d=2, rank=1, seed=8)
     q.requires_grad_()
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")  # aot_dispatch: slow, gradcheck covers it
-    torch.library.opcheck(torch.ops.attn2onnx.dcmha_attention.default, (q, k, v, qf, kf, mask, wb, 0.0, True, 0, True),
-                          test_utils=utils)
+    torch.library.opcheck(
+        torch.ops.attn2onnx.dcmha_attention.default, (q, k, v, qf, kf, mask, wb, 0.0, True, 0, True), test_utils=utils
+    )
     a = torch.randn(1, 2, 2, 3, requires_grad=True)
-    torch.library.opcheck(torch.ops.attn2onnx.dcmha_compose.default, (a, qf[:, :, 0], kf[:, :, 0], wb[0], True),
-                          test_utils=utils)
+    torch.library.opcheck(
+        torch.ops.attn2onnx.dcmha_compose.default, (a, qf[:, :, 0], kf[:, :, 0], wb[0], True), test_utils=utils
+    )
 
 
 # ----------------------------------------------------------------------------- the variant

@@ -3,6 +3,7 @@
 Each model is exported once per module (exports dominate the time): mha through the CLI (with its
 built-in check), dcmha with RoPE, QK-norm and a local window on layer 0 through the API, and the
 other causal variants (optimised, efficient, super with a random WA, reuse) through the API."""
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,7 @@ def full_forward_greedy(model: torch.nn.Module, prompt: list[int], tokens: int) 
     with torch.inference_mode():
         for _ in range(tokens):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def torch_decode_greedy(model: torch.nn.Module, prompt: list[int], tokens: int) -> list[int]:
@@ -73,6 +74,7 @@ def torch_decode_greedy(model: torch.nn.Module, prompt: list[int], tokens: int) 
 def test_graph_inputs_outputs_follow_optimum(mha, dcmha) -> None:
     """Names, Optimum's layout and dynamic dims; a window layer's cache has its own past dim;
     the metadata says what each cache holds."""
+
     def dims(value):
         return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
@@ -130,17 +132,38 @@ def test_cli_generate_json_and_progress_line(mha, capsys) -> None:
     assert "UTF-8 bytes" in err and "tokens/s" in err.splitlines()[-1]
     sampled = []
     for _ in range(2):
-        assert cli.main(["generate", mha[1], "--prompt-ids", "1,2", "--max-new-tokens", "6", "--temperature", "1.5",
-                         "--top-k", "3", "--seed", "7", "--json"]) == 0
+        assert (
+            cli.main(
+                [
+                    "generate",
+                    mha[1],
+                    "--prompt-ids",
+                    "1,2",
+                    "--max-new-tokens",
+                    "6",
+                    "--temperature",
+                    "1.5",
+                    "--top-k",
+                    "3",
+                    "--seed",
+                    "7",
+                    "--json",
+                ]
+            )
+            == 0
+        )
         sampled.append(json.loads(capsys.readouterr().out)["tokens"])
     assert sampled[0] == sampled[1]  # seeded
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--prompt-ids", "1,x"], "comma-separated integers"),
-    (["--prompt-ids", "300"], "outside the model's vocabulary"),
-    (["--prompt", "a", "--max-new-tokens", "65"], "exceed the model's max_len 64"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--prompt-ids", "1,x"], "comma-separated integers"),
+        (["--prompt-ids", "300"], "outside the model's vocabulary"),
+        (["--prompt", "a", "--max-new-tokens", "65"], "exceed the model's max_len 64"),
+    ],
+)
 def test_cli_generate_errors_are_one_line(mha, capsys, argv, match) -> None:
     assert cli.main(["generate", mha[1], *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -194,6 +217,8 @@ def test_other_variants_decode_exactly(variant, tmp_path) -> None:
     results = compare_decode(str(tmp_path / "lm.onnx"), model, [(1, 1), (3, 6)], steps=3)
     assert all(r.passed for r in results), results
     inputs = [i.name for i in onnx.load(tmp_path / "lm.onnx").graph.input]
-    expected = {"efficient": ["past_key_values.0.x", "past_key_values.1.x"],
-                "reuse": ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.value"]}
+    expected = {
+        "efficient": ["past_key_values.0.x", "past_key_values.1.x"],
+        "reuse": ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.value"],
+    }
     assert inputs[3:] == expected.get(variant, [f"past_key_values.{i}.{n}" for i in (0, 1) for n in ("key", "value")])

@@ -1,5 +1,6 @@
 """The repository stands alone: its documents link only to files inside it, and nothing points
 at the design texts of the project's shared workspace, which a clone does not have (issue 13)."""
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,13 @@ OUTSIDE = "shared" + "/design"  # spelled in two parts so that this file does no
 
 def repo_files(suffixes: set[str]) -> list[Path]:
     """The repository's own files with these suffixes (no VCS, build or egg-info folders)."""
-    return sorted(p for p in ROOT.rglob("*") if p.suffix in suffixes and p.is_file()
-                  and not any(part in SKIPPED or part.endswith(".egg-info") for part in p.relative_to(ROOT).parts))
+    return sorted(
+        p
+        for p in ROOT.rglob("*")
+        if p.suffix in suffixes
+        and p.is_file()
+        and not any(part in SKIPPED or part.endswith(".egg-info") for part in p.relative_to(ROOT).parts)
+    )
 
 
 def test_docs_exist_and_readme_links_them():
@@ -38,6 +44,9 @@ def test_markdown_links_resolve_inside_the_repo():
 
 
 def test_nothing_points_at_the_shared_design_texts():
-    hits = [str(p.relative_to(ROOT)) for p in repo_files(TEXT_SUFFIXES)
-            if OUTSIDE in p.read_text(encoding="utf-8", errors="replace")]
+    hits = [
+        str(p.relative_to(ROOT))
+        for p in repo_files(TEXT_SUFFIXES)
+        if OUTSIDE in p.read_text(encoding="utf-8", errors="replace")
+    ]
     assert not hits, hits

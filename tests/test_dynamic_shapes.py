@@ -1,6 +1,7 @@
 """Dynamic dims that fit real modules (issue 10, part 2): inferred from the example inputs by
 size, or given as torch.export ``dynamic_shapes``; a dim that torch specialises is one line
 (a typed DynamicShapeError in Python, exit 2 on the CLI), never torch's traceback."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,9 @@ class RopeLayer(nn.Module):
         b, t, _ = x.shape
         q, k, v = (z.view(b, t, HEADS, D // HEADS) for z in self.wqkv(x).split(D, dim=-1))
         q, k = rope(q, freqs_cis), rope(k, freqs_cis)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask[:, :, :t, :t])
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, :, :t, :t]
+        )
         return self.wo(y.transpose(1, 2).reshape(b, t, D))
 
 
@@ -42,8 +44,10 @@ def rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """The release's apply_rotary_emb: pairs of channels rotated by freqs_cis [T, d/2, (cos, sin)]."""
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     f = freqs_cis.view(1, x.size(1), 1, pairs.size(3), 2)
-    out = torch.stack([pairs[..., 0] * f[..., 0] - pairs[..., 1] * f[..., 1],
-                       pairs[..., 1] * f[..., 0] + pairs[..., 0] * f[..., 1]], dim=-1)
+    out = torch.stack(
+        [pairs[..., 0] * f[..., 0] - pairs[..., 1] * f[..., 1], pairs[..., 1] * f[..., 0] + pairs[..., 0] * f[..., 1]],
+        dim=-1,
+    )
     return out.flatten(3)
 
 
@@ -116,16 +120,24 @@ def test_user_dynamic_shapes_pass_through_and_shape_the_specs(tmp_path):
     """dynamic_shapes keyed by forward's parameter names: only the batch is dynamic, and the
     specs stored in the file say so."""
     model = RopeLayer().eval()
-    result = attn2onnx.export(model, rope_inputs(2, 6), tmp_path / "rope.onnx",
-                              dynamic_shapes={"x": {0: "batch"}, "freqs_cis": None, "mask": None})
+    result = attn2onnx.export(
+        model,
+        rope_inputs(2, 6),
+        tmp_path / "rope.onnx",
+        dynamic_shapes={"x": {0: "batch"}, "freqs_cis": None, "mask": None},
+    )
     assert [s.dims for s in result.inputs] == [("batch", 6, D), (6, 4, 2), (1, 1, 6, 6)]
     assert graph_dims(result.path) == [["batch", 6, D], [6, 4, 2], [1, 1, 6, 6]]
 
 
 def test_user_dynamic_dim_that_is_neither_batch_nor_seq_is_refused(tmp_path):
     with pytest.raises(DynamicShapeError, match="input 'input_1' dim 1 .*neither"):
-        attn2onnx.export(RopeLayer().eval(), rope_inputs(2, 6), tmp_path / "rope.onnx",
-                         dynamic_shapes=({0: "batch", 1: "seq"}, {0: "seq", 1: "half"}, None))
+        attn2onnx.export(
+            RopeLayer().eval(),
+            rope_inputs(2, 6),
+            tmp_path / "rope.onnx",
+            dynamic_shapes=({0: "batch", 1: "seq"}, {0: "seq", 1: "half"}, None),
+        )
     assert not (tmp_path / "rope.onnx").exists()
 
 
@@ -148,10 +160,13 @@ def test_fixed_length_module_is_one_typed_line(tmp_path):
     assert graph_dims(result.path) == [[2, 6, D]]
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"max_seq": 64},  # a bounded Dim("seq"): torch reports a violated guard
-    {"dynamic_shapes": ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")},)},  # torch specialises silently
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_seq": 64},  # a bounded Dim("seq"): torch reports a violated guard
+        {"dynamic_shapes": ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")},)},  # torch specialises silently
+    ],
+)
 def test_specialised_dim_is_one_typed_line_however_torch_says_it(tmp_path, kwargs):
     with pytest.raises(DynamicShapeError) as caught:
         attn2onnx.export(FixedLengthMix().eval(), (torch.randn(2, 6, D),), tmp_path / "mix.onnx", **kwargs)
@@ -177,8 +192,9 @@ def test_cli_exports_a_rope_layer_program(capsys, tmp_path):
     """A torch.export program of the layer: its dims are named by the program's symbols (freqs'
     T is seq), so the CLI exports it dynamic and with --static."""
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=64)
-    program = torch.export.export(RopeLayer().eval(), rope_inputs(2, 6),
-                                  dynamic_shapes=({0: batch, 1: seq}, {0: seq}, {2: seq, 3: seq}))
+    program = torch.export.export(
+        RopeLayer().eval(), rope_inputs(2, 6), dynamic_shapes=({0: batch, 1: seq}, {0: seq}, {2: seq, 3: seq})
+    )
     torch.export.save(program, tmp_path / "rope.pt2")
     for extra, freqs_dims in (([], ["seq", 4, 2]), (["--static"], [16, 4, 2])):
         status, out, err = call(capsys, "export", str(tmp_path / "rope.pt2"), "-o", str(tmp_path / "rope.onnx"), *extra)

@@ -4,6 +4,7 @@ of einsums (and the fast_infer=False pair), the sw mix, query-wise mode, QK-norm
 upstream, the mask sliced from a precomputed causal / window buffer. The fused graph computes
 what the stock export computes at two dynamic shapes; masks and fills that are not causal /
 window by construction stay unfused."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -108,8 +109,9 @@ def test_release_lm_fuses_one_dcmha_attention_per_layer(exported):
     """Window layer and global layer take their rows of one stacked [window, causal] buffer."""
     stock = exported("lm")
     fused, _ = optimize_model(stock, target="ort")
-    windows = sorted(onnx.helper.get_attribute_value(a) for n in _attention_nodes(fused) for a in n.attribute
-                     if a.name == "window")
+    windows = sorted(
+        onnx.helper.get_attribute_value(a) for n in _attention_nodes(fused) for a in n.attribute if a.name == "window"
+    )
     assert windows == [0, 5], windows
     _assert_same(stock, fused)
 
@@ -148,8 +150,11 @@ def _with_fill(model: onnx.ModelProto, fill: float) -> onnx.ModelProto:
 def test_near_misses_stay_unfused(exported, near_miss):
     """A buffer that is not a band, or a fill that does not mask: no DcmhaAttention, same outputs."""
     stock = exported("causal_sw_qknorm")
-    changed = {"hole": lambda: _with_table(stock, _hole), "future_key": lambda: _with_table(stock, _future),
-               "small_fill": lambda: _with_fill(stock, -100.0)}[near_miss]()
+    changed = {
+        "hole": lambda: _with_table(stock, _hole),
+        "future_key": lambda: _with_table(stock, _future),
+        "small_fill": lambda: _with_fill(stock, -100.0),
+    }[near_miss]()
     fused, _ = optimize_model(changed, target="ort")
     assert ATTENTION not in _counts(fused)
     _assert_same(changed, fused)

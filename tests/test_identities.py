@@ -3,6 +3,7 @@
 Each identity is checked on the modules (held against each other or against a direct numpy
 formula) and, where it says something about the oracles themselves, on the oracles too.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,17 @@ import numpy as np
 import pytest
 
 import oracles
-from oracles._common import allowed_mask, attend, linear, merge_heads, padding_mask, rms_norm, rope, softmax, split_heads
+from oracles._common import (
+    allowed_mask,
+    attend,
+    linear,
+    merge_heads,
+    padding_mask,
+    rms_norm,
+    rope,
+    softmax,
+    split_heads,
+)
 from conftest import (
     assert_real_rows_close,
     build,
@@ -98,7 +109,13 @@ def test_super_output_is_probs_times_wa_times_x(causal, rng):
     for t in (L, 5):
         x = random_x(rng, 2, t, D)
         q, xs = split_heads(linear(x, wq, bq), N), split_heads(x, N)
-        p = softmax(np.where(allowed_mask(np.ones((2, t), bool), t, causal), np.einsum("btnd,bsnd->bnts", q, xs) / math.sqrt(d), -1e300))
+        p = softmax(
+            np.where(
+                allowed_mask(np.ones((2, t), bool), t, causal),
+                np.einsum("btnd,bsnd->bnts", q, xs) / math.sqrt(d),
+                -1e300,
+            )
+        )
         mix = np.tril(wa[:t, :t]) if causal else wa[:t, :t]
         pw = p @ mix  # P_i WA  [B,N,T,T]
         pb = np.einsum("bnts,s->btn", p, wa_bias[:t])[..., None]  # P_i b, the same for every feature
@@ -172,10 +189,14 @@ def _mha_qknorm_rope(x, w, mask, causal, window, fraction, base):
     return linear(merge_heads(o), *oracles.linear_weights(w, "o_proj"))
 
 
-@pytest.mark.parametrize("opts", [
-    {"causal": False, "window": None, "rotary_fraction": 1.0},
-    {"causal": True, "window": 4, "rotary_fraction": 0.5},
-], ids=["full", "causal-window-partial"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"causal": False, "window": None, "rotary_fraction": 1.0},
+        {"causal": True, "window": 4, "rotary_fraction": 0.5},
+    ],
+    ids=["full", "causal-window-partial"],
+)
 def test_dcmha_without_dynamic_weights_is_mha_with_qknorm_rope(opts, rng):
     dc = build("dcmha", rng, d_model=D, n_heads=N, qk_norm=True, rope=True, rope_base=1000.0, **opts)
     w = _zero_dynamic(weights_of(dc))
@@ -219,8 +240,8 @@ def _module_decode(dc, x, mask, split):
     rows, start = [], 0
     with torch.no_grad():
         for n in split:
-            piece = torch.as_tensor(x[:, start:start + n])
-            m = None if mask is None else torch.as_tensor(mask[:, start:start + n])
+            piece = torch.as_tensor(x[:, start : start + n])
+            m = None if mask is None else torch.as_tensor(mask[:, start : start + n])
             y, cache = dc.forward_step(piece, cache, key_padding_mask=m)
             rows.append(y.numpy())
             start += n
@@ -231,11 +252,18 @@ def _module_decode(dc, x, mask, split):
 
 
 def _random_dcmha_weights(rng, r=2, k=4 * N):
-    w = dict(wq=rng.standard_normal((D, D)) / math.sqrt(D), wk=rng.standard_normal((D, D)) / math.sqrt(D),
-             wv=rng.standard_normal((D, D)) / math.sqrt(D), wo=rng.standard_normal((D, D)) / math.sqrt(D),
-             dw1=rng.standard_normal((D, 4, k)) / math.sqrt(D), qkw=rng.standard_normal((4, k, 2 * r, N)) * 0.5,
-             dd=rng.standard_normal((D, 4 * N)) / math.sqrt(D), q_norm_gain=1 + 0.2 * rng.standard_normal(d),
-             k_norm_gain=1 + 0.2 * rng.standard_normal(d), static_mix=0.3 * rng.standard_normal((2, N, N)))
+    w = dict(
+        wq=rng.standard_normal((D, D)) / math.sqrt(D),
+        wk=rng.standard_normal((D, D)) / math.sqrt(D),
+        wv=rng.standard_normal((D, D)) / math.sqrt(D),
+        wo=rng.standard_normal((D, D)) / math.sqrt(D),
+        dw1=rng.standard_normal((D, 4, k)) / math.sqrt(D),
+        qkw=rng.standard_normal((4, k, 2 * r, N)) * 0.5,
+        dd=rng.standard_normal((D, 4 * N)) / math.sqrt(D),
+        q_norm_gain=1 + 0.2 * rng.standard_normal(d),
+        k_norm_gain=1 + 0.2 * rng.standard_normal(d),
+        static_mix=0.3 * rng.standard_normal((2, N, N)),
+    )
     return w
 
 
@@ -249,8 +277,17 @@ def test_oracle_dcmha_decode_and_zero_dynamic(rng):
         zero = dict(w, dw1=0 * w["dw1"], qkw=0 * w["qkw"], dd=0 * w["dd"], static_mix=None)
         for causal in (False, True):
             ref = oracles.mha(x, w["wq"], w["wk"], w["wv"], w["wo"], N, key_padding_mask=mask, causal=causal)
-            assert_real_rows_close(oracles.dcmha(x, n_heads=N, key_padding_mask=mask, causal=causal, **{
-                k: v for k, v in zero.items() if "gain" not in k}), ref, mask)
+            assert_real_rows_close(
+                oracles.dcmha(
+                    x,
+                    n_heads=N,
+                    key_padding_mask=mask,
+                    causal=causal,
+                    **{k: v for k, v in zero.items() if "gain" not in k},
+                ),
+                ref,
+                mask,
+            )
 
 
 def test_dcmha_default_shapes(rng):
@@ -274,8 +311,14 @@ def test_dcmha_compose_never_mixes_positions(rng):
     out = oracles.compose(a, uq, vq, gq, uk, vk, gk, wb)
     ti, si = 2, 3
     vec = a[0, :, ti, si]
-    want = (vec + (vec @ uq[0, ti].T) @ vq[0, ti] + (vec @ uk[0, si].T) @ vk[0, si] + vec * gq[0, ti]
-            + vec * gk[0, si] + vec @ wb)
+    want = (
+        vec
+        + (vec @ uq[0, ti].T) @ vq[0, ti]
+        + (vec @ uk[0, si].T) @ vk[0, si]
+        + vec * gq[0, ti]
+        + vec * gk[0, si]
+        + vec @ wb
+    )
     np.testing.assert_allclose(out[0, :, ti, si], want, atol=1e-12)
 
 
@@ -386,9 +429,11 @@ def test_oracle_reuse_without_reuse_is_mha(rng):
 # ---------------------------------------------------------------- bn / sh / bn-sh
 
 
-@pytest.mark.parametrize("name,opts", [("bn", {}), ("bn", {"rescale": False}), ("bn-sh", {}),
-                                       ("bn-sh", {"sh_factors": (3, 2, 1, 2)})],
-                         ids=["bn", "bn-centre-only", "bn-sh", "bn-sh-factors"])
+@pytest.mark.parametrize(
+    "name,opts",
+    [("bn", {}), ("bn", {"rescale": False}), ("bn-sh", {}), ("bn-sh", {"sh_factors": (3, 2, 1, 2)})],
+    ids=["bn", "bn-centre-only", "bn-sh", "bn-sh-factors"],
+)
 def test_bn_shift_invariance(name, opts, rng):
     """Adding one vector to every q and k (through their biases) leaves the output unchanged."""
     module = build(name, rng, d_model=D, n_heads=N, **opts)
@@ -402,10 +447,18 @@ def test_bn_shift_invariance(name, opts, rng):
     compare_modules(module, shifted, rng, t=10, what=f"{name} shift")
     # the shift does change the oracle's q and k: the invariance is not vacuous
     x = random_x(rng, 1, 10, D)
-    plain = oracles.mha(x, *(oracles.linear_weights(w, f"{p}_proj")[0] for p in "qkvo"), N,
-                        *(oracles.linear_weights(w, f"{p}_proj")[1] for p in "qkvo"))
-    shifted_plain = oracles.mha(x, *(oracles.linear_weights(w2, f"{p}_proj")[0] for p in "qkvo"), N,
-                                *(oracles.linear_weights(w2, f"{p}_proj")[1] for p in "qkvo"))
+    plain = oracles.mha(
+        x,
+        *(oracles.linear_weights(w, f"{p}_proj")[0] for p in "qkvo"),
+        N,
+        *(oracles.linear_weights(w, f"{p}_proj")[1] for p in "qkvo"),
+    )
+    shifted_plain = oracles.mha(
+        x,
+        *(oracles.linear_weights(w2, f"{p}_proj")[0] for p in "qkvo"),
+        N,
+        *(oracles.linear_weights(w2, f"{p}_proj")[1] for p in "qkvo"),
+    )
     assert np.abs(plain - shifted_plain).max() > 1e-3
 
 
@@ -461,8 +514,10 @@ def expected_params(name, dm, lmax, bias):
 def test_parameter_counts_d32_l32_n4():
     """variants.md's table for D = L = 32, N = 4 with biases: 4224 / 3168 / 2112 / 3168 (super's
     WA carries its 32-vector bias by default); ``wa_bias=False`` drops it: 2112 + 32*32 = 3136."""
-    counts = {name: n_params(build(name, None, d_model=32, n_heads=4, max_len=32, bias=True))
-              for name in ("mha", "optimised", "efficient", "super")}
+    counts = {
+        name: n_params(build(name, None, d_model=32, n_heads=4, max_len=32, bias=True))
+        for name in ("mha", "optimised", "efficient", "super")
+    }
     assert counts == {"mha": 4224, "optimised": 3168, "efficient": 2112, "super": 3168}
     assert n_params(build("super", None, d_model=32, n_heads=4, max_len=32, wa_bias=False)) == 3136
 

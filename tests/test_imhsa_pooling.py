@@ -2,6 +2,7 @@
 no runtime inside the pass: the stock export of tests/plain_variants.py's segment pooling is
 accepted, equivalent spellings of a step are accepted, any change of meaning is refused with a
 NoMatch naming the step, and ``explain`` reports it for a near miss."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -73,8 +74,10 @@ EQUIVALENT: dict[str, Callable[[ir.Model], None]] = {
 CHANGED: dict[str, tuple[Callable[[ir.Model], None], str]] = {
     # segment = floor(rank * 4 / n): four segments' ids for three landmarks
     "other_landmark_count": (lambda m: _set_const(_node(m, "Mul"), 1, np.array(LANDMARKS + 1)), "rank \\* 3"),
-    "reversed_cumsum": (lambda m: _node(m, "CumSum").attributes.__setitem__("reverse", ir.AttrInt64("reverse", 1)),
-                        "token ranks"),
+    "reversed_cumsum": (
+        lambda m: _node(m, "CumSum").attributes.__setitem__("reverse", ir.AttrInt64("reverse", 1)),
+        "token ranks",
+    ),
     "ids_not_arange": (lambda m: _set_const(_node(m, "Equal"), 1, np.array([[2], [1], [0]])), "arange\\(3\\)"),
     "count_over_batch": (lambda m: _set_const(_node(m, "ReduceSum"), 1, np.array([0])), "ReduceSum over axis 1"),
 }

@@ -2,6 +2,7 @@
 unpickles or runs native code without --trust-pickle, a small file cannot make attn2onnx inflate
 or allocate gigabytes (zip checks before torch.load, config sizes before any allocation), and
 trusted pickles keep working."""
+
 from __future__ import annotations
 
 import io
@@ -219,11 +220,14 @@ def _checkpoint(tmp_path: Path, edit: Callable[[dict], None]) -> Path:
     return tmp_path / "edited.pt"
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("d_model", 400000, "lower d_model"),
-    ("d_model", 256, "makes pos \\[16, 256\\], the file holds \\[16, 16\\]"),
-    ("vocab_size", 10**9, "lower vocab_size"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("d_model", 400000, "lower d_model"),
+        ("d_model", 256, "makes pos \\[16, 256\\], the file holds \\[16, 16\\]"),
+        ("vocab_size", 10**9, "lower vocab_size"),
+    ],
+)
 def test_checkpoint_config_larger_than_its_weights_is_refused(tmp_path, monkeypatch, field, value, match):
     path = _checkpoint(tmp_path, lambda payload: payload["config"].update({field: value, "mlp_hidden": None}))
     monkeypatch.setattr("attn2onnx.checkpoint.build_model", None)  # refused before any model is built
@@ -252,10 +256,14 @@ def test_size_errors_name_the_field():
         build_model(ModelConfig(max_len=10**9))
 
 
-@pytest.mark.parametrize("config", [
-    ModelConfig(family="lm", variant="reuse", layers=4, reuse_schedule=[0, 1, 4, 2]),
-    ModelConfig(family="lm", variant="dcmha", tie_embeddings=False),
-    ModelConfig(family="encoder", variant="imhsa", patch_size=2, image_size=8),
-], ids=["reuse", "dcmha-untied", "imhsa-image"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(family="lm", variant="reuse", layers=4, reuse_schedule=[0, 1, 4, 2]),
+        ModelConfig(family="lm", variant="dcmha", tie_embeddings=False),
+        ModelConfig(family="encoder", variant="imhsa", patch_size=2, image_size=8),
+    ],
+    ids=["reuse", "dcmha-untied", "imhsa-image"],
+)
 def test_state_size_counts_exactly_what_a_checkpoint_holds(config):
     assert state_size(config) == sum(t.numel() for t in build_model(config).state_dict().values())

@@ -8,6 +8,7 @@ MultiHeadAttention adds its mask_filter_value or, in causal mode, spreads the ro
 causal keys only; Attention-23 with a boolean mask gives zeros), so the lowering pass must keep
 the contract itself, for every target and precision; and validate's random inputs must hold
 such rows, or a broken lowering passes (issue 11, item 5)."""
+
 from __future__ import annotations
 
 import copy
@@ -36,9 +37,19 @@ SHAPES = [(5, 7), (5, 16)]  # two dynamic shapes, one odd length
 TARGETS = ["ort", "trt", "portable"]
 FUSED = {"ort": "com.microsoft::MultiHeadAttention", "trt": "Attention", "portable": "Attention"}
 # every variant the pass lowers, causal where it can be: (variant, causal, fused nodes)
-LOWERED = [("mha", True, 1), ("mha", False, 1), ("optimised", True, 1), ("optimised", False, 1),
-           ("efficient", True, 1), ("efficient", False, 1), ("super", True, 1), ("super", False, 1),
-           ("bn", False, 1), ("sh", False, 2), ("bn-sh", False, 2)]
+LOWERED = [
+    ("mha", True, 1),
+    ("mha", False, 1),
+    ("optimised", True, 1),
+    ("optimised", False, 1),
+    ("efficient", True, 1),
+    ("efficient", False, 1),
+    ("super", True, 1),
+    ("super", False, 1),
+    ("bn", False, 1),
+    ("sh", False, 2),
+    ("bn-sh", False, 2),
+]
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 
 
@@ -48,8 +59,8 @@ def contract_mask(batch: int, seq: int) -> np.ndarray:
     mask = np.ones((batch, seq), dtype=bool)
     mask[1] = False
     mask[2, : seq // 2] = False
-    mask[3, seq - 2:] = False
-    mask[4, :2] = mask[4, seq - 2:] = False
+    mask[3, seq - 2 :] = False
+    mask[4, :2] = mask[4, seq - 2 :] = False
     return mask
 
 
@@ -67,14 +78,19 @@ def exported():
                 if hasattr(module, "wa"):
                     module.wa.add_(0.1 * torch.randn_like(module.wa))
             half = precision == "fp16"
-            specs = [InputSpec("x", ("batch", "seq", D), "float", precision=precision),
-                     InputSpec("key_padding_mask", ("batch", "seq"), "mask")]
+            specs = [
+                InputSpec("x", ("batch", "seq", D), "float", precision=precision),
+                InputSpec("key_padding_mask", ("batch", "seq"), "mask"),
+            ]
             x = torch.randn(2, 8, D)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                graph = to_onnx(copy.deepcopy(module).half() if half else module,
-                                (x.half() if half else x, torch.ones(2, 8, dtype=torch.bool)), specs,
-                                output_names=["y"])
+                graph = to_onnx(
+                    copy.deepcopy(module).half() if half else module,
+                    (x.half() if half else x, torch.ones(2, 8, dtype=torch.bool)),
+                    specs,
+                    output_names=["y"],
+                )
             cache[key] = (module, graph)
         return cache[key]
 
@@ -105,8 +121,9 @@ def test_lowering_keeps_fully_masked_rows(exported, name, causal, fused, target)
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("name,causal,fused",
-                         [("mha", True, None), ("mha", False, None), ("bn", False, 1), ("sh", False, 2)])
+@pytest.mark.parametrize(
+    "name,causal,fused", [("mha", True, None), ("mha", False, None), ("bn", False, 1), ("sh", False, 2)]
+)
 def test_fp16_lowering_keeps_fully_masked_rows(exported, name, causal, fused, target):
     """fp16 graphs, where NEG = -1e30 is not representable: whatever the pass lowers (today the
     pooled variants; mha's fp16 export computes its softmax in fp32 between casts, a core the pass
@@ -139,8 +156,14 @@ def layer_model(tmp_path_factory):
     source = from_module(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        attn2onnx.export(model, source.example_inputs(2, 16), folder / "layer.onnx", specs=source.specs,
-                         output_names=source.output_names, max_seq=source.max_seq)
+        attn2onnx.export(
+            model,
+            source.example_inputs(2, 16),
+            folder / "layer.onnx",
+            specs=source.specs,
+            output_names=source.output_names,
+            max_seq=source.max_seq,
+        )
     return folder
 
 
@@ -172,7 +195,20 @@ def test_export_check_of_an_optimised_causal_lm(tmp_path, capsys):
     causal LM, whose causal rows before the first real token have no key."""
     model = attn2onnx.build_model(attn2onnx.ModelConfig(family="lm", variant="mha", d_model=D, heads=N, max_len=64))
     attn2onnx.save(model, tmp_path / "lm.pt")
-    status = cli.main(["export", str(tmp_path / "lm.pt"), "-o", str(tmp_path / "lm.onnx"), "--optimize",
-                       "--target", "ort", "--batch", "2", "--seq-len", "12"])
+    status = cli.main(
+        [
+            "export",
+            str(tmp_path / "lm.pt"),
+            "-o",
+            str(tmp_path / "lm.onnx"),
+            "--optimize",
+            "--target",
+            "ort",
+            "--batch",
+            "2",
+            "--seq-len",
+            "12",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0 and out.count(" ok") == 2, out

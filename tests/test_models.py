@@ -1,5 +1,6 @@
 """Model families (CausalLM, EncoderClassifier, AttentionLayer) around every registered
 variant: build, run at dynamic shapes, masks, causality, training, torch.export, bad input."""
+
 from __future__ import annotations
 
 import pytest
@@ -169,7 +170,9 @@ def test_reuse_default_schedule_and_threading():
     model = build_model(tiny_config("encoder", variant, layers=3, reuse_schedule=[0, 2, 4])).eval()
     seen = []
     for block in model.trunk.blocks:
-        block.attn.register_forward_hook(lambda mod, args, kwargs, out: seen.append((kwargs.get("prev_probs"), out[1])), with_kwargs=True)
+        block.attn.register_forward_hook(
+            lambda mod, args, kwargs, out: seen.append((kwargs.get("prev_probs"), out[1])), with_kwargs=True
+        )
     model(torch.randint(0, 13, (2, 6)))
     assert seen[0][0] is None
     for (_, produced), (received, _) in zip(seen, seen[1:]):
@@ -177,7 +180,10 @@ def test_reuse_default_schedule_and_threading():
     assert seen[0][1].shape == (2, 4, 7, 7)  # [B, N, T+CLS, T+CLS]
 
 
-@pytest.mark.parametrize("schedule,match", [([1, 0], "start with 0"), ([0], "one count per layer"), ([0, 5], r"\[0, 4\]"), ([0, 1.5], "integers")])
+@pytest.mark.parametrize(
+    "schedule,match",
+    [([1, 0], "start with 0"), ([0], "one count per layer"), ([0, 5], r"\[0, 4\]"), ([0, 1.5], "integers")],
+)
 def test_reuse_schedule_checked(schedule, match):
     with pytest.raises(UsageError, match=match):
         tiny_config("lm", _reuse_variant(), reuse_schedule=schedule)

@@ -8,6 +8,7 @@ The kernel tests need the library: it is built on first use from the ORT headers
 scripts/fetch_ort_headers.sh fetches. Without them the tests skip, except under CI (CI=true or
 ATTN2ONNX_REQUIRE_NATIVE=1), where a missing library is a failure.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -43,22 +44,51 @@ def dcmha_model(causal=0, window=0, use_static_mix=0, scale=0.0, elem=TensorProt
     """One DcmhaAttention node with dynamic shapes, its function body (and DcmhaCompose's)
     attached. With ``elem`` other than FLOAT the float inputs are cast to it before the node and
     the output back to float after it (the node itself runs in ``elem``)."""
-    dims = {"q": "BTNd", "k": "BSNd", "v": "BSNd", "q_factors": "BT2FN", "k_factors": "BS2FN",
-            "key_padding_mask": "BS", "static_mix": "2NN"}
-    inputs = [helper.make_tensor_value_info(name, TensorProto.BOOL if name == "key_padding_mask" else TensorProto.FLOAT,
-                                            [int(c) if c.isdigit() else c for c in dims[name]]) for name in NAMES]
+    dims = {
+        "q": "BTNd",
+        "k": "BSNd",
+        "v": "BSNd",
+        "q_factors": "BT2FN",
+        "k_factors": "BS2FN",
+        "key_padding_mask": "BS",
+        "static_mix": "2NN",
+    }
+    inputs = [
+        helper.make_tensor_value_info(
+            name,
+            TensorProto.BOOL if name == "key_padding_mask" else TensorProto.FLOAT,
+            [int(c) if c.isdigit() else c for c in dims[name]],
+        )
+        for name in NAMES
+    ]
     nodes, args = [], list(NAMES)
     if elem != TensorProto.FLOAT:
         args = [name if name == "key_padding_mask" else f"{name}_low" for name in NAMES]
         nodes += [helper.make_node("Cast", [name], [arg], to=elem) for name, arg in zip(NAMES, args) if name != arg]
     out = "o" if elem == TensorProto.FLOAT else "o_low"
-    nodes.append(helper.make_node("DcmhaAttention", args, [out], domain=ops.DOMAIN, scale=scale, causal=causal,
-                                  window=window, use_static_mix=use_static_mix))
+    nodes.append(
+        helper.make_node(
+            "DcmhaAttention",
+            args,
+            [out],
+            domain=ops.DOMAIN,
+            scale=scale,
+            causal=causal,
+            window=window,
+            use_static_mix=use_static_mix,
+        )
+    )
     if out != "o":
         nodes.append(helper.make_node("Cast", [out], ["o"], to=TensorProto.FLOAT))
-    graph = helper.make_graph(nodes, "dcmha", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, list("BTNd"))])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(ops.DOMAIN, 1)],
-                             functions=list(ops.function_protos().values()), ir_version=10)
+    graph = helper.make_graph(
+        nodes, "dcmha", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, list("BTNd"))]
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(ops.DOMAIN, 1)],
+        functions=list(ops.function_protos().values()),
+        ir_version=10,
+    )
 
 
 def make_inputs(rng, b, t, s, n, d, r=2, pad=None, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -87,7 +117,7 @@ def oracle(feeds, scale=0.0, causal=False, window=0, use_static_mix=False, with_
     r = (f["q_factors"].shape[3] - 1) // 2
 
     def side(factors, slot):  # (U, V, g) of one slot in oracles.dcmha.compose's layout
-        return factors[:, :, slot, :r], factors[:, :, slot, r:2 * r], factors[:, :, slot, 2 * r]
+        return factors[:, :, slot, :r], factors[:, :, slot, r : 2 * r], factors[:, :, slot, 2 * r]
 
     def mix(slot):
         return f["static_mix"][slot] if use_static_mix else None
@@ -292,9 +322,11 @@ def test_scratch_per_thread_stays_under_16_mib_at_any_length(n):
 
 def _budget_giving(kind: str, t: int, s: int, n: int, r: int) -> int:
     """The largest budget (of a geometric ladder) whose plan is of ``kind``."""
-    checks = {"fewer-rows": lambda p: not p["tiled"] and p["rows"] < plan(t, s, n, r, 1 << 40)["rows"],
-              "tiled": lambda p: p["tiled"] and p["rows"] > 1,
-              "tiled-one-row": lambda p: p["tiled"] and p["rows"] == 1}
+    checks = {
+        "fewer-rows": lambda p: not p["tiled"] and p["rows"] < plan(t, s, n, r, 1 << 40)["rows"],
+        "tiled": lambda p: p["tiled"] and p["rows"] > 1,
+        "tiled-one-row": lambda p: p["tiled"] and p["rows"] == 1,
+    }
     for step in range(80):
         budget = int(2 ** (24 - step / 4))
         if checks[kind](plan(t, s, n, r, budget)):

@@ -2,6 +2,7 @@
 on the reference), body, translation and backends, and the native build, the TensorRT plugin
 registration, the trt target and ``attn2onnx doctor`` all read that one registry. Also: the
 models package imports without a cycle."""
+
 from __future__ import annotations
 
 import ast
@@ -25,8 +26,11 @@ OPS_DIR = native.custom_ops_dir()
 
 def declared(attribute: str) -> list:
     """The backends of one kind that the registry's ops declare, sorted."""
-    return sorted(getattr(op.backends, attribute) for op in custom_ops.REGISTRY.values()
-                  if getattr(op.backends, attribute) is not None)
+    return sorted(
+        getattr(op.backends, attribute)
+        for op in custom_ops.REGISTRY.values()
+        if getattr(op.backends, attribute) is not None
+    )
 
 
 def test_native_build_compiles_the_kernels_the_registry_declares():
@@ -37,15 +41,19 @@ def test_native_build_compiles_the_kernels_the_registry_declares():
 
 
 def test_native_build_needs_no_torch():
-    code = ("import sys\nfrom attn2onnx.runtime import native\nnative.sources()\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    code = (
+        "import sys\nfrom attn2onnx.runtime import native\nnative.sources()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
 
 def test_plugins_and_triton_kernels_come_from_the_registry():
-    modules = {path.stem: sorted(f"{custom_ops.__name__}.{p.parent.name}.{p.stem}" for p in OPS_DIR.glob(f"*/{path}"))
-               for path in (Path("trt_plugin.py"), Path("triton_kernel.py"))}
+    modules = {
+        path.stem: sorted(f"{custom_ops.__name__}.{p.parent.name}.{p.stem}" for p in OPS_DIR.glob(f"*/{path}"))
+        for path in (Path("trt_plugin.py"), Path("triton_kernel.py"))
+    }
     assert plugin_modules() == declared("trt_plugin_module") == modules["trt_plugin"]
     assert declared("triton_module") == modules["triton_kernel"]
 

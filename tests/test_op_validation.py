@@ -6,6 +6,7 @@ traceback, or ran factors=[-1,...] / eps=-1 to non-finite outputs. For every op 
 value at the limit passes and one past it fails, through optimize_model, session() and the CLI
 (exit 2, one line, no output file).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,20 +25,32 @@ from attn2onnx.passes import optimize_model
 from attn2onnx.runtime import session
 
 QKV = {"q": [2, 8, 4, 16], "k": [2, 8, 4, 16], "v": [2, 8, 4, 16], "key_padding_mask": [2, 8]}
-MIXES = {name: [4] if "bias" in name else [4, 4] for name in
-         (f"{stage}_{kind}_{side}" for stage in ("pre", "post") for side in ("q", "k") for kind in ("mix", "bias"))}
+MIXES = {
+    name: [4] if "bias" in name else [4, 4]
+    for name in (
+        f"{stage}_{kind}_{side}" for stage in ("pre", "post") for side in ("q", "k") for kind in ("mix", "bias")
+    )
+}
 # op -> (static input shapes, attributes): a valid node, each attribute at a legal value.
 VALID = {
     "SuperMix": ({"x": [2, 8, 16], "wa": [12, 12], "key_padding_mask": [2, 8]}, {"causal": 1}),
-    "DcmhaCompose": ({"a": [2, 4, 8, 8], "q_factors": [2, 8, 5, 4], "k_factors": [2, 8, 5, 4], "static_mix": [4, 4]},
-                     {"use_static_mix": 1}),
-    "DcmhaAttention": ({**QKV, "q_factors": [2, 8, 2, 5, 4], "k_factors": [2, 8, 2, 5, 4], "static_mix": [2, 4, 4]},
-                       {"scale": 0.0, "causal": 1, "window": 3, "use_static_mix": 1}),
+    "DcmhaCompose": (
+        {"a": [2, 4, 8, 8], "q_factors": [2, 8, 5, 4], "k_factors": [2, 8, 5, 4], "static_mix": [4, 4]},
+        {"use_static_mix": 1},
+    ),
+    "DcmhaAttention": (
+        {**QKV, "q_factors": [2, 8, 2, 5, 4], "k_factors": [2, 8, 2, 5, 4], "static_mix": [2, 4, 4]},
+        {"scale": 0.0, "causal": 1, "window": 3, "use_static_mix": 1},
+    ),
     "ProbAttention": (QKV, {"scale": 0.0, "causal": 1}),
-    "LandmarkAttention": ({"q": [2, 16, 4, 8], "k": [2, 16, 4, 8], "v": [2, 16, 4, 8], "key_padding_mask": [2, 16],
-                           **MIXES}, {"landmarks": 4, "grid": 2, "scale": 0.0}),
-    "PooledNormAttention": (QKV, {"factors": [1, 2, 3, 8], "normalize": 1, "eps": 1e-5, "beta": 1.0, "rescale": 1,
-                                  "scale": 0.0}),
+    "LandmarkAttention": (
+        {"q": [2, 16, 4, 8], "k": [2, 16, 4, 8], "v": [2, 16, 4, 8], "key_padding_mask": [2, 16], **MIXES},
+        {"landmarks": 4, "grid": 2, "scale": 0.0},
+    ),
+    "PooledNormAttention": (
+        QKV,
+        {"factors": [1, 2, 3, 8], "normalize": 1, "eps": 1e-5, "beta": 1.0, "rescale": 1, "scale": 0.0},
+    ),
 }
 INF, NAN = math.inf, math.nan
 
@@ -66,15 +79,24 @@ LIMITS = [
     ("LandmarkAttention", {"landmarks": 1, "grid": 1}, None),
     ("LandmarkAttention", {"landmarks": 0, "grid": 0}, "attribute 'landmarks' must be >= 1, found 0"),
     ("LandmarkAttention", {"grid": -1}, "attribute 'grid' must be >= 0, found -1"),
-    ("LandmarkAttention", {"landmarks": 5, "grid": 2},
-     "needs landmarks = grid * grid when grid > 0, found landmarks=5"),
+    (
+        "LandmarkAttention",
+        {"landmarks": 5, "grid": 2},
+        "needs landmarks = grid * grid when grid > 0, found landmarks=5",
+    ),
     ("LandmarkAttention", {"scale": NAN}, "attribute 'scale' must be finite, found nan"),
     ("PooledNormAttention", {"factors": [1, 1, 1, 1]}, None),
-    ("PooledNormAttention", {"factors": [0, 0, 0, 0]},
-     "attribute 'factors' must have every entry >= 1, found [0, 0, 0, 0]"),
+    (
+        "PooledNormAttention",
+        {"factors": [0, 0, 0, 0]},
+        "attribute 'factors' must have every entry >= 1, found [0, 0, 0, 0]",
+    ),
     ("PooledNormAttention", {"factors": [-1, 1, 1, 1]}, "attribute 'factors' must have every entry >= 1, found [-1,"),
-    ("PooledNormAttention", {"factors": [1, 2, 2]},
-     "attribute 'factors' needs one entry per N = 4, found 3: [1, 2, 2]"),
+    (
+        "PooledNormAttention",
+        {"factors": [1, 2, 2]},
+        "attribute 'factors' needs one entry per N = 4, found 3: [1, 2, 2]",
+    ),
     ("PooledNormAttention", {"factors": [1, 2, 2, 1, 1]}, "attribute 'factors' needs one entry per N = 4, found 5"),
     ("PooledNormAttention", {"normalize": 0, "rescale": 0}, None),
     ("PooledNormAttention", {"normalize": 2}, "attribute 'normalize' must be one of 0, 1, found 2"),
@@ -100,40 +122,74 @@ INPUTS = [
     ("DcmhaAttention", {"static_mix": [3, 4, 4]}, {}, "input static_mix axis 0 must be 2, found 3"),
     ("DcmhaAttention", {"q_factors": [2, 8, 3, 5, 4]}, {}, "input q_factors axis 2 must be 2, found 3"),
     ("DcmhaAttention", {"key_padding_mask": [2, 9]}, {}, "input key_padding_mask axis 1 must be S = 8"),
-    ("DcmhaCompose", {"q_factors": [2, 8, 4, 4], "k_factors": [2, 8, 4, 4]}, {},
-     "needs factor rows F = 2R+1 (odd), found F=4"),
+    (
+        "DcmhaCompose",
+        {"q_factors": [2, 8, 4, 4], "k_factors": [2, 8, 4, 4]},
+        {},
+        "needs factor rows F = 2R+1 (odd), found F=4",
+    ),
     ("DcmhaCompose", {"a": [2, 4, 8, 6]}, {}, "input k_factors axis 1 must be S = 6 (from a axis 3), found 8"),
     ("ProbAttention", {"v": [2, 8, 4, 8]}, {}, "input v axis 3 must be d = 16 (from q axis 3), found 8"),
     ("SuperMix", {"wa": [4, 4]}, {}, "needs a sequence length T <= wa's size Lmax, found T=8, L=4"),
     ("SuperMix", {"wa": [12, 10]}, {}, "input wa axis 1 must be L = 12 (from wa axis 0), found 10"),
-    ("LandmarkAttention", {n: [2, 15, 4, 8] for n in "qkv"} | {"key_padding_mask": [2, 15]}, {},
-     "needs a square token map (T a perfect square) when grid > 0, found grid=2, T=15"),
+    (
+        "LandmarkAttention",
+        {n: [2, 15, 4, 8] for n in "qkv"} | {"key_padding_mask": [2, 15]},
+        {},
+        "needs a square token map (T a perfect square) when grid > 0, found grid=2, T=15",
+    ),
     ("LandmarkAttention", {"post_bias_k": [3]}, {}, "input post_bias_k axis 0 must be N = 4 (from q axis 2), found 3"),
-    ("PooledNormAttention", {"q": [2, 8, 2, 16], "k": [2, 8, 2, 16], "v": [2, 8, 2, 16]}, {},
-     "attribute 'factors' needs one entry per N = 2, found 4"),
-    ("ProbAttention", {}, {"key_padding_mask": TensorProto.FLOAT},
-     "input key_padding_mask must be tensor(bool), found tensor(float)"),
-    ("PooledNormAttention", {}, {"v": TensorProto.FLOAT16},
-     "input v must have the element type of q (float), found tensor(float16)"),
+    (
+        "PooledNormAttention",
+        {"q": [2, 8, 2, 16], "k": [2, 8, 2, 16], "v": [2, 8, 2, 16]},
+        {},
+        "attribute 'factors' needs one entry per N = 2, found 4",
+    ),
+    (
+        "ProbAttention",
+        {},
+        {"key_padding_mask": TensorProto.FLOAT},
+        "input key_padding_mask must be tensor(bool), found tensor(float)",
+    ),
+    (
+        "PooledNormAttention",
+        {},
+        {"v": TensorProto.FLOAT16},
+        "input v must have the element type of q (float), found tensor(float16)",
+    ),
     ("SuperMix", {}, {"x": TensorProto.DOUBLE}, "input x must be tensor(float) or tensor(float16) or tensor(bfloat16)"),
 ]
 
 
-def make_model(op: str, shapes: dict | None = None, attrs: dict | None = None, types: dict | None = None,
-               domain_version: int = ops.OPSET_VERSION) -> onnx.ModelProto:
+def make_model(
+    op: str,
+    shapes: dict | None = None,
+    attrs: dict | None = None,
+    types: dict | None = None,
+    domain_version: int = ops.OPSET_VERSION,
+) -> onnx.ModelProto:
     """One ``op`` node on static graph inputs (VALID's, updated by the arguments), every op body attached."""
     base_shapes, base_attrs = VALID[op]
     shapes, attrs = {**base_shapes, **(shapes or {})}, {**base_attrs, **(attrs or {})}
-    inputs = [oh.make_tensor_value_info(name, (types or {}).get(
-        name, TensorProto.BOOL if name == "key_padding_mask" else TensorProto.FLOAT), shape)
-        for name, shape in shapes.items()]
+    inputs = [
+        oh.make_tensor_value_info(
+            name, (types or {}).get(name, TensorProto.BOOL if name == "key_padding_mask" else TensorProto.FLOAT), shape
+        )
+        for name, shape in shapes.items()
+    ]
     outputs = [f.name for f in ops.REGISTRY[op].schema.outputs]
-    node = oh.make_node(op, [f.name for f in ops.REGISTRY[op].schema.inputs], outputs, domain=ops.DOMAIN,
-                        name="node0", **attrs)
-    graph = oh.make_graph([node], "one_op", inputs, [oh.make_tensor_value_info(o, TensorProto.FLOAT, None)
-                                                     for o in outputs])
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 23), oh.make_opsetid(ops.DOMAIN, domain_version)],
-                         functions=list(ops.function_protos().values()), ir_version=10)
+    node = oh.make_node(
+        op, [f.name for f in ops.REGISTRY[op].schema.inputs], outputs, domain=ops.DOMAIN, name="node0", **attrs
+    )
+    graph = oh.make_graph(
+        [node], "one_op", inputs, [oh.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+    )
+    return oh.make_model(
+        graph,
+        opset_imports=[oh.make_opsetid("", 23), oh.make_opsetid(ops.DOMAIN, domain_version)],
+        functions=list(ops.function_protos().values()),
+        ir_version=10,
+    )
 
 
 def without(model: onnx.ModelProto, attribute: str) -> onnx.ModelProto:
@@ -195,8 +251,9 @@ def test_attribute_limits(case):
         assert_rejected(model, f"{op} node 'node0': {match}")
 
 
-@pytest.mark.parametrize("op,attribute", [(op, a.name) for op in sorted(VALID)
-                                          for a in ops.REGISTRY[op].rules.attributes if a.required])
+@pytest.mark.parametrize(
+    "op,attribute", [(op, a.name) for op in sorted(VALID) for a in ops.REGISTRY[op].rules.attributes if a.required]
+)
 def test_every_required_attribute_must_be_there(op, attribute):
     """No default is filled in silently (PooledNormAttention's factors was)."""
     assert_rejected(without(make_model(op), attribute), f"attribute {attribute!r} is required, found it missing")
@@ -220,8 +277,9 @@ def test_unknown_op_version_and_arity():
     model = make_model("ProbAttention")
     model.graph.node[0].op_type = "FlashAttention"
     assert_rejected(model, "FlashAttention node 'node0': unknown op ai.attn2onnx::FlashAttention; this op set has")
-    assert_rejected(make_model("ProbAttention", domain_version=2),
-                    "needs opset ai.attn2onnx version 1, found version 2")
+    assert_rejected(
+        make_model("ProbAttention", domain_version=2), "needs opset ai.attn2onnx version 1, found version 2"
+    )
     model = make_model("DcmhaAttention")
     del model.graph.node[0].input[-1]
     assert_rejected(model, "takes 7 inputs (q, k, v, q_factors, k_factors, key_padding_mask, static_mix), found 6")
@@ -240,14 +298,14 @@ def test_nodes_in_subgraphs_and_functions_are_checked():
     cond = oh.make_tensor_value_info("cond", TensorProto.BOOL, [])
     wrapper = oh.make_node("If", ["cond"], ["o", "probs"], then_branch=branch, else_branch=branch)
     graph = oh.make_graph([wrapper], "outer", [cond, *inner.graph.input], list(inner.graph.output))
-    model = oh.make_model(graph, opset_imports=list(inner.opset_import), functions=list(inner.functions),
-                          ir_version=10)
+    model = oh.make_model(graph, opset_imports=list(inner.opset_import), functions=list(inner.functions), ir_version=10)
     assert_rejected(model, "ProbAttention node 'node0' in subgraph 'then': attribute 'causal' must be one of 0, 1")
 
     model = make_model("ProbAttention")
     broken = oh.make_node("PooledNormAttention", ["q", "k", "v", "m"], ["o"], domain=ops.DOMAIN, normalize=1)
-    user_fn = oh.make_function("user.fns", "MyAttention", ["q", "k", "v", "m"], ["o"], [broken],
-                               [oh.make_opsetid(ops.DOMAIN, 1)])
+    user_fn = oh.make_function(
+        "user.fns", "MyAttention", ["q", "k", "v", "m"], ["o"], [broken], [oh.make_opsetid(ops.DOMAIN, 1)]
+    )
     model.functions.append(user_fn)
     assert_rejected(model, "in function user.fns::MyAttention: attribute 'factors' is required")
 
@@ -293,8 +351,10 @@ CLI_CASES = [
 def test_cli_optimize_and_run_refuse_in_one_line(tmp_path, capsys, op, attrs, shapes):
     path = tmp_path / "bad.onnx"
     onnx.save(make_model(op, shapes=shapes, attrs=attrs), path)
-    for args, output in ((["optimize", str(path), "-o", str(tmp_path / "out.onnx")], tmp_path / "out.onnx"),
-                         (["run", str(path), "-o", str(tmp_path / "out.npz")], tmp_path / "out.npz")):
+    for args, output in (
+        (["optimize", str(path), "-o", str(tmp_path / "out.onnx")], tmp_path / "out.onnx"),
+        (["run", str(path), "-o", str(tmp_path / "out.npz")], tmp_path / "out.npz"),
+    ):
         status = cli.main(args)
         out, err = capsys.readouterr()
         lines = err.strip().splitlines()
@@ -318,20 +378,30 @@ def test_exported_model_passes_and_a_tampered_copy_is_refused_everywhere(tmp_pat
     from attn2onnx.models import ModelConfig, build_model
     from attn2onnx.sources import from_module
 
-    model = build_model(ModelConfig(family="lm", variant="dcmha", layers=1, d_model=16, heads=2, max_len=32,
-                                    options={"window": 4}))
+    model = build_model(
+        ModelConfig(family="lm", variant="dcmha", layers=1, d_model=16, heads=2, max_len=32, options={"window": 4})
+    )
     attn2onnx.save(model, tmp_path / "lm.pt")
     source = from_module(model)
-    result = attn2onnx.export(model, source.example_inputs(2, 8), tmp_path / "lm.onnx", specs=source.specs,
-                              output_names=source.output_names, max_seq=source.max_seq)
+    result = attn2onnx.export(
+        model,
+        source.example_inputs(2, 8),
+        tmp_path / "lm.onnx",
+        specs=source.specs,
+        output_names=source.output_names,
+        max_seq=source.max_seq,
+    )
     check_model(result.path)
     proto = onnx.load(str(result.path))
     node = next(n for n in proto.graph.node if n.op_type == "DcmhaAttention")
     next(a for a in node.attribute if a.name == "window").i = -1
     onnx.save(proto, tmp_path / "bad.onnx")
     bad = str(tmp_path / "bad.onnx")
-    for args in (["optimize", bad, "-o", str(tmp_path / "out.onnx")], ["run", bad],
-                 ["validate", bad, "--reference", str(tmp_path / "lm.pt"), "--shapes", "1x4"]):
+    for args in (
+        ["optimize", bad, "-o", str(tmp_path / "out.onnx")],
+        ["run", bad],
+        ["validate", bad, "--reference", str(tmp_path / "lm.pt"), "--shapes", "1x4"],
+    ):
         status = cli.main(args)
         err = capsys.readouterr().err.strip()
         assert status == 2 and len(err.splitlines()) == 1, err

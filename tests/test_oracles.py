@@ -3,6 +3,7 @@
 Several shapes, no mask / right padding / random masks (holes anywhere), causal where the
 variant supports it. Only real query rows are compared: padded rows are unspecified.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -66,7 +67,9 @@ def case_id(case):
 
 
 def make_mask(kind, rng, b, t):
-    return {"none": lambda: None, "right": lambda: right_padding(rng, b, t), "random": lambda: random_mask(rng, b, t)}[kind]()
+    return {"none": lambda: None, "right": lambda: right_padding(rng, b, t), "random": lambda: random_mask(rng, b, t)}[
+        kind
+    ]()
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -83,8 +86,9 @@ def test_module_matches_oracle(case, rng):
             assert_real_rows_close(got, want, mask, what=f"{case_id(case)} B={b} T={t} mask={kind}")
 
 
-@pytest.mark.parametrize("opts", [{"grid": 2, "landmarks": 4}, {"grid": 3, "landmarks": 9, "mix": "both"}],
-                         ids=["grid2", "grid3-both"])
+@pytest.mark.parametrize(
+    "opts", [{"grid": 2, "landmarks": 4}, {"grid": 3, "landmarks": 9, "mix": "both"}], ids=["grid2", "grid3-both"]
+)
 def test_imhsa_grid_matches_oracle(opts, rng):
     """2-D pooling of a square feature map (side divisible by s, and not)."""
     module = build("imhsa", rng, d_model=D, n_heads=N, **opts)
@@ -93,8 +97,12 @@ def test_imhsa_grid_matches_oracle(opts, rng):
         for kind in MASKS:
             x = random_x(rng, b, t, D)
             mask = make_mask(kind, rng, b, t)
-            assert_real_rows_close(run(module, x, mask), oracles.run_oracle("imhsa", params, config, x, mask), mask,
-                                   what=f"imhsa {opts} T={t} mask={kind}")
+            assert_real_rows_close(
+                run(module, x, mask),
+                oracles.run_oracle("imhsa", params, config, x, mask),
+                mask,
+                what=f"imhsa {opts} T={t} mask={kind}",
+            )
 
 
 def _prev_probs(rng, b, t, mask, causal):
@@ -118,8 +126,9 @@ def test_reuse_layer_matches_oracle(reuse_heads, causal, rng):
             what = f"reuse P={reuse_heads} causal={causal} B={b} T={t} mask={kind}"
             assert_real_rows_close(y, y_want, mask, what=what + " y")
             assert probs.shape == (b, N, t, t), (what, probs.shape)
-            assert_real_rows_close(probs.transpose(0, 2, 1, 3), probs_want.transpose(0, 2, 1, 3), mask,
-                                   what=what + " probs")
+            assert_real_rows_close(
+                probs.transpose(0, 2, 1, 3), probs_want.transpose(0, 2, 1, 3), mask, what=what + " probs"
+            )
             if reuse_heads == N:  # full reuse passes the previous tensor on unchanged
                 assert_real_rows_close(probs.transpose(0, 2, 1, 3), prev.transpose(0, 2, 1, 3), mask, what=what)
 
@@ -149,7 +158,7 @@ def test_right_padding_leaves_real_rows_unchanged(case, rng):
     padded = padded[0] if isinstance(padded, tuple) else padded
     for b in range(3):
         n = int(mask[b].sum())
-        alone = run(module, x[b:b + 1, :n], None)
+        alone = run(module, x[b : b + 1, :n], None)
         alone = alone[0] if isinstance(alone, tuple) else alone
         np.testing.assert_allclose(padded[b, :n], alone[0], atol=1e-10, rtol=1e-10, err_msg=f"{case_id(case)} b={b}")
 

@@ -1,6 +1,7 @@
 """attn2onnx.check_parity: the parity check as one library call (what validate, export and demo
 print), for plain graphs and decode graphs, with the reference as a file or a module; and the
 CLI giving exactly its report."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,14 @@ def exported(tmp_path_factory) -> tuple[torch.nn.Module, str, str]:
     model = tiny_lm()
     attn2onnx.save(model, folder / "lm.pt")
     source = from_module(model)
-    attn2onnx.export(model, source.example_inputs(2, 8), folder / "lm.onnx", specs=source.specs,
-                     output_names=source.output_names, max_seq=source.max_seq)
+    attn2onnx.export(
+        model,
+        source.example_inputs(2, 8),
+        folder / "lm.onnx",
+        specs=source.specs,
+        output_names=source.output_names,
+        max_seq=source.max_seq,
+    )
     return model, str(folder / "lm.pt"), str(folder / "lm.onnx")
 
 
@@ -63,12 +70,15 @@ def test_validate_prints_the_library_report(exported, capsys):
     assert json.loads(capsys.readouterr().out) == attn2onnx.check_parity(path, ckpt, SHAPES).to_dict()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(backends=[]), "no backend"),
-    (dict(backends=["tpu"]), "unknown backend"),
-    (dict(dtype="fp16"), "computes in fp32"),
-    (dict(shapes=[(1, 70)]), "exceeds the model's maximum"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(backends=[]), "no backend"),
+        (dict(backends=["tpu"]), "unknown backend"),
+        (dict(dtype="fp16"), "computes in fp32"),
+        (dict(shapes=[(1, 70)]), "exceeds the model's maximum"),
+    ],
+)
 def test_check_parity_refuses_what_it_cannot_compare(exported, kwargs, match):
     model, _, path = exported
     with pytest.raises(UsageError, match=match):
@@ -91,7 +101,8 @@ def test_build_engine_shape_argument_is_a_one_line_error(tmp_path, capsys):
     y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])
     graph = oh.make_graph([oh.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
     onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 23)]), tmp_path / "m.onnx")
-    assert cli.main(["build-engine", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.engine"),
-                     "--shape", "x=1xz"]) == 2
+    assert (
+        cli.main(["build-engine", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.engine"), "--shape", "x=1xz"]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dims must be integers" in err[0]

@@ -1,6 +1,7 @@
 """DCMHA fusion on stock exports of plain-PyTorch DCMHA (tests/plain_dcmha.py): fires on the
 three styles, not on the near misses, preserves outputs in ORT at several dynamic shapes, and
 is idempotent."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -88,7 +89,9 @@ def test_fusion_is_idempotent(exported, style):
     once, _ = optimize_model(exported(style), target="portable")
     twice, report = optimize_model(once, target="portable")
     assert not any(p["changed"] for p in report.passes), report.passes
-    assert [(n.op_type, list(n.input)) for n in once.graph.node] == [(n.op_type, list(n.input)) for n in twice.graph.node]
+    assert [(n.op_type, list(n.input)) for n in once.graph.node] == [
+        (n.op_type, list(n.input)) for n in twice.graph.node
+    ]
 
 
 def test_matches_pytorch(exported):

@@ -1,6 +1,7 @@
 """Attention lowering and projection packing on exports of the variant modules: the fused op
 appears where it should, outputs are unchanged in ORT at several dynamic shapes (and match
 PyTorch), and a second run changes nothing."""
+
 from __future__ import annotations
 
 import warnings
@@ -24,8 +25,16 @@ SHAPES = [(1, 5), (2, 9), (3, 16)]
 FUSED = {"ort": "com.microsoft::MultiHeadAttention", "portable": "Attention", "trt": "Attention"}
 # (variant, causal, fused attention nodes): sh / bn-sh run one per group of heads with one
 # pooling factor (default factors: two groups)
-LOWERED = [("mha", True, 1), ("mha", False, 1), ("optimised", True, 1), ("efficient", False, 1), ("super", True, 1),
-           ("bn", False, 1), ("sh", False, 2), ("bn-sh", False, 2)]
+LOWERED = [
+    ("mha", True, 1),
+    ("mha", False, 1),
+    ("optimised", True, 1),
+    ("efficient", False, 1),
+    ("super", True, 1),
+    ("bn", False, 1),
+    ("sh", False, 2),
+    ("bn-sh", False, 2),
+]
 KEPT = ["imhsa", "dcmha"]
 
 
@@ -42,7 +51,10 @@ def exported():
             with torch.no_grad():  # non-trivial WA for super (a fresh one is the identity)
                 if hasattr(module, "wa"):
                     module.wa.add_(0.1 * torch.randn_like(module.wa))
-            specs = [InputSpec("x", ("batch", "seq", D), "float"), InputSpec("key_padding_mask", ("batch", "seq"), "mask")]
+            specs = [
+                InputSpec("x", ("batch", "seq", D), "float"),
+                InputSpec("key_padding_mask", ("batch", "seq"), "mask"),
+            ]
             x, kpm = torch.randn(2, 8, D), torch.ones(2, 8, dtype=torch.bool)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -95,8 +107,13 @@ def test_mha_packs_qkv_and_uses_mask_attributes(exported):
     assert not causal.input[4] and causal.input[5]
 
 
-@pytest.mark.parametrize("name,options,fused", [("sh", {"sh_factors": (2, 1, 3, 1)}, 3),
-                                                ("bn-sh", {"sh_factors": (3, 3, 3, 3), "rescale": False, "beta": 0.5}, 1)])
+@pytest.mark.parametrize(
+    "name,options,fused",
+    [
+        ("sh", {"sh_factors": (2, 1, 3, 1)}, 3),
+        ("bn-sh", {"sh_factors": (3, 3, 3, 3), "rescale": False, "beta": 0.5}, 1),
+    ],
+)
 def test_pooled_heads_grouped_by_factor(exported, name, options, fused):
     """Heads grouped by factor whatever their order, and put back in order; partial windows."""
     module, stock = exported(name, False, **options)
@@ -116,8 +133,9 @@ def test_sliced_heads_feed_the_fused_op_directly(exported):
     producers = {out: n for n in optimised.graph.node for out in n.output}
     values = [node_of(optimised, "MultiHeadAttention").input[2]]
     while mix.output[0] not in values and values:
-        values = [i for v in values if v in producers and producers[v].op_type in ("Add", "Mul")
-                  for i in producers[v].input]
+        values = [
+            i for v in values if v in producers and producers[v].op_type in ("Add", "Mul") for i in producers[v].input
+        ]
     assert mix.output[0] in values
     assert sum(n.op_type == "SuperMix" for n in optimised.graph.node) == 1
 
@@ -153,8 +171,14 @@ def test_stock_super_mix_is_fused(tmp_path):
     specs = [InputSpec("x", ("batch", "seq", D), "float"), InputSpec("key_padding_mask", ("batch", "seq"), "mask")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stock = to_onnx(module, (torch.randn(2, 8, D), torch.ones(2, 8, dtype=torch.bool)), specs,
-                        output_names=["y"], custom=False, max_seq=32)
+        stock = to_onnx(
+            module,
+            (torch.randn(2, 8, D), torch.ones(2, 8, dtype=torch.bool)),
+            specs,
+            output_names=["y"],
+            custom=False,
+            max_seq=32,
+        )
     assert not any(n.domain for n in stock.graph.node)
     optimised, report = optimize_model(stock, target="ort")
     counts = count_ops(ir.serde.deserialize_model(optimised))

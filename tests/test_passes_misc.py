@@ -2,6 +2,7 @@
 exports of the plain-PyTorch layers of tests/plain_variants.py: the fusions fire, outputs are
 preserved in ORT at several dynamic shapes (against the eager module), near misses are left
 alone, and a second optimize run changes nothing."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -66,8 +67,11 @@ def exported(tmp_path_factory):
 
 
 def ours(model: onnx.ModelProto) -> dict[str, int]:
-    return {k.split("::")[1]: v for k, v in count_ops(ir.serde.deserialize_model(model)).items()
-            if k.startswith("ai.attn2onnx::")}
+    return {
+        k.split("::")[1]: v
+        for k, v in count_ops(ir.serde.deserialize_model(model)).items()
+        if k.startswith("ai.attn2onnx::")
+    }
 
 
 def assert_matches_eager(module: torch.nn.Module, model: onnx.ModelProto, atol: float = 2e-5) -> None:
@@ -96,8 +100,11 @@ def test_reuse_layers_consume_prob_attention_probs(exported):
     """Every slice of probabilities (a reusing layer's heads) reads a ProbAttention output."""
     fused = ir.serde.deserialize_model(exported("reuse")[2])
     prob_outputs = {node.outputs[1].name for node in fused.graph if node.op_type == "ProbAttention"}
-    sliced = [node for node in fused.graph if node.op_type == "Slice" and (d := dims(node.inputs[0])) is not None
-              and len(d) == 4 and same_dim(d[2], d[3])]
+    sliced = [
+        node
+        for node in fused.graph
+        if node.op_type == "Slice" and (d := dims(node.inputs[0])) is not None and len(d) == 4 and same_dim(d[2], d[3])
+    ]
     assert len(sliced) == 2
     for node in sliced:
         src = node.inputs[0]
@@ -120,4 +127,6 @@ def test_fusion_is_idempotent(exported, name):
     once = exported(name)[2]
     twice, report = optimize_model(once, target="ort")
     assert not any(p["changed"] for p in report.passes), report.passes
-    assert [(n.op_type, list(n.input)) for n in once.graph.node] == [(n.op_type, list(n.input)) for n in twice.graph.node]
+    assert [(n.op_type, list(n.input)) for n in once.graph.node] == [
+        (n.op_type, list(n.input)) for n in twice.graph.node
+    ]

@@ -1,4 +1,5 @@
 """The optimize API: targets, file writing (atomic, external data), reports, cleanup."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Reliability and security of the commands against their surroundings: stdin left open, a
 shared native-kernel cache, ONNX external data that points outside the model's folder."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,14 @@ def command() -> list[str]:
 def run_with_open_stdin(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """The command with stdin attached to a pipe that is never closed, as at a terminal or
     behind `sleep 60 |`: a child that reads stdin would wait forever."""
-    proc = subprocess.Popen([*command(), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [*command(), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     try:
         out, err = proc.communicate(timeout=timeout)  # communicate() would close stdin: wait instead
     except subprocess.TimeoutExpired:
@@ -42,8 +49,25 @@ def run_with_open_stdin(args: list[str], env: dict | None = None, timeout: float
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model")
-    assert cli.main(["new", "mha", "-o", str(folder / "m.pt"), "--layers", "1", "--d-model", "16", "--heads", "2",
-                     "--max-len", "16"]) == 0
+    assert (
+        cli.main(
+            [
+                "new",
+                "mha",
+                "-o",
+                str(folder / "m.pt"),
+                "--layers",
+                "1",
+                "--d-model",
+                "16",
+                "--heads",
+                "2",
+                "--max-len",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert cli.main(["export", str(folder / "m.pt"), "-o", str(folder / "m.onnx"), "--no-check"]) == 0
     return folder / "m.onnx"
 
@@ -151,9 +175,13 @@ def model_with_external(folder: Path, location: str, offset: int = 0, length: in
     entries = {"location": location, "offset": str(offset), "length": str(16 if length is None else length)}
     for key, value in entries.items():
         w.external_data.add(key=key, value=value)
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "x.onnx"
@@ -187,8 +215,11 @@ def escapes(tmp_path: Path, secret: Path) -> dict[str, Path]:
 def test_external_data_escape_refused_by_every_command(tmp_path, secret, capsys, kind):
     model = escapes(tmp_path, secret)[kind]
     out = model.parent / "out.onnx"
-    for args in (["optimize", str(model), "-o", str(out)], ["run", str(model), "-o", str(model.parent / "o.npz")],
-                 ["validate", str(model), "--reference", str(tmp_path / "unused.pt")]):
+    for args in (
+        ["optimize", str(model), "-o", str(out)],
+        ["run", str(model), "-o", str(model.parent / "o.npz")],
+        ["validate", str(model), "--reference", str(tmp_path / "unused.pt")],
+    ):
         status = cli.main(args)
         err = capsys.readouterr().err
         assert status == 2, (args, err)
@@ -205,8 +236,9 @@ def test_external_data_inside_the_folder_is_accepted(tmp_path):
     out = tmp_path / "out.onnx"
     assert cli.main(["optimize", str(path), "-o", str(out), "--target", "portable"]) == 0
     loaded = onnx.load(str(out))
-    np.testing.assert_array_equal(numpy_helper.to_array(next(i for i in loaded.graph.initializer if i.name == "w")),
-                                  values)
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(next(i for i in loaded.graph.initializer if i.name == "w")), values
+    )
 
 
 def test_external_data_in_a_function_constant_is_checked(tmp_path, secret):
@@ -215,8 +247,14 @@ def test_external_data_in_a_function_constant_is_checked(tmp_path, secret):
     const = TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[1])
     const.data_location = TensorProto.EXTERNAL
     const.external_data.add(key="location", value="../secret.bin")
-    fn = helper.make_function("custom", "F", ["a"], ["b"], [helper.make_node("Constant", [], ["b"], value=const)],
-                              [helper.make_opsetid("", 23)])
+    fn = helper.make_function(
+        "custom",
+        "F",
+        ["a"],
+        ["b"],
+        [helper.make_node("Constant", [], ["b"], value=const)],
+        [helper.make_opsetid("", 23)],
+    )
     model.functions.append(fn)
     with pytest.raises(ExternalDataError, match="outside the model's folder"):
         check_external_data(model, tmp_path / "f" / "x.onnx")

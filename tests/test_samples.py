@@ -1,6 +1,7 @@
 """The sample models' quick modes (samples/): tiny training runs that must lower the loss, and
 exported models whose ONNX Runtime answers equal PyTorch's exactly where it counts: the argmax
 of every digits test image, and every token of a greedy generation."""
+
 from __future__ import annotations
 
 import sys

@@ -7,6 +7,7 @@ imported with TRITON_INTERPRET=1 already set: the cases run in one subprocess (t
 interpreter's bf16 tl.dot is broken (huge errors even for a plain 4x4 dot); benchmarks/gpu.py
 checks bf16 on a GPU.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -45,8 +46,9 @@ CASES: dict[str, dict] = {
 TOLERANCE = {"float32": 2e-5, "float16": 2e-2}
 
 
-def contract_reference(q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window,
-                       use_static_mix):
+def contract_reference(
+    q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix
+):
     """DcmhaAttention of docs/ops.md in float64, written out independently."""
     q, k, v, qf, kf, wb = (t.double() for t in (q, k, v, q_factors, k_factors, static_mix))
     B, T, N, d = q.shape
@@ -55,8 +57,8 @@ def contract_reference(q, k, v, q_factors, k_factors, key_padding_mask, static_m
     scale = scale or 1.0 / math.sqrt(d)
 
     def compose(a, fq, fk, w):  # a [B,N,T,S]; fq [B,T,2R+1,N]; fk [B,S,2R+1,N]
-        uq, vq, gq = fq[:, :, :R], fq[:, :, R:2 * R], fq[:, :, 2 * R]
-        uk, vk, gk = fk[:, :, :R], fk[:, :, R:2 * R], fk[:, :, 2 * R]
+        uq, vq, gq = fq[:, :, :R], fq[:, :, R : 2 * R], fq[:, :, 2 * R]
+        uk, vk, gk = fk[:, :, :R], fk[:, :, R : 2 * R], fk[:, :, 2 * R]
         out = a + a * gq.transpose(1, 2)[:, :, :, None] + a * gk.transpose(1, 2)[:, :, None, :]
         out = out + torch.einsum("btsr,btrn->bnts", torch.einsum("bnts,btrn->btsr", a, uq), vq)
         out = out + torch.einsum("btsr,bsrn->bnts", torch.einsum("bnts,bsrn->btsr", a, uk), vk)
@@ -118,8 +120,12 @@ def run_worker(out_path: str) -> None:
         overrides = {key: case[key] for key in ("heads_per_program", "block_dk") if key in case}
         out = dcmha_attention_triton(*inputs, *attrs(case), **overrides)
         expected = contract_reference(*inputs, *attrs(case))
-        result = {"err": (out.double() - expected).abs().max().item(), "dtype": str(out.dtype),
-                  "shape_ok": tuple(out.shape) == tuple(inputs[0].shape), "finite": bool(torch.isfinite(out).all())}
+        result = {
+            "err": (out.double() - expected).abs().max().item(),
+            "dtype": str(out.dtype),
+            "shape_ok": tuple(out.shape) == tuple(inputs[0].shape),
+            "finite": bool(torch.isfinite(out).all()),
+        }
         as64 = [t.double() if t.is_floating_point() else t for t in inputs]
         real = op(*as64, *attrs(case))
         result["err_vs_op"] = (out.double() - real).abs().max().item()
@@ -132,8 +138,9 @@ def run_worker(out_path: str) -> None:
 def measured(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("triton_interp") / "results.json"
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -159,13 +166,30 @@ def test_gpu_benchmark_tiny_interpret_mode():
         skip_or_fail("triton is not installed")
     env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--interpret",
-                           "--batches", "1", "2", "--lengths", "16", "--reps", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu.py"),
+            "--tiny",
+            "--interpret",
+            "--batches",
+            "1",
+            "2",
+            "--lengths",
+            "16",
+            "--reps",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert out.count("PASS") == 4 and "FAIL" not in out
-    table = out[out.index("DCMHA attention core"):].splitlines()
+    table = out[out.index("DCMHA attention core") :].splitlines()
     assert "fused ms" in table[1] and "eager ms" in table[1] and "sdpa ms" in table[1]
     assert len(table) == 3 + 4  # title, header, rule, one row per (d, B) at T = 16
     assert all("error" not in line for line in table)
@@ -176,8 +200,8 @@ def test_config_heuristics():
         skip_or_fail("triton is not installed")
     from attn2onnx.custom_ops.dcmha_attention.triton_kernel import config_for, default_heads_per_program
 
-    assert default_heads_per_program(4, 16, 16) == 4          # small: one group, all heads
-    assert default_heads_per_program(32, 128, 16) == 8        # published: 4 groups of 8
+    assert default_heads_per_program(4, 16, 16) == 4  # small: one group, all heads
+    assert default_heads_per_program(32, 128, 16) == 8  # published: 4 groups of 8
     cfg = config_for(32, 80, 2, "bfloat16", 0.0, True, 256, False)
     assert cfg.block_h == 32 and cfg.block_d == 128 and cfg.head_groups == 4 and cfg.num_warps == 8
     assert math.isclose(cfg.scale, 1 / math.sqrt(80)) and cfg.dot_precision == "tf32"

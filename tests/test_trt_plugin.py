@@ -2,6 +2,7 @@
 generated on the CPU for sm_80 and sm_90 (entry name, parameter list, ptxas accepts it), the
 AOT launch description against a stand-in of ``tensorrt.plugin``, the clean failure where
 TensorRT is missing, and the ``trt`` pass that tags plugin nodes."""
+
 from __future__ import annotations
 
 import functools
@@ -27,20 +28,37 @@ HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 def needs_triton(test):
     """Run ``test`` where Triton is installed (the test extra installs it: under CI its absence fails)."""
+
     @functools.wraps(test)
     def wrapper(*args, **kwargs):
         if not HAVE_TRITON:
             skip_or_fail("triton is not installed")
         return test(*args, **kwargs)
+
     return wrapper
 
-DTYPES = {"q": "float16", "k": "float16", "v": "float16", "q_factors": "float16", "k_factors": "float16",
-          "key_padding_mask": "bool", "static_mix": "float16"}
+
+DTYPES = {
+    "q": "float16",
+    "k": "float16",
+    "v": "float16",
+    "q_factors": "float16",
+    "k_factors": "float16",
+    "key_padding_mask": "bool",
+    "static_mix": "float16",
+}
 
 
 def shapes(B=2, T=7, S=9, N=4, d=16, R=2):
-    return {"q": (B, T, N, d), "k": (B, S, N, d), "v": (B, S, N, d), "q_factors": (B, T, 2, 2 * R + 1, N),
-            "k_factors": (B, S, 2, 2 * R + 1, N), "key_padding_mask": (B, S), "static_mix": (2, N, N)}
+    return {
+        "q": (B, T, N, d),
+        "k": (B, S, N, d),
+        "v": (B, S, N, d),
+        "q_factors": (B, T, 2, 2 * R + 1, N),
+        "k_factors": (B, S, 2, 2 * R + 1, N),
+        "key_padding_mask": (B, S),
+        "static_mix": (2, N, N),
+    }
 
 
 # ------------------------------------------------------------------ shape / dtype logic
@@ -50,15 +68,18 @@ def test_check_io_output_is_q_shape_and_dtype():
     assert tp.check_io(dynamic, dict(DTYPES, q="bfloat16", k="bfloat16", v="bfloat16"))[1] == "bfloat16"
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(dtypes={"k": "float32"}), "k must have q's dtype"),
-    (dict(dtypes={"key_padding_mask": "float16"}), "key_padding_mask must be bool"),
-    (dict(dtypes={"q": "bool", "k": "bool", "v": "bool"}), "q must be float32"),
-    (dict(shapes={"v": (2, 8, 4, 16)}), "key length"),
-    (dict(shapes={"static_mix": (2, 3, 3)}), "heads"),
-    (dict(shapes={"q_factors": (2, 7, 2, 4, 4), "k_factors": (2, 9, 2, 4, 4)}), "2R\\+1"),
-    (dict(shapes={"key_padding_mask": (2, 9, 1)}), "rank 2"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(dtypes={"k": "float32"}), "k must have q's dtype"),
+        (dict(dtypes={"key_padding_mask": "float16"}), "key_padding_mask must be bool"),
+        (dict(dtypes={"q": "bool", "k": "bool", "v": "bool"}), "q must be float32"),
+        (dict(shapes={"v": (2, 8, 4, 16)}), "key length"),
+        (dict(shapes={"static_mix": (2, 3, 3)}), "heads"),
+        (dict(shapes={"q_factors": (2, 7, 2, 4, 4), "k_factors": (2, 9, 2, 4, 4)}), "2R\\+1"),
+        (dict(shapes={"key_padding_mask": (2, 9, 1)}), "rank 2"),
+    ],
+)
 def test_check_io_rejects(change, message):
     s, d = shapes(), dict(DTYPES)
     s.update(change.get("shapes", {}))
@@ -180,8 +201,10 @@ class FakeTrtp:
 @needs_triton
 def test_aot_launch_description():
     B, T, S = FakeExpr(-1, False, "B"), FakeExpr(-1, False, "T"), FakeExpr(-1, False, "S")
-    descs = [FakeDesc(s) for s in ([B, T, 4, 16], [B, S, 4, 16], [B, S, 4, 16], [B, T, 2, 5, 4], [B, S, 2, 5, 4],
-                                   [B, S], [2, 4, 4])]
+    descs = [
+        FakeDesc(s)
+        for s in ([B, T, 4, 16], [B, S, 4, 16], [B, S, 4, 16], [B, T, 2, 5, 4], [B, S, 2, 5, 4], [B, S], [2, 4, 4])
+    ]
     name, ptx, launch, extra = tp.aot_launch(FakeTrtp, descs, DTYPES, 0.0, 1, 0, 0, arch=80)
     assert name == b"dcmha_attention_fwd" and ptx.startswith(b"//") and b".entry dcmha_attention_fwd" in ptx
     assert launch.grid_x == ("cdiv", T, 16) and launch.grid_y is B and launch.grid_z == 1
@@ -209,8 +232,21 @@ def test_missing_tensorrt_is_a_clean_usage_error(tmp_path):
     with pytest.raises(rt.TensorRTUnavailable):
         rt.TrtSession(tmp_path / "m.engine")
     onnx.save(one_node_model(), tmp_path / "m.onnx")
-    proc = subprocess.run([sys.executable, "-m", "attn2onnx", "build-engine", str(tmp_path / "m.onnx"),
-                           "-o", str(tmp_path / "e"), "--dim", "B=1,2,4"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "attn2onnx",
+            "build-engine",
+            str(tmp_path / "m.onnx"),
+            "-o",
+            str(tmp_path / "e"),
+            "--dim",
+            "B=1,2,4",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "TensorRT is not installed" in proc.stderr
 
 
@@ -239,12 +275,28 @@ def test_plugin_discovery():
 # ------------------------------------------------------------------ the trt pass
 def one_node_model(extra_nodes=(), functions=()):
     f, b = TensorProto.FLOAT, TensorProto.BOOL
-    inputs = [oh.make_tensor_value_info(n, t, s) for n, t, s in [
-        ("q", f, ["B", "T", 4, 16]), ("k", f, ["B", "S", 4, 16]), ("v", f, ["B", "S", 4, 16]),
-        ("q_factors", f, ["B", "T", 2, 5, 4]), ("k_factors", f, ["B", "S", 2, 5, 4]),
-        ("key_padding_mask", b, ["B", "S"]), ("static_mix", f, [2, 4, 4])]]
-    node = oh.make_node("DcmhaAttention", [i.name for i in inputs], ["o"], domain="ai.attn2onnx",
-                        scale=0.0, causal=1, window=0, use_static_mix=0)
+    inputs = [
+        oh.make_tensor_value_info(n, t, s)
+        for n, t, s in [
+            ("q", f, ["B", "T", 4, 16]),
+            ("k", f, ["B", "S", 4, 16]),
+            ("v", f, ["B", "S", 4, 16]),
+            ("q_factors", f, ["B", "T", 2, 5, 4]),
+            ("k_factors", f, ["B", "S", 2, 5, 4]),
+            ("key_padding_mask", b, ["B", "S"]),
+            ("static_mix", f, [2, 4, 4]),
+        ]
+    ]
+    node = oh.make_node(
+        "DcmhaAttention",
+        [i.name for i in inputs],
+        ["o"],
+        domain="ai.attn2onnx",
+        scale=0.0,
+        causal=1,
+        window=0,
+        use_static_mix=0,
+    )
     outputs = [oh.make_tensor_value_info("o", f, ["B", "T", 4, 16])]
     for extra in extra_nodes:
         outputs.append(oh.make_tensor_value_info(extra.output[0], f, None))
@@ -272,8 +324,15 @@ def test_pass_tags_plugin_nodes_only():
     assert {a.name: oh.get_attribute_value(a) for a in aot.graph.node[0].attribute}["aot"] == 1
 
 
-@pytest.mark.parametrize("domain, name", [("custom", "Attention"), ("ai.attn2onnx", "RMSNormalization"),
-                                          ("custom", "RotaryEmbedding"), ("custom", "TRT_Whatever")])
+@pytest.mark.parametrize(
+    "domain, name",
+    [
+        ("custom", "Attention"),
+        ("ai.attn2onnx", "RMSNormalization"),
+        ("custom", "RotaryEmbedding"),
+        ("custom", "TRT_Whatever"),
+    ],
+)
 def test_pass_refuses_names_of_trt_builtins(domain, name):
     clash = oh.make_node(name, ["q"], ["z"], domain=domain)
     with pytest.raises(TrtNameClash, match=name):
@@ -281,8 +340,9 @@ def test_pass_refuses_names_of_trt_builtins(domain, name):
 
 
 def test_pass_refuses_function_named_like_builtin():
-    body = oh.make_function("custom", "TRT_Mix", ["x"], ["y"], [oh.make_node("Identity", ["x"], ["y"])],
-                            [oh.make_opsetid("", 23)])
+    body = oh.make_function(
+        "custom", "TRT_Mix", ["x"], ["y"], [oh.make_node("Identity", ["x"], ["y"])], [oh.make_opsetid("", 23)]
+    )
     with pytest.raises(TrtNameClash, match="function custom::TRT_Mix"):
         tag_trt_plugins(one_node_model(functions=[body]))
 
@@ -304,8 +364,9 @@ def test_trt_target_on_exported_dcmha_model():
 
     model = build_model(ModelConfig(family="layer", variant="dcmha", d_model=32, heads=4, max_len=64))
     source = from_module(model)
-    proto = to_onnx(model, source.example_inputs(2, 8), source.specs, output_names=source.output_names,
-                    max_seq=source.max_seq)
+    proto = to_onnx(
+        model, source.example_inputs(2, 8), source.specs, output_names=source.output_names, max_seq=source.max_seq
+    )
     optimized, report = optimize_model(proto, target="trt")
     nodes = [n for n in optimized.graph.node if n.op_type == "DcmhaAttention"]
     assert nodes

@@ -7,6 +7,7 @@ odd sizes, T != S, padding anywhere, fully padded rows); gradients flow through 
 (backward, float64 gradcheck, torch.library.opcheck); bad inputs are clear errors. Also the
 error cases of the variant modules built on these ops.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,16 @@ from attn2onnx.custom_ops.prob_attention import prob_attention_reference
 from attn2onnx.variants import VariantError, build_attention, get_variant
 
 N, HEAD_DIM = 3, 5
-MIX_NAMES = ["pre_mix_q", "pre_bias_q", "pre_mix_k", "pre_bias_k",
-             "post_mix_q", "post_bias_q", "post_mix_k", "post_bias_k"]
+MIX_NAMES = [
+    "pre_mix_q",
+    "pre_bias_q",
+    "pre_mix_k",
+    "pre_bias_k",
+    "post_mix_q",
+    "post_bias_q",
+    "post_mix_k",
+    "post_bias_k",
+]
 
 
 # ---------------------------------------------------------------- export / run helpers
@@ -32,7 +41,12 @@ MIX_NAMES = ["pre_mix_q", "pre_bias_q", "pre_mix_k", "pre_bias_k",
 def export_with_bodies(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple) -> onnx.ModelProto:
     """Export with the ai.attn2onnx translation table, then attach every op's function body."""
     program = torch.onnx.export(
-        module.eval(), args, dynamo=True, opset_version=23, verbose=False, dynamic_shapes=dynamic_shapes,
+        module.eval(),
+        args,
+        dynamo=True,
+        opset_version=23,
+        verbose=False,
+        dynamic_shapes=dynamic_shapes,
         custom_translation_table=custom_ops.translation_table(),
     )
     model = program.model_proto
@@ -78,9 +92,11 @@ def masks(gen: torch.Generator, batch: int, length: int) -> list[torch.Tensor]:
 
 
 def qkv(gen: torch.Generator, batch: int, t: int, s: int, dtype=torch.float32):
-    return (torch.randn(batch, t, N, HEAD_DIM, generator=gen, dtype=dtype),
-            torch.randn(batch, s, N, HEAD_DIM, generator=gen, dtype=dtype),
-            torch.randn(batch, s, N, HEAD_DIM, generator=gen, dtype=dtype))
+    return (
+        torch.randn(batch, t, N, HEAD_DIM, generator=gen, dtype=dtype),
+        torch.randn(batch, s, N, HEAD_DIM, generator=gen, dtype=dtype),
+        torch.randn(batch, s, N, HEAD_DIM, generator=gen, dtype=dtype),
+    )
 
 
 def assert_close(got: np.ndarray, want: torch.Tensor, what: str) -> None:
@@ -104,11 +120,38 @@ class LandmarkModel(torch.nn.Module):
         super().__init__()
         self.landmarks, self.grid, self.scale = landmarks, grid, scale
 
-    def forward(self, q, k, v, key_padding_mask, pre_mix_q, pre_bias_q, pre_mix_k, pre_bias_k,
-                post_mix_q, post_bias_q, post_mix_k, post_bias_k):
+    def forward(
+        self,
+        q,
+        k,
+        v,
+        key_padding_mask,
+        pre_mix_q,
+        pre_bias_q,
+        pre_mix_k,
+        pre_bias_k,
+        post_mix_q,
+        post_bias_q,
+        post_mix_k,
+        post_bias_k,
+    ):
         return torch.ops.attn2onnx.landmark_attention(
-            q, k, v, key_padding_mask, pre_mix_q, pre_bias_q, pre_mix_k, pre_bias_k,
-            post_mix_q, post_bias_q, post_mix_k, post_bias_k, self.landmarks, self.grid, self.scale)
+            q,
+            k,
+            v,
+            key_padding_mask,
+            pre_mix_q,
+            pre_bias_q,
+            pre_mix_k,
+            pre_bias_k,
+            post_mix_q,
+            post_bias_q,
+            post_mix_k,
+            post_bias_k,
+            self.landmarks,
+            self.grid,
+            self.scale,
+        )
 
 
 class PooledNormModel(torch.nn.Module):
@@ -140,8 +183,11 @@ PROB_CASES = {"full": (0.0, False), "causal-scaled": (0.3, True)}
 def test_prob_attention_body_matches_reference(case):
     scale, causal = PROB_CASES[case]
     gen = torch.Generator().manual_seed(1)
-    run = OpSession(ProbAttentionModel(scale, causal), (*qkv(gen, 2, 4, 6), torch.ones(2, 6, dtype=torch.bool)),
-                    (dims("B", "T"), dims("B", "S"), dims("B", "S"), dims("B", "S")))
+    run = OpSession(
+        ProbAttentionModel(scale, causal),
+        (*qkv(gen, 2, 4, 6), torch.ones(2, 6, dtype=torch.bool)),
+        (dims("B", "T"), dims("B", "S"), dims("B", "S"), dims("B", "S")),
+    )
     # T != S: queries aligned to the end of the keys (decoding with a cache), T = 1 included
     for batch, t, s in [(2, 4, 6), (1, 1, 1), (3, 7, 7), (1, 1, 9), (2, 3, 5)]:
         q, k, v = qkv(gen, batch, t, s)
@@ -198,8 +244,11 @@ POOLED_CASES = {
 def test_pooled_norm_attention_body_matches_reference(case):
     attrs = POOLED_CASES[case]
     gen = torch.Generator().manual_seed(4)
-    run = OpSession(PooledNormModel(*attrs, 0.0), (*qkv(gen, 2, 6, 6), torch.ones(2, 6, dtype=torch.bool)),
-                    (dims("B", "T"), dims("B", "S"), dims("B", "S"), dims("B", "S")))
+    run = OpSession(
+        PooledNormModel(*attrs, 0.0),
+        (*qkv(gen, 2, 6, 6), torch.ones(2, 6, dtype=torch.bool)),
+        (dims("B", "T"), dims("B", "S"), dims("B", "S"), dims("B", "S")),
+    )
     # partial last windows (S not a multiple of the factor), S < factor, T != S
     for batch, t, s in [(2, 6, 6), (1, 1, 1), (3, 7, 7), (2, 2, 2), (1, 4, 9)]:
         q, k, v = qkv(gen, batch, t, s)
@@ -216,8 +265,9 @@ def test_pooled_norm_groups_heads_by_factor():
     mask = masks(gen, 2, 7)[2]
     factors, perm = [3, 1, 2], [2, 0, 1]
     out = pooled_norm_attention_reference(q, k, v, mask, factors, True, 1e-5, 1.0, True, 0.0)
-    permuted = pooled_norm_attention_reference(q[:, :, perm], k[:, :, perm], v[:, :, perm], mask,
-                                               [factors[p] for p in perm], True, 1e-5, 1.0, True, 0.0)
+    permuted = pooled_norm_attention_reference(
+        q[:, :, perm], k[:, :, perm], v[:, :, perm], mask, [factors[p] for p in perm], True, 1e-5, 1.0, True, 0.0
+    )
     torch.testing.assert_close(permuted, out[:, :, perm])
 
 
@@ -232,11 +282,18 @@ def _op_calls(dtype, gen):
     mixing = random_mixing(gen, dtype)
     return [
         ("ProbAttention", (q, k, v), lambda q, k, v: torch.ops.attn2onnx.prob_attention(q, k, v, mask, 0.0, True)),
-        ("LandmarkAttention", (qs, ks, vs, *mixing),
-         lambda q, k, v, *mix: torch.ops.attn2onnx.landmark_attention(q, k, v, mask, *mix, 2, 0, 0.0)),
-        ("PooledNormAttention", (q, k, v),
-         lambda q, k, v: torch.ops.attn2onnx.pooled_norm_attention(q, k, v, mask, [1, 2, 3], True, 1e-5, 0.8, True,
-                                                                   0.0)),
+        (
+            "LandmarkAttention",
+            (qs, ks, vs, *mixing),
+            lambda q, k, v, *mix: torch.ops.attn2onnx.landmark_attention(q, k, v, mask, *mix, 2, 0, 0.0),
+        ),
+        (
+            "PooledNormAttention",
+            (q, k, v),
+            lambda q, k, v: torch.ops.attn2onnx.pooled_norm_attention(
+                q, k, v, mask, [1, 2, 3], True, 1e-5, 0.8, True, 0.0
+            ),
+        ),
     ]
 
 
@@ -269,8 +326,9 @@ def test_ops_pass_opcheck():
         (torch.ops.attn2onnx.pooled_norm_attention.default, (q, k, v, mask, [1, 2, 2], True, 1e-5, 1.0, True, 0.0)),
     ]
     for op, args in checks:
-        args = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                     for a in args)
+        args = tuple(
+            a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+        )
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -330,8 +388,12 @@ def test_variant_defaults_and_parameters():
     assert build_attention("sh", d_model=15, n_heads=5).factors == [1, 1, 1, 2, 2]
     assert build_attention("bn", d_model=15, n_heads=5).factors == [1] * 5
     im = build_attention("imhsa", d_model=12, n_heads=3, mix="post")
-    assert sorted(n for n, _ in im.named_parameters() if "mix" in n or "bias_" in n) == \
-        ["post_bias_k", "post_bias_q", "post_mix_k", "post_mix_q"]
+    assert sorted(n for n, _ in im.named_parameters() if "mix" in n or "bias_" in n) == [
+        "post_bias_k",
+        "post_bias_q",
+        "post_mix_k",
+        "post_mix_q",
+    ]
     assert "identity_mix" not in im.state_dict()
     reuse = build_attention("reuse", d_model=12, n_heads=3, reuse_heads=3)
     assert not hasattr(reuse, "q_proj") and not hasattr(reuse, "k_proj")
@@ -341,11 +403,20 @@ def test_variant_defaults_and_parameters():
     assert not hasattr(build_attention("super", d_model=32, n_heads=4, max_len=32, wa_bias=False), "wa_bias")
 
 
-@pytest.mark.parametrize("name,options", [
-    ("mha", {"causal": True}), ("optimised", {}), ("efficient", {"causal": True}),
-    ("super", {"causal": True, "max_len": 8, "wa_bias": True}), ("imhsa", {"landmarks": 3, "mix": "both"}),
-    ("reuse", {"reuse_heads": 1, "causal": True}), ("bn", {}), ("sh", {}), ("bn-sh", {}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("mha", {"causal": True}),
+        ("optimised", {}),
+        ("efficient", {"causal": True}),
+        ("super", {"causal": True, "max_len": 8, "wa_bias": True}),
+        ("imhsa", {"landmarks": 3, "mix": "both"}),
+        ("reuse", {"reuse_heads": 1, "causal": True}),
+        ("bn", {}),
+        ("sh", {}),
+        ("bn-sh", {}),
+    ],
+)
 def test_variant_modules_train(name, options):
     """Every parameter gets a gradient through the ops (their autograd differentiates the
     references), with padding."""

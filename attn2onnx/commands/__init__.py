@@ -1,6 +1,7 @@
 """One module per ``attn2onnx`` subcommand (see attn2onnx.cli for the interface), and the
 argument checks they share: argparse types for sizes and counts (a bad value is a one-line
 usage error before any work) and the memory check for random inputs."""
+
 from __future__ import annotations
 
 import argparse
@@ -76,5 +77,7 @@ def check_input_memory(specs: Sequence, shapes: Iterable[tuple[int, int]]) -> No
     for batch, seq in shapes:
         need = sum(math.prod(spec.shape(batch, seq)) * spec.numpy_dtype.itemsize for spec in specs)
         if need > memory:
-            raise UsageError(f"inputs of batch {batch} x seq {seq} take {need / 2**30:,.1f} GiB, "
-                             f"more than this machine's {memory / 2**30:,.1f} GiB of memory")
+            raise UsageError(
+                f"inputs of batch {batch} x seq {seq} take {need / 2**30:,.1f} GiB, "
+                f"more than this machine's {memory / 2**30:,.1f} GiB of memory"
+            )

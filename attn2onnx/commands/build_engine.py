@@ -8,6 +8,7 @@
 --shapes gives the profile's min/opt/max as BATCHxSEQ; --dim gives any symbolic dim's range;
 --shape gives one input's whole shape range (over what --shapes / --dim give it).
 Needs TensorRT (pip install 'attn2onnx[tensorrt]'); without it: one line, exit 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL.onnx")
     parser.add_argument("-o", "--output", required=True, metavar="MODEL.engine")
     parser.add_argument("--shapes", metavar="MIN/OPT/MAX", help="profile as BATCHxSEQ triples, e.g. 1x1/2x256/8x4096")
-    parser.add_argument("--dim", action="append", default=[], metavar="SYMBOL=MIN,OPT,MAX",
-                        help="range of one symbolic dim, repeatable")
-    parser.add_argument("--shape", action="append", default=[], metavar="NAME=MIN[,OPT,MAX]",
-                        help="shape range of one input, dims joined by x, repeatable")
+    parser.add_argument(
+        "--dim", action="append", default=[], metavar="SYMBOL=MIN,OPT,MAX", help="range of one symbolic dim, repeatable"
+    )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NAME=MIN[,OPT,MAX]",
+        help="shape range of one input, dims joined by x, repeatable",
+    )
     parser.add_argument("--workspace-gb", type=positive_float, help="builder workspace limit in GiB")
     parser.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
 

@@ -8,6 +8,7 @@ weights only (no code in the folder runs). The result is the dcmha causal LM com
 release's forward computes (see attn2onnx.importers.dcformer for what that takes); every key,
 shape and option must map, or the command stops with one line naming what does not.
 `attn2onnx export DIR -o lm.onnx` converts and exports in one step."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     path = save(model, args.output)
     c = model.config
     local = sum(1 for cfg in c.attention_configs() if cfg.window)
-    print(f"wrote {path}: dcmha causal LM, {c.layers} layers ({local} local), d_model {c.d_model}, {c.heads} heads, "
-          f"vocab {c.vocab_size}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"wrote {path}: dcmha causal LM, {c.layers} layers ({local} local), d_model {c.d_model}, {c.heads} heads, "
+        f"vocab {c.vocab_size}, {sum(p.numel() for p in model.parameters()):,} parameters"
+    )
     return 0

@@ -9,6 +9,7 @@ be causal, else a token encoder), exported with the ai.attn2onnx op set, optimis
 (graph passes), both files validated against PyTorch at three dynamic shapes (fp32
 tolerance), the optimised one timed against PyTorch at batch 1 x 64 tokens.
 Exit 0 only if every row passes."""
+
 from __future__ import annotations
 
 import argparse

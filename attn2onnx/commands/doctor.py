@@ -5,6 +5,7 @@ op of the registry which backends it has besides its function body and which of 
   attn2onnx doctor --json
 
 Exit 0 always (it reports; missing optional parts are not errors)."""
+
 from __future__ import annotations
 
 import argparse
@@ -66,15 +67,23 @@ def _usable(checks: dict[str, tuple[bool, str]]) -> dict[str, bool]:
     """Backend kind -> whether it runs here: the native library builds; Triton kernels and
     TensorRT plugins need their package and a CUDA device."""
     cuda = checks["cuda"][0]
-    return {"native": checks["native_kernels"][0], "triton": checks["triton"][0] and cuda,
-            "tensorrt": checks["tensorrt"][0] and cuda}
+    return {
+        "native": checks["native_kernels"][0],
+        "triton": checks["triton"][0] and cuda,
+        "tensorrt": checks["tensorrt"][0] and cuda,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
-    checks = {"onnxruntime": _onnxruntime(), "native_kernels": _native(), "cuda": _gpu(), "triton": _triton(),
-              "tensorrt": _tensorrt()}
+    checks = {
+        "onnxruntime": _onnxruntime(),
+        "native_kernels": _native(),
+        "cuda": _gpu(),
+        "triton": _triton(),
+        "tensorrt": _tensorrt(),
+    }
     ops, usable = _op_backends(), _usable(checks)
     kind_check = {"native": "native_kernels", "triton": "triton", "tensorrt": "tensorrt"}
     if args.json:

@@ -13,6 +13,7 @@ max abs / rel error against the PyTorch model (in fp32) is printed; exit 1 when 
 --dtype's tolerance. With --decode the graph takes input_ids, attention_mask, position_ids and
 every layer's cache (past_key_values.{i}.*) and gives logits and the updated caches (present.{i}.*);
 the check then runs prefill + decode steps against PyTorch's full forward (validate --decode)."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,25 +30,43 @@ MIN_OPSET = 18
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="attn2onnx checkpoint (.pt), torch.export program (.pt2), "
-                        "or a DCFormer release folder (see 'attn2onnx convert')")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="attn2onnx checkpoint (.pt), torch.export program (.pt2), "
+        "or a DCFormer release folder (see 'attn2onnx convert')",
+    )
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write")
-    parser.add_argument("--opset", type=int, default=23,
-                        help=f"standard ONNX opset, {MIN_OPSET}-23 (default 23; models with ai.attn2onnx ops need 23)")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=23,
+        help=f"standard ONNX opset, {MIN_OPSET}-23 (default 23; models with ai.attn2onnx ops need 23)",
+    )
     parser.add_argument("--static", action="store_true", help="fixed batch and sequence sizes instead of dynamic dims")
-    parser.add_argument("--batch", type=positive_int, default=2,
-                        help="example batch size (the fixed one with --static)")
-    parser.add_argument("--seq-len", type=positive_int, default=16,
-                        help="example sequence length (the fixed one with --static)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
-                        help="precision of the exported graph (fp16: weights and float inputs in half)")
+    parser.add_argument(
+        "--batch", type=positive_int, default=2, help="example batch size (the fixed one with --static)"
+    )
+    parser.add_argument(
+        "--seq-len", type=positive_int, default=16, help="example sequence length (the fixed one with --static)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="precision of the exported graph (fp16: weights and float inputs in half)",
+    )
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module (unpickling runs code)")
     parser.add_argument("--optimize", action="store_true", help="run the graph passes after export")
-    parser.add_argument("--target", choices=("ort", "trt", "portable"), default="ort",
-                        help="pass pipeline (with --optimize)")
+    parser.add_argument(
+        "--target", choices=("ort", "trt", "portable"), default="ort", help="pass pipeline (with --optimize)"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the ORT vs PyTorch check")
-    parser.add_argument("--decode", action="store_true",
-                        help="causal LM: one graph for prefill and decode steps, caches as inputs and outputs")
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="causal LM: one graph for prefill and decode steps, caches as inputs and outputs",
+    )
 
 
 def check_opset(opset: int) -> None:
@@ -56,8 +75,10 @@ def check_opset(opset: int) -> None:
     from ..errors import UsageError
 
     if not MIN_OPSET <= opset <= BODY_OPSET:
-        raise UsageError(f"--opset {opset} is not supported: torch's exporter and the ai.attn2onnx op bodies "
-                         f"support opsets {MIN_OPSET} to {BODY_OPSET} (models with ai.attn2onnx ops: {BODY_OPSET})")
+        raise UsageError(
+            f"--opset {opset} is not supported: torch's exporter and the ai.attn2onnx op bodies "
+            f"support opsets {MIN_OPSET} to {BODY_OPSET} (models with ai.attn2onnx ops: {BODY_OPSET})"
+        )
 
 
 @contextlib.contextmanager
@@ -75,8 +96,10 @@ def opset_errors(opset: int) -> Iterator[None]:
         if opset == BODY_OPSET:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--opset {opset}: the exported graph does not check at that opset ({first}); "
-                         f"models with ai.attn2onnx ops need --opset {BODY_OPSET}") from None
+        raise UsageError(
+            f"--opset {opset}: the exported graph does not check at that opset ({first}); "
+            f"models with ai.attn2onnx ops need --opset {BODY_OPSET}"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,10 +130,20 @@ def run(args: argparse.Namespace) -> int:
     module = copy.deepcopy(source.module).half() if args.dtype == "fp16" else source.module
     example = [torch.from_numpy(a) for a in random_inputs(specs, args.batch, args.seq_len, pad=False).values()]
     with opset_errors(args.opset):
-        result = export(module, example, args.output, specs=specs, output_names=source.output_names,
-                        opset=args.opset, dynamic=not args.static, max_seq=source.max_seq)
-    print(f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, "
-          f"exported in {result.seconds:.1f} s")
+        result = export(
+            module,
+            example,
+            args.output,
+            specs=specs,
+            output_names=source.output_names,
+            opset=args.opset,
+            dynamic=not args.static,
+            max_seq=source.max_seq,
+        )
+    print(
+        f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, "
+        f"exported in {result.seconds:.1f} s"
+    )
     if args.optimize:
         from ..passes import optimize
 
@@ -127,10 +160,15 @@ def run(args: argparse.Namespace) -> int:
 def print_check(report) -> int:
     """Print the check after export, a line per comparison (validate.ParityReport); the exit code."""
     for c in report.comparisons:
-        where = (f"decode at batch={c.shape[0]} prompt={c.shape[1]} +{c.shape[2]} steps" if len(c.shape) == 3
-                 else f"{c.backend} at batch={c.shape[0]} seq={c.shape[1]}")
-        print(f"check {where}: max abs err {c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} "
-              f"{'ok' if c.passed else 'MISMATCH'}")
+        where = (
+            f"decode at batch={c.shape[0]} prompt={c.shape[1]} +{c.shape[2]} steps"
+            if len(c.shape) == 3
+            else f"{c.backend} at batch={c.shape[0]} seq={c.shape[1]}"
+        )
+        print(
+            f"check {where}: max abs err {c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} "
+            f"{'ok' if c.passed else 'MISMATCH'}"
+        )
     return 0 if report.passed else 1
 
 
@@ -155,8 +193,10 @@ def run_decode(args: argparse.Namespace) -> int:
     lm = check_decodable(load_source(args.model, trust_pickle=args.trust_pickle).module)
     with opset_errors(args.opset):
         result = export_decode(lm, args.output, opset=args.opset)
-    print(f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, {len(result.inputs) - 3} "
-          f"cache inputs, exported in {result.seconds:.1f} s")
+    print(
+        f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, {len(result.inputs) - 3} "
+        f"cache inputs, exported in {result.seconds:.1f} s"
+    )
     if args.no_check:
         return 0
     return print_check(check_parity(result.path, lm, decode=True, steps=DECODE_STEPS))

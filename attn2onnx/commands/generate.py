@@ -9,6 +9,7 @@ values; greedy unless --temperature > 0. A text prompt is encoded as UTF-8 bytes
 whose vocabulary holds the 256 byte values; any other model takes --prompt-ids. A last line on
 stderr gives the speed in tokens/s. --json prints one object: prompt_ids, tokens, text (byte
 vocabularies), stopped (eos or max_new_tokens), prefill_seconds, decode_seconds, tokens_per_s."""
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ def prompt_ids(args: argparse.Namespace, vocab_size: int) -> tuple[list[int], bo
     if args.prompt_ids is not None:
         return parse_ids(args.prompt_ids), vocab_size == BYTE_VOCAB
     if vocab_size < BYTE_VOCAB:
-        raise UsageError(f"this model's vocabulary has {vocab_size} ids, too few for UTF-8 bytes: "
-                         "pass the prompt as --prompt-ids")
+        raise UsageError(
+            f"this model's vocabulary has {vocab_size} ids, too few for UTF-8 bytes: pass the prompt as --prompt-ids"
+        )
     return list(args.prompt.encode("utf-8")), vocab_size == BYTE_VOCAB
 
 
@@ -86,17 +88,33 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         show_prompt = decoder.decode(bytes(ids)) if as_bytes else " ".join(map(str, ids)) + " | "
         sys.stdout.write(show_prompt)
-    result = generate(session, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      seed=args.seed, eos_id=args.eos_id, on_token=None if args.json else show)
+    result = generate(
+        session,
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        eos_id=args.eos_id,
+        on_token=None if args.json else show,
+    )
     if args.json:
-        out = {"prompt_ids": result.prompt_ids, "tokens": result.tokens, "stopped": result.stopped,
-               "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
-               "tokens_per_s": result.tokens_per_s}
+        out = {
+            "prompt_ids": result.prompt_ids,
+            "tokens": result.tokens,
+            "stopped": result.stopped,
+            "prefill_seconds": result.prefill_seconds,
+            "decode_seconds": result.decode_seconds,
+            "tokens_per_s": result.tokens_per_s,
+        }
         if as_bytes:
             out["text"] = bytes(result.tokens).decode("utf-8", errors="replace")
         print(json.dumps(out))
     else:
         sys.stdout.write(decoder.decode(b"", final=True) + "\n")
-    print(f"generated {len(result.tokens)} tokens ({result.stopped}): prefill of {len(ids)} tokens in "
-          f"{result.prefill_seconds * 1e3:.1f} ms, {result.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    print(
+        f"generated {len(result.tokens)} tokens ({result.stopped}): prefill of {len(ids)} tokens in "
+        f"{result.prefill_seconds * 1e3:.1f} ms, {result.tokens_per_s:.1f} tokens/s",
+        file=sys.stderr,
+    )
     return 0

@@ -8,6 +8,7 @@
 
 Variant options (--option KEY=VALUE, repeatable) take Python / JSON literals: true, 3, 0.5,
 "text", [1,2] or 1,2 for a list; anything else is a string."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,21 +25,28 @@ HELP = "create a randomly initialised model checkpoint"
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("variant", metavar="VARIANT", help="attention variant (see 'attn2onnx variants')")
     parser.add_argument("-o", "--output", required=True, metavar="PATH", help="checkpoint to write (.pt)")
-    parser.add_argument("--family", choices=("lm", "encoder", "layer"),
-                        help="model family (default: lm if the variant can be causal, else encoder)")
+    parser.add_argument(
+        "--family",
+        choices=("lm", "encoder", "layer"),
+        help="model family (default: lm if the variant can be causal, else encoder)",
+    )
     parser.add_argument("--layers", type=positive_int, help="number of blocks (default 2; layer: 1)")
     parser.add_argument("--d-model", type=positive_int, default=64, help="model width (default 64)")
     parser.add_argument("--heads", type=positive_int, default=4, help="attention heads (default 4)")
-    parser.add_argument("--max-len", type=positive_int, default=256,
-                        help="longest sequence, CLS included (default 256)")
+    parser.add_argument(
+        "--max-len", type=positive_int, default=256, help="longest sequence, CLS included (default 256)"
+    )
     parser.add_argument("--seed", type=seed_int, default=0, help="initialisation seed, 0 .. 2**64 - 1 (default 0)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="variant option, repeatable (e.g. rope=true)")
-    parser.add_argument("--vocab-size", type=positive_int, default=256,
-                        help="token vocabulary (lm, token encoder; default 256)")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="variant option, repeatable (e.g. rope=true)"
+    )
+    parser.add_argument(
+        "--vocab-size", type=positive_int, default=256, help="token vocabulary (lm, token encoder; default 256)"
+    )
     parser.add_argument("--num-classes", type=positive_int, default=10, help="encoder classes (default 10)")
-    parser.add_argument("--image-size", type=positive_int,
-                        help="encoder: square image side; with --patch-size makes an image encoder")
+    parser.add_argument(
+        "--image-size", type=positive_int, help="encoder: square image side; with --patch-size makes an image encoder"
+    )
     parser.add_argument("--patch-size", type=positive_int, help="encoder: patch side")
     parser.add_argument("--channels", type=positive_int, default=3, help="encoder: image channels (default 3)")
     parser.add_argument("--mlp", choices=("swiglu", "gelu"), help="MLP kind (default: swiglu for lm, gelu for encoder)")

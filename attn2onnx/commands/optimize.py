@@ -9,6 +9,7 @@
 Targets: ort (may use com.microsoft contrib ops), trt (standard ops + plugin nodes),
 portable (standard ops + ai.attn2onnx nodes with their bodies). --json prints
 {"nodes_before", "nodes_after", "fused": {op: count}, "macs_before", "macs_after"}."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=("ort", "trt", "portable"), default="ort")
     parser.add_argument("--report", action="store_true", help="print per pass what changed")
     parser.add_argument("--json", action="store_true", help="print one JSON summary object")
-    parser.add_argument("--explain", action="store_true",
-                        help="list each attention core (softmax over q.k logits) and the fusion it got or why not")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="list each attention core (softmax over q.k logits) and the fusion it got or why not",
+    )
 
 
 def summary(report) -> dict:
@@ -32,8 +36,13 @@ def summary(report) -> dict:
     for entry in report.passes:
         for op, count in entry["fused"].items():
             fused[op] = fused.get(op, 0) + count
-    return {"nodes_before": report.before.nodes, "nodes_after": report.after.nodes, "fused": fused,
-            "macs_before": report.before.macs, "macs_after": report.after.macs}
+    return {
+        "nodes_before": report.before.nodes,
+        "nodes_after": report.after.nodes,
+        "fused": fused,
+        "macs_before": report.before.macs,
+        "macs_after": report.after.macs,
+    }
 
 
 def run(args: argparse.Namespace) -> int:

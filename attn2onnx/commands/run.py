@@ -6,6 +6,7 @@
 
 Inputs are checked against the model's inputs (names, dtypes, ranks, fixed and shared dims)
 before anything runs; outputs are written atomically as .npz."""
+
 from __future__ import annotations
 
 import argparse

@@ -14,6 +14,7 @@ with per-dtype tolerances. Exit 0 pass, 1 mismatch, 2 bad input. --json prints o
 against PyTorch's full-sequence forward row by row, for left-padded batches whose rows start at
 different points (shapes are BATCHxPROMPT; the default adds prompts around every local window so
 the steps cross it). Its comparisons' shape is [batch, prompt, steps]."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,17 @@ def run(args: argparse.Namespace) -> int:
     if not backends:
         raise UsageError(f"--backends {args.backends!r} names no backend; choose from ort, trt")
     shapes = parse_shapes(args.shapes) if args.shapes else None
-    report = check_parity(args.model, args.reference, shapes, backends, args.dtype, seed=args.seed,
-                          trust_pickle=args.trust_pickle, decode=args.decode, steps=args.steps)
+    report = check_parity(
+        args.model,
+        args.reference,
+        shapes,
+        backends,
+        args.dtype,
+        seed=args.seed,
+        trust_pickle=args.trust_pickle,
+        decode=args.decode,
+        steps=args.steps,
+    )
     if args.json:
         print(report.to_json())
     else:

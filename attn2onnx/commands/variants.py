@@ -1,5 +1,6 @@
 """List the attention variants attn2onnx supports: the paper each comes from, whether it can
 be causal, its parameter count per layer (biases excluded) and the model families it fits."""
+
 from __future__ import annotations
 
 import argparse

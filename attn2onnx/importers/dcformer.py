@@ -30,6 +30,7 @@ Where the release computes something variants.md does not say, the import follow
 Any other key, a shape the config does not give, or an option outside this list is a one-line
 error naming it.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,9 +79,21 @@ OPTIONS: dict[str, tuple[tuple[type | None, ...], Any]] = {
 # decode-only settings, head_dim (the release recomputes it as dim // n_head), and options its
 # model code never reads (tie_word_embeddings: the output head is its own nn.Linear; mgate).
 INERT = {
-    "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "bos_token_id",
-    "eos_token_id", "pad_token_id", "tie_word_embeddings", "use_gradient_checkpointing", "q_chunk_size",
-    "prefill_pad", "head_dim", "mgate", "mgate_dim",
+    "architectures",
+    "auto_map",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+    "use_gradient_checkpointing",
+    "q_chunk_size",
+    "prefill_pad",
+    "head_dim",
+    "mgate",
+    "mgate_dim",
 }
 PRE, PRE_KEY, POST, POST_KEY = range(4)  # dynamic-weight slots (the release's dw1 / qkw / dd order)
 
@@ -127,16 +140,35 @@ class DcformerSpec:
 
     def model_config(self) -> ModelConfig:
         """The dcmha causal LM that computes the release's forward."""
-        options = dict(bias=False, rank=self.rank, k_dim=self.k_dim, qk_norm=self.use_qk_norm, rope=True,
-                       rope_base=self.rope_base, rope_fp16_table=True, static_mix=self.use_sw,
-                       kv_heads=self.n_local_heads)
+        options = dict(
+            bias=False,
+            rank=self.rank,
+            k_dim=self.k_dim,
+            qk_norm=self.use_qk_norm,
+            rope=True,
+            rope_base=self.rope_base,
+            rope_fp16_table=True,
+            static_mix=self.use_sw,
+            kv_heads=self.n_local_heads,
+        )
         local = {"window": self.window_size, "window_plus_one": True}
         layers = self.local_layers
         layer_options = [local if is_local else {} for is_local in layers] if any(layers) else None
-        return ModelConfig(family="lm", variant="dcmha", options=options, layers=self.n_layer, d_model=self.dim,
-                           heads=self.n_head, max_len=self.block_size, vocab_size=self.vocab_size, mlp="swiglu",
-                           mlp_hidden=self.intermediate_size, tie_embeddings=False, norm_eps=self.norm_eps,
-                           layer_options=layer_options)
+        return ModelConfig(
+            family="lm",
+            variant="dcmha",
+            options=options,
+            layers=self.n_layer,
+            d_model=self.dim,
+            heads=self.n_head,
+            max_len=self.block_size,
+            vocab_size=self.vocab_size,
+            mlp="swiglu",
+            mlp_hidden=self.intermediate_size,
+            tie_embeddings=False,
+            norm_eps=self.norm_eps,
+            layer_options=layer_options,
+        )
 
 
 def _fits(value: Any, kind: type | None) -> bool:
@@ -184,8 +216,10 @@ def read_config(folder: Path) -> DcformerSpec:
         raise UsageError(f"{where}: n_head must be >= 2 and divide dim {o['dim']}, got {o['n_head']}")
     kv_heads = o["n_head"] if o["n_local_heads"] == -1 else o["n_local_heads"]
     if kv_heads not in (o["n_head"], 1):
-        raise UsageError(f"{where}: n_local_heads must be -1, n_head or 1 (the release broadcasts K/V heads), "
-                         f"got {o['n_local_heads']}")
+        raise UsageError(
+            f"{where}: n_local_heads must be -1, n_head or 1 (the release broadcasts K/V heads), "
+            f"got {o['n_local_heads']}"
+        )
     if o["window_type"] not in WINDOW_TYPES:
         known = ", ".join(t for t in WINDOW_TYPES if t)
         raise UsageError(f"{where}: window_type must be null or one of {known}, got {o['window_type']!r}")
@@ -197,10 +231,20 @@ def read_config(folder: Path) -> DcformerSpec:
     if hidden < 1:
         raise UsageError(f"{where}: intermediate_size must be positive, got {hidden}")
     return DcformerSpec(
-        vocab_size=o["vocab_size"], n_layer=o["n_layer"], n_head=o["n_head"], dim=o["dim"], intermediate_size=hidden,
-        n_local_heads=kv_heads, block_size=o["block_size"], rope_base=o["rope_base"], norm_eps=o["norm_eps"],
-        use_qk_norm=o["use_qk_norm"], window_size=o["window_size"], window_type=o["window_type"],
-        query_wise=o["query_wise"], use_sw=o["use_sw"],
+        vocab_size=o["vocab_size"],
+        n_layer=o["n_layer"],
+        n_head=o["n_head"],
+        dim=o["dim"],
+        intermediate_size=hidden,
+        n_local_heads=kv_heads,
+        block_size=o["block_size"],
+        rope_base=o["rope_base"],
+        norm_eps=o["norm_eps"],
+        use_qk_norm=o["use_qk_norm"],
+        window_size=o["window_size"],
+        window_type=o["window_type"],
+        query_wise=o["query_wise"],
+        use_sw=o["use_sw"],
     )
 
 
@@ -221,8 +265,9 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         if type(e).__name__ != "SafetensorError":
             raise
         raise UsageError(f"{path}: unreadable safetensors ({e})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in tensors.items()):
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
         raise UsageError(f"{path}: holds a {type(tensors).__name__}, not a dict of named tensors")
     return tensors
 
@@ -259,8 +304,9 @@ class _Weights:
             raise UsageError(f"{self.folder}: the weights lack {key!r}, which its config.json needs")
         tensor = self.tensors.pop(key)
         if tuple(tensor.shape) != tuple(shape):
-            raise UsageError(f"{self.folder}: weight {key!r} has shape {list(tensor.shape)}, "
-                             f"its config needs {list(shape)}")
+            raise UsageError(
+                f"{self.folder}: weight {key!r} has shape {list(tensor.shape)}, its config needs {list(shape)}"
+            )
         if not tensor.is_floating_point():
             raise UsageError(f"{self.folder}: weight {key!r} is {tensor.dtype}, not floating point")
         return tensor.to(torch.float32)
@@ -268,8 +314,10 @@ class _Weights:
     def finish(self) -> None:
         if self.tensors:
             first, more = sorted(self.tensors)[0], len(self.tensors) - 1
-            raise UsageError(f"{self.folder}: cannot map weight {first!r} onto the model its config.json describes"
-                             + (f" ({more} more unmapped)" if more else ""))
+            raise UsageError(
+                f"{self.folder}: cannot map weight {first!r} onto the model its config.json describes"
+                + (f" ({more} more unmapped)" if more else "")
+            )
 
 
 def _qkv(w: _Weights, prefix: str, spec: DcformerSpec) -> tuple[torch.Tensor, ...]:
@@ -293,8 +341,10 @@ def _static_mix(w: _Weights, prefix: str, spec: DcformerSpec, layer: int) -> tor
     if spec.use_sw:
         return torch.stack(mixes)
     if any(not torch.equal(m, torch.eye(N)) for m in mixes):
-        raise UsageError(f"{w.folder}: layer {layer} holds a static head mix ({prefix}pre_proj.w / post_proj.w "
-                         "not the identity) but config.json does not set use_sw")
+        raise UsageError(
+            f"{w.folder}: layer {layer} holds a static head mix ({prefix}pre_proj.w / post_proj.w "
+            "not the identity) but config.json does not set use_sw"
+        )
     return None
 
 
@@ -309,8 +359,10 @@ def _dynamic(w: _Weights, prefix: str, spec: DcformerSpec, layer: int) -> dict[s
             w.take(prefix + name, shape)
     key_side = [PRE_KEY, POST_KEY]
     if spec.query_wise and (qkw[key_side].any() or dd.unflatten(-1, (4, N))[:, key_side].any()):
-        raise UsageError(f"{w.folder}: layer {layer} is query_wise but its key-side dynamic weights ({prefix}qkw / dd "
-                         "slots 1 and 3) are not zero: the release's forward uses them and its decode does not")
+        raise UsageError(
+            f"{w.folder}: layer {layer} is query_wise but its key-side dynamic weights ({prefix}qkw / dd "
+            "slots 1 and 3) are not zero: the release's forward uses them and its decode does not"
+        )
     return {"dw1": dw1, "qkw": qkw, "dd": dd}
 
 

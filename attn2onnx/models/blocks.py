@@ -2,6 +2,7 @@
 MLP (SwiGLU or GELU), residuals. Blocks of a probability-passing variant (reuse) take the
 previous layer's probabilities and hand theirs on.
 """
+
 from __future__ import annotations
 
 import torch
@@ -116,4 +117,13 @@ def init_normal_(param: torch.Tensor, std: float = 0.02) -> torch.Tensor:
         return param.normal_(0.0, std)
 
 
-__all__ = ["Block", "MLP", "Trunk", "build_attentions", "check_padding_mask", "check_seq_len", "check_token_ids", "make_norm"]
+__all__ = [
+    "Block",
+    "MLP",
+    "Trunk",
+    "build_attentions",
+    "check_padding_mask",
+    "check_seq_len",
+    "check_token_ids",
+    "make_norm",
+]

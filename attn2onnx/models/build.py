@@ -4,6 +4,7 @@ Here, not in config.py, because it needs the families (lm, encoder, layer), whic
 config: config.py stays a leaf and nothing imports in a cycle. The size checks live here too,
 since they count the values of a model built on the meta device.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,10 @@ def check_size(config: ModelConfig) -> None:
         return
     name = _field_to_blame(config)
     count = "too many" if size == math.inf else f"{size:,}"
-    raise UsageError(f"{name}={getattr(config, name)} makes a model of {count} values, more than attn2onnx builds "
-                     f"(MAX_VALUES = {MAX_VALUES:,}, {MAX_VALUES * 4 / 2**30:.0f} GiB as float32); lower {name}")
+    raise UsageError(
+        f"{name}={getattr(config, name)} makes a model of {count} values, more than attn2onnx builds "
+        f"(MAX_VALUES = {MAX_VALUES:,}, {MAX_VALUES * 4 / 2**30:.0f} GiB as float32); lower {name}"
+    )
 
 
 def _field_to_blame(config: ModelConfig) -> str:

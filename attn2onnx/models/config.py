@@ -5,6 +5,7 @@ A config is checked when it is made (``ModelConfig(...)`` raises ``UsageError`` 
 ``VariantError`` with one line saying what to change), so a model, a checkpoint or a CLI call
 never carries a config that cannot build.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -109,8 +110,9 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
             if value > MAX_VALUES:  # no model holds fewer values than one of its sizes (used or not)
-                raise UsageError(f"{name}={value} is more than attn2onnx builds (MAX_VALUES = {MAX_VALUES:,}); "
-                                 f"lower {name}")
+                raise UsageError(
+                    f"{name}={value} is more than attn2onnx builds (MAX_VALUES = {MAX_VALUES:,}); lower {name}"
+                )
 
     @property
     def is_image(self) -> bool:
@@ -125,8 +127,10 @@ class ModelConfig:
             raise UsageError("set both patch_size and image_size for image input, or neither for token input")
         if not self.is_image:
             if self.family == "encoder" and self.max_len < 2:  # max_len counts the CLS token
-                raise UsageError(f"a token encoder's max_len counts its CLS token: max_len {self.max_len} leaves "
-                                 "no room for a token; use max_len >= 2")
+                raise UsageError(
+                    f"a token encoder's max_len counts its CLS token: max_len {self.max_len} leaves "
+                    "no room for a token; use max_len >= 2"
+                )
             return
         if self.family != "encoder":
             raise UsageError(f"patch_size / image_size are encoder options, not for family {self.family!r}")
@@ -171,7 +175,9 @@ class ModelConfig:
         if self.passes_probs:
             self._check_reuse_schedule()
         elif self.reuse_schedule is not None:
-            raise UsageError(f"reuse_schedule applies to variants that pass probabilities (reuse), not {self.variant!r}")
+            raise UsageError(
+                f"reuse_schedule applies to variants that pass probabilities (reuse), not {self.variant!r}"
+            )
         try:
             self.attention_configs()  # the variant's own checks (divisibility, option values)
         except VariantError:
@@ -212,7 +218,9 @@ class ModelConfig:
             if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= self.heads:
                 raise UsageError(f"reuse_schedule counts must be integers in [0, {self.heads}], got {schedule!r}")
         if schedule[0] != 0:
-            raise UsageError(f"reuse_schedule must start with 0 (layer 0 has no probabilities to reuse), got {schedule!r}")
+            raise UsageError(
+                f"reuse_schedule must start with 0 (layer 0 has no probabilities to reuse), got {schedule!r}"
+            )
         self.reuse_schedule = schedule
 
     # --- what the families use ---------------------------------------------------------------
@@ -319,6 +327,13 @@ def count_values(model: nn.Module) -> int:
 
 
 __all__ = [
-    "FAMILIES", "MAX_LAYERS", "MAX_VALUES", "MLP_KINDS", "SIZE_FIELDS", "ModelConfig", "coerce_options",
-    "count_values", "reuse_field",
+    "FAMILIES",
+    "MAX_LAYERS",
+    "MAX_VALUES",
+    "MLP_KINDS",
+    "SIZE_FIELDS",
+    "ModelConfig",
+    "coerce_options",
+    "count_values",
+    "reuse_field",
 ]

@@ -14,6 +14,7 @@ has a past dim of its own (``past_window{W-1}``). Prefill is the same graph with
 ``position_ids`` feed the learned positions or RoPE, so left-padded batches can pass either the
 padded index (what the full-sequence PyTorch forward computes) or per-row counts.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,16 @@ def cache_specs(model: CausalLM) -> list[CacheSpec]:
     for layer, block in enumerate(model.trunk.blocks):
         for entry in block.attn.cache_entries():
             dims = tuple(past_dim(entry.limit) if d == "past" else d for d in entry.dims)
-            specs.append(CacheSpec(layer, f"past_key_values.{layer}.{entry.name}", f"present.{layer}.{entry.name}",
-                                   dims, entry.holds, entry.limit))
+            specs.append(
+                CacheSpec(
+                    layer,
+                    f"past_key_values.{layer}.{entry.name}",
+                    f"present.{layer}.{entry.name}",
+                    dims,
+                    entry.holds,
+                    entry.limit,
+                )
+            )
     return specs
 
 
@@ -94,8 +103,9 @@ class DecodeLM(nn.Module):
         self.lm = check_decodable(model)
         self.caches = [len(block.attn.cache_entries()) for block in self.lm.trunk.blocks]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         lm = self.lm
         x = lm.embed(input_ids)
         if lm.pos is not None:
@@ -126,9 +136,11 @@ class DecodeLM(nn.Module):
 def input_specs(model: CausalLM) -> list[InputSpec]:
     """The decode graph's inputs as InputSpec rows (dims: batch, seq, past+seq, past...)."""
     config = model.config
-    specs = [InputSpec("input_ids", ("batch", "seq"), "ids", config.vocab_size),
-             InputSpec("attention_mask", ("batch", "past+seq"), "ids", 2),
-             InputSpec("position_ids", ("batch", "seq"), "ids", config.max_len)]
+    specs = [
+        InputSpec("input_ids", ("batch", "seq"), "ids", config.vocab_size),
+        InputSpec("attention_mask", ("batch", "past+seq"), "ids", 2),
+        InputSpec("position_ids", ("batch", "seq"), "ids", config.max_len),
+    ]
     return specs + [InputSpec(c.input, c.dims, "float") for c in cache_specs(model)]
 
 
@@ -137,7 +149,7 @@ def _dynamic_shapes(specs: list[InputSpec]) -> tuple[Any, ...]:
     every named dim by its name. torch relates the dims it finds equal (the mask's past+seq to
     the caches' past plus the ids' seq) by itself."""
     dims = [{i: d for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in specs]
-    return (*dims[:len(INPUTS)], tuple(dims[len(INPUTS):]))
+    return (*dims[: len(INPUTS)], tuple(dims[len(INPUTS) :]))
 
 
 def decode_metadata(model: CausalLM) -> dict[str, Any]:
@@ -149,8 +161,17 @@ def decode_metadata(model: CausalLM) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "max_len": config.max_len,
         "inputs": list(INPUTS),
-        "caches": [{"layer": c.layer, "input": c.input, "output": c.output, "dims": list(c.dims), "holds": c.holds,
-                    "limit": c.limit} for c in cache_specs(model)],
+        "caches": [
+            {
+                "layer": c.layer,
+                "input": c.input,
+                "output": c.output,
+                "dims": list(c.dims),
+                "holds": c.holds,
+                "limit": c.limit,
+            }
+            for c in cache_specs(model)
+        ],
     }
 
 
@@ -176,8 +197,10 @@ def example_inputs(wrapper: DecodeLM) -> tuple[torch.Tensor, ...]:
     ids = torch.randint(0, wrapper.lm.config.vocab_size, (batch, seq), generator=generator)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    caches = [torch.randn(c.shape(batch, past if c.limit is None else max(c.limit, 2)), generator=generator)
-              for c in cache_specs(wrapper.lm)]
+    caches = [
+        torch.randn(c.shape(batch, past if c.limit is None else max(c.limit, 2)), generator=generator)
+        for c in cache_specs(wrapper.lm)
+    ]
     return (ids, mask, positions, *caches)
 
 
@@ -192,8 +215,15 @@ def export_decode(model: nn.Module, path: str | os.PathLike, opset: int = 23):
     caches = cache_specs(wrapper.lm)
     output_names = ["logits", *(c.output for c in caches)]
     start = time.perf_counter()
-    proto = to_onnx(wrapper, example_inputs(wrapper), specs, output_names=output_names, opset=opset,
-                    max_seq=wrapper.lm.config.max_len, dynamic_shapes=_dynamic_shapes(specs))
+    proto = to_onnx(
+        wrapper,
+        example_inputs(wrapper),
+        specs,
+        output_names=output_names,
+        opset=opset,
+        max_seq=wrapper.lm.config.max_len,
+        dynamic_shapes=_dynamic_shapes(specs),
+    )
     seconds = time.perf_counter() - start
     _name_output_dims(proto, caches)
     props = {p.key: p.value for p in proto.metadata_props}
@@ -201,8 +231,14 @@ def export_decode(model: nn.Module, path: str | os.PathLike, opset: int = 23):
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, props)
     written = save_model(proto, path, check=check_model)
-    return ExportResult(path=written, inputs=specs, output_names=output_names, nodes=len(proto.graph.node),
-                        custom_nodes=sum(1 for n in proto.graph.node if n.domain == DOMAIN), seconds=seconds)
+    return ExportResult(
+        path=written,
+        inputs=specs,
+        output_names=output_names,
+        nodes=len(proto.graph.node),
+        custom_nodes=sum(1 for n in proto.graph.node if n.domain == DOMAIN),
+        seconds=seconds,
+    )
 
 
 def read_decode_metadata(model: onnx.ModelProto, path: str) -> dict[str, Any]:
@@ -216,5 +252,14 @@ def read_decode_metadata(model: onnx.ModelProto, path: str) -> dict[str, Any]:
         raise UsageError(f"{path}: unreadable {DECODE_KEY} metadata") from None
 
 
-__all__ = ["DECODE_KEY", "CacheSpec", "DecodeLM", "cache_specs", "check_decodable", "decode_metadata",
-           "export_decode", "input_specs", "read_decode_metadata"]
+__all__ = [
+    "DECODE_KEY",
+    "CacheSpec",
+    "DecodeLM",
+    "cache_specs",
+    "check_decodable",
+    "decode_metadata",
+    "export_decode",
+    "input_specs",
+    "read_decode_metadata",
+]

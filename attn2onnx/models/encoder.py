@@ -1,4 +1,5 @@
 """EncoderClassifier: ViT-style classifier (images) or CLS text classifier (token ids)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """AttentionLayer: one bare attention layer of any variant (no norm, MLP or residual)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """CausalLM: decoder-only language model around any causal attention variant."""
+
 from __future__ import annotations
 
 import torch

@@ -20,6 +20,7 @@ Environment:
 
     python -m attn2onnx.runtime.native [--vec-report]   builds (if needed) and prints the path
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,8 +39,15 @@ from pathlib import Path
 LIBRARY_NAME = "libattn2onnx_ort.so"
 HEADERS = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_lite_custom_op.h")
 CXXFLAGS = [
-    "-std=gnu++17", "-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared",
-    "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-pthread",
+    "-std=gnu++17",
+    "-O3",
+    "-march=native",
+    "-ffp-contract=fast",
+    "-fPIC",
+    "-shared",
+    "-fvisibility=hidden",
+    "-fvisibility-inlines-hidden",
+    "-pthread",
 ]
 
 
@@ -75,7 +83,8 @@ def sources() -> list[Path]:
 def cache_dir() -> Path:
     """The cache root (not created here)."""
     base = os.environ.get("ATTN2ONNX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attn2onnx")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attn2onnx"
+    )
     return Path(base)
 
 
@@ -108,7 +117,8 @@ def check_private(path: Path, root: Path) -> None:
         if problem:
             raise NativeBuildError(
                 f"refusing the native kernel cache: {level} {problem}, so another user could replace the library; "
-                "set ATTN2ONNX_CACHE_DIR to a folder only you can write")
+                "set ATTN2ONNX_CACHE_DIR to a folder only you can write"
+            )
 
 
 def _has_headers(folder: Path) -> bool:
@@ -138,7 +148,8 @@ def ort_include_dir() -> Path:
         "ONNX Runtime's C/C++ API headers were not found (the onnxruntime pip wheel ships none). "
         "Run `bash scripts/fetch_ort_headers.sh` in an attn2onnx checkout (Debian's libonnxruntime-dev, "
         "unpacked, not installed), or set ATTN2ONNX_ORT_INCLUDE to a folder holding "
-        f"{', '.join(HEADERS)} (ONNX Runtime 1.21 or newer). Looked in: " + ", ".join(map(str, candidates)))
+        f"{', '.join(HEADERS)} (ONNX Runtime 1.21 or newer). Looked in: " + ", ".join(map(str, candidates))
+    )
 
 
 def header_api_version(include: Path) -> int:
@@ -180,7 +191,12 @@ def _native_target(cxx: tuple[str, ...]) -> str:
 
 def _build_key(include: Path, srcs: list[Path], flags: list[str]) -> str:
     digest = hashlib.sha256()
-    for part in [" ".join(compiler()), " ".join(flags), _native_target(tuple(compiler())), str(header_api_version(include))]:
+    for part in [
+        " ".join(compiler()),
+        " ".join(flags),
+        _native_target(tuple(compiler())),
+        str(header_api_version(include)),
+    ]:
         digest.update(part.encode() + b"\0")
     for src in srcs + sorted((custom_ops_dir() / "native").glob("*.h")):
         digest.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
@@ -194,7 +210,8 @@ def _checked_include() -> Path:
     if header_version > runtime_version:
         raise NativeBuildError(
             f"the ORT headers in {include} are API version {header_version}, newer than the installed "
-            f"onnxruntime (API {runtime_version}): use headers of ONNX Runtime 1.{runtime_version} or older")
+            f"onnxruntime (API {runtime_version}): use headers of ONNX Runtime 1.{runtime_version} or older"
+        )
     return include
 
 
@@ -220,16 +237,15 @@ def build(force: bool = False, extra_flags: list[str] | None = None, verbose: bo
     check_private(target.parent, root)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [*compiler(), *flags, "-I", str(include), "-I", str(custom_ops_dir() / "native"),
-           *map(str, srcs), "-o", tmp]
+    cmd = [*compiler(), *flags, "-I", str(include), "-I", str(custom_ops_dir() / "native"), *map(str, srcs), "-o", tmp]
     result = _run(cmd)
     if verbose and result.stderr:
         sys.stderr.write(result.stderr)
     if result.returncode != 0:
         os.unlink(tmp)
         raise NativeBuildError(
-            "building the attn2onnx ORT kernel library failed:\n  " + shlex.join(cmd) + "\n"
-            + result.stderr[-6000:])
+            "building the attn2onnx ORT kernel library failed:\n  " + shlex.join(cmd) + "\n" + result.stderr[-6000:]
+        )
     os.replace(tmp, target)  # atomic: concurrent builders never load a half-written file
     return target
 
@@ -265,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m attn2onnx.runtime.native", description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    parser.add_argument("--vec-report", action="store_true",
-                        help="rebuild with -fopt-info-vec-optimized and print what the compiler vectorised")
+    parser.add_argument(
+        "--vec-report",
+        action="store_true",
+        help="rebuild with -fopt-info-vec-optimized and print what the compiler vectorised",
+    )
     args = parser.parse_args(argv)
     try:
         extra = ["-fopt-info-vec-optimized"] if args.vec_report else None

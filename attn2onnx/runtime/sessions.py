@@ -5,6 +5,7 @@ bodies attached. With the native kernel library registered (:mod:`.native`), ORT
 node with its fused C++ kernel (a registered kernel wins over the function body); without it,
 ORT inlines the bodies and the model still runs, only slower and with more memory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,11 @@ def session_options(*, native_kernels: bool = True, threads: int | None = None) 
         if reason is None:
             options.register_custom_ops_library(str(native.library_path()))
         else:
-            warnings.warn(f"attn2onnx native kernels unavailable, the ONNX function bodies run instead: {reason}",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"attn2onnx native kernels unavailable, the ONNX function bodies run instead: {reason}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return options
 
 
@@ -76,8 +80,16 @@ class SessionLoadError(UsageError):
 
 
 # ONNX Runtime's exception types for a model it cannot load (onnxruntime_pybind11_state).
-_LOAD_ERRORS = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel",
-                "NotImplemented", "RuntimeException")
+_LOAD_ERRORS = (
+    "Fail",
+    "InvalidArgument",
+    "InvalidGraph",
+    "InvalidProtobuf",
+    "NoSuchFile",
+    "NoModel",
+    "NotImplemented",
+    "RuntimeException",
+)
 
 
 @contextlib.contextmanager

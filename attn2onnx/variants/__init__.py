@@ -2,6 +2,7 @@
 
 Importing this package registers every variant; see :mod:`attn2onnx.variants.base`.
 """
+
 from .base import (
     VARIANTS,
     AttentionConfig,
@@ -20,4 +21,12 @@ from . import imhsa  # noqa: F401,E402
 from . import reuse  # noqa: F401,E402
 from . import bn_sh  # noqa: F401,E402
 
-__all__ = ["VARIANTS", "AttentionConfig", "VariantError", "VariantInfo", "build_attention", "get_variant", "make_config"]
+__all__ = [
+    "VARIANTS",
+    "AttentionConfig",
+    "VariantError",
+    "VariantInfo",
+    "build_attention",
+    "get_variant",
+    "make_config",
+]

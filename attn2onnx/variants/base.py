@@ -11,6 +11,7 @@ Parameter names (the float64 oracles in tests/ read weights by these names):
     ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``: nn.Linear (y = x W^T + b, W is [out, in]).
 Variant-specific parameters are documented on each module.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -103,12 +104,12 @@ def check_input(x: torch.Tensor, key_padding_mask: torch.Tensor | None, d_model:
     if key_padding_mask is None:
         return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if key_padding_mask.shape != x.shape[:2]:
-        raise VariantError(f"key_padding_mask must be [batch, seq] = {list(x.shape[:2])}, got {list(key_padding_mask.shape)}")
+        raise VariantError(
+            f"key_padding_mask must be [batch, seq] = {list(x.shape[:2])}, got {list(key_padding_mask.shape)}"
+        )
     return key_padding_mask.to(torch.bool)
 
 
 def split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[B,T,N*d] -> [B,T,N,d] (contiguous column blocks per head)."""
     return t.unflatten(-1, (n_heads, -1))
-
-

@@ -13,6 +13,7 @@ q, k, v as in mha, then the ``ai.attn2onnx`` PooledNormAttention op:
 
 Parameters: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` nn.Linear. Not causal as defined.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,8 +69,10 @@ class PooledNormAttentionModule(nn.Module):
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__()
         if config.causal:
-            raise VariantError("bn / sh / bn-sh cannot be causal: the key statistics and pooled "
-                               "windows are taken over the whole sequence")
+            raise VariantError(
+                "bn / sh / bn-sh cannot be causal: the key statistics and pooled "
+                "windows are taken over the whole sequence"
+            )
         self.config = config
         d_model = config.d_model
         self.q_proj = nn.Linear(d_model, d_model, bias=config.bias)
@@ -83,13 +86,24 @@ class PooledNormAttentionModule(nn.Module):
         mask = check_input(x, key_padding_mask, self.config.d_model)
         n = self.config.n_heads
         q, k, v = (split_heads(proj(x), n) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        eps, beta, rescale = ((self.config.eps, self.config.beta, self.config.rescale) if self.normalize
-                              else (1e-5, 1.0, True))
-        o = torch.ops.attn2onnx.pooled_norm_attention(q, k, v, mask, self.factors, self.normalize, eps, beta,
-                                                      rescale, 0.0)
+        eps, beta, rescale = (
+            (self.config.eps, self.config.beta, self.config.rescale) if self.normalize else (1e-5, 1.0, True)
+        )
+        o = torch.ops.attn2onnx.pooled_norm_attention(
+            q, k, v, mask, self.factors, self.normalize, eps, beta, rescale, 0.0
+        )
         return self.o_proj(o.flatten(-2))
 
 
 for _name, _config in (("bn", BnConfig), ("sh", ShConfig), ("bn-sh", BnShConfig)):
-    register_variant(VariantInfo(name=_name, config_cls=_config, module_cls=PooledNormAttentionModule, paper=PAPER,
-                                 causal=False, params="4D^2", families=("encoder", "layer")))
+    register_variant(
+        VariantInfo(
+            name=_name,
+            config_cls=_config,
+            module_cls=PooledNormAttentionModule,
+            paper=PAPER,
+            causal=False,
+            params="4D^2",
+            families=("encoder", "layer"),
+        )
+    )

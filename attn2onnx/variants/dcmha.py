@@ -43,6 +43,7 @@ Decoding: :meth:`DcmhaAttention.init_cache` / :meth:`DcmhaAttention.forward_step
 the key-side factors per token (``[B,S,2,2R+1,N]``: 10N numbers per token at R = 2), never
 merged N x N matrices; a windowed layer keeps only the last W - 1 tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,14 +89,24 @@ class DcmhaConfig(AttentionConfig):
     PUBLISHED: ClassVar[dict[str, dict]] = {
         # DCFormer-2.8B (Pile 300B): D 2560, N 32, d 80, no biases. The authors' configuration
         # class and JAX config say QK-norm off for this size.
-        "dcformer-2.8b": dict(d_model=2560, n_heads=32, bias=False, qk_norm=False, rope=True,
-                              rope_base=10000.0, max_len=2048),
+        "dcformer-2.8b": dict(
+            d_model=2560, n_heads=32, bias=False, qk_norm=False, rope=True, rope_base=10000.0, max_len=2048
+        ),
         # DCPythia-6.9B: D 4096, N 32, d 128, biases, QK-norm, partial rotary 25 %.
-        "dcpythia-6.9b": dict(d_model=4096, n_heads=32, bias=True, qk_norm=True, rope=True,
-                              rope_base=10000.0, rotary_fraction=0.25, max_len=2048),
+        "dcpythia-6.9b": dict(
+            d_model=4096,
+            n_heads=32,
+            bias=True,
+            qk_norm=True,
+            rope=True,
+            rope_base=10000.0,
+            rotary_fraction=0.25,
+            max_len=2048,
+        ),
         # DCFormer++ 405M (the paper's scaling runs): D 1024, N 16, d 64, QK-norm.
-        "dcformer-405m": dict(d_model=1024, n_heads=16, bias=False, qk_norm=True, rope=True,
-                              rope_base=10000.0, max_len=2048),
+        "dcformer-405m": dict(
+            d_model=1024, n_heads=16, bias=False, qk_norm=True, rope=True, rope_base=10000.0, max_len=2048
+        ),
     }
     PUBLISHED_WINDOW: ClassVar[int] = 256
 
@@ -113,8 +124,10 @@ class DcmhaConfig(AttentionConfig):
             if self.window < 1:
                 raise VariantError(f"dcmha: window must be >= 1 (keys including the query's own), got {self.window}")
             if self.window > self.max_len:
-                raise VariantError(f"dcmha: window {self.window} is longer than max_len {self.max_len} "
-                                   "(no sequence has that many keys; leave window out for global attention)")
+                raise VariantError(
+                    f"dcmha: window {self.window} is longer than max_len {self.max_len} "
+                    "(no sequence has that many keys; leave window out for global attention)"
+                )
             if not self.causal:
                 raise VariantError("dcmha: a local window needs causal=True")
         elif self.window_plus_one:
@@ -322,10 +335,16 @@ class DcmhaAttention(nn.Module):
         c = self.config
         limit = c.window_keys - 1 if c.window_keys else None
         heads = ("batch", c.n_heads, "past", c.head_dim)
-        return [CacheEntry("key", heads, "K after QK-norm and RoPE [batch, heads, past, head_dim]", limit),
-                CacheEntry("value", heads, "V [batch, heads, past, head_dim]", limit),
-                CacheEntry("key_factors", ("batch", "past", 2, 2 * c.rank + 1, c.n_heads),
-                           "key-side compose factors [batch, past, pre/post, 2R+1 (U, V, g), heads]", limit)]
+        return [
+            CacheEntry("key", heads, "K after QK-norm and RoPE [batch, heads, past, head_dim]", limit),
+            CacheEntry("value", heads, "V [batch, heads, past, head_dim]", limit),
+            CacheEntry(
+                "key_factors",
+                ("batch", "past", 2, 2 * c.rank + 1, c.n_heads),
+                "key-side compose factors [batch, past, pre/post, 2R+1 (U, V, g), heads]",
+                limit,
+            ),
+        ]
 
     def decode_step(
         self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, ...]
@@ -339,7 +358,7 @@ class DcmhaAttention(nn.Module):
         k, v = extend_cache(past_k, k), extend_cache(past_v, v)
         k_factors = torch.cat([past_factors, k_factors], dim=1)
         keys = k.shape[1]
-        y = self._attend(q, k, v, q_factors, k_factors, key_mask[:, key_mask.shape[1] - keys:])
+        y = self._attend(q, k, v, q_factors, k_factors, key_mask[:, key_mask.shape[1] - keys :])
         limit = self.config.window_keys - 1 if self.config.window_keys else None
         if limit is not None:  # the next query reaches back limit tokens at most
             start = torch.sym_max(keys - limit, 0)

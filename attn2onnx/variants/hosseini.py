@@ -23,6 +23,7 @@ Re-zeroing the padded rows of U changes no real token's output (a padded key is 
 to); it keeps the bias out of a row whose tokens are all padding, which would otherwise average
 b into its output.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -91,8 +92,10 @@ class _SlicedHeadAttention(nn.Module):
         efficient x itself, once, as both keys and values."""
         dims = ("batch", self.config.n_heads, "past", self.config.head_dim)
         if self.project_keys:
-            return [CacheEntry("key", dims, "K = x Wk + bk [batch, heads, past, head_dim]"),
-                    CacheEntry("value", dims, "V = x in head slices [batch, heads, past, head_dim]")]
+            return [
+                CacheEntry("key", dims, "K = x Wk + bk [batch, heads, past, head_dim]"),
+                CacheEntry("value", dims, "V = x in head slices [batch, heads, past, head_dim]"),
+            ]
         return [CacheEntry("x", dims, "x in head slices, both keys and values [batch, heads, past, head_dim]")]
 
     def decode_step(
@@ -147,8 +150,10 @@ class SuperAttention(EfficientAttention):
         """What a decode step caches per layer: the past x (keys, and what new rows of U mix)
         and the past rows of U (values), which later tokens never change (tril(WA))."""
         dims = ("batch", self.config.n_heads, "past", self.config.head_dim)
-        return [CacheEntry("key", dims, "x in head slices (keys; mixed into new U rows) [batch, heads, past, d]"),
-                CacheEntry("value", dims, "U = tril(WA) x + b rows in head slices [batch, heads, past, head_dim]")]
+        return [
+            CacheEntry("key", dims, "x in head slices (keys; mixed into new U rows) [batch, heads, past, d]"),
+            CacheEntry("value", dims, "U = tril(WA) x + b rows in head slices [batch, heads, past, head_dim]"),
+        ]
 
     def decode_step(
         self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, ...]
@@ -168,7 +173,7 @@ class SuperAttention(EfficientAttention):
         u = torch.matmul(mix.to(x.dtype), keys.flatten(-2) * real)
         if self.config.wa_bias:
             u = u + self.wa_bias[positions][..., None]
-        values = extend_cache(cache[1], split_heads(u * real[:, s - t:], n))
+        values = extend_cache(cache[1], split_heads(u * real[:, s - t :], n))
         o, _ = attention(q, keys, values, key_mask, causal=True)
         return self.o_proj(o.flatten(-2)), (cache_layout(keys), cache_layout(values))
 
@@ -178,5 +183,14 @@ for _name, _config, _module, _params in (
     ("efficient", EfficientConfig, EfficientAttention, "2D^2"),
     ("super", SuperConfig, SuperAttention, "2D^2 + Lmax^2"),
 ):
-    register_variant(VariantInfo(name=_name, config_cls=_config, module_cls=_module, paper=PAPER, causal=True,
-                                 params=_params, families=("lm", "encoder", "layer")))
+    register_variant(
+        VariantInfo(
+            name=_name,
+            config_cls=_config,
+            module_cls=_module,
+            paper=PAPER,
+            causal=True,
+            params=_params,
+            families=("lm", "encoder", "layer"),
+        )
+    )

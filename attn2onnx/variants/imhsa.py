@@ -17,6 +17,7 @@ stage ``<stage>_mix_q``, ``<stage>_mix_k`` [N,N] (init identity) and ``<stage>_b
 zero buffers to the op (mixing by I with bias 0 is exact). Not causal: every landmark sees the
 whole sequence.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ class ImhsaConfig(AttentionConfig):
         if self.landmarks < 1 or self.grid < 0:
             raise VariantError(f"imhsa: landmarks must be >= 1 and grid >= 0, got {self.landmarks} and {self.grid}")
         if self.grid and self.landmarks != self.grid * self.grid:
-            raise VariantError(f"imhsa: grid {self.grid} pools to {self.grid ** 2} landmarks; "
-                               f"set landmarks={self.grid ** 2}")
+            raise VariantError(
+                f"imhsa: grid {self.grid} pools to {self.grid**2} landmarks; set landmarks={self.grid**2}"
+            )
 
 
 class InteractiveMHSA(nn.Module):
@@ -91,12 +93,14 @@ class InteractiveMHSA(nn.Module):
         return self.o_proj(o.flatten(-2))
 
 
-register_variant(VariantInfo(
-    name="imhsa",
-    config_cls=ImhsaConfig,
-    module_cls=InteractiveMHSA,
-    paper="Kang, Yang & Ryu, Interactive Multi-Head Self-Attention with Linear Complexity (2024)",
-    causal=False,
-    params="4D^2 + 2N^2 (mix pre or post), 4D^2 + 4N^2 (both)",
-    families=("encoder", "layer"),
-))
+register_variant(
+    VariantInfo(
+        name="imhsa",
+        config_cls=ImhsaConfig,
+        module_cls=InteractiveMHSA,
+        paper="Kang, Yang & Ryu, Interactive Multi-Head Self-Attention with Linear Complexity (2024)",
+        causal=False,
+        params="4D^2 + 2N^2 (mix pre or post), 4D^2 + 4N^2 (both)",
+        families=("encoder", "layer"),
+    )
+)

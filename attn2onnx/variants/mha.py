@@ -7,6 +7,7 @@ Parameters: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (nn.Linear, biases wi
 Plain torch ops (the shared masked-softmax attention): no custom op is needed, the graph passes
 lower the exported pattern onto fused attention.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,10 @@ class MultiHeadAttention(nn.Module):
     def cache_entries(self) -> list["CacheEntry"]:
         """What a decode step caches per layer: K and V after projection (Optimum layout)."""
         dims = ("batch", self.config.n_heads, "past", self.config.head_dim)
-        return [CacheEntry("key", dims, "K [batch, heads, past, head_dim]"),
-                CacheEntry("value", dims, "V [batch, heads, past, head_dim]")]
+        return [
+            CacheEntry("key", dims, "K [batch, heads, past, head_dim]"),
+            CacheEntry("value", dims, "V [batch, heads, past, head_dim]"),
+        ]
 
     def decode_step(
         self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, ...]
@@ -85,12 +88,14 @@ def cache_layout(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)
 
 
-register_variant(VariantInfo(
-    name="mha",
-    config_cls=MhaConfig,
-    module_cls=MultiHeadAttention,
-    paper="Vaswani et al., Attention Is All You Need (NeurIPS 2017)",
-    causal=True,
-    params="4D^2",
-    families=("lm", "encoder", "layer"),
-))
+register_variant(
+    VariantInfo(
+        name="mha",
+        config_cls=MhaConfig,
+        module_cls=MultiHeadAttention,
+        paper="Vaswani et al., Attention Is All You Need (NeurIPS 2017)",
+        causal=True,
+        params="4D^2",
+        families=("lm", "encoder", "layer"),
+    )
+)

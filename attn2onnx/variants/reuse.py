@@ -13,6 +13,7 @@ Parameters: ``q_proj``, ``k_proj`` [D -> (N-P) d] (absent when P = N), ``v_proj`
 (the new heads' columns first, then the reused ones'), ``o_proj`` [N d -> D], in that head
 order. Causal works (reused maps are already causal).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,12 +64,19 @@ class ReuseAttention(nn.Module):
         batch, t = x.shape[:2]
         if reused:
             if prev_probs is None:
-                raise VariantError(f"reuse: this layer reuses {reused} heads and needs prev_probs, "
-                                   "the previous layer's probabilities [B,N,T,T]")
-            if prev_probs.dim() != 4 or prev_probs.shape[0] != batch or prev_probs.shape[1] < reused \
-                    or prev_probs.shape[2:] != (t, t):
-                raise VariantError(f"reuse: prev_probs must be [{batch}, >={reused}, {t}, {t}], "
-                                   f"got {list(prev_probs.shape)}")
+                raise VariantError(
+                    f"reuse: this layer reuses {reused} heads and needs prev_probs, "
+                    "the previous layer's probabilities [B,N,T,T]"
+                )
+            if (
+                prev_probs.dim() != 4
+                or prev_probs.shape[0] != batch
+                or prev_probs.shape[1] < reused
+                or prev_probs.shape[2:] != (t, t)
+            ):
+                raise VariantError(
+                    f"reuse: prev_probs must be [{batch}, >={reused}, {t}, {t}], got {list(prev_probs.shape)}"
+                )
         v = split_heads(self.v_proj(x), n)
         outs, probs = [], []
         if fresh:
@@ -91,13 +99,29 @@ class ReuseAttention(nn.Module):
         previous layer within the step."""
         c = self.config
         fresh = c.n_heads - c.reuse_heads
-        entries = [CacheEntry("key", ("batch", fresh, "past", c.head_dim),
-                              "K of the fresh heads [batch, fresh heads, past, head_dim]")] if fresh else []
-        return entries + [CacheEntry("value", ("batch", c.n_heads, "past", c.head_dim),
-                                     "V, fresh heads first [batch, heads, past, head_dim]")]
+        entries = (
+            [
+                CacheEntry(
+                    "key",
+                    ("batch", fresh, "past", c.head_dim),
+                    "K of the fresh heads [batch, fresh heads, past, head_dim]",
+                )
+            ]
+            if fresh
+            else []
+        )
+        return entries + [
+            CacheEntry(
+                "value", ("batch", c.n_heads, "past", c.head_dim), "V, fresh heads first [batch, heads, past, head_dim]"
+            )
+        ]
 
     def decode_step(
-        self, x: torch.Tensor, key_mask: torch.Tensor, positions: torch.Tensor, cache: tuple[torch.Tensor, ...],
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: tuple[torch.Tensor, ...],
         prev_probs: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
         """One causal decode step with explicit caches (:meth:`cache_entries`): x [B,T,D],
@@ -122,12 +146,14 @@ class ReuseAttention(nn.Module):
         return y, (*present, cache_layout(v)), torch.cat(probs, dim=1)
 
 
-register_variant(VariantInfo(
-    name="reuse",
-    config_cls=ReuseConfig,
-    module_cls=ReuseAttention,
-    paper="Bhojanapalli et al., Leveraging Redundancy in Attention with Reuse Transformers (2021)",
-    causal=True,
-    params="2D^2 + 2D(N-P)d",
-    families=("lm", "encoder", "layer"),
-))
+register_variant(
+    VariantInfo(
+        name="reuse",
+        config_cls=ReuseConfig,
+        module_cls=ReuseAttention,
+        paper="Bhojanapalli et al., Leveraging Redundancy in Attention with Reuse Transformers (2021)",
+        causal=True,
+        params="2D^2 + 2D(N-P)d",
+        families=("lm", "encoder", "layer"),
+    )
+)

@@ -4,6 +4,7 @@ The body calls the DcmhaCompose function (same domain) for both composes, so a m
 holds DcmhaAttention must also carry DcmhaCompose among its functions (``function_protos()``
 gives both).
 """
+
 from __future__ import annotations
 
 from onnx.defs import OpSchema
@@ -17,13 +18,27 @@ from ..dcmha_compose.onnx_function import ODD_FACTOR_ROWS, DcmhaCompose
 a2o = Opset(DOMAIN, OPSET_VERSION)
 
 RULES = OpRules(
-    attributes=(AttrRule("scale"), AttrRule("causal", choices=FLAG), AttrRule("window", min=0),
-                AttrRule("use_static_mix", choices=FLAG)),
-    inputs={"q": "B T N d", "k": "B S N d", "v": "B S N dv", "q_factors": "B T 2 F N", "k_factors": "B S 2 F N",
-            "key_padding_mask": "B S", "static_mix": "2 N N"},
-    rules=(Rule("window > 0 only with causal = 1", ("window", "causal"),
-                lambda window, causal: window == 0 or causal == 1),
-           ODD_FACTOR_ROWS),
+    attributes=(
+        AttrRule("scale"),
+        AttrRule("causal", choices=FLAG),
+        AttrRule("window", min=0),
+        AttrRule("use_static_mix", choices=FLAG),
+    ),
+    inputs={
+        "q": "B T N d",
+        "k": "B S N d",
+        "v": "B S N dv",
+        "q_factors": "B T 2 F N",
+        "k_factors": "B S 2 F N",
+        "key_padding_mask": "B S",
+        "static_mix": "2 N N",
+    },
+    rules=(
+        Rule(
+            "window > 0 only with causal = 1", ("window", "causal"), lambda window, causal: window == 0 or causal == 1
+        ),
+        ODD_FACTOR_ROWS,
+    ),
 )
 
 SCHEMA = make_schema(
@@ -130,6 +145,15 @@ def translate_dcmha_attention(
 ) -> FLOAT:
     """Export translation: one bare ai.attn2onnx::DcmhaAttention node."""
     return a2o.DcmhaAttention(
-        q, k, v, q_factors, k_factors, key_padding_mask, static_mix,
-        scale=scale, causal=causal, window=window, use_static_mix=use_static_mix,
+        q,
+        k,
+        v,
+        q_factors,
+        k_factors,
+        key_padding_mask,
+        static_mix,
+        scale=scale,
+        causal=causal,
+        window=window,
+        use_static_mix=use_static_mix,
     )

@@ -14,6 +14,7 @@ factors are exactly the per-token decode cache.
 decoding step with a cache of S - 1 earlier tokens is the same op. ``window`` W > 0 keeps the
 keys with 0 <= (t + S - T) - s <= W - 1 (W keys including the query's own) and needs causal.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,9 @@ from ..dcmha_compose.reference import compute_dtype, dcmha_compose_reference
 def allowed_mask(key_padding_mask: torch.Tensor, t: int, causal: bool, window: int) -> torch.Tensor:
     """Bool [B,1,T,S]: the causal attention mask, and with a window W only the W most recent keys."""
     if window < 0 or (window and not causal):
-        raise ValueError(f"DCMHA: a local window must be >= 0 and needs causal attention, got window={window}, causal={causal}")
+        raise ValueError(
+            f"DCMHA: a local window must be >= 0 and needs causal attention, got window={window}, causal={causal}"
+        )
     allowed = attention_mask(key_padding_mask.to(torch.bool), t, causal)
     if window:
         s = key_padding_mask.shape[-1]

@@ -40,6 +40,7 @@ constants (TensorRT AOT extra arguments can only be int32, and they are model co
 On the CPU the kernel runs under Triton's interpreter: set ``TRITON_INTERPRET=1`` before
 triton is first imported (Triton decides at decoration time), then pass CPU tensors.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,10 +71,24 @@ def _load_factor(base_ptr, tok_off, tok_ok, heads, N: tl.constexpr, ROW: tl.cons
 
 @triton.jit
 def _compose(
-    a, a_self, qf_ptr, q_off, q_ok, kf_ptr, k_off, k_ok, wb_ptr,
-    heads, out_heads,
-    N: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, OUT_H: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_STATIC_MIX: tl.constexpr,
+    a,
+    a_self,
+    qf_ptr,
+    q_off,
+    q_ok,
+    kf_ptr,
+    k_off,
+    k_ok,
+    wb_ptr,
+    heads,
+    out_heads,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    OUT_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_STATIC_MIX: tl.constexpr,
 ):
     """Compose on a tile: a [BLOCK_H, BLOCK_M, BLOCK_N] (all heads) -> [OUT_H, BLOCK_M, BLOCK_N]
     for the heads ``out_heads`` (a_self = a restricted to those heads).
@@ -85,17 +100,20 @@ def _compose(
     g_s = _load_factor(kf_ptr, k_off, k_ok, out_heads, N, 2 * R, 1)  # [OUT_H, BLOCK_N]
     out = a_self * (1.0 + g_t[:, :, None] + g_s[:, None, :])
     for r in tl.static_range(R):
-        u_t = _load_factor(qf_ptr, q_off, q_ok, heads, N, r, 1)       # [BLOCK_H, BLOCK_M]
-        u_s = _load_factor(kf_ptr, k_off, k_ok, heads, N, r, 1)       # [BLOCK_H, BLOCK_N]
+        u_t = _load_factor(qf_ptr, q_off, q_ok, heads, N, r, 1)  # [BLOCK_H, BLOCK_M]
+        u_s = _load_factor(kf_ptr, k_off, k_ok, heads, N, r, 1)  # [BLOCK_H, BLOCK_N]
         v_t = _load_factor(qf_ptr, q_off, q_ok, out_heads, N, R + r, 1)
         v_s = _load_factor(kf_ptr, k_off, k_ok, out_heads, N, R + r, 1)
-        p_t = tl.sum(a * u_t[:, :, None], axis=0)                     # [BLOCK_M, BLOCK_N]
+        p_t = tl.sum(a * u_t[:, :, None], axis=0)  # [BLOCK_M, BLOCK_N]
         p_s = tl.sum(a * u_s[:, None, :], axis=0)
         out += p_t[None, :, :] * v_t[:, :, None] + p_s[None, :, :] * v_s[:, None, :]
     if USE_STATIC_MIX:
         # (a Wb)[h'] = sum_h a[h] Wb[h, h']: wbt[h', h] = Wb[h, h']
-        wbt = tl.load(wb_ptr + heads[None, :] * N + out_heads[:, None],
-                      mask=(out_heads < N)[:, None] & (heads < N)[None, :], other=0.0).to(tl.float32)
+        wbt = tl.load(
+            wb_ptr + heads[None, :] * N + out_heads[:, None],
+            mask=(out_heads < N)[:, None] & (heads < N)[None, :],
+            other=0.0,
+        ).to(tl.float32)
         if BLOCK_H >= 16 and OUT_H >= 16:
             # batched over query rows: [BLOCK_M, OUT_H, BLOCK_H] @ [BLOCK_M, BLOCK_H, BLOCK_N]
             w3 = tl.broadcast_to(wbt[None, :, :], (BLOCK_M, OUT_H, BLOCK_H))
@@ -108,11 +126,35 @@ def _compose(
 
 @triton.jit
 def _block_logits(
-    q_base, k_base, qf_ptr, kf_ptr, kpm_ptr, wb_ptr, b, S, cols, rows, row_ok, t_abs, q_tok, k_tok_base,
-    heads, head_ok, dk,
-    SCALE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_STATIC_MIX: tl.constexpr,
-    N: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_base,
+    k_base,
+    qf_ptr,
+    kf_ptr,
+    kpm_ptr,
+    wb_ptr,
+    b,
+    S,
+    cols,
+    rows,
+    row_ok,
+    t_abs,
+    q_tok,
+    k_tok_base,
+    heads,
+    head_ok,
+    dk,
+    SCALE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    USE_STATIC_MIX: tl.constexpr,
+    N: tl.constexpr,
+    D: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Scaled, pre-composed, masked logits [BLOCK_H, BLOCK_M, BLOCK_N] of all heads for the key
     block ``cols``: what both passes recompute. Also returns the block's key validity and
@@ -122,15 +164,39 @@ def _block_logits(
     logits = tl.zeros([BLOCK_H, BLOCK_M, BLOCK_N], tl.float32)
     for d0 in tl.range(0, D, BLOCK_DK):
         dd = d0 + dk
-        qc = tl.load(q_base + (rows[None, :, None] * N + heads[:, None, None]) * D + dd[None, None, :],
-                     mask=head_ok[:, None, None] & row_ok[None, :, None] & (dd < D)[None, None, :], other=0.0)
-        kc = tl.load(k_base + (cols[None, None, :] * N + heads[:, None, None]) * D + dd[None, :, None],
-                     mask=head_ok[:, None, None] & col_ok[None, None, :] & (dd < D)[None, :, None], other=0.0)
+        qc = tl.load(
+            q_base + (rows[None, :, None] * N + heads[:, None, None]) * D + dd[None, None, :],
+            mask=head_ok[:, None, None] & row_ok[None, :, None] & (dd < D)[None, None, :],
+            other=0.0,
+        )
+        kc = tl.load(
+            k_base + (cols[None, None, :] * N + heads[:, None, None]) * D + dd[None, :, None],
+            mask=head_ok[:, None, None] & col_ok[None, None, :] & (dd < D)[None, :, None],
+            other=0.0,
+        )
         logits = tl.dot(qc, kc, logits, input_precision=DOT_PRECISION)
     logits = logits * SCALE
     k_tok = k_tok_base + cols * (2 * F * N)
-    logits = _compose(logits, logits, qf_ptr, q_tok, row_ok, kf_ptr, k_tok, col_ok, wb_ptr,
-                      heads, heads, N, R, BLOCK_H, BLOCK_H, BLOCK_M, BLOCK_N, USE_STATIC_MIX)
+    logits = _compose(
+        logits,
+        logits,
+        qf_ptr,
+        q_tok,
+        row_ok,
+        kf_ptr,
+        k_tok,
+        col_ok,
+        wb_ptr,
+        heads,
+        heads,
+        N,
+        R,
+        BLOCK_H,
+        BLOCK_H,
+        BLOCK_M,
+        BLOCK_N,
+        USE_STATIC_MIX,
+    )
     allowed = tl.load(kpm_ptr + b * S + cols, mask=col_ok, other=0).to(tl.int1)[None, :]
     if CAUSAL:
         allowed = allowed & (cols[None, :] <= t_abs[:, None])
@@ -142,18 +208,34 @@ def _block_logits(
 
 @triton.jit
 def dcmha_attention_fwd(
-    q_ptr, k_ptr, v_ptr, qf_ptr, kf_ptr, kpm_ptr, wb_ptr,  # inputs
-    T, S,                                                   # int32 scalars
-    o_ptr,                                                  # output
-    SCALE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_STATIC_MIX: tl.constexpr,
-    N: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    qf_ptr,
+    kf_ptr,
+    kpm_ptr,
+    wb_ptr,  # inputs
+    T,
+    S,  # int32 scalars
+    o_ptr,  # output
+    SCALE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    USE_STATIC_MIX: tl.constexpr,
+    N: tl.constexpr,
+    D: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(T, BLOCK_M), B, BLOCK_H // HEADS_PER_PROGRAM); see the module docstring."""
     NEG_: tl.constexpr = -1e30
-    F: tl.constexpr = 2 * R + 1               # factor rows per slot
+    F: tl.constexpr = 2 * R + 1  # factor rows per slot
     GROUPS: tl.constexpr = BLOCK_H // HEADS_PER_PROGRAM
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -161,7 +243,7 @@ def dcmha_attention_fwd(
 
     heads = tl.arange(0, BLOCK_H)
     out_heads = group * HEADS_PER_PROGRAM + tl.arange(0, HEADS_PER_PROGRAM)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)           # query index t
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query index t
     row_ok = rows < T
     cols0 = tl.arange(0, BLOCK_N)
     dk = tl.arange(0, BLOCK_DK)
@@ -174,7 +256,7 @@ def dcmha_attention_fwd(
     # query factors: [B, T, 2, F, N]; slot 0 = pre, slot 1 = post
     q_tok = (b * T + rows) * (2 * F * N)
     k_tok_base = b * S * (2 * F * N)
-    t_abs = rows + (S - T)                                     # causal alignment to the key end
+    t_abs = rows + (S - T)  # causal alignment to the key end
 
     # key blocks that causal / window leave any allowed key in, for this query block
     lo = 0
@@ -191,9 +273,36 @@ def dcmha_attention_fwd(
     l_i = tl.zeros([BLOCK_H, BLOCK_M], tl.float32)
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols, col_ok, k_tok, logits = _block_logits(
-            q_base, k_base, qf_ptr, kf_ptr, kpm_ptr, wb_ptr, b, S, start_n + cols0, rows, row_ok, t_abs, q_tok,
-            k_tok_base, heads, head_ok, dk, SCALE, CAUSAL, WINDOW, USE_STATIC_MIX, N, D, R,
-            BLOCK_H, BLOCK_M, BLOCK_N, BLOCK_DK, DOT_PRECISION)
+            q_base,
+            k_base,
+            qf_ptr,
+            kf_ptr,
+            kpm_ptr,
+            wb_ptr,
+            b,
+            S,
+            start_n + cols0,
+            rows,
+            row_ok,
+            t_abs,
+            q_tok,
+            k_tok_base,
+            heads,
+            head_ok,
+            dk,
+            SCALE,
+            CAUSAL,
+            WINDOW,
+            USE_STATIC_MIX,
+            N,
+            D,
+            R,
+            BLOCK_H,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_DK,
+            DOT_PRECISION,
+        )
         logits = tl.where(col_ok[None, None, :], logits, float("-inf"))  # outside the S keys
         m_new = tl.maximum(m_i, tl.max(logits, axis=2))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, :, None]), axis=2)
@@ -213,23 +322,69 @@ def dcmha_attention_fwd(
     acc = tl.zeros([HEADS_PER_PROGRAM, BLOCK_M, BLOCK_D], tl.float32)
     for start_n in tl.range(lo2, hi2, BLOCK_N):
         cols, col_ok, k_tok, logits = _block_logits(
-            q_base, k_base, qf_ptr, kf_ptr, kpm_ptr, wb_ptr, b, S, start_n + cols0, rows, row_ok, t_abs, q_tok,
-            k_tok_base, heads, head_ok, dk, SCALE, CAUSAL, WINDOW, USE_STATIC_MIX, N, D, R,
-            BLOCK_H, BLOCK_M, BLOCK_N, BLOCK_DK, DOT_PRECISION)
+            q_base,
+            k_base,
+            qf_ptr,
+            kf_ptr,
+            kpm_ptr,
+            wb_ptr,
+            b,
+            S,
+            start_n + cols0,
+            rows,
+            row_ok,
+            t_abs,
+            q_tok,
+            k_tok_base,
+            heads,
+            head_ok,
+            dk,
+            SCALE,
+            CAUSAL,
+            WINDOW,
+            USE_STATIC_MIX,
+            N,
+            D,
+            R,
+            BLOCK_H,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_DK,
+            DOT_PRECISION,
+        )
         logits = tl.where(col_ok[None, None, :], logits, float("-inf"))
-        p = tl.exp(logits - m_i[:, :, None]) * inv_l[:, :, None]       # [BLOCK_H, BLOCK_M, BLOCK_N]
+        p = tl.exp(logits - m_i[:, :, None]) * inv_l[:, :, None]  # [BLOCK_H, BLOCK_M, BLOCK_N]
         if GROUPS == 1:
             p_self = p
         else:  # the output heads' own probabilities: select head group `group`
             p4 = tl.reshape(p, (GROUPS, HEADS_PER_PROGRAM, BLOCK_M, BLOCK_N))
             gsel = tl.arange(0, GROUPS)[:, None, None, None] == group
             p_self = tl.sum(tl.where(gsel, p4, 0.0), axis=0)
-        p_out = _compose(p, p_self, qf_ptr, q_tok + F * N, row_ok, kf_ptr, k_tok + F * N, col_ok,
-                         wb_ptr + N * N, heads, out_heads, N, R, BLOCK_H, HEADS_PER_PROGRAM,
-                         BLOCK_M, BLOCK_N, USE_STATIC_MIX)
-        vt = tl.load(v_base + (cols[None, :, None] * N + out_heads[:, None, None]) * D + dv[None, None, :],
-                     mask=(out_heads < N)[:, None, None] & col_ok[None, :, None] & (dv < D)[None, None, :],
-                     other=0.0)
+        p_out = _compose(
+            p,
+            p_self,
+            qf_ptr,
+            q_tok + F * N,
+            row_ok,
+            kf_ptr,
+            k_tok + F * N,
+            col_ok,
+            wb_ptr + N * N,
+            heads,
+            out_heads,
+            N,
+            R,
+            BLOCK_H,
+            HEADS_PER_PROGRAM,
+            BLOCK_M,
+            BLOCK_N,
+            USE_STATIC_MIX,
+        )
+        vt = tl.load(
+            v_base + (cols[None, :, None] * N + out_heads[:, None, None]) * D + dv[None, None, :],
+            mask=(out_heads < N)[:, None, None] & col_ok[None, :, None] & (dv < D)[None, None, :],
+            other=0.0,
+        )
         acc = tl.dot(p_out.to(vt.dtype), vt, acc, input_precision=DOT_PRECISION)
 
     o_ptrs = o_ptr + ((b * T + rows[None, :, None]) * N + out_heads[:, None, None]) * D + dv[None, None, :]
@@ -240,6 +395,7 @@ def dcmha_attention_fwd(
 # ------------------------------------------------------------------------------------------
 # launch configuration, shared by the torch dispatch and the TensorRT plugin
 # ------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -278,11 +434,19 @@ class KernelConfig:
 
     def constexprs(self) -> dict[str, Any]:
         return {
-            "SCALE": float(self.scale), "CAUSAL": int(bool(self.causal)), "WINDOW": int(self.window),
+            "SCALE": float(self.scale),
+            "CAUSAL": int(bool(self.causal)),
+            "WINDOW": int(self.window),
             "USE_STATIC_MIX": int(bool(self.use_static_mix)),
-            "N": self.heads, "D": self.head_dim, "R": self.rank,
-            "BLOCK_H": self.block_h, "BLOCK_D": self.block_d, "BLOCK_DK": self.block_dk,
-            "BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "HEADS_PER_PROGRAM": self.hpp,
+            "N": self.heads,
+            "D": self.head_dim,
+            "R": self.rank,
+            "BLOCK_H": self.block_h,
+            "BLOCK_D": self.block_d,
+            "BLOCK_DK": self.block_dk,
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "HEADS_PER_PROGRAM": self.hpp,
             "DOT_PRECISION": self.dot_precision,
         }
 
@@ -316,16 +480,30 @@ def check_window(causal: bool, window: int) -> None:
         raise ValueError("dcmha_attention: a local window requires causal=True")
 
 
-def config_for(heads: int, head_dim: int, rank: int, dtype: str, scale: float, causal: bool, window: int,
-               use_static_mix: bool, **overrides: Any) -> KernelConfig:
+def config_for(
+    heads: int,
+    head_dim: int,
+    rank: int,
+    dtype: str,
+    scale: float,
+    causal: bool,
+    window: int,
+    use_static_mix: bool,
+    **overrides: Any,
+) -> KernelConfig:
     """The launch configuration for one op instance (``dtype``: float32, float16 or bfloat16).
 
     Shared by the torch dispatch and the TensorRT plugin, so both run the same specialisation.
     """
     check_window(bool(causal), int(window))
     base: dict[str, Any] = dict(
-        scale=resolve_scale(scale, head_dim), causal=bool(causal), window=int(window),
-        use_static_mix=bool(use_static_mix), heads=int(heads), head_dim=int(head_dim), rank=int(rank),
+        scale=resolve_scale(scale, head_dim),
+        causal=bool(causal),
+        window=int(window),
+        use_static_mix=bool(use_static_mix),
+        heads=int(heads),
+        head_dim=int(head_dim),
+        rank=int(rank),
         dot_precision="ieee" if dtype == "float32" else "tf32",
     )
     if heads * head_dim >= 2048:  # the published sizes: more warps for the big head tile
@@ -334,8 +512,15 @@ def config_for(heads: int, head_dim: int, rank: int, dtype: str, scale: float, c
     return KernelConfig(**base)
 
 
-def make_config(q: torch.Tensor, q_factors: torch.Tensor, scale: float, causal: bool, window: int,
-                use_static_mix: bool, **overrides: Any) -> KernelConfig:
+def make_config(
+    q: torch.Tensor,
+    q_factors: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window: int,
+    use_static_mix: bool,
+    **overrides: Any,
+) -> KernelConfig:
     _, _, heads, head_dim = q.shape
     rank = (q_factors.shape[3] - 1) // 2
     dtype = str(q.dtype).removeprefix("torch.")
@@ -365,9 +550,18 @@ def _check_inputs(q, k, v, q_factors, k_factors, key_padding_mask, static_mix) -
 
 
 def dcmha_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_factors: torch.Tensor, k_factors: torch.Tensor,
-    key_padding_mask: torch.Tensor, static_mix: torch.Tensor, scale: float, causal: bool, window: int,
-    use_static_mix: bool, **config: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_factors: torch.Tensor,
+    k_factors: torch.Tensor,
+    key_padding_mask: torch.Tensor,
+    static_mix: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window: int,
+    use_static_mix: bool,
+    **config: Any,
 ) -> torch.Tensor:
     """The fused kernel, same signature and result as ``torch.ops.attn2onnx.dcmha_attention``.
 
@@ -395,10 +589,22 @@ def dcmha_attention_triton(
     if not q.is_cuda and not _is_interpreted(dcmha_attention_fwd):
         raise RuntimeError(
             "dcmha_attention_triton: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before triton is first imported")
+            "before triton is first imported"
+        )
     dcmha_attention_fwd[cfg.grid(B, T)](
-        q, k, v, q_factors, k_factors, key_padding_mask, static_mix, T, S, out,
-        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q,
+        k,
+        v,
+        q_factors,
+        k_factors,
+        key_padding_mask,
+        static_mix,
+        T,
+        S,
+        out,
+        **cfg.constexprs(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out
 
@@ -418,15 +624,16 @@ def register_cuda_kernel() -> bool:
     if not hasattr(getattr(torch.ops, namespace), name):
         return False
 
-    def cuda_impl(q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window,
-                  use_static_mix):
+    def cuda_impl(q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix):
         if q.dtype not in SUPPORTED_DTYPES:  # float64 and friends: the eager reference
             from .reference import dcmha_attention_reference
 
-            return dcmha_attention_reference(q, k, v, q_factors, k_factors, key_padding_mask, static_mix,
-                                              scale, causal, window, use_static_mix).contiguous()
-        return dcmha_attention_triton(q, k, v, q_factors, k_factors, key_padding_mask, static_mix,
-                                      scale, causal, window, use_static_mix)
+            return dcmha_attention_reference(
+                q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix
+            ).contiguous()
+        return dcmha_attention_triton(
+            q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix
+        )
 
     torch.library.register_kernel(TORCH_OP, "cuda", cuda_impl)
     _REGISTERED = True
@@ -434,8 +641,15 @@ def register_cuda_kernel() -> bool:
 
 
 __all__ = [
-    "KERNEL_NAME", "KernelConfig", "config_for", "dcmha_attention_fwd", "dcmha_attention_triton",
-    "default_heads_per_program", "make_config", "register_cuda_kernel", "resolve_scale",
+    "KERNEL_NAME",
+    "KernelConfig",
+    "config_for",
+    "dcmha_attention_fwd",
+    "dcmha_attention_triton",
+    "default_heads_per_program",
+    "make_config",
+    "register_cuda_kernel",
+    "resolve_scale",
 ]
 
 # Importing this module after the op is defined (custom_ops/dcmha_attention/__init__.py) is enough.

@@ -19,6 +19,7 @@ The attributes are compile-time constants of the PTX (extra arguments can only b
 Note: this module deliberately has no ``from __future__ import annotations``: tensorrt.plugin
 reads the decorated functions' annotations as live classes.
 """
+
 import os
 import re
 from dataclasses import dataclass
@@ -94,8 +95,15 @@ def check_io(shapes: Mapping[str, Sequence[Optional[int]]], dtypes: Mapping[str,
 def kernel_signature(dtypes: Mapping[str, str]) -> dict:
     """Triton signature of :func:`dcmha_attention_fwd` for these input dtypes (the output has q's)."""
     sig = {f"{name}_ptr": "*" + TRITON_TYPES[dtypes[name]] for name in INPUTS}
-    sig = {"q_ptr": sig["q_ptr"], "k_ptr": sig["k_ptr"], "v_ptr": sig["v_ptr"], "qf_ptr": sig["q_factors_ptr"],
-           "kf_ptr": sig["k_factors_ptr"], "kpm_ptr": sig["key_padding_mask_ptr"], "wb_ptr": sig["static_mix_ptr"]}
+    sig = {
+        "q_ptr": sig["q_ptr"],
+        "k_ptr": sig["k_ptr"],
+        "v_ptr": sig["v_ptr"],
+        "qf_ptr": sig["q_factors_ptr"],
+        "kf_ptr": sig["k_factors_ptr"],
+        "kpm_ptr": sig["key_padding_mask_ptr"],
+        "wb_ptr": sig["static_mix_ptr"],
+    }
     sig.update({"T": "i32", "S": "i32", "o_ptr": "*" + TRITON_TYPES[dtypes["q"]]})
     return sig
 
@@ -155,10 +163,19 @@ def compile_ptx(config: Any, dtypes: Mapping[str, str], arch: int, ptx_version: 
     if getattr(md, "tmem_size", 0):
         problems.append("tensor memory")
     if problems:
-        raise PluginError(f"{ONNX_OP}: the Triton kernel for sm_{arch} needs {', '.join(problems)}, "
-                          "which TensorRT AOT plugins cannot provide")
-    return CompiledKernel(name=md.name, ptx=compiled.asm["ptx"], arch=int(arch), num_warps=md.num_warps,
-                          shared=md.shared, config=config, signature=signature)
+        raise PluginError(
+            f"{ONNX_OP}: the Triton kernel for sm_{arch} needs {', '.join(problems)}, "
+            "which TensorRT AOT plugins cannot provide"
+        )
+    return CompiledKernel(
+        name=md.name,
+        ptx=compiled.asm["ptx"],
+        arch=int(arch),
+        num_warps=md.num_warps,
+        shared=md.shared,
+        config=config,
+        signature=signature,
+    )
 
 
 _PARAM = re.compile(r"\.param\s+\.(\w+)(?:\s+\.ptr)?(?:\s+\.global)?(?:\s+\.align\s+\d+)?\s+(\w+)")
@@ -198,8 +215,9 @@ def target_arch() -> int:
     return 80
 
 
-def plugin_config(heads: int, head_dim: int, rank: int, dtype: str, scale: float, causal: int, window: int,
-                  use_static_mix: int) -> Any:
+def plugin_config(
+    heads: int, head_dim: int, rank: int, dtype: str, scale: float, causal: int, window: int, use_static_mix: int
+) -> Any:
     """The kernel configuration of one node: the same one the torch CUDA dispatch would use."""
     from .triton_kernel import config_for
 
@@ -232,8 +250,16 @@ def _dtype_name(trt_dtype: Any) -> str:
     return names[trt_dtype]
 
 
-def aot_launch(trtp: Any, descs: Sequence[Any], dtypes: Mapping[str, str], scale: float, causal: int, window: int,
-               use_static_mix: int, arch: Optional[int] = None) -> tuple:
+def aot_launch(
+    trtp: Any,
+    descs: Sequence[Any],
+    dtypes: Mapping[str, str],
+    scale: float,
+    causal: int,
+    window: int,
+    use_static_mix: int,
+    arch: Optional[int] = None,
+) -> tuple:
     """Body of the AOT implementation, with ``tensorrt.plugin`` passed in (tests pass a stand-in).
 
     ``descs`` are the 7 input TensorDescs. Returns (kernel name, PTX, KernelLaunchParams, SymIntExprs).
@@ -270,9 +296,17 @@ def register() -> str:
 
     @trtp.register(PLUGIN_ID)
     def dcmha_attention_desc(
-        q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, q_factors: trtp.TensorDesc,
-        k_factors: trtp.TensorDesc, key_padding_mask: trtp.TensorDesc, static_mix: trtp.TensorDesc,
-        scale: float, causal: int, window: int, use_static_mix: int,
+        q: trtp.TensorDesc,
+        k: trtp.TensorDesc,
+        v: trtp.TensorDesc,
+        q_factors: trtp.TensorDesc,
+        k_factors: trtp.TensorDesc,
+        key_padding_mask: trtp.TensorDesc,
+        static_mix: trtp.TensorDesc,
+        scale: float,
+        causal: int,
+        window: int,
+        use_static_mix: int,
     ) -> trtp.TensorDesc:
         descs = (q, k, v, q_factors, k_factors, key_padding_mask, static_mix)
         dtypes = {name: _dtype_name(d.dtype) for name, d in zip(INPUTS, descs)}
@@ -282,10 +316,19 @@ def register() -> str:
 
     @trtp.aot_impl(PLUGIN_ID)
     def dcmha_attention_aot(
-        q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, q_factors: trtp.TensorDesc,
-        k_factors: trtp.TensorDesc, key_padding_mask: trtp.TensorDesc, static_mix: trtp.TensorDesc,
-        scale: float, causal: int, window: int, use_static_mix: int,
-        outputs: Tuple[trtp.TensorDesc], tactic: int,
+        q: trtp.TensorDesc,
+        k: trtp.TensorDesc,
+        v: trtp.TensorDesc,
+        q_factors: trtp.TensorDesc,
+        k_factors: trtp.TensorDesc,
+        key_padding_mask: trtp.TensorDesc,
+        static_mix: trtp.TensorDesc,
+        scale: float,
+        causal: int,
+        window: int,
+        use_static_mix: int,
+        outputs: Tuple[trtp.TensorDesc],
+        tactic: int,
     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         descs = (q, k, v, q_factors, k_factors, key_padding_mask, static_mix)
         dtypes = {name: _dtype_name(d.dtype) for name, d in zip(INPUTS, descs)}
@@ -296,7 +339,20 @@ def register() -> str:
 
 
 __all__ = [
-    "ARCHS", "ATTRIBUTES", "CompiledKernel", "INPUTS", "ONNX_OP", "PLUGIN_ID", "PLUGIN_NAMESPACE", "PluginError",
-    "aot_launch", "check_io", "compile_ptx", "kernel_signature", "plugin_config", "ptx_entry_params", "register",
+    "ARCHS",
+    "ATTRIBUTES",
+    "CompiledKernel",
+    "INPUTS",
+    "ONNX_OP",
+    "PLUGIN_ID",
+    "PLUGIN_NAMESPACE",
+    "PluginError",
+    "aot_launch",
+    "check_io",
+    "compile_ptx",
+    "kernel_signature",
+    "plugin_config",
+    "ptx_entry_params",
+    "register",
     "target_arch",
 ]

@@ -1,8 +1,9 @@
 """ONNX side of DcmhaCompose: schema, standard-op function body and export translation."""
+
 from __future__ import annotations
 
 from onnx.defs import OpSchema
-from onnxscript import BOOL, FLOAT, script
+from onnxscript import FLOAT, script
 from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
@@ -64,6 +65,8 @@ def DcmhaCompose(a, q_factors, k_factors, static_mix, use_static_mix: int = 0):
 
 
 @script(a2o)
-def translate_dcmha_compose(a: FLOAT, q_factors: FLOAT, k_factors: FLOAT, static_mix: FLOAT, use_static_mix: bool) -> FLOAT:
+def translate_dcmha_compose(
+    a: FLOAT, q_factors: FLOAT, k_factors: FLOAT, static_mix: FLOAT, use_static_mix: bool
+) -> FLOAT:
     """Export translation: one bare ai.attn2onnx::DcmhaCompose node."""
     return a2o.DcmhaCompose(a, q_factors, k_factors, static_mix, use_static_mix=use_static_mix)

@@ -12,6 +12,7 @@ compose never mixes positions and cannot leak the future.
 The reference works in factorised form (about 10N MACs per (t, s) at R = 2, never an N x N
 matrix per position) and computes in fp32 (fp64 for fp64 inputs).
 """
+
 from __future__ import annotations
 
 import torch

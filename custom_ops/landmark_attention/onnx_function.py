@@ -1,4 +1,5 @@
 """ONNX side of LandmarkAttention: schema, standard-op function body and export translation."""
+
 from __future__ import annotations
 
 import math
@@ -12,20 +13,34 @@ from .._common import DOMAIN, NEG, OPSET_VERSION, AttrRule, OpRules, Rule, make_
 
 a2o = Opset(DOMAIN, OPSET_VERSION)
 
-_MIX_INPUTS = [(f"{stage}_{kind}_{side}", "T", "") for stage in ("pre", "post") for side in ("q", "k")
-               for kind in ("mix", "bias")]
+_MIX_INPUTS = [
+    (f"{stage}_{kind}_{side}", "T", "") for stage in ("pre", "post") for side in ("q", "k") for kind in ("mix", "bias")
+]
 
 # Upper bound of landmarks (the body builds [B, L, T] pooling matrices): far above any model's L.
 MAX_LANDMARKS = 1 << 16
 
 RULES = OpRules(
     attributes=(AttrRule("landmarks", min=1, max=MAX_LANDMARKS), AttrRule("grid", min=0), AttrRule("scale")),
-    inputs={"q": "B T N d", "k": "B T N d", "v": "B T N d", "key_padding_mask": "B T",
-            **{name: ("N" if "bias" in name else "N N") for name, _, _ in _MIX_INPUTS}},
-    rules=(Rule("landmarks = grid * grid when grid > 0", ("landmarks", "grid"),
-                lambda landmarks, grid: grid == 0 or landmarks == grid * grid),
-           Rule("a square token map (T a perfect square) when grid > 0", ("grid", "T"),
-                lambda grid, T: grid == 0 or math.isqrt(T) ** 2 == T)),
+    inputs={
+        "q": "B T N d",
+        "k": "B T N d",
+        "v": "B T N d",
+        "key_padding_mask": "B T",
+        **{name: ("N" if "bias" in name else "N N") for name, _, _ in _MIX_INPUTS},
+    },
+    rules=(
+        Rule(
+            "landmarks = grid * grid when grid > 0",
+            ("landmarks", "grid"),
+            lambda landmarks, grid: grid == 0 or landmarks == grid * grid,
+        ),
+        Rule(
+            "a square token map (T a perfect square) when grid > 0",
+            ("grid", "T"),
+            lambda grid, T: grid == 0 or math.isqrt(T) ** 2 == T,
+        ),
+    ),
 )
 
 SCHEMA = make_schema(
@@ -44,9 +59,21 @@ SCHEMA = make_schema(
 
 @script(a2o, default_opset=op)
 def LandmarkAttention(
-    q, k, v, key_padding_mask,
-    pre_mix_q, pre_bias_q, pre_mix_k, pre_bias_k, post_mix_q, post_bias_q, post_mix_k, post_bias_k,
-    landmarks: int = 16, grid: int = 0, scale: float = 0.0,
+    q,
+    k,
+    v,
+    key_padding_mask,
+    pre_mix_q,
+    pre_bias_q,
+    pre_mix_k,
+    pre_bias_k,
+    post_mix_q,
+    post_bias_q,
+    post_mix_k,
+    post_bias_k,
+    landmarks: int = 16,
+    grid: int = 0,
+    scale: float = 0.0,
 ):
     """Standard-op body: a [B,L,T] masked averaging matrix built at run time (1-D: ranks by
     CumSum, segment ids by integer division; grid: cells of the row-major map), then the two
@@ -115,13 +142,37 @@ def LandmarkAttention(
 
 @script(a2o)
 def translate_landmark_attention(
-    q: FLOAT, k: FLOAT, v: FLOAT, key_padding_mask: BOOL,
-    pre_mix_q: FLOAT, pre_bias_q: FLOAT, pre_mix_k: FLOAT, pre_bias_k: FLOAT,
-    post_mix_q: FLOAT, post_bias_q: FLOAT, post_mix_k: FLOAT, post_bias_k: FLOAT,
-    landmarks: int, grid: int, scale: float,
+    q: FLOAT,
+    k: FLOAT,
+    v: FLOAT,
+    key_padding_mask: BOOL,
+    pre_mix_q: FLOAT,
+    pre_bias_q: FLOAT,
+    pre_mix_k: FLOAT,
+    pre_bias_k: FLOAT,
+    post_mix_q: FLOAT,
+    post_bias_q: FLOAT,
+    post_mix_k: FLOAT,
+    post_bias_k: FLOAT,
+    landmarks: int,
+    grid: int,
+    scale: float,
 ) -> FLOAT:
     """Export translation: one bare ai.attn2onnx::LandmarkAttention node."""
     return a2o.LandmarkAttention(
-        q, k, v, key_padding_mask, pre_mix_q, pre_bias_q, pre_mix_k, pre_bias_k,
-        post_mix_q, post_bias_q, post_mix_k, post_bias_k, landmarks=landmarks, grid=grid, scale=scale,
+        q,
+        k,
+        v,
+        key_padding_mask,
+        pre_mix_q,
+        pre_bias_q,
+        pre_mix_k,
+        pre_bias_k,
+        post_mix_q,
+        post_bias_q,
+        post_mix_k,
+        post_bias_k,
+        landmarks=landmarks,
+        grid=grid,
+        scale=scale,
     )

@@ -12,6 +12,7 @@ masked), A_K = softmax over keys (padded keys masked); after a post mix the mask
 zeroed again, so padding never leaks in. o = A_Q (A_K v), right to left: T x S is never formed.
 The op always applies both mixes; a mode that is off passes M = I, c = 0, which is exact.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,17 +40,27 @@ def landmark_attention_reference(
 ) -> torch.Tensor:
     """q, k, v [B,T,N,d], key_padding_mask [B,T] bool, mixes [N,N], biases [N] -> o [B,T,N,d]."""
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"LandmarkAttention: expected q, k, v [B,T,N,d] of one shape, got {list(q.shape)}, "
-                         f"{list(k.shape)}, {list(v.shape)}")
+        raise ValueError(
+            f"LandmarkAttention: expected q, k, v [B,T,N,d] of one shape, got {list(q.shape)}, "
+            f"{list(k.shape)}, {list(v.shape)}"
+        )
     if key_padding_mask.shape != q.shape[:2]:
-        raise ValueError(f"LandmarkAttention: key_padding_mask must be [B,T] = {list(q.shape[:2])}, "
-                         f"got {list(key_padding_mask.shape)}")
+        raise ValueError(
+            f"LandmarkAttention: key_padding_mask must be [B,T] = {list(q.shape[:2])}, "
+            f"got {list(key_padding_mask.shape)}"
+        )
     heads = q.shape[2]
-    for name, mix, bias in (("pre_q", pre_mix_q, pre_bias_q), ("pre_k", pre_mix_k, pre_bias_k),
-                            ("post_q", post_mix_q, post_bias_q), ("post_k", post_mix_k, post_bias_k)):
+    for name, mix, bias in (
+        ("pre_q", pre_mix_q, pre_bias_q),
+        ("pre_k", pre_mix_k, pre_bias_k),
+        ("post_q", post_mix_q, post_bias_q),
+        ("post_k", post_mix_k, post_bias_k),
+    ):
         if mix.shape != (heads, heads) or bias.shape != (heads,):
-            raise ValueError(f"LandmarkAttention: {name} mix must be [{heads},{heads}] and its bias [{heads}], "
-                             f"got {list(mix.shape)} and {list(bias.shape)}")
+            raise ValueError(
+                f"LandmarkAttention: {name} mix must be [{heads},{heads}] and its bias [{heads}], "
+                f"got {list(mix.shape)} and {list(bias.shape)}"
+            )
     landmarks = landmark_count(landmarks, grid)
     mask = key_padding_mask.to(torch.bool)
     scale = resolve_scale(scale, q.shape[-1])

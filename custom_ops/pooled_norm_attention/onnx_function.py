@@ -1,4 +1,5 @@
 """ONNX side of PooledNormAttention: schema, standard-op function body and export translation."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -16,8 +17,14 @@ a2o = Opset(DOMAIN, OPSET_VERSION)
 MAX_FACTOR = 1 << 16
 
 RULES = OpRules(
-    attributes=(AttrRule("factors", min=1, max=MAX_FACTOR, length="N"), AttrRule("normalize", choices=FLAG),
-                AttrRule("eps", above=0), AttrRule("beta"), AttrRule("rescale", choices=FLAG), AttrRule("scale")),
+    attributes=(
+        AttrRule("factors", min=1, max=MAX_FACTOR, length="N"),
+        AttrRule("normalize", choices=FLAG),
+        AttrRule("eps", above=0),
+        AttrRule("beta"),
+        AttrRule("rescale", choices=FLAG),
+        AttrRule("scale"),
+    ),
     inputs={"q": "B T N d", "k": "B S N d", "v": "B S N d", "key_padding_mask": "B S"},
 )
 
@@ -40,8 +47,15 @@ SCHEMA = make_schema(
 
 @script(a2o, default_opset=op)
 def PooledNormAttention(
-    q, k, v, key_padding_mask,
-    factors: Sequence[int], normalize: int = 0, eps: float = 1e-5, beta: float = 1.0, rescale: int = 1,
+    q,
+    k,
+    v,
+    key_padding_mask,
+    factors: Sequence[int],
+    normalize: int = 0,
+    eps: float = 1e-5,
+    beta: float = 1.0,
+    rescale: int = 1,
     scale: float = 0.0,
 ):
     """Standard-op body for any factor list. Window j of head h covers keys j*r_h .. j*r_h+r_h-1:
@@ -56,15 +70,21 @@ def PooledNormAttention(
     slots = op.Range(zero_i, op.Squeeze(s_len), one_i)  # window index j: [S]
     offsets = op.Range(zero_i, r_max, one_i)  # key within the window: [R]
     start = op.Mul(op.Unsqueeze(factor, op.Constant(value_ints=[1])), op.Unsqueeze(slots, op.Constant(value_ints=[0])))
-    idx = op.Add(op.Unsqueeze(start, op.Constant(value_ints=[2])), op.Unsqueeze(offsets, op.Constant(value_ints=[0, 1])))
-    in_window = op.And(op.Less(op.Unsqueeze(offsets, op.Constant(value_ints=[0, 1])),
-                               op.Unsqueeze(factor, op.Constant(value_ints=[1, 2]))),
-                       op.Less(idx, s_len))  # [N,S,R]
+    idx = op.Add(
+        op.Unsqueeze(start, op.Constant(value_ints=[2])), op.Unsqueeze(offsets, op.Constant(value_ints=[0, 1]))
+    )
+    in_window = op.And(
+        op.Less(
+            op.Unsqueeze(offsets, op.Constant(value_ints=[0, 1])), op.Unsqueeze(factor, op.Constant(value_ints=[1, 2]))
+        ),
+        op.Less(idx, s_len),
+    )  # [N,S,R]
     idx = op.Min(idx, op.Sub(s_len, one_i))
     flat_idx = op.Reshape(idx, op.Constant(value_ints=[-1]))  # [N*S*R]
     head_base = op.Mul(op.Range(zero_i, op.Squeeze(n_heads), one_i), op.Squeeze(s_len))  # h*S: [N]
-    global_idx = op.Reshape(op.Add(idx, op.Unsqueeze(head_base, op.Constant(value_ints=[1, 2]))),
-                            op.Constant(value_ints=[-1]))
+    global_idx = op.Reshape(
+        op.Add(idx, op.Unsqueeze(head_base, op.Constant(value_ints=[1, 2]))), op.Constant(value_ints=[-1])
+    )
     real = op.Gather(key_padding_mask, flat_idx, axis=1)  # [B, N*S*R]
     batch = op.Shape(k, start=0, end=1)
     grid = op.Concat(batch, n_heads, s_len, op.Reshape(r_max, op.Constant(value_ints=[-1])), axis=0)
@@ -72,8 +92,9 @@ def PooledNormAttention(
     member_f = op.CastLike(member, q)
     one = op.CastLike(op.Constant(value_float=1.0), q)
     sizes = op.ReduceSum(member_f, op.Constant(value_ints=[3]), keepdims=0)  # [B,N,S]
-    window_ok = op.Unsqueeze(op.Greater(sizes, op.CastLike(op.Constant(value_float=0.0), q)),
-                             op.Constant(value_ints=[3]))  # [B,N,S',1]
+    window_ok = op.Unsqueeze(
+        op.Greater(sizes, op.CastLike(op.Constant(value_float=0.0), q)), op.Constant(value_ints=[3])
+    )  # [B,N,S',1]
     inv_size = op.Unsqueeze(op.Div(one, op.Max(sizes, one)), op.Constant(value_ints=[3]))
     weights = op.Unsqueeze(member_f, op.Constant(value_ints=[4]))  # [B,N,S,R,1]
     heads_flat = op.Concat(batch, op.Constant(value_ints=[-1]), op.Shape(k, start=3, end=4), axis=0)
@@ -81,10 +102,18 @@ def PooledNormAttention(
     k_rows = op.Reshape(op.Transpose(k, perm=[0, 2, 1, 3]), heads_flat)  # [B, N*S, d]
     v_rows = op.Reshape(op.Transpose(v, perm=[0, 2, 1, 3]), heads_flat)
     sum_axis = op.Constant(value_ints=[3])
-    k_pool = op.Mul(op.ReduceSum(op.Mul(op.Reshape(op.Gather(k_rows, global_idx, axis=1), pooled_shape), weights),
-                                 sum_axis, keepdims=0), inv_size)  # [B,N,S',d]
-    v_pool = op.Mul(op.ReduceSum(op.Mul(op.Reshape(op.Gather(v_rows, global_idx, axis=1), pooled_shape), weights),
-                                 sum_axis, keepdims=0), inv_size)
+    k_pool = op.Mul(
+        op.ReduceSum(
+            op.Mul(op.Reshape(op.Gather(k_rows, global_idx, axis=1), pooled_shape), weights), sum_axis, keepdims=0
+        ),
+        inv_size,
+    )  # [B,N,S',d]
+    v_pool = op.Mul(
+        op.ReduceSum(
+            op.Mul(op.Reshape(op.Gather(v_rows, global_idx, axis=1), pooled_shape), weights), sum_axis, keepdims=0
+        ),
+        inv_size,
+    )
     qh = op.Transpose(q, perm=[0, 2, 1, 3])
 
     # BN: masked mean / variance of the pooled keys per (batch, head, channel)
@@ -114,11 +143,27 @@ def PooledNormAttention(
 
 @script(a2o)
 def translate_pooled_norm_attention(
-    q: FLOAT, k: FLOAT, v: FLOAT, key_padding_mask: BOOL,
-    factors: Sequence[int], normalize: bool, eps: float, beta: float, rescale: bool, scale: float,
+    q: FLOAT,
+    k: FLOAT,
+    v: FLOAT,
+    key_padding_mask: BOOL,
+    factors: Sequence[int],
+    normalize: bool,
+    eps: float,
+    beta: float,
+    rescale: bool,
+    scale: float,
 ) -> FLOAT:
     """Export translation: one bare ai.attn2onnx::PooledNormAttention node."""
     return a2o.PooledNormAttention(
-        q, k, v, key_padding_mask,
-        factors=factors, normalize=normalize, eps=eps, beta=beta, rescale=rescale, scale=scale,
+        q,
+        k,
+        v,
+        key_padding_mask,
+        factors=factors,
+        normalize=normalize,
+        eps=eps,
+        beta=beta,
+        rescale=rescale,
+        scale=scale,
     )

@@ -10,6 +10,7 @@ of that head's keys over its real (pooled) key tokens; q^ = (q - beta mu) / sqrt
 k^ = (k - beta mu) / sqrt(var + eps) (rescale off: centre only). No running statistics.
 Then standard masked softmax attention on (q^, k^, v). Not causal.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ def pooled_norm_attention_reference(
     check_attention_inputs("PooledNormAttention", q, k, v, key_padding_mask)
     factors = [int(f) for f in factors]
     if len(factors) != q.shape[2] or min(factors) < 1:
-        raise ValueError(f"PooledNormAttention: factors must be one integer >= 1 per head ({q.shape[2]}), "
-                         f"got {factors}")
+        raise ValueError(
+            f"PooledNormAttention: factors must be one integer >= 1 per head ({q.shape[2]}), got {factors}"
+        )
     mask = key_padding_mask.to(torch.bool)
     outputs: list[torch.Tensor | None] = [None] * len(factors)
     for factor in sorted(set(factors)):

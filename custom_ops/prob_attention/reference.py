@@ -5,6 +5,7 @@ o = softmax(where(allowed, q k^T * scale, NEG)) v per head, with the probabiliti
 as a second output so the next layer can reuse them. ``causal`` aligns the queries to the end
 of the keys (query t sits at t + S - T).
 """
+
 from __future__ import annotations
 
 import torch

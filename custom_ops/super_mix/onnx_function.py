@@ -1,4 +1,5 @@
 """ONNX side of SuperMix: schema, standard-op function body and export translation."""
+
 from __future__ import annotations
 
 from onnx.defs import OpSchema

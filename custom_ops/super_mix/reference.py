@@ -8,6 +8,7 @@ Only the linear part of super's mix: WA's bias and the re-zeroing of U's padded 
 by the super module in standard ops after this op (attn2onnx/variants/hosseini.py), so the op
 stays exactly the plain ``WA[:T,:T] @ x`` pattern that passes/fuse_super_mix.py fuses into it.
 """
+
 from __future__ import annotations
 
 import torch

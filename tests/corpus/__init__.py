@@ -4,6 +4,7 @@ the ``ort`` pipeline is expected to give it, and near misses that must stay unfu
 ``ENTRIES`` lists :class:`Entry` rows; ``inputs(entry, batch, seq)`` draws the inputs (the key
 padding mask holds, by row, all real / right-padded / left-padded / all padded tokens).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ MHA = "com.microsoft::MultiHeadAttention"
 class Entry:
     name: str
     make: Callable[[], torch.nn.Module]
-    mask: bool                       # takes a key_padding_mask input
-    expected: str | None             # fused op on target ort; None: a near miss, must not fuse
-    precision: str = "fp32"          # export precision (fp16: module.half())
-    cores: int = 1                   # attention cores in the module (per-head loops: one per head)
-    gap: str = ""                    # a standard core the rules do not fuse yet: why (explain says it too)
+    mask: bool  # takes a key_padding_mask input
+    expected: str | None  # fused op on target ort; None: a near miss, must not fuse
+    precision: str = "fp32"  # export precision (fp16: module.half())
+    cores: int = 1  # attention cores in the module (per-head loops: one per head)
+    gap: str = ""  # a standard core the rules do not fuse yet: why (explain says it too)
 
 
 ENTRIES: list[Entry] = [
@@ -66,7 +67,7 @@ def padding_mask(batch: int, seq: int) -> np.ndarray:
     for i in range(batch):
         kind = i % 4
         if kind == 1:
-            mask[i, seq - seq // 3:] = False
+            mask[i, seq - seq // 3 :] = False
         elif kind == 2:
             mask[i, : seq // 2] = False
         elif kind == 3:

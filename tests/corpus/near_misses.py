@@ -1,4 +1,5 @@
 """Attention-shaped graphs that are NOT standard attention: a fusion of any of them is a bug."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ class SoftmaxOverQueries(_Projections):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        return self.merge(torch.softmax(q @ k.transpose(-1, -2) * HEAD ** -0.5, dim=-2) @ v)
+        return self.merge(torch.softmax(q @ k.transpose(-1, -2) * HEAD**-0.5, dim=-2) @ v)
 
 
 class FillWithZero(_Projections):
@@ -19,7 +20,7 @@ class FillWithZero(_Projections):
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        s = (q @ k.transpose(-1, -2) * HEAD ** -0.5).masked_fill(~key_padding_mask[:, None, None, :], 0.0)
+        s = (q @ k.transpose(-1, -2) * HEAD**-0.5).masked_fill(~key_padding_mask[:, None, None, :], 0.0)
         return self.merge(torch.softmax(s, dim=-1) @ v)
 
 
@@ -28,7 +29,7 @@ class MixOverQueries(_Projections):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        w = torch.softmax(q @ k.transpose(-1, -2) * HEAD ** -0.5, dim=-1)
+        w = torch.softmax(q @ k.transpose(-1, -2) * HEAD**-0.5, dim=-1)
         return self.merge(w.transpose(-1, -2) @ v)
 
 
@@ -37,7 +38,7 @@ class LogitsOverTokens(_Projections):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        w = torch.softmax(q.transpose(-1, -2) @ k * HEAD ** -0.5, dim=-1)  # [B,H,d,d]
+        w = torch.softmax(q.transpose(-1, -2) @ k * HEAD**-0.5, dim=-1)  # [B,H,d,d]
         return self.merge(v @ w)
 
 
@@ -50,5 +51,5 @@ class ScaledAfterSoftmax(_Projections):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        w = torch.softmax(q @ k.transpose(-1, -2) * HEAD ** -0.5, dim=-1) * self.gain
+        w = torch.softmax(q @ k.transpose(-1, -2) * HEAD**-0.5, dim=-1) * self.gain
         return self.merge(w @ v)

@@ -5,6 +5,7 @@ True = real token) to [B,T,D]. They are written here from each style's idiom (GP
 HF BERT / GPT-2 / Llama, timm ViT, torch's SDPA and nn.MultiheadAttention, einsum, per-head
 loops), not copied from those projects. D = 32, H = 4 heads of d = 8 unless said otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,14 +64,16 @@ class Gpt2HfCausal(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.c_attn, self.c_proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
-        self.register_buffer("bias", torch.tril(torch.ones(MAX_LEN, MAX_LEN, dtype=torch.bool)).view(1, 1, MAX_LEN, MAX_LEN))
+        self.register_buffer(
+            "bias", torch.tril(torch.ones(MAX_LEN, MAX_LEN, dtype=torch.bool)).view(1, 1, MAX_LEN, MAX_LEN)
+        )
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = (z.view(b, t, H, HEAD).permute(0, 2, 1, 3) for z in self.c_attn(x).split(D, dim=2))
         w = torch.matmul(q, k.transpose(-1, -2)) / torch.full([], v.size(-1) ** 0.5, dtype=x.dtype)
         ql, kl = q.size(-2), k.size(-2)
-        causal = self.bias[:, :, kl - ql:kl, :kl]
+        causal = self.bias[:, :, kl - ql : kl, :kl]
         w = torch.where(causal, w, torch.full([], torch.finfo(w.dtype).min, dtype=w.dtype))
         w = w + (1.0 - key_padding_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
         w = nn.functional.softmax(w, dim=-1)
@@ -84,7 +87,7 @@ class TimmVit(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
-        self.scale = HEAD ** -0.5
+        self.scale = HEAD**-0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -129,7 +132,7 @@ class BertAdditive(_Projections):
 
 
 def _rotate_half(t: torch.Tensor) -> torch.Tensor:
-    a, b = t[..., : t.shape[-1] // 2], t[..., t.shape[-1] // 2:]
+    a, b = t[..., : t.shape[-1] // 2], t[..., t.shape[-1] // 2 :]
     return torch.cat((-b, a), dim=-1)
 
 
@@ -168,7 +171,7 @@ class LlamaEager(_Projections):
         t = x.shape[1]
         q = q * self.cos[:t] + _rotate_half(q) * self.sin[:t]
         k = k * self.cos[:t] + _rotate_half(k) * self.sin[:t]
-        w = torch.matmul(q, k.transpose(2, 3)) * HEAD ** -0.5
+        w = torch.matmul(q, k.transpose(2, 3)) * HEAD**-0.5
         causal = torch.triu(torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype), diagonal=1)
         w = nn.functional.softmax(w + causal, dim=-1, dtype=torch.float32).to(q.dtype)
         return self.merge(torch.matmul(w, v))
@@ -236,7 +239,7 @@ class Einsum(_Projections):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        w = torch.einsum("bhtd,bhsd->bhts", q, k) * HEAD ** -0.5
+        w = torch.einsum("bhtd,bhsd->bhts", q, k) * HEAD**-0.5
         return self.merge(torch.einsum("bhts,bhsd->bhtd", w.softmax(-1), v))
 
 
@@ -245,7 +248,7 @@ class ScaleOnQ(_Projections):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        return self.merge(torch.softmax((q * HEAD ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v)
+        return self.merge(torch.softmax((q * HEAD**-0.5) @ k.transpose(-1, -2), dim=-1) @ v)
 
 
 class ScaleOnK(_Projections):
@@ -261,7 +264,7 @@ class SqrtScaleBoth(_Projections):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        s = HEAD ** -0.25
+        s = HEAD**-0.25
         return self.merge(torch.softmax((q * s) @ (k * s).transpose(-1, -2), dim=-1) @ v)
 
 
@@ -270,7 +273,7 @@ class WhereAllowed(_Projections):
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        s = q @ k.transpose(-1, -2) * HEAD ** -0.5
+        s = q @ k.transpose(-1, -2) * HEAD**-0.5
         s = torch.where(key_padding_mask[:, None, None, :], s, torch.tensor(-1e30))
         return self.merge(torch.softmax(s, dim=-1) @ v)
 
@@ -292,7 +295,7 @@ class CausalAndPadding(_Projections):
         q, k, v = self.qkv(x)
         t = x.shape[1]
         allowed = torch.tril(torch.ones(t, t, dtype=torch.bool)) & key_padding_mask[:, None, None, :]
-        s = (q @ k.transpose(-1, -2)) * HEAD ** -0.5
+        s = (q @ k.transpose(-1, -2)) * HEAD**-0.5
         return self.merge(torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v)
 
 
@@ -301,7 +304,7 @@ class SoftmaxFp32Casts(_Projections):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        s = (q @ k.transpose(-1, -2)) * HEAD ** -0.5
+        s = (q @ k.transpose(-1, -2)) * HEAD**-0.5
         return self.merge(torch.softmax(s.float(), dim=-1).to(v.dtype) @ v)
 
 
@@ -314,5 +317,5 @@ class DropoutEval(_Projections):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        w = self.attn_drop(torch.softmax(q @ k.transpose(-2, -1) * HEAD ** -0.5, dim=-1))
+        w = self.attn_drop(torch.softmax(q @ k.transpose(-2, -1) * HEAD**-0.5, dim=-1))
         return self.proj_drop(self.merge(w @ v))

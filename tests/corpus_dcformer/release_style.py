@@ -15,6 +15,7 @@ norm, output head; RoPE rows and the causal / window mask sliced per call from p
 buffers), loading a release checkpoint's state dict as it is. ``tests/dcformer_release.py``
 is the independent float64 oracle both are checked against.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,18 @@ WINDOW_TYPES = {"LG": [256, None], "LGLL": [256, None, 256, 256], "LGL6": [256, 
 
 def full_config(config: dict[str, Any]) -> dict[str, Any]:
     """The release's config defaults that matter here, with ``n_local_heads`` / ``intermediate_size`` filled in."""
-    c = dict(n_local_heads=-1, rope_base=500000.0, norm_eps=1e-5, use_qk_norm=False, window_size=256,
-             window_type=None, query_wise=False, use_sw=False, block_size=2048, intermediate_size=None)
+    c = dict(
+        n_local_heads=-1,
+        rope_base=500000.0,
+        norm_eps=1e-5,
+        use_qk_norm=False,
+        window_size=256,
+        window_type=None,
+        query_wise=False,
+        use_sw=False,
+        block_size=2048,
+        intermediate_size=None,
+    )
     c.update(config)
     if c["n_local_heads"] == -1:
         c["n_local_heads"] = c["n_head"]
@@ -167,8 +178,10 @@ class DynamicWeightProjection(nn.Module):
         pre_qw2, pre_kw2, post_qw2, post_kw2 = _unbind(w2, 4, dim=3)
         dd = torch.tanh(torch.einsum("BTD,DGM->BTGM", query_vec, self.dd))
         pre_qdd, pre_kdd, post_qdd, post_kdd = torch.split(dd, dd.shape[-1] // 4, dim=-1)
-        return ((pre_qw1, pre_qw2, pre_kw1, pre_kw2, pre_qdd, pre_kdd),
-                (post_qw1, post_qw2, post_kw1, post_kw2, post_qdd, post_kdd))
+        return (
+            (pre_qw1, pre_qw2, pre_kw1, pre_kw2, pre_qdd, pre_kdd),
+            (post_qw1, post_qw2, post_kw1, post_kw2, post_qdd, post_kdd),
+        )
 
 
 class DCMHAttention(nn.Module):
@@ -265,8 +278,9 @@ class ReleaseLM(nn.Module):
         self.layers = nn.ModuleList(Block(c, i, fast_infer) for i in range(c["n_layer"]))
         self.norm = RMSNorm(c["dim"], c["norm_eps"])
         self.output = nn.Linear(c["dim"], c["vocab_size"], bias=False)
-        self.register_buffer("freqs_cis", precompute_freqs_cis(max_len, c["dim"] // c["n_head"], c["rope_base"]),
-                             persistent=False)
+        self.register_buffer(
+            "freqs_cis", precompute_freqs_cis(max_len, c["dim"] // c["n_head"], c["rope_base"]), persistent=False
+        )
         causal = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool))
         stacked = causal if c["window_size"] is None else torch.stack([window_mask(max_len, c["window_size"]), causal])
         self.register_buffer("causal_mask", stacked, persistent=False)
@@ -285,17 +299,19 @@ class ReleaseLM(nn.Module):
         return self.output(self.norm(x))
 
 
-def release_layer(config: dict[str, Any], state: dict[str, torch.Tensor], lidx: int = 0,
-                  fast_infer: bool = True) -> DCMHAttention:
+def release_layer(
+    config: dict[str, Any], state: dict[str, torch.Tensor], lidx: int = 0, fast_infer: bool = True
+) -> DCMHAttention:
     """Layer ``lidx``'s attention, its weights taken from a release state dict."""
     layer = DCMHAttention(config, lidx, fast_infer)
     prefix = f"layers.{lidx}.attention."
-    layer.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    layer.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return layer.eval()
 
 
-def release_lm(config: dict[str, Any], state: dict[str, torch.Tensor], max_len: int = 2048,
-               fast_infer: bool = True) -> ReleaseLM:
+def release_lm(
+    config: dict[str, Any], state: dict[str, torch.Tensor], max_len: int = 2048, fast_infer: bool = True
+) -> ReleaseLM:
     """The LM with a release state dict loaded as it is (strict)."""
     lm = ReleaseLM(config, max_len, fast_infer)
     lm.load_state_dict(state)

@@ -7,6 +7,7 @@ PINNED cases (defects found by this suite: each stays in every run); the rest ar
 (not skipped, so nothing unrun counts as passed). Every case that fails before any heavy work
 runs always. The terminal summary counts the cases run per kind.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,12 @@ def case_id(item: pytest.Item) -> str | None:
 
 def sampled_out(item: pytest.Item) -> bool:
     """Whether the default run leaves ``item`` out (slow, not pinned, not in the sample)."""
-    return (FUZZ_DIR in Path(item.path).parents and item.get_closest_marker("slow") is not None
-            and case_id(item) not in PINNED and zlib.crc32(item.nodeid.encode()) % SLOW_SAMPLE_EVERY != 0)
+    return (
+        FUZZ_DIR in Path(item.path).parents
+        and item.get_closest_marker("slow") is not None
+        and case_id(item) not in PINNED
+        and zlib.crc32(item.nodeid.encode()) % SLOW_SAMPLE_EVERY != 0
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -55,8 +60,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep
-    config.stash[_KINDS] = Counter((case_id(item) or "").split(":")[0] or "other" for item in items
-                                   if FUZZ_DIR in Path(item.path).parents)
+    config.stash[_KINDS] = Counter(
+        (case_id(item) or "").split(":")[0] or "other" for item in items if FUZZ_DIR in Path(item.path).parents
+    )
 
 
 _KINDS = pytest.StashKey[Counter]()

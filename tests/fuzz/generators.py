@@ -9,6 +9,7 @@ File mutations are kept only when the format's own integrity check rejects the r
 CRC / structure for .pt, .pt2, .pkl, .npz; protobuf parse or onnx.checker for .onnx): a flip in
 a weight or a node name that still leaves a valid file is retried with the next seed.
 """
+
 from __future__ import annotations
 
 import io
@@ -50,8 +51,9 @@ def make_sources(folder: Path) -> Sources:
     from attn2onnx.sources import from_module
 
     checkpoint, onnx_path = folder / "tiny.pt", folder / "tiny.onnx"
-    status = cli.main(["new", "dcmha", "-o", str(checkpoint), "--layers", "1", "--d-model", "16", "--heads", "2",
-                       "--max-len", "16"])
+    status = cli.main(
+        ["new", "dcmha", "-o", str(checkpoint), "--layers", "1", "--d-model", "16", "--heads", "2", "--max-len", "16"]
+    )
     assert status == 0, "attn2onnx new failed on the fuzz source model"
     status = cli.main(["export", str(checkpoint), "-o", str(onnx_path), "--no-check", "--batch", "1", "--seq-len", "4"])
     assert status == 0, "attn2onnx export failed on the fuzz source model"
@@ -70,8 +72,16 @@ def warm_imports() -> None:
     then starts with it loaded instead of paying seconds of imports itself."""
     import importlib
 
-    for name in ("attn2onnx.passes", "attn2onnx.validate", "attn2onnx.runtime", "attn2onnx.runtime.sessions",
-                 "attn2onnx.runtime.tensorrt", "attn2onnx.demo", "onnxruntime", "polygraphy.comparator"):
+    for name in (
+        "attn2onnx.passes",
+        "attn2onnx.validate",
+        "attn2onnx.runtime",
+        "attn2onnx.runtime.sessions",
+        "attn2onnx.runtime.tensorrt",
+        "attn2onnx.demo",
+        "onnxruntime",
+        "polygraphy.comparator",
+    ):
         importlib.import_module(name)
 
 
@@ -155,33 +165,41 @@ Mutation = Callable[[bytes, np.random.Generator, int], bytes]
 
 def truncate(fraction: float, drop: int = 0) -> Mutation:
     """Keep the first ``fraction`` of the bytes minus ``drop``, one byte shorter per retry."""
+
     def mutate(data: bytes, rng: np.random.Generator, attempt: int) -> bytes:
-        return data[:max(0, int(len(data) * fraction) - drop - attempt)]
+        return data[: max(0, int(len(data) * fraction) - drop - attempt)]
+
     return mutate
 
 
 def flip(count: int) -> Mutation:
     """XOR ``count`` random bytes with random non-zero values."""
+
     def mutate(data: bytes, rng: np.random.Generator, attempt: int) -> bytes:
         out = bytearray(data)
         for pos in rng.integers(0, len(out), size=count):
             out[pos] ^= int(rng.integers(1, 256))
         return bytes(out)
+
     return mutate
 
 
 def zero_region(size: int) -> Mutation:
     """Zero ``size`` consecutive bytes at a random place."""
+
     def mutate(data: bytes, rng: np.random.Generator, attempt: int) -> bytes:
         start = int(rng.integers(0, max(1, len(data) - size)))
-        return data[:start] + bytes(min(size, len(data) - start)) + data[start + size:]
+        return data[:start] + bytes(min(size, len(data) - start)) + data[start + size :]
+
     return mutate
 
 
 def append(junk: bytes) -> Mutation:
     """The file followed by ``junk`` (oversized: a reader must not take the front as the file)."""
+
     def mutate(data: bytes, rng: np.random.Generator, attempt: int) -> bytes:
         return data + junk
+
     return mutate
 
 
@@ -221,28 +239,59 @@ def _seed(text: str) -> int:
 FileConsumer = Callable[[Workspace, str], list[str]]
 FILE_KINDS: dict[str, tuple[str, str, str, dict[str, FileConsumer]]] = {
     # kind: (source attribute, suffix, oracle, command -> argv)
-    "checkpoint": ("checkpoint", ".pt", "zip", {
-        "export": lambda ws, p: ["export", p, "-o", ws.output("out.onnx"), "--no-check"],
-        "validate-reference": lambda ws, p: ["validate", ws.copy(ws.sources.onnx), "--reference", p],
-    }),
-    "program": ("program", ".pt2", "zip", {
-        "export": lambda ws, p: ["export", p, "-o", ws.output("out.onnx"), "--no-check"],
-        "validate-reference": lambda ws, p: ["validate", ws.copy(ws.sources.onnx), "--reference", p],
-    }),
-    "pickle": ("pickled", ".pkl", "zip", {
-        "export": lambda ws, p: ["export", p, "-o", ws.output("out.onnx"), "--no-check"],
-        "export-trusted": lambda ws, p: ["export", p, "-o", ws.output("out.onnx"), "--no-check", "--trust-pickle"],
-        "validate-trusted": lambda ws, p: ["validate", ws.copy(ws.sources.onnx), "--reference", p, "--trust-pickle"],
-    }),
-    "onnx": ("onnx", ".onnx", "onnx", {
-        "optimize": lambda ws, p: ["optimize", p, "-o", ws.output("out.onnx")],
-        "run": lambda ws, p: ["run", p, "-o", ws.output("out.npz")],
-        "validate": lambda ws, p: ["validate", p, "--reference", ws.copy(ws.sources.checkpoint)],
-        "build-engine": lambda ws, p: ["build-engine", p, "-o", ws.output("out.engine")],
-    }),
-    "npz": ("inputs", ".npz", "zip", {
-        "run-inputs": lambda ws, p: ["run", ws.copy(ws.sources.onnx), "--inputs", p, "-o", ws.output("out.npz")],
-    }),
+    "checkpoint": (
+        "checkpoint",
+        ".pt",
+        "zip",
+        {
+            "export": lambda ws, p: ["export", p, "-o", ws.output("out.onnx"), "--no-check"],
+            "validate-reference": lambda ws, p: ["validate", ws.copy(ws.sources.onnx), "--reference", p],
+        },
+    ),
+    "program": (
+        "program",
+        ".pt2",
+        "zip",
+        {
+            "export": lambda ws, p: ["export", p, "-o", ws.output("out.onnx"), "--no-check"],
+            "validate-reference": lambda ws, p: ["validate", ws.copy(ws.sources.onnx), "--reference", p],
+        },
+    ),
+    "pickle": (
+        "pickled",
+        ".pkl",
+        "zip",
+        {
+            "export": lambda ws, p: ["export", p, "-o", ws.output("out.onnx"), "--no-check"],
+            "export-trusted": lambda ws, p: ["export", p, "-o", ws.output("out.onnx"), "--no-check", "--trust-pickle"],
+            "validate-trusted": lambda ws, p: [
+                "validate",
+                ws.copy(ws.sources.onnx),
+                "--reference",
+                p,
+                "--trust-pickle",
+            ],
+        },
+    ),
+    "onnx": (
+        "onnx",
+        ".onnx",
+        "onnx",
+        {
+            "optimize": lambda ws, p: ["optimize", p, "-o", ws.output("out.onnx")],
+            "run": lambda ws, p: ["run", p, "-o", ws.output("out.npz")],
+            "validate": lambda ws, p: ["validate", p, "--reference", ws.copy(ws.sources.checkpoint)],
+            "build-engine": lambda ws, p: ["build-engine", p, "-o", ws.output("out.engine")],
+        },
+    ),
+    "npz": (
+        "inputs",
+        ".npz",
+        "zip",
+        {
+            "run-inputs": lambda ws, p: ["run", ws.copy(ws.sources.onnx), "--inputs", p, "-o", ws.output("out.npz")],
+        },
+    ),
 }
 # Commands that go on to a full export or comparison when a damaged file is wrongly accepted.
 SLOW_CONSUMERS = {"export", "export-trusted", "validate-reference", "validate-trusted"}
@@ -254,11 +303,20 @@ def file_cases() -> list[Case]:
     for kind, (attribute, suffix, oracle, consumers) in FILE_KINDS.items():
         for mutation in MUTATIONS:
             for command, consumer in consumers.items():
-                def make(ws: Workspace, attribute=attribute, suffix=suffix, oracle=oracle, mutation=mutation,
-                         consumer=consumer, kind=kind) -> list[str]:
+
+                def make(
+                    ws: Workspace,
+                    attribute=attribute,
+                    suffix=suffix,
+                    oracle=oracle,
+                    mutation=mutation,
+                    consumer=consumer,
+                    kind=kind,
+                ) -> list[str]:
                     data = getattr(ws.sources, attribute).read_bytes()
                     bad = mutated(data, mutation, oracle, _seed(f"{kind}/{mutation}"))
                     return consumer(ws, ws.write(f"hostile{suffix}", bad))
+
                 cases.append(Case(f"corrupt-{kind}", f"{mutation}/{command}", make, slow=command in SLOW_CONSUMERS))
     return cases
 
@@ -304,12 +362,18 @@ PICKLE_SHAPES: dict[str, Callable[[Payload], bytes]] = {
     "raw-protocol2": lambda p: pickle.dumps(p, protocol=2),
     "raw-protocol5": lambda p: pickle.dumps(p, protocol=5),
     "checkpoint-config": lambda p: torch_bytes({"format": "attn2onnx", "version": 1, "config": p, "state_dict": {}}),
-    "checkpoint-state-dict": lambda p: torch_bytes({"format": "attn2onnx", "version": 1, "config": {},
-                                                    "state_dict": {"weight": p}}),
+    "checkpoint-state-dict": lambda p: torch_bytes(
+        {"format": "attn2onnx", "version": 1, "config": {}, "state_dict": {"weight": p}}
+    ),
 }
-PICKLE_ROUTES = {"torch-zip": ("os-system", "open", "exec", "eval", "subprocess"), "raw-protocol0": ("open",),
-                 "raw-protocol2": ("os-system", "exec"), "raw-protocol5": ("eval",),
-                 "checkpoint-config": ("os-system", "open"), "checkpoint-state-dict": ("exec",)}
+PICKLE_ROUTES = {
+    "torch-zip": ("os-system", "open", "exec", "eval", "subprocess"),
+    "raw-protocol0": ("open",),
+    "raw-protocol2": ("os-system", "exec"),
+    "raw-protocol5": ("eval",),
+    "checkpoint-config": ("os-system", "open"),
+    "checkpoint-state-dict": ("exec",),
+}
 PICKLE_CONSUMERS: dict[str, tuple[str, FileConsumer]] = {
     "export-pt": (".pt", lambda ws, p: ["export", p, "-o", ws.output("out.onnx"), "--no-check"]),
     "export-pkl": (".pkl", lambda ws, p: ["export", p, "-o", ws.output("out.onnx"), "--no-check"]),
@@ -325,8 +389,10 @@ def pickle_payload_cases() -> list[Case]:
     for shape, routes in PICKLE_ROUTES.items():
         for route in routes:
             for command, (suffix, consumer) in PICKLE_CONSUMERS.items():
+
                 def make(ws: Workspace, shape=shape, route=route, suffix=suffix, consumer=consumer) -> list[str]:
                     return consumer(ws, ws.write(f"payload{suffix}", PICKLE_SHAPES[shape](payload(route, ws.marker))))
+
                 cases.append(Case("payload-pickle", f"{shape}/{route}/{command}", make))
     return cases
 
@@ -367,8 +433,12 @@ def _program_opaque_constant(members: dict[str, bytes], blob: bytes) -> None:
     config_name = next(n for n in members if n.endswith("model_constants_config.json"))
     config = json.loads(members[config_name])
     path_name = f"{OPAQUE_OBJ_FILENAME_PREFIX}0"
-    config["config"]["fuzz_payload"] = {"path_name": path_name, "is_param": False, "use_pickle": True,
-                                        "tensor_meta": None}
+    config["config"]["fuzz_payload"] = {
+        "path_name": path_name,
+        "is_param": False,
+        "use_pickle": True,
+        "tensor_meta": None,
+    }
     members[config_name] = json.dumps(config).encode()
     members[config_name.rsplit("/", 1)[0] + "/" + path_name] = blob
 
@@ -390,10 +460,12 @@ def program_payload_cases() -> list[Case]:
     for vector, (edit, encode) in PROGRAM_VECTORS.items():
         for route in ("os-system", "open", "exec"):
             for command, consumer in PROGRAM_CONSUMERS.items():
+
                 def make(ws: Workspace, edit=edit, encode=encode, route=route, consumer=consumer) -> list[str]:
                     blob = encode(payload(route, ws.marker))
                     data = _rewrite_zip(ws.sources.program.read_bytes(), lambda m: edit(m, blob))
                     return consumer(ws, ws.write("payload.pt2", data))
+
                 cases.append(Case("payload-pt2", f"{vector}/{route}/{command}", make))
     return cases
 
@@ -423,18 +495,22 @@ def external_model(ws: Workspace, location: str, offset: str | None = None, leng
 
 def _linked(location: str, name: str, target: Callable[[Workspace], Path]) -> Callable[[Workspace], str]:
     """external_model at ``location`` plus a symlink ``model/<name>`` -> ``target(ws)``."""
+
     def build(ws: Workspace) -> str:
         path = external_model(ws, location)
         os.symlink(target(ws), ws.root / "model" / name)
         return path
+
     return build
 
 
 def _with_folder(folder: str, location: str) -> Callable[[Workspace], str]:
     """external_model at ``location`` with the folder ``model/<folder>`` present."""
+
     def build(ws: Workspace) -> str:
         ws.folder(f"model/{folder}")
         return external_model(ws, location)
+
     return build
 
 
@@ -465,24 +541,35 @@ EXTERNAL_COMMANDS: dict[str, FileConsumer] = {
 
 def external_data_cases() -> list[Case]:
     """Initializers whose external data escapes the model folder or lies past a file's end."""
-    return [Case("external-data", f"{name}/{command}",
-                 lambda ws, build=build, consumer=consumer: consumer(ws, build(ws)))
-            for name, build in EXTERNAL_LOCATIONS.items() for command, consumer in EXTERNAL_COMMANDS.items()]
+    return [
+        Case("external-data", f"{name}/{command}", lambda ws, build=build, consumer=consumer: consumer(ws, build(ws)))
+        for name, build in EXTERNAL_LOCATIONS.items()
+        for command, consumer in EXTERNAL_COMMANDS.items()
+    ]
 
 
 # --- malformed ai.attn2onnx nodes ------------------------------------------------------------
 # Valid inputs (shapes) and attributes of every op at batch 1, 4 tokens, 2 heads of width 4.
 _QKV = {"q": (1, 4, 2, 4), "k": (1, 4, 2, 4), "v": (1, 4, 2, 4)}
-_MIX = {f"{stage}_{kind}_{side}": ((2, 2) if kind == "mix" else (2,))
-        for stage in ("pre", "post") for side in ("q", "k") for kind in ("mix", "bias")}
+_MIX = {
+    f"{stage}_{kind}_{side}": ((2, 2) if kind == "mix" else (2,))
+    for stage in ("pre", "post")
+    for side in ("q", "k")
+    for kind in ("mix", "bias")
+}
 OP_INPUTS: dict[str, dict[str, tuple[int, ...]]] = {
     "SuperMix": {"x": (1, 4, 8), "wa": (6, 6), "key_padding_mask": (1, 4)},
     "ProbAttention": {**_QKV, "key_padding_mask": (1, 4)},
     "LandmarkAttention": {**_QKV, "key_padding_mask": (1, 4), **_MIX},
     "PooledNormAttention": {**_QKV, "key_padding_mask": (1, 4)},
     "DcmhaCompose": {"a": (1, 2, 4, 4), "q_factors": (1, 4, 3, 2), "k_factors": (1, 4, 3, 2), "static_mix": (2, 2)},
-    "DcmhaAttention": {**_QKV, "q_factors": (1, 4, 2, 3, 2), "k_factors": (1, 4, 2, 3, 2),
-                       "key_padding_mask": (1, 4), "static_mix": (2, 2, 2)},
+    "DcmhaAttention": {
+        **_QKV,
+        "q_factors": (1, 4, 2, 3, 2),
+        "k_factors": (1, 4, 2, 3, 2),
+        "key_padding_mask": (1, 4),
+        "static_mix": (2, 2, 2),
+    },
 }
 OP_ATTRIBUTES: dict[str, dict[str, Any]] = {
     "SuperMix": {"causal": 1},
@@ -500,15 +587,25 @@ _FLAG = {"-1": -1, "2": 2, "huge": 2**62}
 _NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 # Out-of-range values per attribute (wrong types are added for every attribute by its type).
 OUT_OF_RANGE: dict[str, dict[str, Any]] = {
-    "causal": _FLAG, "use_static_mix": _FLAG, "normalize": _FLAG, "rescale": _FLAG, "aot": _FLAG,
+    "causal": _FLAG,
+    "use_static_mix": _FLAG,
+    "normalize": _FLAG,
+    "rescale": _FLAG,
+    "aot": _FLAG,
     "scale": _NON_FINITE,
     "eps": {**_NON_FINITE, "negative": -1.0},
     "beta": _NON_FINITE,
     "landmarks": {"zero": 0, "-1": -1, "huge": 2**62},
     "grid": {"-1": -1, "huge": 2**62},
     "window": {"-1": -1, "-huge": -(2**62)},
-    "factors": {"empty": [], "too-few": [1], "too-many": [1, 1, 1], "zero": [0, 1], "negative": [-1, 1],
-                "huge": [2**62, 1]},
+    "factors": {
+        "empty": [],
+        "too-few": [1],
+        "too-many": [1, 1, 1],
+        "zero": [0, 1],
+        "negative": [-1, 1],
+        "huge": [2**62, 1],
+    },
     "plugin_namespace": {},
 }
 WRONG_TYPES: dict[str, dict[str, Any]] = {  # by the schema's attribute type name
@@ -524,8 +621,13 @@ CONTRADICTIONS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def op_model(op: str, attributes: dict[str, Any] | None = None, shapes: dict[str, tuple[int, ...]] | None = None,
-             op_type: str | None = None, domain_version: int | None = None) -> bytes:
+def op_model(
+    op: str,
+    attributes: dict[str, Any] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    op_type: str | None = None,
+    domain_version: int | None = None,
+) -> bytes:
     """A one-node model of ``op`` over graph inputs (bodies attached), with attributes and input
     shapes overridden where given (an attribute set to MISSING is left out)."""
     from onnx import TensorProto, helper
@@ -535,15 +637,22 @@ def op_model(op: str, attributes: dict[str, Any] | None = None, shapes: dict[str
 
     shapes = OP_INPUTS[op] if shapes is None else shapes
     attrs = {**OP_ATTRIBUTES[op], **(attributes or {})}
-    inputs = [helper.make_tensor_value_info(name, TensorProto.BOOL if name == "key_padding_mask" else TensorProto.FLOAT,
-                                            list(shape)) for name, shape in shapes.items()]
+    inputs = [
+        helper.make_tensor_value_info(
+            name, TensorProto.BOOL if name == "key_padding_mask" else TensorProto.FLOAT, list(shape)
+        )
+        for name, shape in shapes.items()
+    ]
     outputs = OP_OUTPUTS.get(op, ("out",))
     node = helper.make_node(op_type or op, list(shapes), list(outputs), domain=DOMAIN)
     node.attribute.extend(_attribute(op, k, v) for k, v in attrs.items() if v is not MISSING)
     rank = OUTPUT_RANKS.get(op, 4)  # a valid model declares its outputs' shapes (onnx.checker)
-    graph = helper.make_graph([node], f"fuzz_{op}", inputs,
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [f"{o}{i}" for i in range(rank)])
-                               for o in outputs])
+    graph = helper.make_graph(
+        [node],
+        f"fuzz_{op}",
+        inputs,
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [f"{o}{i}" for i in range(rank)]) for o in outputs],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
     attach_functions(model)
     for opset in model.opset_import:
@@ -558,8 +667,9 @@ def _attribute(op: str, name: str, value: Any):
     from onnx import AttributeProto, helper
 
     if isinstance(value, list) and not value:
-        return helper.make_attribute(name, value, attr_type=AttributeProto.AttributeType.Value(
-            schema_attributes(op)[name]))
+        return helper.make_attribute(
+            name, value, attr_type=AttributeProto.AttributeType.Value(schema_attributes(op)[name])
+        )
     return helper.make_attribute(name, value)
 
 
@@ -613,25 +723,55 @@ def node_cases() -> list[Case]:
     for op, shapes in OP_INPUTS.items():
         for label, overrides in attribute_variants(op).items():
             for command in NODE_COMMANDS:
-                cases.append(_node_case("node-attribute", f"{op}/{label}", command,
-                                        lambda op=op, overrides=overrides: op_model(op, overrides)))
+                cases.append(
+                    _node_case(
+                        "node-attribute",
+                        f"{op}/{label}",
+                        command,
+                        lambda op=op, overrides=overrides: op_model(op, overrides),
+                    )
+                )
         for name, shape in shapes.items():
             for label, bad in (("rank+1", (*shape, 1)), ("rank-1", shape[:-1])):
                 changed = {**shapes, name: bad}
-                cases.append(_node_case("node-input-rank", f"{op}/{name}:{label}", "run",
-                                        lambda op=op, changed=changed: op_model(op, shapes=changed)))
+                cases.append(
+                    _node_case(
+                        "node-input-rank",
+                        f"{op}/{name}:{label}",
+                        "run",
+                        lambda op=op, changed=changed: op_model(op, shapes=changed),
+                    )
+                )
         names = list(shapes)
         fewer = {n: shapes[n] for n in names[:-1]}
         more = {**shapes, "extra": shapes[names[0]]}
         for label, changed in (("one-input-fewer", fewer), ("one-input-more", more)):
-            cases.append(_node_case("node-input-count", f"{op}/{label}", "run",
-                                    lambda op=op, changed=changed: op_model(op, shapes=changed)))
+            cases.append(
+                _node_case(
+                    "node-input-count",
+                    f"{op}/{label}",
+                    "run",
+                    lambda op=op, changed=changed: op_model(op, shapes=changed),
+                )
+            )
     for command in NODE_COMMANDS:
-        cases.append(_node_case("node-unknown-op", f"NoSuchAttention/{command}", command,
-                                lambda: op_model("ProbAttention", op_type="NoSuchAttention")))
+        cases.append(
+            _node_case(
+                "node-unknown-op",
+                f"NoSuchAttention/{command}",
+                command,
+                lambda: op_model("ProbAttention", op_type="NoSuchAttention"),
+            )
+        )
         for version in (0, OPSET_VERSION + 1, 99):
-            cases.append(_node_case("node-domain-version", f"v{version}/{command}", command,
-                                    lambda version=version: op_model("ProbAttention", domain_version=version)))
+            cases.append(
+                _node_case(
+                    "node-domain-version",
+                    f"v{version}/{command}",
+                    command,
+                    lambda version=version: op_model("ProbAttention", domain_version=version),
+                )
+            )
     return cases
 
 
@@ -641,23 +781,43 @@ def node_baselines() -> dict[str, Callable[[], bytes]]:
 
 
 # --- option values at and past their limits --------------------------------------------------
-BAD_COUNTS = {"zero": "0", "-1": "-1", "huge": HUGE, "not-a-number": "abc", "empty": "", "float": "1.5",
-              "nan": "nan"}
+BAD_COUNTS = {"zero": "0", "-1": "-1", "huge": HUGE, "not-a-number": "abc", "empty": "", "float": "1.5", "nan": "nan"}
 # Seeds take 0 .. 2**64 - 1: zero and 2**62 are fine, -1 and 2**70 are past the limits.
 BAD_SEEDS = {label: value for label, value in BAD_COUNTS.items() if label not in ("zero", "huge")}
 ArgvMaker = Callable[[Workspace, list[str]], list[str]]
 OPTION_COMMANDS: dict[str, ArgvMaker] = {
     "new": lambda ws, extra: ["new", "dcmha", "-o", ws.output("out.pt"), *extra],
-    "new-image": lambda ws, extra: ["new", "imhsa", "-o", ws.output("out.pt"), "--family", "encoder",
-                                    "--image-size", "8", "--patch-size", "4", *extra],
-    "export": lambda ws, extra: ["export", ws.copy(ws.sources.checkpoint), "-o", ws.output("out.onnx"),
-                                 "--no-check", *extra],
+    "new-image": lambda ws, extra: [
+        "new",
+        "imhsa",
+        "-o",
+        ws.output("out.pt"),
+        "--family",
+        "encoder",
+        "--image-size",
+        "8",
+        "--patch-size",
+        "4",
+        *extra,
+    ],
+    "export": lambda ws, extra: [
+        "export",
+        ws.copy(ws.sources.checkpoint),
+        "-o",
+        ws.output("out.onnx"),
+        "--no-check",
+        *extra,
+    ],
     "optimize": lambda ws, extra: ["optimize", ws.copy(ws.sources.onnx), "-o", ws.output("out.onnx"), *extra],
     "run": lambda ws, extra: ["run", ws.copy(ws.sources.onnx), "-o", ws.output("out.npz"), *extra],
-    "validate": lambda ws, extra: ["validate", ws.copy(ws.sources.onnx), "--reference",
-                                   ws.copy(ws.sources.checkpoint), *extra],
-    "build-engine": lambda ws, extra: ["build-engine", ws.copy(ws.sources.onnx), "-o", ws.output("out.engine"),
-                                       *extra],
+    "validate": lambda ws, extra: [
+        "validate",
+        ws.copy(ws.sources.onnx),
+        "--reference",
+        ws.copy(ws.sources.checkpoint),
+        *extra,
+    ],
+    "build-engine": lambda ws, extra: ["build-engine", ws.copy(ws.sources.onnx), "-o", ws.output("out.engine"), *extra],
     "demo": lambda ws, extra: ["demo", "--out", ws.path("demo_out"), *extra],
     "variants": lambda ws, extra: ["variants", *extra],
     "doctor": lambda ws, extra: ["doctor", *extra],
@@ -672,32 +832,59 @@ COUNT_OPTIONS = {
 }
 OTHER_VALUES: dict[str, dict[str, dict[str, str]]] = {
     "new": {
-        "--option": {"no-equals": "window", "empty-key": "=3", "window-negative": "window=-1",
-                     "window-huge": f"window={HUGE}", "rope-not-bool": "rope=maybe", "unknown": "nosuch=1",
-                     "empty": ""},
+        "--option": {
+            "no-equals": "window",
+            "empty-key": "=3",
+            "window-negative": "window=-1",
+            "window-huge": f"window={HUGE}",
+            "rope-not-bool": "rope=maybe",
+            "unknown": "nosuch=1",
+            "empty": "",
+        },
         "--family": {"unknown": "nosuch", "empty": ""},
         "--seed": {"past-64-bit": str(2**70)},
         "--mlp": {"unknown": "relu"},
         "VARIANT": {"unknown": "nosuch", "empty": ""},
     },
-    "export": {"--dtype": {"unknown": "fp8"}, "--target": {"unknown": "gpu"}, "--opset": {"too-old": "1",
-                                                                                          "too-new": "99"},
-               "--seq-len": {"past-max-len": "17"}},
+    "export": {
+        "--dtype": {"unknown": "fp8"},
+        "--target": {"unknown": "gpu"},
+        "--opset": {"too-old": "1", "too-new": "99"},
+        "--seq-len": {"past-max-len": "17"},
+    },
     "optimize": {"--target": {"unknown": "gpu", "empty": ""}},
     "run": {"--backend": {"unknown": "cuda"}, "--threads": {"past-64-bit": str(2**70)}},
     "validate": {
-        "--shapes": {"zero-batch": "0x5", "negative": "-1x5", "zero-seq": "1x0", "huge": f"{HUGE}x5",
-                     "past-max-len": "1x17", "not-a-shape": "abc", "empty": "", "empty-item": "1x5,,2x3",
-                     "three-dims": "1x2x3"},
+        "--shapes": {
+            "zero-batch": "0x5",
+            "negative": "-1x5",
+            "zero-seq": "1x0",
+            "huge": f"{HUGE}x5",
+            "past-max-len": "1x17",
+            "not-a-shape": "abc",
+            "empty": "",
+            "empty-item": "1x5,,2x3",
+            "three-dims": "1x2x3",
+        },
         "--seed": {"past-64-bit": str(2**70)},
         "--backends": {"empty": "", "unknown": "cuda", "commas-only": ",,"},
         "--dtype": {"mismatch": "fp16", "unknown": "fp8"},
     },
     "build-engine": {
-        "--shapes": {"two-parts": "1x1/2x2", "min-above-opt": "2x2/1x1/3x3", "zero": "0x1/1x1/1x1",
-                     "not-a-shape": "abc", "empty": ""},
-        "--dim": {"no-equals": "seq", "two-values": "seq=1,2", "negative": "seq=-1,0,1", "not-numbers": "seq=a,b,c",
-                  "unknown-symbol": "nosuch=1,2,3"},
+        "--shapes": {
+            "two-parts": "1x1/2x2",
+            "min-above-opt": "2x2/1x1/3x3",
+            "zero": "0x1/1x1/1x1",
+            "not-a-shape": "abc",
+            "empty": "",
+        },
+        "--dim": {
+            "no-equals": "seq",
+            "two-values": "seq=1,2",
+            "negative": "seq=-1,0,1",
+            "not-numbers": "seq=a,b,c",
+            "unknown-symbol": "nosuch=1,2,3",
+        },
         "--workspace-gb": {"zero": "0", "-1": "-1", "nan": "nan", "inf": "inf", "not-a-number": "abc"},
     },
     "demo": {"--variants": {"empty": "", "unknown": "nosuch", "commas-only": ",,"}},
@@ -705,8 +892,16 @@ OTHER_VALUES: dict[str, dict[str, dict[str, str]]] = {
     "doctor": {"--bogus": {"flag": ""}},
 }
 # Option cases that, wrongly accepted, build or export a whole model: slow.
-SLOW_OPTIONS = {("new", "--layers"), ("new", "--d-model"), ("new", "--max-len"), ("new", "--vocab-size"),
-                ("new", "--mlp-hidden"), ("new", "--num-classes"), ("export", "--opset"), ("demo", "--variants")}
+SLOW_OPTIONS = {
+    ("new", "--layers"),
+    ("new", "--d-model"),
+    ("new", "--max-len"),
+    ("new", "--vocab-size"),
+    ("new", "--mlp-hidden"),
+    ("new", "--num-classes"),
+    ("export", "--opset"),
+    ("demo", "--variants"),
+}
 
 
 def _option_argv(option: str, value: str) -> list[str]:
@@ -729,10 +924,12 @@ def option_cases() -> list[Case]:
             table.setdefault((command, option), {}).update(values)
     for (command, option), values in table.items():
         for label, value in values.items():
+
             def make(ws: Workspace, command=command, option=option, value=value) -> list[str]:
                 if option == "VARIANT":
                     return ["new", value, "-o", ws.output("out.pt")]
                 return OPTION_COMMANDS[command](ws, _option_argv(option, value))
+
             cases.append(Case("option", f"{command}/{option}={label}", make, slow=(command, option) in SLOW_OPTIONS))
     return cases
 
@@ -800,6 +997,7 @@ def _over_input(ws: Workspace, source: Path, argv: Callable[[str], list[str]]) -
 
 def _same_file_cases() -> list[Case]:
     """Output paths that name an input (directly, spelled differently, or through a symlink)."""
+
     def optimize(ws: Workspace, spelling: str) -> list[str]:
         real, link = _alias(ws, ws.sources.onnx, "model.onnx")
         out = {"same": real, "dot-slash": str(Path(real).parent / "." / "model.onnx"), "symlink": link}[spelling]
@@ -809,14 +1007,24 @@ def _same_file_cases() -> list[Case]:
         model, inputs = ws.copy(ws.sources.onnx), ws.copy(ws.sources.inputs)
         return ["run", model, "--inputs", inputs, "-o", model if which == "model" else inputs]
 
-    cases = [Case("same-path", f"optimize/{s}", lambda ws, s=s: optimize(ws, s)) for s in ("same", "dot-slash",
-                                                                                         "symlink")]
+    cases = [
+        Case("same-path", f"optimize/{s}", lambda ws, s=s: optimize(ws, s)) for s in ("same", "dot-slash", "symlink")
+    ]
     cases += [Case("same-path", f"run/over-{w}", lambda ws, w=w: run_over(ws, w)) for w in ("model", "inputs")]
-    cases.append(Case("same-path", "build-engine/over-model",
-                      lambda ws: _over_input(ws, ws.sources.onnx, lambda p: ["build-engine", p, "-o", p])))
-    cases.append(Case("same-path", "export/over-checkpoint",
-                      lambda ws: _over_input(ws, ws.sources.checkpoint,
-                                             lambda p: ["export", p, "-o", p, "--no-check"])))
+    cases.append(
+        Case(
+            "same-path",
+            "build-engine/over-model",
+            lambda ws: _over_input(ws, ws.sources.onnx, lambda p: ["build-engine", p, "-o", p]),
+        )
+    )
+    cases.append(
+        Case(
+            "same-path",
+            "export/over-checkpoint",
+            lambda ws: _over_input(ws, ws.sources.checkpoint, lambda p: ["export", p, "-o", p, "--no-check"]),
+        )
+    )
     return cases
 
 
@@ -838,24 +1046,48 @@ def path_cases() -> list[Case]:
     cases = _same_file_cases()
     for command in WRITERS:
         for how in ("under-regular-file", "read-only-folder"):
-            cases.append(Case("unwritable-output", f"{command}/{how}",
-                              lambda ws, c=command, h=how: _unwritable(ws, c, h)))
-        cases.append(Case("folder-as-file", f"{command}/output-is-folder",
-                          lambda ws, c=command: WRITERS[c](ws, ws.folder("out" + WRITER_SUFFIX[c]))))
-        cases.append(Case("folder-as-file", f"{command}/output-folder-missing",
-                          lambda ws, c=command: WRITERS[c](ws, ws.path("no/such/folder/out" + WRITER_SUFFIX[c]))))
+            cases.append(
+                Case("unwritable-output", f"{command}/{how}", lambda ws, c=command, h=how: _unwritable(ws, c, h))
+            )
+        cases.append(
+            Case(
+                "folder-as-file",
+                f"{command}/output-is-folder",
+                lambda ws, c=command: WRITERS[c](ws, ws.folder("out" + WRITER_SUFFIX[c])),
+            )
+        )
+        cases.append(
+            Case(
+                "folder-as-file",
+                f"{command}/output-folder-missing",
+                lambda ws, c=command: WRITERS[c](ws, ws.path("no/such/folder/out" + WRITER_SUFFIX[c])),
+            )
+        )
     for command, reader in READERS.items():
-        cases.append(Case("folder-as-file", f"{command}/input-is-folder",
-                          lambda ws, r=reader: r(ws, ws.folder("model.onnx"))))
+        cases.append(
+            Case("folder-as-file", f"{command}/input-is-folder", lambda ws, r=reader: r(ws, ws.folder("model.onnx")))
+        )
         cases.append(Case("fifo-input", f"{command}/fifo", lambda ws, r=reader: r(ws, _fifo(ws, "model.onnx"))))
         cases.append(Case("missing-input", f"{command}/missing", lambda ws, r=reader: r(ws, ws.path("missing.onnx"))))
         cases.append(Case("missing-input", f"{command}/empty-path", lambda ws, r=reader: r(ws, "")))
-    cases.append(Case("folder-as-file", "demo/out-is-regular-file",
-                      lambda ws: ["demo", "--out", ws.output("demo_out"), "--variants", "mha"]))
+    cases.append(
+        Case(
+            "folder-as-file",
+            "demo/out-is-regular-file",
+            lambda ws: ["demo", "--out", ws.output("demo_out"), "--variants", "mha"],
+        )
+    )
     return cases
 
 
 def all_in_process_cases() -> list[Case]:
     """Every generated case that runs through cli.main (forked), in a stable order."""
-    return (file_cases() + pickle_payload_cases() + program_payload_cases() + external_data_cases() + node_cases()
-            + option_cases() + path_cases())
+    return (
+        file_cases()
+        + pickle_payload_cases()
+        + program_payload_cases()
+        + external_data_cases()
+        + node_cases()
+        + option_cases()
+        + path_cases()
+    )

@@ -11,6 +11,7 @@ The contract (README, "Errors a user can fix"): exit status 2, exactly one stder
 ``attn2onnx: error: ...``, no traceback, no file created, changed or left behind in the case
 folder (pre-existing outputs byte-identical, no temporaries), no marker file from a payload.
 """
+
 from __future__ import annotations
 
 import hashlib

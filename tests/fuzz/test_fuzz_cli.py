@@ -3,6 +3,7 @@ see harness): each must end with exit 2 and one ``attn2onnx: error:`` line, no t
 file created or changed, no payload run, no hang.
 
 One test function per family of cases, parametrised over the generated cases (generators)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,9 +72,20 @@ def test_valid_node_runs(op, sources, tmp_path):
 
 def test_valid_sources_work(sources, tmp_path):
     """The source models run, validate and export (the program was traced at batch 2 x 8 tokens)."""
-    for argv in (["run", str(sources.onnx), "--inputs", str(sources.inputs)],
-                 ["validate", str(sources.onnx), "--reference", str(sources.checkpoint), "--shapes", "2x8"],
-                 ["export", str(sources.program), "-o", str(tmp_path / "program.onnx"), "--static", "--batch", "2",
-                  "--seq-len", "8"]):
+    for argv in (
+        ["run", str(sources.onnx), "--inputs", str(sources.inputs)],
+        ["validate", str(sources.onnx), "--reference", str(sources.checkpoint), "--shapes", "2x8"],
+        [
+            "export",
+            str(sources.program),
+            "-o",
+            str(tmp_path / "program.onnx"),
+            "--static",
+            "--batch",
+            "2",
+            "--seq-len",
+            "8",
+        ],
+    ):
         outcome = run_forked(argv, tmp_path, TIMEOUT_S)
         assert outcome.status == 0, f"{argv[0]}: {outcome.describe()}"

@@ -3,6 +3,7 @@
 through the installed entry point, and SIGTERM / SIGINT while ``new`` / ``export`` write.
 
 Each pays torch's import (seconds): keep this file short."""
+
 from __future__ import annotations
 
 import os
@@ -75,8 +76,13 @@ STDIN_CASES = {
     "validate-reference": lambda ws: ["validate", ws.copy(ws.sources.onnx), "--reference", "/dev/stdin"],
 }
 MARKER_CASES = {
-    "export-torch-zip-os-system": lambda ws: ["export", ws.write("payload.pt", gen.torch_bytes(
-        gen.payload("os-system", ws.marker))), "-o", ws.output("out.onnx"), "--no-check"],
+    "export-torch-zip-os-system": lambda ws: [
+        "export",
+        ws.write("payload.pt", gen.torch_bytes(gen.payload("os-system", ws.marker))),
+        "-o",
+        ws.output("out.onnx"),
+        "--no-check",
+    ],
     "export-pt2-sample-inputs": lambda ws: program_case("sample-inputs/os-system/export").make(ws),
 }
 
@@ -106,8 +112,25 @@ def medium_export(ws: gen.Workspace, out: str) -> list[str]:
     from attn2onnx import cli
 
     checkpoint = ws.path("medium.pt")
-    assert cli.main(["new", "mha", "-o", checkpoint, "--layers", "1", "--d-model", "256", "--heads", "4",
-                     "--vocab-size", "32000"]) == 0
+    assert (
+        cli.main(
+            [
+                "new",
+                "mha",
+                "-o",
+                checkpoint,
+                "--layers",
+                "1",
+                "--d-model",
+                "256",
+                "--heads",
+                "4",
+                "--vocab-size",
+                "32000",
+            ]
+        )
+        == 0
+    )
     return ["export", checkpoint, "-o", out, "--no-check"]
 
 
@@ -173,8 +196,9 @@ def interrupt_write(writer: str, sig: signal.Signals, sources: gen.Sources, fold
 TRIES = 3
 
 
-@pytest.mark.parametrize("writer", [pytest.param(w, marks=[pytest.mark.slow] if w == "export" else [])
-                                    for w in WRITERS])
+@pytest.mark.parametrize(
+    "writer", [pytest.param(w, marks=[pytest.mark.slow] if w == "export" else []) for w in WRITERS]
+)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_mid_write_keeps_the_old_file(writer, sig, sources, tmp_path):
     """A signal while the output is being written keeps the old file byte for byte, leaves no
@@ -185,5 +209,7 @@ def test_signal_mid_write_keeps_the_old_file(writer, sig, sources, tmp_path):
     for attempt in range(TRIES):
         if interrupt_write(writer, sig, sources, tmp_path / f"try{attempt}"):
             return
-    pytest.fail(f"in none of {TRIES} tries did the signal stop the write: the new file replaced the old one each "
-                "time (the writer ignores the signal, or finishes too fast to interrupt: make the model bigger)")
+    pytest.fail(
+        f"in none of {TRIES} tries did the signal stop the write: the new file replaced the old one each "
+        "time (the writer ignores the signal, or finishes too fast to interrupt: make the model bigger)"
+    )

@@ -6,6 +6,7 @@ convention, by the names in attn2onnx/variants/base.py) and config onto them.
 
 Pure numpy: nothing here imports torch or attn2onnx.
 """
+
 from __future__ import annotations
 
 from ._common import NEG
@@ -57,14 +58,28 @@ def oracle_kwargs(name: str, params: dict, config: dict) -> dict:
     if name == "efficient":
         return dict(_projections(params, "qo"), n_heads=n, causal=config.get("causal", False))
     if name == "super":
-        return dict(_projections(params, "qo"), wa=param(params, "wa"), wa_bias=param(params, "wa_bias", False),
-                    n_heads=n, causal=config.get("causal", False))
+        return dict(
+            _projections(params, "qo"),
+            wa=param(params, "wa"),
+            wa_bias=param(params, "wa_bias", False),
+            n_heads=n,
+            causal=config.get("causal", False),
+        )
     if name == "dcmha":
-        kw = dict(_projections(params), n_heads=n, dw1=param(params, "dw1"), qkw=param(params, "qkw"),
-                  dd=param(params, "dd"), causal=config.get("causal", False), window=config.get("window", 0) or 0,
-                  qk_norm=bool(config.get("qk_norm", False)), use_rope=bool(config.get("rope", False)),
-                  rope_base=config.get("rope_base", 10000.0), rotary_fraction=config.get("rotary_fraction", 1.0),
-                  gelu_approx=config.get("gelu_approx", "none"))
+        kw = dict(
+            _projections(params),
+            n_heads=n,
+            dw1=param(params, "dw1"),
+            qkw=param(params, "qkw"),
+            dd=param(params, "dd"),
+            causal=config.get("causal", False),
+            window=config.get("window", 0) or 0,
+            qk_norm=bool(config.get("qk_norm", False)),
+            use_rope=bool(config.get("rope", False)),
+            rope_base=config.get("rope_base", 10000.0),
+            rotary_fraction=config.get("rotary_fraction", 1.0),
+            gelu_approx=config.get("gelu_approx", "none"),
+        )
         if kw["qk_norm"]:
             kw["q_norm_gain"] = param(params, "q_norm_gain")
             kw["k_norm_gain"] = param(params, "k_norm_gain")
@@ -72,8 +87,13 @@ def oracle_kwargs(name: str, params: dict, config: dict) -> dict:
             kw["static_mix"] = param(params, "static_mix_weight")
         return kw
     if name == "imhsa":
-        kw = dict(_projections(params), n_heads=n, landmarks=config["landmarks"], grid=config.get("grid", 0) or 0,
-                  mix=config.get("mix", "pre"))
+        kw = dict(
+            _projections(params),
+            n_heads=n,
+            landmarks=config["landmarks"],
+            grid=config.get("grid", 0) or 0,
+            mix=config.get("mix", "pre"),
+        )
         for side in ("pre", "post"):
             for kind in ("mix", "bias"):
                 for qk in ("q", "k"):
@@ -122,7 +142,28 @@ def run_oracle(name: str, params: dict, config: dict, x, key_padding_mask=None, 
 
 
 __all__ = [
-    "NEG", "ORACLES", "bn", "bn_sh", "compose", "dcmha", "dcmha_decode", "default_factors", "dynamic_factors",
-    "efficient", "imhsa", "linear_weights", "mha", "optimised", "oracle_kwargs", "param", "pool_tokens",
-    "pooled_norm_attention", "pooling_matrix", "reuse", "run_oracle", "sh", "super_attention", "super_mix",
+    "NEG",
+    "ORACLES",
+    "bn",
+    "bn_sh",
+    "compose",
+    "dcmha",
+    "dcmha_decode",
+    "default_factors",
+    "dynamic_factors",
+    "efficient",
+    "imhsa",
+    "linear_weights",
+    "mha",
+    "optimised",
+    "oracle_kwargs",
+    "param",
+    "pool_tokens",
+    "pooled_norm_attention",
+    "pooling_matrix",
+    "reuse",
+    "run_oracle",
+    "sh",
+    "super_attention",
+    "super_mix",
 ]

@@ -4,6 +4,7 @@ Conventions (math, not nn.Linear): a projection weight W is [in, out] and y = x 
 Activations are [B, T, D]; heads are contiguous column blocks: [B, T, N, d].
 Probabilities are [B, N, T, S]. Masks are boolean "allowed" arrays (True = real / visible).
 """
+
 from __future__ import annotations
 
 import math
@@ -94,7 +95,7 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 def gelu(x: np.ndarray, approx: str = "none") -> np.ndarray:
     """Exact (erf) GELU; approx="tanh" gives the tanh form."""
     if approx == "tanh":
-        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
     assert approx == "none", approx
     return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
 

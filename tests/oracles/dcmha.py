@@ -1,4 +1,5 @@
 """Oracle for DCMHA (variants.md section 5), full forward and step-by-step decode with a cache."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,8 +53,23 @@ def compose(a, uq, vq, gq, uk, vk, gk, wb=None):
     return out
 
 
-def _qkv(x, n_heads, wq, wk, wv, bq, bk, bv, q_norm_gain, k_norm_gain, qk_norm, use_rope, rope_base,
-         rotary_fraction, positions):
+def _qkv(
+    x,
+    n_heads,
+    wq,
+    wk,
+    wv,
+    bq,
+    bk,
+    bv,
+    q_norm_gain,
+    k_norm_gain,
+    qk_norm,
+    use_rope,
+    rope_base,
+    rotary_fraction,
+    positions,
+):
     q = split_heads(linear(x, f64(wq), f64(bq)), n_heads)
     k = split_heads(linear(x, f64(wk), f64(bk)), n_heads)
     v = split_heads(linear(x, f64(wv), f64(bv)), n_heads)
@@ -79,26 +95,86 @@ def _core(q, k, v, fq, fk, allowed, static_mix):
     return apply_probs(p, v)
 
 
-def dcmha(x, wq, wk, wv, wo, dw1, qkw, dd, n_heads, bq=None, bk=None, bv=None, bo=None,
-          q_norm_gain=None, k_norm_gain=None, qk_norm=False, use_rope=False, rope_base=10000.0,
-          rotary_fraction=1.0, static_mix=None, key_padding_mask=None, causal=False, window=0, gelu_approx="none"):
+def dcmha(
+    x,
+    wq,
+    wk,
+    wv,
+    wo,
+    dw1,
+    qkw,
+    dd,
+    n_heads,
+    bq=None,
+    bk=None,
+    bv=None,
+    bo=None,
+    q_norm_gain=None,
+    k_norm_gain=None,
+    qk_norm=False,
+    use_rope=False,
+    rope_base=10000.0,
+    rotary_fraction=1.0,
+    static_mix=None,
+    key_padding_mask=None,
+    causal=False,
+    window=0,
+    gelu_approx="none",
+):
     """Full-sequence DCMHA layer. ``static_mix`` [2,N,N] (pre, post) or None (off).
 
     q,k,v -> optional QK-norm -> optional RoPE (positions 0..T-1) -> L = q k^T/sqrt(d) ->
     pre-Compose (slots 0,1) on unmasked logits -> mask -> softmax -> post-Compose (2,3) -> P v -> Wo."""
     x = f64(x)
     b, t, _ = x.shape
-    q, k, v = _qkv(x, n_heads, wq, wk, wv, bq, bk, bv, q_norm_gain, k_norm_gain, qk_norm, use_rope,
-                   rope_base, rotary_fraction, np.arange(t))
+    q, k, v = _qkv(
+        x,
+        n_heads,
+        wq,
+        wk,
+        wv,
+        bq,
+        bk,
+        bv,
+        q_norm_gain,
+        k_norm_gain,
+        qk_norm,
+        use_rope,
+        rope_base,
+        rotary_fraction,
+        np.arange(t),
+    )
     f = dynamic_factors(x, dw1, qkw, dd, gelu_approx)
     allowed = allowed_mask(padding_mask(key_padding_mask, b, t), t, causal, window)
     o = _core(q, k, v, f, f, allowed, static_mix)
     return linear(merge_heads(o), f64(wo), f64(bo))
 
 
-def dcmha_decode(x, wq, wk, wv, wo, dw1, qkw, dd, n_heads, bq=None, bk=None, bv=None, bo=None,
-                 q_norm_gain=None, k_norm_gain=None, qk_norm=False, use_rope=False, rope_base=10000.0,
-                 rotary_fraction=1.0, static_mix=None, key_padding_mask=None, window=0, gelu_approx="none"):
+def dcmha_decode(
+    x,
+    wq,
+    wk,
+    wv,
+    wo,
+    dw1,
+    qkw,
+    dd,
+    n_heads,
+    bq=None,
+    bk=None,
+    bv=None,
+    bo=None,
+    q_norm_gain=None,
+    k_norm_gain=None,
+    qk_norm=False,
+    use_rope=False,
+    rope_base=10000.0,
+    rotary_fraction=1.0,
+    static_mix=None,
+    key_padding_mask=None,
+    window=0,
+    gelu_approx="none",
+):
     """Causal step-by-step decoding, one token at a time, with a cache holding per position K, V
     and only the key-side factors (U, V, g of slots 1 and 3: 10N numbers per token at R = 2).
     Returns y [B,T,D] (row t computed from tokens 0..t only)."""
@@ -108,9 +184,24 @@ def dcmha_decode(x, wq, wk, wv, wo, dw1, qkw, dd, n_heads, bq=None, bk=None, bv=
     cache_k, cache_v, cache_f = [], [], []
     rows = []
     for t in range(t_len):
-        xt = x[:, t:t + 1]
-        q, k, v = _qkv(xt, n_heads, wq, wk, wv, bq, bk, bv, q_norm_gain, k_norm_gain, qk_norm, use_rope,
-                       rope_base, rotary_fraction, np.array([t]))
+        xt = x[:, t : t + 1]
+        q, k, v = _qkv(
+            xt,
+            n_heads,
+            wq,
+            wk,
+            wv,
+            bq,
+            bk,
+            bv,
+            q_norm_gain,
+            k_norm_gain,
+            qk_norm,
+            use_rope,
+            rope_base,
+            rotary_fraction,
+            np.array([t]),
+        )
         u, vv, g = dynamic_factors(xt, dw1, qkw, dd, gelu_approx)
         cache_k.append(k)
         cache_v.append(v)
@@ -119,7 +210,7 @@ def dcmha_decode(x, wq, wk, wv, wo, dw1, qkw, dd, n_heads, bq=None, bk=None, bv=
         ku, kv, kg = (np.concatenate([c[i] for c in cache_f], 1) for i in range(3))
         # re-expand to 4 slots so _core indexes them like the full forward (slots 0/2 unused)
         fk = tuple(np.stack([z[:, :, 0], z[:, :, 0], z[:, :, 1], z[:, :, 1]], axis=2) for z in (ku, kv, kg))
-        allowed = allowed_mask(real[:, :t + 1], 1, causal=True, window=window)
+        allowed = allowed_mask(real[:, : t + 1], 1, causal=True, window=window)
         o = _core(q, keys, vals, (u, vv, g), fk, allowed, static_mix)
         rows.append(linear(merge_heads(o), f64(wo), f64(bo)))
     return np.concatenate(rows, axis=1)

@@ -3,6 +3,7 @@ head mixing on the small [T,L] and [L,S] maps. Pooling follows docs/ops.md
 (LandmarkAttention): real token t of rank r_t among the n_b real tokens of its row goes to
 segment floor(r_t * L / n_b); an empty segment has landmark 0 and is masked out of the softmax
 over L."""
+
 from __future__ import annotations
 
 import math
@@ -41,10 +42,30 @@ def _mix(s, m, c):
     return np.einsum("gh,bhxy->bgxy", f64(m), s) + f64(c)[None, :, None, None]
 
 
-def imhsa(x, wq, wk, wv, wo, n_heads, landmarks, bq=None, bk=None, bv=None, bo=None, grid=0, mix="pre",
-          pre_mix_q=None, pre_bias_q=None, pre_mix_k=None, pre_bias_k=None,
-          post_mix_q=None, post_bias_q=None, post_mix_k=None, post_bias_k=None,
-          key_padding_mask=None):
+def imhsa(
+    x,
+    wq,
+    wk,
+    wv,
+    wo,
+    n_heads,
+    landmarks,
+    bq=None,
+    bk=None,
+    bv=None,
+    bo=None,
+    grid=0,
+    mix="pre",
+    pre_mix_q=None,
+    pre_bias_q=None,
+    pre_mix_k=None,
+    pre_bias_k=None,
+    post_mix_q=None,
+    post_bias_q=None,
+    post_mix_k=None,
+    post_bias_k=None,
+    key_padding_mask=None,
+):
     """y = concat(A_Q (A_K v)) Wo + bo with
     S_Q = q k~^T / sqrt(d) [B,N,T,L], S_K = q~ k^T / sqrt(d) [B,N,L,S];
     pre: S' = M S + c (per map) before softmax; A_Q = softmax over L (empty landmarks masked),

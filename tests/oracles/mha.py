@@ -1,4 +1,5 @@
 """Oracle for mha (variants.md section 1)."""
+
 from __future__ import annotations
 
 from ._common import allowed_mask, attend, f64, linear, merge_heads, padding_mask, split_heads

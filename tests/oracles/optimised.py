@@ -1,4 +1,5 @@
 """Oracle for optimised attention (variants.md section 2): no Wv, values are raw column slices."""
+
 from __future__ import annotations
 
 from ._common import allowed_mask, attend, f64, linear, merge_heads, padding_mask, split_heads

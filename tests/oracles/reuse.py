@@ -1,4 +1,5 @@
 """Oracle for the Reuse Transformer layer (variants.md section 7)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,22 @@ import numpy as np
 from ._common import allowed_mask, apply_probs, attend, f64, linear, merge_heads, padding_mask, split_heads
 
 
-def reuse(x, wq, wk, wv, wo, n_heads, reuse_heads, prev_probs=None, bq=None, bk=None, bv=None, bo=None,
-          key_padding_mask=None, causal=False):
+def reuse(
+    x,
+    wq,
+    wk,
+    wv,
+    wo,
+    n_heads,
+    reuse_heads,
+    prev_probs=None,
+    bq=None,
+    bk=None,
+    bv=None,
+    bo=None,
+    key_padding_mask=None,
+    causal=False,
+):
     """One layer with P = reuse_heads reused heads. Returns (y [B,T,D], probs [B,N,T,S]).
 
     wq, wk [D, (N-P) d] (None when P = N); wv [D, N d], new heads' columns first, then the P

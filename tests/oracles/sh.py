@@ -1,4 +1,5 @@
 """Oracles for Attention-BN / -SH / -BN+SH (variants.md sections 8-10): one shared core."""
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,24 @@ def key_norm(q, k, real, eps, beta, rescale):
     return qh, kh
 
 
-def pooled_norm_attention(x, wq, wk, wv, wo, n_heads, factors=None, normalize=False, eps=1e-5, beta=1.0,
-                          rescale=True, bq=None, bk=None, bv=None, bo=None, key_padding_mask=None):
+def pooled_norm_attention(
+    x,
+    wq,
+    wk,
+    wv,
+    wo,
+    n_heads,
+    factors=None,
+    normalize=False,
+    eps=1e-5,
+    beta=1.0,
+    rescale=True,
+    bq=None,
+    bk=None,
+    bv=None,
+    bo=None,
+    key_padding_mask=None,
+):
     """Per head h: pool k, v by factors[h] (SH), then optionally BN with the statistics of the
     (pooled) real keys, then softmax attention with scale 1/sqrt(d). Queries are never pooled."""
     x = f64(x)

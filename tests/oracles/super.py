@@ -1,4 +1,5 @@
 """Oracle for super attention (variants.md section 4): efficient + learned token mixing WA."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,9 @@ def super_mix(x, wa, key_padding_mask=None, causal=False, tril=True):
     return np.einsum("ts,bsd->btd", mix, xz)
 
 
-def super_attention(x, wq, wo, wa, n_heads, bq=None, bo=None, key_padding_mask=None, causal=False, tril=True,
-                    wa_bias=None):
+def super_attention(
+    x, wq, wo, wa, n_heads, bq=None, bo=None, key_padding_mask=None, causal=False, tril=True, wa_bias=None
+):
     """P_i = softmax((x Wq + bq)_i X_i^T / sqrt(d)) (keys: raw x); U = super_mix(x) + wa_bias[:T]
     (the bias broadcast over features, None = no bias), padded rows of U re-zeroed;
     y = concat_i(P_i U_i) Wo + bo."""

@@ -18,13 +18,40 @@ Build the ONNX with the ``trt`` target of ``passes`` first: it tags every ``ai.a
 that has a TensorRT plugin with ``plugin_namespace`` (others import as their function body).
 Engines built with the AOT plugins embed the kernels' PTX and run without Python or Triton.
 """
-from .loader import (EngineBytesFromNetwork, NetworkFromOnnxPath, SaveEngine, TensorRTUnavailable, available,
-                     build_engine, engine_for_shapes, make_logger, normalize_shapes, plugin_modules, plugin_ops,
-                     register_plugins, require_tensorrt, shapes_from_dims)
+
+from .loader import (
+    EngineBytesFromNetwork,
+    NetworkFromOnnxPath,
+    SaveEngine,
+    TensorRTUnavailable,
+    available,
+    build_engine,
+    engine_for_shapes,
+    make_logger,
+    normalize_shapes,
+    plugin_modules,
+    plugin_ops,
+    register_plugins,
+    require_tensorrt,
+    shapes_from_dims,
+)
 from .runner import TrtRunner, TrtSession
 
 __all__ = [
-    "EngineBytesFromNetwork", "NetworkFromOnnxPath", "SaveEngine", "TensorRTUnavailable", "TrtRunner", "TrtSession",
-    "available", "build_engine", "engine_for_shapes", "make_logger", "normalize_shapes", "plugin_modules",
-    "plugin_ops", "register_plugins", "require_tensorrt", "shapes_from_dims",
+    "EngineBytesFromNetwork",
+    "NetworkFromOnnxPath",
+    "SaveEngine",
+    "TensorRTUnavailable",
+    "TrtRunner",
+    "TrtSession",
+    "available",
+    "build_engine",
+    "engine_for_shapes",
+    "make_logger",
+    "normalize_shapes",
+    "plugin_modules",
+    "plugin_ops",
+    "register_plugins",
+    "require_tensorrt",
+    "shapes_from_dims",
 ]

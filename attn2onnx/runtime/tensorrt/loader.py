@@ -11,6 +11,7 @@ engine whose profile covers a list of (batch, seq) shapes. TensorRT is imported 
 :func:`require_tensorrt`, which raises :class:`TensorRTUnavailable` (a UsageError) where it is
 missing.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -121,8 +122,10 @@ def shapes_from_dims(onnx_path: str | os.PathLike, dims: Mapping[str, Any]) -> d
             else:
                 symbol = dim.dim_param or f"{value.name}:{axis}"
                 if symbol not in ranges:
-                    raise UsageError(f"input {value.name} dim {axis} ({symbol!r}) is dynamic: give its range "
-                                     f"with --dim {symbol}=MIN,OPT,MAX")
+                    raise UsageError(
+                        f"input {value.name} dim {axis} ({symbol!r}) is dynamic: give its range "
+                        f"with --dim {symbol}=MIN,OPT,MAX"
+                    )
                 for part, v in zip((lo, opt, hi), ranges[symbol]):
                     part.append(v)
         shapes[value.name] = (tuple(lo), tuple(opt), tuple(hi))
@@ -161,8 +164,13 @@ class EngineBytesFromNetwork:
     """Loader: the serialized engine of a network (from a :class:`NetworkFromOnnxPath`-like
     loader) with one optimization profile from ``shapes`` (input -> shape or (min, opt, max))."""
 
-    def __init__(self, network: Callable[[], tuple[Any, Any, Any]], shapes: Mapping[str, Any], *,
-                 workspace_gb: float | None = None) -> None:
+    def __init__(
+        self,
+        network: Callable[[], tuple[Any, Any, Any]],
+        shapes: Mapping[str, Any],
+        *,
+        workspace_gb: float | None = None,
+    ) -> None:
         self.network, self.ranges, self.workspace_gb = network, normalize_shapes(shapes), workspace_gb
 
     def __call__(self) -> Any:
@@ -200,8 +208,15 @@ class SaveEngine:
         return self.path
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, shapes: Mapping[str, Any],
-                 *, workspace_gb: float | None = None, verbose: bool = False, plugins: bool = True) -> str:
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    shapes: Mapping[str, Any],
+    *,
+    workspace_gb: float | None = None,
+    verbose: bool = False,
+    plugins: bool = True,
+) -> str:
     """Parse ``onnx_path`` with the plugins registered, build a strongly typed engine with one
     optimization profile from ``shapes`` (input -> shape or (min, opt, max)), write it to
     ``engine_path`` and return that path."""
@@ -222,7 +237,18 @@ def engine_for_shapes(onnx_path: str | os.PathLike, batch_seq: Sequence[tuple[in
 
 
 __all__ = [
-    "EngineBytesFromNetwork", "NetworkFromOnnxPath", "SaveEngine", "TensorRTUnavailable", "available", "build_engine",
-    "engine_for_shapes", "make_logger", "normalize_shapes", "plugin_modules", "plugin_ops", "register_plugins",
-    "require_tensorrt", "shapes_from_dims",
+    "EngineBytesFromNetwork",
+    "NetworkFromOnnxPath",
+    "SaveEngine",
+    "TensorRTUnavailable",
+    "available",
+    "build_engine",
+    "engine_for_shapes",
+    "make_logger",
+    "normalize_shapes",
+    "plugin_modules",
+    "plugin_ops",
+    "register_plugins",
+    "require_tensorrt",
+    "shapes_from_dims",
 ]

@@ -4,6 +4,7 @@
 is the Polygraphy runner over one (what ``validate --backends trt`` compares), its engine given
 as a path or as a loader (see :mod:`.loader`) that is called when the runner activates.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,15 @@ class TrtSession:
 
     def _torch_dtype(self, trt_dtype: Any) -> Any:
         trt, torch = self._trt, self._torch
-        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                 trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool, trt.int8: torch.int8}
+        table = {
+            trt.float32: torch.float32,
+            trt.float16: torch.float16,
+            trt.bfloat16: torch.bfloat16,
+            trt.int32: torch.int32,
+            trt.int64: torch.int64,
+            trt.bool: torch.bool,
+            trt.int8: torch.int8,
+        }
         return table[trt_dtype]
 
     def run(self, feeds: Mapping[str, Any], *, as_numpy: bool = True) -> dict[str, Any]:
@@ -87,8 +95,9 @@ class TrtRunner(BaseRunner):
     returning one (called on activation, so building waits until the comparison runs);
     ``input_metadata``: the inputs as Polygraphy sees them (dynamic dims as -1)."""
 
-    def __init__(self, engine: str | os.PathLike | Callable[[], str], input_metadata: TensorMetadata,
-                 name: str = "tensorrt") -> None:
+    def __init__(
+        self, engine: str | os.PathLike | Callable[[], str], input_metadata: TensorMetadata, name: str = "tensorrt"
+    ) -> None:
         super().__init__(name=name, prefix="trt-runner")
         self.engine, self.input_metadata = engine, input_metadata
 

@@ -9,9 +9,10 @@ Part 2 (issue 10 part 4): a whole release-style LM (4 layers, D=512, LG windows)
 release checkpoint folder, imported with ``attn2onnx export DIR --optimize``, against the
 release-style eager forward of the same weights at T=1024.
 
-Usage: ``python benchmarks/dcformer_release.py [--threads 2] [--runs 10] [--write]`` (``--write``
+Usage: ``python benchmarks/release_dcmha.py [--threads 2] [--runs 10] [--write]`` (``--write``
 replaces the section in RESULTS.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ from attn2onnx.cli import main as cli_main  # noqa: E402
 from attn2onnx.passes import optimize_model  # noqa: E402
 from attn2onnx.runtime import session  # noqa: E402
 
-HEADER = "## DCFormer release-style DCMHA: eager vs ORT (benchmarks/dcformer_release.py)"
+HEADER = "## DCFormer release-style DCMHA: eager vs ORT (benchmarks/release_dcmha.py)"
 LAYER = dict(vocab_size=1024, n_layer=1, n_head=8, dim=512, window_size=None)
 LM = dict(vocab_size=1024, n_layer=4, n_head=8, dim=512, window_size=256, block_size=2048)
 
@@ -101,11 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rows = layer_rows(Path(tmp), args.threads, args.runs) + [lm_row(Path(tmp), args.threads, args.runs)]
-    lines = [HEADER, "", f"Command: `python benchmarks/dcformer_release.py --threads {args.threads} --runs {args.runs}"
-             " --write`", f"Machine: {cpu_model()}, {args.threads} threads (ORT intra-op and torch); "
-             f"date {datetime.date.today()}; batch 1, median of {args.runs} runs.", "",
-             "| model | T | eager ms | stock ORT ms | optimised ORT ms | eager / optimised |",
-             "|---|---|---|---|---|---|", *rows]
+    lines = [
+        HEADER,
+        "",
+        f"Command: `python benchmarks/release_dcmha.py --threads {args.threads} --runs {args.runs} --write`",
+        f"Machine: {cpu_model()}, {args.threads} threads (ORT intra-op and torch); "
+        f"date {datetime.date.today()}; batch 1, median of {args.runs} runs.",
+        "",
+        "| model | T | eager ms | stock ORT ms | optimised ORT ms | eager / optimised |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
     print("\n".join(lines))
     if args.write:
         replace_section(HEADER, "\n".join(lines))
