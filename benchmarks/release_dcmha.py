@@ -87,7 +87,7 @@ def lm_row(folder: Path, threads: int, runs: int) -> str:
     lm = release_lm(LM, state, max_len=2048)
     ids = torch.randint(0, LM["vocab_size"], (1, 1024))
     sess = session(str(out), threads=threads)
-    feeds = {sess.get_inputs()[0].name: ids.numpy().astype(np.int64)}
+    feeds = {"input_ids": ids.numpy().astype(np.int64), "key_padding_mask": np.ones((1, 1024), dtype=bool)}
     with torch.no_grad():
         eager = median_ms(lambda: lm(ids), runs)
     opt_ms = median_ms(lambda: sess.run(None, feeds), runs)
