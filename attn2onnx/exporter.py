@@ -130,6 +130,26 @@ def _specialised(label: str, dim: int | str, inferred: str) -> DynamicShapeError
     )
 
 
+class ExportError(UsageError):
+    """torch could not trace or translate the model (code torch.export does not follow, an op
+    without an ONNX translation): one line with torch's own reason; ATTN2ONNX_DEBUG=1 re-raises
+    torch's error with its trace."""
+
+
+def _trace_error(err: BaseException) -> ExportError:
+    """The one-line error for any other export failure: the innermost cause's first line."""
+    reasons, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
+        if lines:  # a first line that announces a list ("...found:") says nothing without the list's head
+            head = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+            reasons.append(f"{type(err).__name__}: {head}")
+        err = err.__cause__ or err.__context__
+    reason = reasons[-1] if reasons else "unknown error"
+    return ExportError(f"torch could not export the model ({reason}); ATTN2ONNX_DEBUG=1 shows torch's trace")
+
+
 def _shape_error(err: BaseException, model: torch.nn.Module, specs: Sequence[InputSpec]) -> DynamicShapeError | None:
     """The one-line error for a torch export failure about dynamic dims; None for any other failure."""
     text, seen = "", set()
@@ -234,10 +254,9 @@ def to_onnx(
                 verbose=False,
             )
     except Exception as err:  # noqa: BLE001 - torch wraps its dim errors in several types
-        shape_error = _shape_error(err, model, specs)
-        if shape_error is None:
+        if os.environ.get("ATTN2ONNX_DEBUG"):
             raise
-        raise shape_error from None
+        raise (_shape_error(err, model, specs) or _trace_error(err)) from None
     legalize(program.model)
     proto = program.model_proto
     _check_dynamic_dims(proto, specs)

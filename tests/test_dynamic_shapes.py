@@ -201,3 +201,23 @@ def test_cli_exports_a_rope_layer_program(capsys, tmp_path):
         assert status == 0, err
         assert "MISMATCH" not in out
         assert graph_dims(tmp_path / "rope.onnx")[1] == freqs_dims
+
+
+class UntraceableRope(nn.Module):
+    """RoPE table reshaped with view(-1, T, ...): torch's symbolic shapes cannot prove the -1."""
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        pairs = x.reshape(*x.shape[:-1], -1, 2)
+        f = freqs.view(-1, pairs.size(1), pairs.size(2), 2)
+        return torch.stack([pairs[..., 0] * f[..., 0], pairs[..., 1] * f[..., 1]], -1).flatten(2)
+
+
+def test_any_other_torch_export_failure_is_one_typed_line(tmp_path, monkeypatch):
+    from attn2onnx.exporter import ExportError
+
+    monkeypatch.delenv("ATTN2ONNX_DEBUG", raising=False)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError) as info:
+        attn2onnx.export(UntraceableRope(), (torch.randn(2, 12, 16), torch.randn(12, 8, 2)), path)
+    assert len(str(info.value).splitlines()) == 1 and "torch could not export the model" in str(info.value)
+    assert isinstance(info.value, attn2onnx.UsageError) and not path.exists()
