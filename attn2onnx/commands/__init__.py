@@ -57,6 +57,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type for amounts that may be 0, such as a sampling temperature: finite and >= 0."""
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def machine_memory() -> int | None:
     """Bytes of physical memory on this machine (None where the OS does not say)."""
     try:

@@ -14,18 +14,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import _number, non_negative_int, positive_int
+from . import non_negative_float, non_negative_int, positive_int
 
 HELP = "generate tokens with a decode graph (prefill once, then one step per token)"
 BYTE_VOCAB = 256
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type for --temperature: finite and >= 0."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
