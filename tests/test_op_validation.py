@@ -354,6 +354,8 @@ def test_cli_optimize_and_run_refuse_in_one_line(tmp_path, capsys, op, attrs, sh
     for args, output in (
         (["optimize", str(path), "-o", str(tmp_path / "out.onnx")], tmp_path / "out.onnx"),
         (["run", str(path), "-o", str(tmp_path / "out.npz")], tmp_path / "out.npz"),
+        (["run", str(path), "--backend", "trt", "-o", str(tmp_path / "out.npz")], tmp_path / "out.npz"),
+        (["build-engine", str(path), "-o", str(tmp_path / "out.engine")], tmp_path / "out.engine"),
     ):
         status = cli.main(args)
         out, err = capsys.readouterr()

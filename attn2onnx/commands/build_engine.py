@@ -95,10 +95,11 @@ def parse_shape(text: str) -> tuple[str, tuple]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..custom_ops import check_model
     from ..onnx_io import load_onnx
     from ..runtime.tensorrt import build_engine, require_tensorrt, shapes_from_dims
 
-    load_onnx(args.model)  # one-line error for a missing / non-ONNX file
+    check_model(load_onnx(args.model))  # one-line errors: a missing / non-ONNX file, a malformed ai.attn2onnx node
     dims = dims_from_shapes(args.shapes) if args.shapes else {}
     dims.update(dict(parse_dim(d) for d in args.dim))
     given = dict(parse_shape(s) for s in args.shape)

@@ -92,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
     check_feeds(specs, feeds)
     check_seq_len(model, specs, feeds)
     if args.backend == "trt":
+        from ..custom_ops import check_model
         from ..runtime.tensorrt import TrtSession, engine_for_shapes
+
+        check_model(model)  # what session() does for ORT: every ai.attn2onnx node against its rules
 
         first = next(iter(feeds.values()))
         shape = (first.shape[0], first.shape[1] if first.ndim > 1 else 1)

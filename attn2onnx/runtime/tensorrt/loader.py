@@ -143,8 +143,10 @@ class NetworkFromOnnxPath:
         trt = require_tensorrt()
         if self.plugins:
             register_plugins()
-        if not os.path.isfile(self.onnx_path):
-            raise UsageError(f"no ONNX model at {self.onnx_path}")
+        from attn2onnx.custom_ops import check_model
+        from attn2onnx.onnx_io import load_onnx
+
+        check_model(load_onnx(self.onnx_path))  # the file (external data included) and every ai.attn2onnx node
         logger = make_logger(trt, self.verbose)
         trt.init_libnvinfer_plugins(logger, "")
         builder = trt.Builder(logger)
