@@ -29,6 +29,9 @@ def plain_path(tmp_path_factory) -> str:
 
 def test_optimize_writes_a_working_model(plain_path, tmp_path):
     out = tmp_path / "sub" / "fused.onnx"
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # a missing output folder is never created
+        optimize(plain_path, out, target="ort")
+    out.parent.mkdir()
     report = optimize(plain_path, out, target="ort")
     assert out.exists() and sorted(os.listdir(out.parent)) == ["fused.onnx"]  # no temp files left
     assert report.after.ops.get("ai.attn2onnx::DcmhaAttention") == 1
