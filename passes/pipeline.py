@@ -16,6 +16,7 @@ Python API::
     model, report = optimize_model(model, target="ort")      # ModelProto or onnx_ir.Model
     report = optimize("in.onnx", "out.onnx", target="ort")  # atomic write, external data past 2 GB
 """
+
 from __future__ import annotations
 
 import os
@@ -48,15 +49,22 @@ def build_passes(target: str) -> list[tuple[str, ir.passes.PassBase]]:
     """(name, pass) in the order ``optimize_model`` runs them for ``target``."""
     if target not in TARGETS:
         raise OptimizeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    passes: list[tuple[str, ir.passes.PassBase]] = [("legalize", LegalizePass()), ("cleanup", CleanupPass()),
-                                                    ("fuse_dcmha", FuseDcmhaPass())]
+    passes: list[tuple[str, ir.passes.PassBase]] = [
+        ("legalize", LegalizePass()),
+        ("cleanup", CleanupPass()),
+        ("fuse_dcmha", FuseDcmhaPass()),
+    ]
     if target == "ort":  # decode graphs' cache attention; before lower_attention, which packs its Q|K|V
         passes.append(("fuse_decode_attention", FuseDecodeAttentionPass()))
-    passes += [("fuse_super_mix", FuseSuperMixPass()), ("fuse_imhsa", FuseImhsaPass()), ("fuse_reuse", FuseReusePass()),
-               ("lower_attention", LowerAttentionPass(target=target)),
-               # after lower_attention: only what it left (this project's forms keep their own lowering)
-               ("fuse_standard_attention", FuseStandardAttentionPass(target=target)),
-               ("cleanup", CleanupPass())]
+    passes += [
+        ("fuse_super_mix", FuseSuperMixPass()),
+        ("fuse_imhsa", FuseImhsaPass()),
+        ("fuse_reuse", FuseReusePass()),
+        ("lower_attention", LowerAttentionPass(target=target)),
+        # after lower_attention: only what it left (this project's forms keep their own lowering)
+        ("fuse_standard_attention", FuseStandardAttentionPass(target=target)),
+        ("cleanup", CleanupPass()),
+    ]
     if target == "trt":
         passes.append(("trt_plugins", TrtPluginPass()))
     return passes
@@ -75,8 +83,9 @@ def default_sizes(model: ir.Model) -> dict[str, int]:
     return sizes
 
 
-def optimize_model(model: onnx.ModelProto | ir.Model, target: str = "ort",
-                   sizes: dict[str, int] | None = None) -> tuple[onnx.ModelProto | ir.Model, Report]:
+def optimize_model(
+    model: onnx.ModelProto | ir.Model, target: str = "ort", sizes: dict[str, int] | None = None
+) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Run the ``target`` pipeline. An ``onnx_ir.Model`` is changed in place and returned; a
     ModelProto gives a new ModelProto. ``sizes`` (symbol -> int) sets where MACs are counted."""
     from attn2onnx.custom_ops import check_model  # imports the op set (torch) only when optimising
@@ -94,8 +103,9 @@ def optimize_model(model: onnx.ModelProto | ir.Model, target: str = "ort",
     return (ir.serde.serialize_model(irm) if was_proto else irm), report
 
 
-def optimize(in_path: str | os.PathLike, out_path: str | os.PathLike, target: str = "ort",
-             sizes: dict[str, int] | None = None) -> Report:
+def optimize(
+    in_path: str | os.PathLike, out_path: str | os.PathLike, target: str = "ort", sizes: dict[str, int] | None = None
+) -> Report:
     """Optimize the model at ``in_path`` and write it to ``out_path`` with
     :func:`attn2onnx.onnx_io.save_model` (atomic; weights in ``<out>.data`` past its one
     threshold, or when the input already kept them outside). ``out_path`` may be ``in_path``."""
