@@ -19,7 +19,7 @@ The mask (key padding over past and new positions, and causality aligned to the 
 keys, whatever form the graph computes it in) goes in whole as an additive ``attention_bias``
 [B,1,T,P+T]; query rows with no allowed key keep the contract (uniform over all keys: a padded
 position before a left-padded sequence's first real token) through
-:func:`.lower_attention._guard_empty_rows`, as every other lowering does. MHA's own causal mode
+:func:`.lower_attention.guard_empty_rows`, as every other lowering does. MHA's own causal mode
 is not used: its fully masked rows spread over the causal keys only. An fp16 graph's Casts
 around the Where / Softmax (the softmax in fp32) are taken in.
 """
@@ -33,7 +33,7 @@ import onnx_ir as ir
 
 from ._ir_utils import Builder, attr, const_scalar, dims, producer, rank, replace_value, same_dim
 from ._match import merged_heads_target, perm_of, scaled, single_use, split_heads_source
-from .lower_attention import MS_DOMAIN, NEG, _guard_empty_rows
+from .lower_attention import MS_DOMAIN, NEG, guard_empty_rows
 
 TOKEN_MAJOR = (0, 2, 1, 3)  # [B,N,S,d] <-> [B,S,N,d]
 KEYS_TRANSPOSED = (0, 2, 3, 1)  # [B,S,N,d] -> [B,N,d,S]
@@ -176,7 +176,7 @@ def match_decode_core(soft: ir.Node) -> DecodeCore | None:
 def emit_decode_attention(b: Builder, core: DecodeCore) -> tuple[ir.Value, ir.Value, ir.Value]:
     """MultiHeadAttention(q, k, v, attention_bias, past_key, past_value) -> (output [B,T,D],
     present_key, present_value), with the mask as an additive bias and empty rows guarded."""
-    q, allowed = _guard_empty_rows(b, core.q, core.allowed)
+    q, allowed = guard_empty_rows(b, core.q, core.allowed)
     dtype = q.dtype
     f = dtype.numpy()
     neg = b.const(np.full((), max(NEG, float(np.finfo(f).min)), dtype=f), "neg")

@@ -12,7 +12,7 @@
 
   The contract's fully masked rows (variants.md: uniform over all keys) are kept exactly in any
   precision: query rows with no allowed key are zeroed and allowed every key
-  (:func:`_guard_empty_rows`), since no fused op computes them as ``where(allowed, x, NEG)`` does.
+  (:func:`guard_empty_rows`), since no fused op computes them as ``where(allowed, x, NEG)`` does.
 
   Keys / values that are raw slices of ``x`` (optimised, efficient) or ``SuperMix(x)`` (super: WA x
   computed once per layer) feed the fused op directly, with no projection.
@@ -123,7 +123,7 @@ def emit_fused_attention(
     """Fused attention on [B,T,D] q and [B,S,D] k, v -> [B,T,D], exactly the contract's
     ``softmax(where(allowed, logits, NEG))``: the mask is ``parts`` (key padding / causal) or an
     unrecognised boolean ``allowed`` [B|1,1,T,S]. Rows with no allowed key are guarded (see
-    :func:`_guard_empty_rows`) wherever the mask holds padding; causality alone (T = S) always
+    :func:`guard_empty_rows`) wherever the mask holds padding; causality alone (T = S) always
     leaves a row its own key."""
     kpm = parts.get("kpm") if parts is not None else None
     causal = int(parts.get("causal", 0)) if parts is not None else 0
@@ -132,7 +132,7 @@ def emit_fused_attention(
     if parts is not None:
         allowed = _allowed_from_parts(b, parts, q, k)
     if allowed is not None and (parts is None or kpm is not None):
-        q, allowed = _guard_empty_rows(b, q, allowed)
+        q, allowed = guard_empty_rows(b, q, allowed)
     if allowed is not None:  # the full [B|1, 1, T, S] (ORT checks the T axis)
         shape = b.op(
             "Concat",
@@ -178,7 +178,7 @@ def _multi_head_attention(b: Builder, q, k, v, heads: int, scale: float, kpm, ca
     inputs: list = [q, k, v]
     if kpm is not None:
         allowed = b.op("Unsqueeze", [kpm, b.ints([1, 2])], dtype=ir.DataType.BOOL, shape=None)
-        q, allowed = _guard_empty_rows(b, q, allowed)
+        q, allowed = guard_empty_rows(b, q, allowed)
         kpm = b.op("Squeeze", [allowed, b.ints([1, 2])], dtype=ir.DataType.BOOL, shape=dims(kpm))
         mask = b.op("Cast", [kpm], {"to": ir.DataType.INT32}, dtype=ir.DataType.INT32, shape=dims(kpm))
         inputs = [q, k, v, None, mask]
@@ -186,7 +186,7 @@ def _multi_head_attention(b: Builder, q, k, v, heads: int, scale: float, kpm, ca
     return b.op("MultiHeadAttention", inputs, attrs, domain=MS_DOMAIN, dtype=q.dtype, shape=out_dims)
 
 
-def _guard_empty_rows(b: Builder, q: ir.Value, allowed: ir.Value) -> tuple[ir.Value, ir.Value]:
+def guard_empty_rows(b: Builder, q: ir.Value, allowed: ir.Value) -> tuple[ir.Value, ir.Value]:
     """For q [B,T,D] and a boolean ``allowed`` [B|1, 1, T|1, S]: the query rows that have no
     allowed key are zeroed and allowed every key. Their logits are then all 0, so the softmax is
     uniform over all keys -- what ``where(allowed, logits, NEG)`` gives such a row -- in any

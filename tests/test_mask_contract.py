@@ -178,7 +178,7 @@ def test_validate_fails_a_lowering_that_breaks_the_contract(layer_model, monkeyp
     fully padded row exposes it: validate must fail it, and pass the real lowering."""
     bad, good = layer_model / "bad.onnx", layer_model / "good.onnx"
     with monkeypatch.context() as patch:
-        patch.setattr(lower_attention, "_guard_empty_rows", lambda b, q, allowed: (q, allowed))
+        patch.setattr(lower_attention, "guard_empty_rows", lambda b, q, allowed: (q, allowed))
         patch.setattr(lower_attention, "NEG", -10000.0)
         optimize(layer_model / "layer.onnx", bad, target="ort")
     mha = next(n for n in onnx.load(bad).graph.node if n.op_type == "MultiHeadAttention")
