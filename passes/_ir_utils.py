@@ -179,6 +179,23 @@ class _Names:
                 return name
 
 
+def expand_to_logits(b: Builder, mask: ir.Value, q: ir.Value, k: ir.Value) -> ir.Value:
+    """A rank-4 mask [B|1, H|1, ., .] expanded to [B|1, H|1, T, S], with T and S read from axis 1 of
+    the fused op's q and k [B, T|S, H*d]: MultiHeadAttention and Attention-23 check the T axis."""
+    shape = b.op(
+        "Concat",
+        [
+            b.op("Shape", [mask], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,)),
+            b.op("Shape", [q], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
+            b.op("Shape", [k], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
+        ],
+        {"axis": 0},
+        dtype=ir.DataType.INT64,
+        shape=(4,),
+    )
+    return b.op("Expand", [mask, shape], dtype=mask.dtype, shape=None)
+
+
 def _names(graph: ir.Graph) -> _Names:
     names = graph.meta.get("_a2o_names")
     if names is None:

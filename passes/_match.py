@@ -321,3 +321,15 @@ def all_true_mask(b: Builder, x: ir.Value, shape: tuple) -> ir.Value:
     fused op gets where the pattern had no padding mask (the same computation)."""
     size = b.op("Shape", [x], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,))
     return b.op("Expand", [b.const(np.array(True), "true"), size], dtype=ir.DataType.BOOL, shape=shape)
+
+
+def through_cast(value: ir.Value, upstream: bool) -> ir.Value:
+    """Skip one single-use Cast before (``upstream``) or after a Softmax: an fp16 graph computes
+    the masked softmax in fp32, as the contract says (Cast, Where, Softmax, Cast)."""
+    if upstream:
+        cast = producer(value, "Cast")
+        return cast.inputs[0] if cast is not None and single_use(value) else value
+    uses = list(value.uses())
+    if single_use(value) and uses[0].node.op_type == "Cast" and uses[0].node.domain == "":
+        return uses[0].node.outputs[0]
+    return value

@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ._ir_utils import Builder, attr, const_scalar, dims, producer, rank, replace_value, same_dim
-from ._match import merged_heads_target, perm_of, scaled, single_use, split_heads_source
+from ._match import merged_heads_target, perm_of, scaled, single_use, split_heads_source, through_cast
 from .lower_attention import MS_DOMAIN, NEG, guard_empty_rows
 
 TOKEN_MAJOR = (0, 2, 1, 3)  # [B,N,S,d] <-> [B,S,N,d]
@@ -113,23 +113,11 @@ def _extended(value: ir.Value, perm: tuple, heads: int, head_dim: int) -> tuple[
     return cat.outputs[0], Cache(past, new, present)
 
 
-def _cast_around(value: ir.Value, upstream: bool) -> ir.Value:
-    """Skip one single-use Cast before (upstream) or after the Softmax: an fp16 graph computes
-    the masked softmax in fp32, as the contract says (Cast, Where, Softmax, Cast)."""
-    if upstream:
-        cast = producer(value, "Cast")
-        return cast.inputs[0] if cast is not None and single_use(value) else value
-    uses = list(value.uses())
-    if single_use(value) and uses[0].node.op_type == "Cast" and uses[0].node.domain == "":
-        return uses[0].node.outputs[0]
-    return value
-
-
 def match_decode_core(soft: ir.Node) -> DecodeCore | None:
     """The decode core ending at Softmax node ``soft`` (see the module docstring), or None."""
     if soft.op_type != "Softmax" or soft.domain != "" or attr(soft, "axis", -1) % 4 != 3 or rank(soft.outputs[0]) != 4:
         return None
-    probs, masked = _cast_around(soft.outputs[0], upstream=False), soft.inputs[0]
+    probs, masked = through_cast(soft.outputs[0], upstream=False), soft.inputs[0]
     uses = list(probs.uses())
     if not single_use(probs) or uses[0].node.op_type != "MatMul" or uses[0].idx != 0 or not single_use(masked):
         return None
@@ -142,7 +130,7 @@ def match_decode_core(soft: ir.Node) -> DecodeCore | None:
     neg = const_scalar(fill)
     if neg is None or neg > FILL_LIMIT or not single_use(logits):
         return None
-    logits = _cast_around(logits, upstream=True)
+    logits = through_cast(logits, upstream=True)
     if not single_use(logits):
         return None
     inner, scale = scaled(logits)

@@ -28,8 +28,28 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ._ir_utils import Builder, attr, const_array, const_scalar, dims, producer, rank, replace_value, same_dim
-from ._match import NoMatch, allowed_parts, found_op, merged_heads_target, scaled, single_use, split_heads_source
+from ._ir_utils import (
+    Builder,
+    attr,
+    const_array,
+    const_scalar,
+    dims,
+    expand_to_logits,
+    producer,
+    rank,
+    replace_value,
+    same_dim,
+)
+from ._match import (
+    NoMatch,
+    allowed_parts,
+    found_op,
+    merged_heads_target,
+    scaled,
+    single_use,
+    split_heads_source,
+    through_cast,
+)
 from .lower_attention import MS_DOMAIN, emit_fused_attention, pack_projections
 
 FILL_LIMIT = -1e4  # a Where fill at or below this is a mask (exp underflows to 0 in fp16 and fp32)
@@ -56,17 +76,6 @@ class Core:
 # ---------------------------------------------------------------------------------------------
 # pattern + check: softmax cores
 # ---------------------------------------------------------------------------------------------
-def _through_cast(value: ir.Value, upstream: bool) -> ir.Value:
-    """Skip one single-use Cast before (upstream) or after the Softmax."""
-    if upstream:
-        cast = producer(value, "Cast")
-        return cast.inputs[0] if cast is not None and single_use(value) else value
-    uses = list(value.uses())
-    if single_use(value) and uses[0].node.op_type == "Cast" and uses[0].node.domain == "":
-        return uses[0].node.outputs[0]
-    return value
-
-
 def _fill(value: ir.Value) -> float | None:
     c = const_scalar(value)
     return c if c is not None and c <= FILL_LIMIT else None
@@ -152,13 +161,13 @@ def match_softmax_core(soft: ir.Node) -> Core:
     axis = attr(soft, "axis", -1)
     if r not in (3, 4) or axis % r != r - 1:
         raise NoMatch(soft, "Softmax over the last (key) axis of [B,H,T,S] logits", f"axis {axis} of rank {r}")
-    probs = _through_cast(soft.outputs[0], upstream=False)
+    probs = through_cast(soft.outputs[0], upstream=False)
     uses = list(probs.uses())
     if not single_use(probs) or uses[0].node.op_type != "MatMul" or uses[0].idx != 0:
         found = ", ".join(f"{u.node.op_type} (input {u.idx})" for u in uses) or "a graph output"
         raise NoMatch(soft, "probabilities used once, as the left input of a MatMul with v", found)
     pv = uses[0].node
-    logits, mask = _mask_chain(_through_cast(soft.inputs[0], upstream=True), dims(soft.outputs[0]))
+    logits, mask = _mask_chain(through_cast(soft.inputs[0], upstream=True), dims(soft.outputs[0]))
     if not single_use(logits):
         raise NoMatch(logits.producer(), "logits used once", f"{len(list(logits.uses()))} uses")
     inner, scale = scaled(logits)
@@ -255,18 +264,7 @@ def _bias_4d(b: Builder, bias: ir.Value, q3: ir.Value, k3: ir.Value) -> ir.Value
     r = rank(bias) or 0
     if r < 4:
         bias = b.op("Unsqueeze", [bias, b.ints(list(range(4 - r)))], dtype=bias.dtype, shape=None)
-    shape = b.op(
-        "Concat",
-        [
-            b.op("Shape", [bias], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,)),
-            b.op("Shape", [q3], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
-            b.op("Shape", [k3], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
-        ],
-        {"axis": 0},
-        dtype=ir.DataType.INT64,
-        shape=(4,),
-    )
-    return b.op("Expand", [bias, shape], dtype=bias.dtype, shape=None)
+    return expand_to_logits(b, bias, q3, k3)
 
 
 def rewrite(model: ir.Model, core: Core, target: str) -> None:

@@ -36,6 +36,7 @@ import onnx_ir as ir
 from ._ir_utils import (
     DOMAIN,
     Builder,
+    expand_to_logits,
     attr,
     const_array,
     dims,
@@ -134,18 +135,7 @@ def emit_fused_attention(
     if allowed is not None and (parts is None or kpm is not None):
         q, allowed = guard_empty_rows(b, q, allowed)
     if allowed is not None:  # the full [B|1, 1, T, S] (ORT checks the T axis)
-        shape = b.op(
-            "Concat",
-            [
-                b.op("Shape", [allowed], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,)),
-                b.op("Shape", [q], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
-                b.op("Shape", [k], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,)),
-            ],
-            {"axis": 0},
-            dtype=ir.DataType.INT64,
-            shape=(4,),
-        )
-        allowed = b.op("Expand", [allowed, shape], dtype=ir.DataType.BOOL, shape=None)
+        allowed = expand_to_logits(b, allowed, q, k)
     dtype = q.dtype
     if target == "ort":  # padding with causality: an additive bias, as MHA's causal mode has its own empty rows
         bias = None
