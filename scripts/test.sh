@@ -7,4 +7,4 @@ python3 -m pip install -q torch==2.13.0 -e ".[test]"
 bash scripts/fetch_ort_headers.sh >/dev/null
 python3 -m attn2onnx.runtime.native >/dev/null   # build the kernel library once, before tests run in parallel
 python3 -m ruff check --quiet . && python3 -m ruff format --check --quiet .   # lint and format (pyproject [tool.ruff])
-python3 -m pytest -q -p no:cacheprovider "$@"
+python3 -m pytest -q -p no:cacheprovider -n auto "$@"   # one worker per core (pytest-xdist)
