@@ -19,39 +19,8 @@ that has a TensorRT plugin with ``plugin_namespace`` (others import as their fun
 Engines built with the AOT plugins embed the kernels' PTX and run without Python or Triton.
 """
 
-from .loader import (
-    EngineBytesFromNetwork,
-    NetworkFromOnnxPath,
-    SaveEngine,
-    TensorRTUnavailable,
-    available,
-    build_engine,
-    engine_for_shapes,
-    make_logger,
-    normalize_shapes,
-    plugin_modules,
-    plugin_ops,
-    register_plugins,
-    require_tensorrt,
-    shapes_from_dims,
-)
-from .runner import TrtRunner, TrtSession
+from . import loader, runner
+from .loader import *  # noqa: F403  (the package re-exports both halves)
+from .runner import *  # noqa: F403
 
-__all__ = [
-    "EngineBytesFromNetwork",
-    "NetworkFromOnnxPath",
-    "SaveEngine",
-    "TensorRTUnavailable",
-    "TrtRunner",
-    "TrtSession",
-    "available",
-    "build_engine",
-    "engine_for_shapes",
-    "make_logger",
-    "normalize_shapes",
-    "plugin_modules",
-    "plugin_ops",
-    "register_plugins",
-    "require_tensorrt",
-    "shapes_from_dims",
-]
+__all__ = sorted([*loader.__all__, *runner.__all__])
