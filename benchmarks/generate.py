@@ -49,14 +49,14 @@ IMPLS = ("ORT decode", "ORT decode unfused", "eager decode", "rerun prefix")
 NOTES = (
     "Reading: lowering the decode graph's mha attention onto MultiHeadAttention with past/present\n"
     "(passes/fuse_decode_attention.py, in `optimize --target ort`) is kept: the unfused / ORT column is its gain\n"
-    "(the exported graph copies each layer's whole cache 3-4 times per step, MHA once). GroupQueryAttention was\n"
-    "not tried: its CPU kernel takes per-row lengths (seqlens_k), not a left-padded mask over past and new keys.\n"
-    "Where B x context reaches 64k cached tokens (B=8, context 8192: 1 GiB of caches) a step costs more than\n"
-    "linear: every step allocates a fresh present of the cache's size and copies the past into it, so ORT,\n"
-    "eager and dcmha all meet the memory system there and the ratios shrink to about 2x; a cache that grows in\n"
-    "place (one shared past/present buffer) is what would remove that copy. dcmha's decode graph still\n"
-    "concatenates its caches token-major around DcmhaAttention (the copies this pass removes for mha), which is\n"
-    "where its step loses to mha's at batch 1."
+    "(the exported graph copies each layer's whole cache 3-4 times per step, MHA once). dcmha's caches are\n"
+    "token-major (K, V [B,S,N,d]: the layout DcmhaAttention reads in place), so its step extends each cache with\n"
+    "one Concat and transposes nothing (it used to copy K and V three times each around the kernel). What is\n"
+    "left is the growing-cache convention's one copy per cache and step: where B x context reaches 64k cached\n"
+    "tokens (1 GiB of caches) it makes the step cost more than linear and brings ORT, eager and dcmha to the\n"
+    "memory system. `python benchmarks/generate.py --probe-shared-buffer` times one attention layer both ways:\n"
+    "MultiHeadAttention with a growing past/present against GroupQueryAttention writing the new row into a\n"
+    "max-length buffer shared by past and present (IO binding), outputs equal with left padding as a bias."
 )
 
 
@@ -190,6 +190,97 @@ def e2e_rerun_s(prefill, batch: int) -> float:
         out = prefill.run(["logits"], {"input_ids": ids, "key_padding_mask": np.ones(ids.shape, bool)})[0]
         ids = np.concatenate([ids, out[:, -1].argmax(-1)[:, None]], axis=1)
     return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- shared-buffer probe
+def attention_layer(op: str) -> bytes:
+    """One decode-step attention layer (N=HEADS, D=D_MODEL, one new token, mask as an additive bias
+    [B,1,1,P+1]): com.microsoft.MultiHeadAttention with a growing past/present (what
+    passes/fuse_decode_attention.py emits) or GroupQueryAttention, whose present may share the past's
+    max-length buffer (onnxruntime-genai's convention: the new row written in place)."""
+    from onnx import TensorProto, helper
+
+    d = D_MODEL // HEADS
+    ms = "com.microsoft"
+    if op == "MultiHeadAttention":
+        inputs, attrs, past = ["q", "k", "v", "", "", "bias", "pk", "pv"], {}, "past"
+    else:
+        inputs, attrs, past = (
+            ["q", "k", "v", "pk", "pv", "lens", "total", "", "", "", "bias"],
+            {"kv_num_heads": HEADS},
+            "max",
+        )
+    node = helper.make_node(op, inputs, ["o", "ok", "ov"], domain=ms, num_heads=HEADS, **attrs)
+    f = TensorProto.FLOAT
+    shapes = {"q": ["B", 1, D_MODEL], "k": ["B", 1, D_MODEL], "v": ["B", 1, D_MODEL], "bias": ["B", 1, 1, "S"]}
+    shapes |= {"pk": ["B", HEADS, past, d], "pv": ["B", HEADS, past, d]}
+    ins = [helper.make_tensor_value_info(n, f, shape) for n, shape in shapes.items()]
+    if op != "MultiHeadAttention":
+        ins += [helper.make_tensor_value_info("lens", TensorProto.INT32, ["B"])]
+        ins += [helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    outs = [helper.make_tensor_value_info(n, f, None) for n in ("o", "ok", "ov")]
+    graph = helper.make_graph([node], op, ins, outs)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(ms, 1)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def probe_layer(op: str, batch: int, context: int, steps: int) -> tuple[float, list[np.ndarray]]:
+    """Min ms of one layer's decode step after ``context`` cached positions (rows left-padded by
+    16 * row positions) and the outputs of every step; GQA's present is bound to its past buffer."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = THREADS, 3
+    sess = ort.InferenceSession(attention_layer(op), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    d, shared = D_MODEL // HEADS, op != "MultiHeadAttention"
+    size = context + steps if shared else context
+    past = []
+    for _ in range(2):
+        cache = np.zeros((batch, HEADS, size, d), np.float32)
+        cache[:, :, :context] = rng.random((batch, HEADS, context, d), dtype=np.float32)
+        past.append(ort.OrtValue.ortvalue_from_numpy(cache))
+    times, outs = [], []
+    for step in range(steps):
+        total, new = context + step + 1, rng.random((batch, 1, D_MODEL), dtype=np.float32)
+        bias = np.zeros((batch, 1, 1, total), np.float32)
+        for row in range(batch):
+            bias[row, ..., : 16 * row] = np.finfo(np.float32).min
+        binding = sess.io_binding()
+        for name, value in (("q", new), ("k", new), ("v", new), ("bias", bias)):
+            binding.bind_cpu_input(name, value)
+        binding.bind_ortvalue_input("pk", past[0])
+        binding.bind_ortvalue_input("pv", past[1])
+        binding.bind_output("o", "cpu")
+        if shared:
+            binding.bind_cpu_input("lens", np.full(batch, total - 1, np.int32))
+            binding.bind_cpu_input("total", np.array(total, np.int32))
+            binding.bind_ortvalue_output("ok", past[0])
+            binding.bind_ortvalue_output("ov", past[1])
+        else:
+            binding.bind_output("ok", "cpu")
+            binding.bind_output("ov", "cpu")
+        start = time.perf_counter()
+        sess.run_with_iobinding(binding)
+        times.append(time.perf_counter() - start)
+        got = binding.get_outputs()
+        outs.append(got[0].numpy())
+        past = past if shared else got[1:]
+    return 1e3 * min(times[1:]), outs
+
+
+def shared_buffer_probe(cases: list[tuple[int, int]], steps: int = 6) -> list[str]:
+    """One attention layer, growing cache (MHA) against a shared max-length buffer (GQA): min ms
+    of a step (each in a fresh process would be fairer; the two alternate here, MHA first) and
+    the largest output difference over the steps (left-padded rows: the bias keeps them exact)."""
+    lines = ["| B | context | MHA growing past/present ms | GQA shared buffer ms | MHA / GQA | max abs diff |"]
+    lines.append("|---:|---:|---:|---:|---:|---:|")
+    for batch, context in cases:
+        mha_ms, mha_out = probe_layer("MultiHeadAttention", batch, context, steps)
+        gqa_ms, gqa_out = probe_layer("GroupQueryAttention", batch, context, steps)
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(mha_out, gqa_out))
+        lines.append(f"| {batch} | {context} | {mha_ms:.2f} | {gqa_ms:.2f} | {mha_ms / gqa_ms:.1f}x | {diff:.1e} |")
+    return lines
 
 
 # ---------------------------------------------------------------- report
@@ -355,6 +446,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--e2e-batches", type=int, nargs="*", default=[1], help="batches of the end-to-end run")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md and the plot alone")
+    parser.add_argument(
+        "--probe-shared-buffer",
+        action="store_true",
+        help="print only the one-layer MHA (growing cache) vs GQA (shared buffer) probe at --batches x --contexts",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -365,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.folder, args)))
+        return 0
+    if args.probe_shared_buffer:
+        print("\n".join(shared_buffer_probe([(b, c) for b in args.batches for c in args.contexts])))
         return 0
 
     import attn2onnx

@@ -2,13 +2,17 @@
 
 :class:`DecodeLM` wraps a :class:`~attn2onnx.models.lm.CausalLM` as
 ``forward(input_ids [B,T], attention_mask [B,P+T], position_ids [B,T], *past) -> (logits, *present)``
-with every layer's cache as explicit tensors, in the names and layout of HF Optimum /
-onnxruntime-genai (``past_key_values.{i}.key`` [batch, heads, past, head_dim] in,
-``present.{i}.key`` out). Each variant decides what it caches (its ``cache_entries`` and
-``decode_step``); a local-window layer keeps at most its window's last positions, so its cache
-has a past dim of its own (``past_window{W-1}``). Prefill is the same graph with an empty past
-(past = 0). The graph's metadata (``attn2onnx.decode``) says what each cache input holds, so
-:mod:`attn2onnx.generate` and ``validate --decode`` need nothing but the file.
+with every layer's cache as explicit tensors, in the names of HF Optimum / onnxruntime-genai
+(``past_key_values.{i}.key`` in, ``present.{i}.key`` out). Each variant decides what it caches
+and in which layout (its ``cache_entries`` and ``decode_step``): Optimum's head-major K / V
+[batch, heads, past, head_dim] where standard attention reads them (mha, optimised, efficient,
+super, reuse: MultiHeadAttention takes that past), token-major [batch, past, ...] for dcmha, the
+layout DcmhaAttention reads in place (a step then extends each cache with one Concat, no
+Transpose either side; benchmarks/RESULTS.md "Decode"). A local-window layer keeps at most its
+window's last positions, so its cache has a past dim of its own (``past_window{W-1}``).
+Prefill is the same graph with an empty past (past = 0). The graph's metadata
+(``attn2onnx.decode``) says what each cache input holds, so :mod:`attn2onnx.generate` and
+``validate --decode`` need nothing but the file.
 
 ``attention_mask`` is int64 (1 = real token) over past and new positions, as Optimum's;
 ``position_ids`` feed the learned positions or RoPE, so left-padded batches can pass either the

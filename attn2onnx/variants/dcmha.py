@@ -56,7 +56,7 @@ from torch import nn
 
 from .. import custom_ops  # noqa: F401  (registers torch.ops.attn2onnx.dcmha_attention)
 from .base import AttentionConfig, VariantError, VariantInfo, check_input, register_variant, split_heads
-from .mha import CacheEntry, cache_layout, extend_cache
+from .mha import CacheEntry
 
 RMS_EPS = 1e-6
 SLOTS = 4  # pre/query, pre/key, post/query, post/key
@@ -331,13 +331,16 @@ class DcmhaAttention(nn.Module):
 
     def cache_entries(self) -> list[CacheEntry]:
         """What a decode step caches per layer (:meth:`decode_step`): K and V after QK-norm and
-        RoPE, and the key-side compose factors; a local-window layer keeps window_keys - 1."""
+        RoPE, and the key-side compose factors; a local-window layer keeps window_keys - 1.
+
+        All three are token-major ([batch, past, ...]: not Optimum's head-major K / V), the layout
+        DcmhaAttention reads in place, so a step extends each cache with one Concat and nothing else."""
         c = self.config
         limit = c.window_keys - 1 if c.window_keys else None
-        heads = ("batch", c.n_heads, "past", c.head_dim)
+        tokens = ("batch", "past", c.n_heads, c.head_dim)
         return [
-            CacheEntry("key", heads, "K after QK-norm and RoPE [batch, heads, past, head_dim]", limit),
-            CacheEntry("value", heads, "V [batch, heads, past, head_dim]", limit),
+            CacheEntry("key", tokens, "K after QK-norm and RoPE [batch, past, heads, head_dim]", limit),
+            CacheEntry("value", tokens, "V [batch, past, heads, head_dim]", limit),
             CacheEntry(
                 "key_factors",
                 ("batch", "past", 2, 2 * c.rank + 1, c.n_heads),
@@ -351,19 +354,17 @@ class DcmhaAttention(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """:meth:`forward_step` with explicit cache tensors, for export: x [B,T,D], key_mask
         [B,P+T] bool over every past and new position (a window layer reads its last keys),
-        positions [B,T] (RoPE), cache (K [B,N,S,d], V, key factors [B,S,2,2R+1,N]) with S <= P.
+        positions [B,T] (RoPE), cache (K [B,S,N,d], V, key factors [B,S,2,2R+1,N]) with S <= P.
         Returns y [B,T,D] and the cache extended by T positions (cut to the window)."""
-        past_k, past_v, past_factors = cache
         q, k, v, q_factors, k_factors = self._project(x, positions)
-        k, v = extend_cache(past_k, k), extend_cache(past_v, v)
-        k_factors = torch.cat([past_factors, k_factors], dim=1)
+        k, v, k_factors = (torch.cat([past, new], dim=1) for past, new in zip(cache, (k, v, k_factors)))
         keys = k.shape[1]
         y = self._attend(q, k, v, q_factors, k_factors, key_mask[:, key_mask.shape[1] - keys :])
         limit = self.config.window_keys - 1 if self.config.window_keys else None
         if limit is not None:  # the next query reaches back limit tokens at most
             start = torch.sym_max(keys - limit, 0)
             k, v, k_factors = k[:, start:], v[:, start:], k_factors[:, start:]
-        return y, (cache_layout(k), cache_layout(v), k_factors)
+        return y, (k, v, k_factors)
 
 
 INFO = register_variant(
