@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -111,12 +112,77 @@ def only_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
     return uses[0].node
 
 
+# -- scopes ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scope:
+    """A graph whose nodes the fusions rewrite: the main graph, the graph of one of the model's
+    own functions, or a subgraph (If / Loop / Scan body) of either. ``top`` is the main graph or
+    the function's graph: it holds the opset imports (a subgraph has none of its own) and the
+    name space new values must stay unique in (a subgraph may not shadow an outer name)."""
+
+    graph: ir.Graph
+    top: ir.Graph
+    main: bool  # the main graph or one of its subgraphs: constants become main-graph initializers
+
+
+_SCOPE = "_a2o_scope"
+
+
+def scopes(model: ir.Model) -> list[Scope]:
+    """Every scope of ``model``: the main graph, then each function of the model's own (never the
+    ``ai.attn2onnx`` op bodies: those are the ops' contract), each followed by its subgraphs."""
+    tops = [model.graph] + [f.graph for key, f in model.functions.items() if key[0] != DOMAIN]
+    return [Scope(g, top, top is model.graph) for top in tops for g in (top, *top.subgraphs())]
+
+
+def scope_nodes(model: ir.Model) -> list[ir.Node]:
+    """The nodes of every scope, listed before a fusion changes them (a fusion skips a listed node
+    that an earlier one removed: its ``graph`` is None). Each scope is recorded on its graph, so a
+    :class:`Builder` anchored there knows where it builds."""
+    nodes: list[ir.Node] = []
+    for scope in scopes(model):
+        scope.graph.meta[_SCOPE] = scope
+        nodes.extend(scope.graph)
+    return nodes
+
+
+def type_function_inputs(model: ir.Model) -> int:
+    """Give each untyped input of the model's own functions the type and shape that every call
+    passes (FunctionProto inputs are names only; onnx-ir does not read their value_info), so shape
+    inference and the fusions see inside the body. A polymorphic function keeps what its calls
+    disagree on. Returns how many inputs were typed."""
+    calls: dict[ir.OperatorIdentifier, list[ir.Node]] = {}
+    for scope in scopes(model):
+        for node in scope.graph:
+            calls.setdefault(node.op_identifier(), []).append(node)
+    typed = 0
+    for key, function in model.functions.items():
+        if key[0] == DOMAIN or not calls.get(key):
+            continue
+        for index, value in enumerate(function.inputs):
+            args = [c.inputs[index] if index < len(c.inputs) else None for c in calls[key]]
+            if value.type is not None or any(a is None or a.type is None for a in args):
+                continue
+            if all(a.type == args[0].type and a.shape == args[0].shape for a in args):
+                value.type, value.shape = args[0].type, None if args[0].shape is None else args[0].shape.copy()
+                typed += 1
+    return typed
+
+
+def _scope_of(graph: ir.Graph) -> Scope:
+    """The scope recorded by :func:`scope_nodes`; a graph never recorded is taken as a main graph."""
+    scope = graph.meta.get(_SCOPE)
+    return scope if scope is not None else Scope(graph, graph, True)
+
+
 # -- building -------------------------------------------------------------------------------------
 class Builder:
-    """Creates nodes and inserts them, in order, before ``anchor`` in ``graph``."""
+    """Creates nodes and inserts them, in order, before ``anchor`` in the anchor's own graph (main
+    graph, function or subgraph), with names unique in its scope's name space."""
 
-    def __init__(self, graph: ir.Graph, anchor: ir.Node, prefix: str = "a2o") -> None:
-        self.graph, self.anchor, self.prefix = graph, anchor, prefix
+    def __init__(self, anchor: ir.Node, prefix: str = "a2o") -> None:
+        self.graph, self.anchor, self.prefix = anchor.graph, anchor, prefix
+        self.scope = _scope_of(anchor.graph)
         self.nodes: list[ir.Node] = []
 
     def op(
@@ -130,13 +196,16 @@ class Builder:
         dtype: ir.DataType | None = None,
         shape: Sequence[Any] | None = None,
     ) -> Any:
+        """A new ``domain::op_type`` node before the anchor (its scope imports the domain); its output(s)."""
         attrs = ir.convenience.convert_attributes(attributes or {})
         node = ir.Node(
             domain, op_type, inputs, attributes=attrs, num_outputs=num_outputs, version=1 if domain == DOMAIN else None
         )
+        if domain not in ("", "ai.onnx"):  # a function calling one must import the domain itself
+            self.scope.top.opset_imports.setdefault(domain, 1)
         self.graph.insert_before(self.anchor, node)
         self.nodes.append(node)
-        node.name = _names(self.graph).next(f"{self.prefix}_{op_type}")
+        node.name = _names(self.scope.top).next(f"{self.prefix}_{op_type}")
         for out in node.outputs:
             out.name = node.name if num_outputs == 1 else f"{node.name}_{out.index()}"
         if dtype is not None:
@@ -147,11 +216,15 @@ class Builder:
         return node.outputs[0] if num_outputs == 1 else node.outputs
 
     def const(self, array: np.ndarray, name: str) -> ir.Value:
-        """An initializer (unique name) holding ``array``."""
-        name = _names(self.graph).next(f"{self.prefix}_{name}")
-        tensor = ir.tensor(np.asarray(array), name=name)
+        """A constant holding ``array``: an initializer (unique name) of the main graph, which its
+        subgraphs see too; in a function (no initializers there) a Constant node."""
+        tensor = ir.tensor(np.asarray(array))
+        if not self.scope.main:
+            return self.op("Constant", [], {"value": tensor}, dtype=tensor.dtype, shape=tensor.shape)
+        name = _names(self.scope.top).next(f"{self.prefix}_{name}")
+        tensor.name = name
         value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-        self.graph.register_initializer(value)
+        self.scope.top.register_initializer(value)
         return value
 
     def ints(self, values: Sequence[int], name: str = "ints") -> ir.Value:
@@ -159,7 +232,8 @@ class Builder:
 
 
 class _Names:
-    """Unique names for the nodes and values a pass creates (never one the graph already has)."""
+    """Unique names for the nodes and values a pass creates (never one the graph, or any of its
+    subgraphs, already has)."""
 
     def __init__(self, graph: ir.Graph) -> None:
         self.used: set[str] = set(graph.initializers)
@@ -252,9 +326,10 @@ def op_available(op_type: str) -> bool:
 
 
 def count_ops(model: ir.Model) -> dict[str, int]:
-    """Node counts by (domain-qualified) op type over the main graph."""
+    """Node counts by (domain-qualified) op type over every scope (main graph, the model's own
+    functions, their subgraphs; not our ops' bodies)."""
     counts: dict[str, int] = {}
-    for node in model.graph:
+    for node in (n for scope in scopes(model) for n in scope.graph):
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
         counts[key] = counts.get(key, 0) + 1
     return counts
@@ -263,12 +338,12 @@ def count_ops(model: ir.Model) -> dict[str, int]:
 def fuse_each(
     model: ir.Model, op_type: str, anchor: Callable[[ir.Node], bool], fuse: Callable[[ir.Model, ir.Node], bool]
 ) -> int:
-    """Try ``fuse(model, node)`` at every top-level node where ``anchor(node)`` holds, when the
-    ``op_type`` it would create is available; drop what the fusions left unused. Returns how
-    many fused."""
+    """Try ``fuse(model, node)`` at every node of every scope (:func:`scope_nodes`) where
+    ``anchor(node)`` holds, when the ``op_type`` it would create is available; drop what the
+    fusions left unused. Returns how many fused."""
     if not op_available(op_type):
         return 0
-    count = sum(bool(fuse(model, node)) for node in list(model.graph) if node.graph is not None and anchor(node))
+    count = sum(bool(fuse(model, node)) for node in scope_nodes(model) if node.graph is not None and anchor(node))
     if count:
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return count

@@ -12,7 +12,7 @@ import logging
 import onnx_ir as ir
 import onnxscript.optimizer
 
-from ._ir_utils import DOMAIN
+from ._ir_utils import DOMAIN, type_function_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class CleanupPass(ir.passes.InPlacePass):
         ours = {key: f for key, f in model.functions.items() if key[0] == DOMAIN}
         for key in ours:
             del model.functions[key]
+        type_function_inputs(model)  # so shape inference sees inside the model's own functions
         onnxscript.optimizer.optimize_ir(
             model,
             num_iterations=self.num_iterations,
@@ -49,9 +50,19 @@ class CleanupPass(ir.passes.InPlacePass):
         ir.passes.common.RemoveUnusedNodesPass()(model)
         model.functions.update(ours)
         ir.passes.common.RemoveUnusedFunctionsPass()(model)
+        _import_function_domains(model)
         changed = _fingerprint(model) != before
         logger.debug("cleanup: %d nodes, %s", len(model.graph), "changed" if changed else "no change")
         return ir.passes.PassResult(model, changed)
+
+
+def _import_function_domains(model: ir.Model) -> None:
+    """The model imports every domain its functions import: ONNX Runtime checks an inlined
+    function's nodes against the model's imports, and the optimizer dropped those that only a
+    function uses (our op bodies were out of its sight, the model's own functions it ignores)."""
+    for function in model.functions.values():
+        for domain, version in function.opset_imports.items():
+            model.opset_imports.setdefault(domain, version)
 
 
 def _fingerprint(model: ir.Model) -> tuple:

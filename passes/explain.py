@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
-from ._ir_utils import to_ir
+from ._ir_utils import Scope, scopes, to_ir
 from ._match import NoMatch, describe
 
 _THROUGH = ("Cast", "Where", "Add", "Mul", "Div", "Sub")
@@ -74,6 +74,12 @@ def _match_any(core: ir.Node, target: str) -> None:
         match(core, target)
 
 
+def _key(scope: Scope, name: str) -> tuple:
+    """A node's key in every copy of the model: its name within the main graph or within the
+    function whose scope (subgraphs included) holds it."""
+    return scope.main, scope.top.name, name
+
+
 def explain(model: onnx.ModelProto | ir.Model, target: str = "ort") -> list[Outcome]:
     """Run the ``target`` pipeline on a copy of ``model`` and say, per attention core, whether it
     fused and, where not, why."""
@@ -82,10 +88,10 @@ def explain(model: onnx.ModelProto | ir.Model, target: str = "ort") -> list[Outc
     proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
     before = to_ir(proto)
     after, _ = optimize_model(ir.serde.deserialize_model(proto), target=target)
-    remaining = {n.name: n for n in after.graph}
+    remaining = {_key(s, n.name): n for s in scopes(after) for n in s.graph}
     outcomes = []
-    for node in attention_cores(before.graph):
-        left = remaining.get(node.name)
+    for scope, node in ((s, n) for s in scopes(before) for n in attention_cores(s.graph)):
+        left = remaining.get(_key(scope, node.name))
         if left is None or left.op_type != node.op_type or (left.op_type == "Attention" and target != "ort"):
             outcomes.append(Outcome(describe(node), True))
             continue

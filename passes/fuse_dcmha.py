@@ -54,6 +54,7 @@ from ._ir_utils import (
     rank,
     replace_value,
     same_dim,
+    scope_nodes,
 )
 
 # Transposes between [B,N,T,S] and the position-major layouts the batched-MatMul styles use.
@@ -510,7 +511,7 @@ def _sum(b: Builder, parts: list[ir.Value]) -> ir.Value:
     return out
 
 
-def _fuse_tree(graph: ir.Graph, root: ir.Node) -> bool:
+def _fuse_tree(root: ir.Node) -> bool:
     leaves = _leaves(root.outputs[0])
     classified: list[tuple[ir.Value, list[Term] | None]] = [(leaf, classify(leaf)) for leaf in leaves]
     by_a: dict[int, list[Term]] = {}
@@ -537,7 +538,7 @@ def _fuse_tree(graph: ir.Graph, root: ir.Node) -> bool:
     present = [s for s, terms in sides.items() if terms]
     if len(present) == 1 and not same_dim(t_dim, s_dim):
         return False  # query-wise on cross attention: nothing to shape the key side's zero factors from
-    b = Builder(graph, root, "dcmha")
+    b = Builder(root, "dcmha")
     made = {id(t): t.make(b) for t in best}
     ranks = {s: sum(t.rank for t in terms if t.kind == "lowrank") for s, terms in sides.items()}
     r = max(ranks.values())
@@ -572,14 +573,13 @@ def fuse_compose(model: ir.Model) -> int:
     """Replace every recognised compose sum by one DcmhaCompose node. Returns how many."""
     if not op_available("DcmhaCompose"):
         return 0
-    graph = model.graph
     count = 0
-    for node in reversed(list(graph)):
+    for node in reversed(scope_nodes(model)):
         if node.op_type != "Add" or node.domain != "" or node.graph is None:
             continue
         if _interior_add(node.outputs[0]):
             continue
-        if _fuse_tree(graph, node):
+        if _fuse_tree(node):
             count += 1
     if count:
         ensure_function(model, "DcmhaCompose")
@@ -595,7 +595,6 @@ def _compose_node(value: ir.Value) -> ir.Node | None:
 
 
 def _fuse_core(model: ir.Model, post: ir.Node) -> bool:
-    graph = model.graph
     out = post.outputs[0]
     uses = list(out.uses())
     if not _single_use(out) or uses[0].node.op_type != "MatMul" or uses[0].idx != 0:
@@ -629,7 +628,7 @@ def _fuse_core(model: ir.Model, post: ir.Node) -> bool:
         return False
     if not ensure_function(model, "DcmhaAttention"):
         return False
-    b = Builder(graph, pv, "dcmha")
+    b = Builder(pv, "dcmha")
     q, k = make_q(b), make_k(b)
     vv = _transposed(b, v, [0, 2, 1, 3])
     q_factors = _concat(

@@ -22,7 +22,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ._ir_utils import Builder, attr, axes_of, const_array, const_scalar, dims, norm_axes, producer, same_dim
+from ._ir_utils import (
+    Builder,
+    attr,
+    axes_of,
+    const_array,
+    const_scalar,
+    dims,
+    norm_axes,
+    producer,
+    same_dim,
+    scope_nodes,
+)
 from ._match import parse_equation, single_use
 
 # The release's fill for masked logits (finfo(float16).min); anything at or below it leaves
@@ -101,15 +112,14 @@ def _grouped_sum(squeeze: ir.Node) -> list[ir.Value] | None:
 def drop_unit_group_axes(model: ir.Model) -> int:
     """Rewrite every release compose sum on [B,1,N,T,S] (then squeezed) as the same sum on
     [B,N,T,S]. Returns how many."""
-    graph = model.graph
     count = 0
-    for node in list(graph):
+    for node in scope_nodes(model):
         if node.op_type != "Squeeze" or node.domain != "" or node.graph is None:
             continue
         leaves = _grouped_sum(node)
         if leaves is None:
             continue
-        b = Builder(graph, node, "release")
+        b = Builder(node, "release")
         total = None
         for leaf in leaves:
             term = _drop_axis(b, leaf, 1)
@@ -309,7 +319,7 @@ def align_mask_shapes(model: ir.Model) -> int:
     softmax) have the logits' shape: say so, where the exporter recorded another symbol
     (``Min(max_len, seq)`` for the key axis of a sliced buffer). Returns how many."""
     count = 0
-    for node in model.graph:
+    for node in scope_nodes(model):
         if node.op_type != "Where" or node.domain != "" or release_mask(node.outputs[0]) is None:
             continue
         shape = node.inputs[1].shape

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ._ir_utils import Builder, attr, const_scalar, dims, producer, rank, replace_value, same_dim
+from ._ir_utils import Builder, attr, const_scalar, dims, producer, rank, replace_value, same_dim, scope_nodes
 from ._match import merged_heads_target, perm_of, scaled, single_use, split_heads_source, through_cast
 from .lower_attention import MS_DOMAIN, NEG, guard_empty_rows
 
@@ -183,16 +183,15 @@ def emit_decode_attention(b: Builder, core: DecodeCore) -> tuple[ir.Value, ir.Va
 
 
 def fuse_decode_attention(model: ir.Model) -> int:
-    """Lower every matched decode core of the main graph; returns how many."""
-    graph = model.graph
+    """Lower every matched decode core of every scope; returns how many."""
     count = 0
-    for node in list(graph):
+    for node in scope_nodes(model):
         if node.graph is None:
             continue
         core = match_decode_core(node)
         if core is None:
             continue
-        out, present_key, present_value = emit_decode_attention(Builder(graph, core.anchor, "decode_attn"), core)
+        out, present_key, present_value = emit_decode_attention(Builder(core.anchor, "decode_attn"), core)
         replace_value(core.out, out)
         for old, new in ((core.key.present, present_key), (core.value.present, present_value)):
             if old is not None:

@@ -374,10 +374,10 @@ def core_end(soft: ir.Node) -> ir.Node | None:
     return None
 
 
-def _emit(model: ir.Model, final: ir.Node, core: LandmarkCore) -> None:
+def _emit(final: ir.Node, core: LandmarkCore) -> None:
     """Replace ``final`` by LandmarkAttention(core) (no post mix: identity and zeros)."""
     n = dims(core.q)[1]
-    b = Builder(model.graph, final, "imhsa")
+    b = Builder(final, "imhsa")
     qq, kk, vv = (transposed(b, x, [0, 2, 1, 3]) for x in (core.q, core.k, core.v))
     eye, zeros = np.eye(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
     m_q, c_q, m_k, c_k = core.mixes
@@ -414,7 +414,7 @@ def _fuse_landmark(model: ir.Model, final: ir.Node) -> bool:
         return False
     if not ensure_function(model, "LandmarkAttention"):
         return False
-    _emit(model, final, core)
+    _emit(final, core)
     logger.debug("LandmarkAttention (L=%d) replaces MatMul %r", core.landmarks, final.name)
     return True
 

@@ -63,7 +63,7 @@ def _fuse_prob(model: ir.Model, soft: ir.Node) -> bool:
     if not ensure_function(model, "ProbAttention"):
         return False
     make_q, make_k, scale = qk
-    b = Builder(model.graph, pv, "reuse")
+    b = Builder(pv, "reuse")
     q, k, v = make_q(b), make_k(b), transposed(b, pv.inputs[1], [0, 2, 1, 3])
     kpm = parts.get("kpm")
     if kpm is None:

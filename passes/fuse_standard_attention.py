@@ -39,6 +39,7 @@ from ._ir_utils import (
     rank,
     replace_value,
     same_dim,
+    scope_nodes,
 )
 from ._match import (
     NoMatch,
@@ -267,9 +268,9 @@ def _bias_4d(b: Builder, bias: ir.Value, q3: ir.Value, k3: ir.Value) -> ir.Value
     return expand_to_logits(b, bias, q3, k3)
 
 
-def rewrite(model: ir.Model, core: Core, target: str) -> None:
+def rewrite(core: Core, target: str) -> None:
     """Replace the core by one fused op on [B,X,H*d] tensors."""
-    b = Builder(model.graph, core.anchor, "std_attn")
+    b = Builder(core.anchor, "std_attn")
     dq, dv = dims(core.q), dims(core.v)
     four = len(dq) == 4
     heads, d, seq = (dq[1] if four else 1), dq[-1], dq[-2]
@@ -361,16 +362,16 @@ def match(node: ir.Node, target: str) -> Core:
 
 
 def fuse_standard_attention(model: ir.Model, target: str) -> int:
-    """Fuse every standard attention core of the main graph; returns how many fused."""
+    """Fuse every standard attention core of every scope; returns how many fused."""
     count = 0
-    for node in list(model.graph):
+    for node in scope_nodes(model):
         if node.graph is None or node.domain != "" or node.op_type not in ("Softmax", "Attention"):
             continue
         try:
             core = match(node, target)
         except NoMatch:
             continue
-        rewrite(model, core, target)
+        rewrite(core, target)
         count += 1
     if count:
         if target == "ort":

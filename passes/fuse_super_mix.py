@@ -114,7 +114,7 @@ def _fuse_mix(model: ir.Model, node: ir.Node) -> bool:
     w = _leading_square(m, src)
     if w is None or not ensure_function(model, "SuperMix"):
         return False
-    b = Builder(model.graph, node, "super")
+    b = Builder(node, "super")
     if mask is None:
         mask = all_true_mask(b, src, dx[:2])
     out = b.op(

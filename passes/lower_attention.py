@@ -43,6 +43,7 @@ from ._ir_utils import (
     producer,
     rank,
     replace_value,
+    scope_nodes,
 )
 from ._match import merged_heads_target as _merged_heads_target
 from ._match import scaled as _scaled
@@ -220,15 +221,14 @@ def _allowed_from_parts(b: Builder, parts: dict, q, k) -> ir.Value | None:
 
 
 def lower_decomposed(model: ir.Model, target: str) -> int:
-    graph = model.graph
     count = 0
-    for node in list(graph):
+    for node in scope_nodes(model):
         if node.op_type != "Softmax" or node.domain != "" or node.graph is None:
             continue
         core = _match_core(node)
         if core is None:
             continue
-        b = Builder(graph, core["anchor"], "attn")
+        b = Builder(core["anchor"], "attn")
         allowed = core["allowed"]
         out = emit_fused_attention(
             b,
@@ -336,9 +336,8 @@ def _pool(b: Builder, x4: ir.Value, weight: ir.Value, factor: int, tail: tuple[i
 def lower_pooled_norm(model: ir.Model, target: str) -> int:
     """PooledNormAttention -> (per group of heads with one pooling factor) pooled, normalised
     keys / values and one fused attention, heads put back in their order."""
-    graph = model.graph
     count = 0
-    for node in list(graph):
+    for node in scope_nodes(model):
         if node.op_type != "PooledNormAttention" or node.domain != DOMAIN:
             continue
         q4, k4, v4, kpm = node.inputs
@@ -351,7 +350,7 @@ def lower_pooled_norm(model: ir.Model, target: str) -> int:
             continue
         dtype = q4.dtype
         scale = float(attr(node, "scale", 0.0)) or 1.0 / float(np.sqrt(d))
-        b = Builder(graph, node, "pooled")
+        b = Builder(node, "pooled")
         groups: dict[int, list[int]] = {}
         for head, factor in enumerate(factors):
             groups.setdefault(factor, []).append(head)
@@ -484,13 +483,12 @@ def pack_projections(model: ir.Model, min_group: int = 2) -> int:
     where the group feeds a fused attention node (Q|K|V, or DCMHA's [Wq|Wk|Wv|dw1|dd]): the
     wide GEMM is faster there, while elsewhere (measured: iMHSA's landmark op at T=256) the Split's
     copies can cost more than the GEMM saves."""
-    graph = model.graph
-    groups: dict[int, list[tuple[ir.Node, tuple]]] = {}
-    for node in graph:
+    groups: dict[tuple[int, int], list[tuple[ir.Node, tuple]]] = {}  # one group per graph and input
+    for node in scope_nodes(model):
         if node.op_type == "MatMul" and node.domain == "" and rank(node.inputs[0]) and rank(node.inputs[0]) >= 2:
             proj = _projection(node)
             if proj is not None:
-                groups.setdefault(id(node.inputs[0]), []).append((node, proj))
+                groups.setdefault((id(node.graph), id(node.inputs[0])), []).append((node, proj))
     count = 0
     for members in groups.values():
         members = [(n, p) for n, p in members if p[0].dtype == members[0][1][0].dtype]
@@ -498,9 +496,9 @@ def pack_projections(model: ir.Model, min_group: int = 2) -> int:
             continue
         x = members[0][0].inputs[0]
         # insert after the last of x's users' inputs are ready: before the first member
-        order = {id(n): i for i, n in enumerate(graph)}
+        order = {id(n): i for i, n in enumerate(members[0][0].graph)}
         first = min((n for n, _ in members), key=lambda n: order[id(n)])
-        b = Builder(graph, first, "packed")
+        b = Builder(first, "packed")
         weights = np.concatenate([p[0] for _, p in members], axis=1)
         widths = [p[0].shape[1] for _, p in members]
         dx = dims(x)
