@@ -222,3 +222,75 @@ def test_other_variants_decode_exactly(variant, tmp_path) -> None:
         "reuse": ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.value"],
     }
     assert inputs[3:] == expected.get(variant, [f"past_key_values.{i}.{n}" for i in (0, 1) for n in ("key", "value")])
+
+
+def decode_meta(path: str) -> dict:
+    return json.loads({p.key: p.value for p in onnx.load(path).metadata_props}[DECODE_KEY])
+
+
+def test_run_without_inputs_feeds_a_decode_step_after_past_positions(dcmha, tmp_path, capsys) -> None:
+    """`run` on a decode graph makes inputs that keep its contract (caches of --past positions,
+    a window layer's of at most its window, attention_mask past + seq long): it runs, and its
+    logits are the PyTorch decode step's on the same inputs."""
+    from attn2onnx.io_spec import specs_from_onnx
+    from attn2onnx.runtime.decode_inputs import random_decode_inputs
+
+    model, path = dcmha
+    out = tmp_path / "out.npz"
+    assert cli.main(["run", path, "--batch", "2", "--seq-len", "2", "--past", "5", "-o", str(out)]) == 0
+    outputs, meta = np.load(out), decode_meta(path)
+    for cache in meta["caches"]:  # past + seq = 7 positions, a window layer's min(7, 3)
+        held = 7 if cache["limit"] is None else WINDOW - 1
+        want = [2 if d == "batch" else held if isinstance(d, str) else d for d in cache["dims"]]
+        assert list(outputs[cache["output"]].shape) == want, cache
+    feeds = random_decode_inputs(specs_from_onnx(onnx.load(path)), meta, 2, 2, 5)
+    assert feeds["attention_mask"].shape == (2, 7) and feeds["position_ids"].tolist() == [[5, 6], [5, 6]]
+    with torch.inference_mode():
+        want = DecodeLM(model)(*(torch.from_numpy(v) for v in feeds.values()))[0].numpy()
+    np.testing.assert_allclose(outputs["logits"], want, rtol=1e-4, atol=1e-5)
+    assert cli.main(["run", path]) == 0  # default past: 8 (layer 0 holds 3)
+    assert "present.1.key_factors: shape [1, 24, 2, 5, 4]" in capsys.readouterr().out
+
+
+def test_run_past_fits_max_len_and_only_decode_graphs_take_it(dcmha, tmp_path, capsys) -> None:
+    assert cli.main(["run", dcmha[1], "--seq-len", "60", "--past", "5"]) == 2
+    assert capsys.readouterr().err.strip() == "attn2onnx: error: --past 5 + --seq-len 60 exceeds the model's max_len 64"
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq"])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "seq"])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "plain", [x], [y])
+    onnx.save(onnx.helper.make_model(graph), tmp_path / "plain.onnx")
+    assert cli.main(["run", str(tmp_path / "plain.onnx"), "--past", "3"]) == 2
+    assert "--past applies to decode graphs" in capsys.readouterr().err
+
+
+def cut_caches(feeds: dict, meta: dict, keep: int, window: bool) -> None:
+    """Keep the first ``keep`` positions of every window (or every full) cache."""
+    for cache in meta["caches"]:
+        if (cache["limit"] is not None) == window:
+            axis = next(i for i, d in enumerate(cache["dims"]) if isinstance(d, str) and d != "batch")
+            feeds[cache["input"]] = np.take(feeds[cache["input"]], range(keep), axis=axis)
+
+
+CONTRACT_BREAKS = {  # name: (change to valid inputs of seq 2 after 5 past positions, error text)
+    "mask one too long": (lambda f, m: f.update(attention_mask=np.ones((1, 8), np.int64)), "must cover past + seq = 7"),
+    "mask shorter than seq": (lambda f, m: f.update(attention_mask=np.ones((1, 1), np.int64)), "fewer than the 2 new"),
+    "window caches short": (lambda f, m: cut_caches(f, m, 2, window=True), "must hold min(past, 3) = 3"),
+    "full caches short": (lambda f, m: cut_caches(f, m, 4, window=False), "must cover past + seq = 6"),
+    "caches differ": (lambda f, m: f.update({k: f[k][:, :4] for k in f if "1.key_factors" in k}), "past is 4 here"),
+}
+
+
+@pytest.mark.parametrize("change, match", CONTRACT_BREAKS.values(), ids=CONTRACT_BREAKS)
+def test_run_refuses_inputs_that_break_the_decode_contract(dcmha, tmp_path, capsys, change, match) -> None:
+    """Inputs whose attention_mask, full caches and window caches disagree on the past length
+    are refused in one line (ORT would run them and compute nothing meaningful)."""
+    from attn2onnx.io_spec import specs_from_onnx
+    from attn2onnx.runtime.decode_inputs import random_decode_inputs
+
+    path, meta = dcmha[1], decode_meta(dcmha[1])
+    feeds = random_decode_inputs(specs_from_onnx(onnx.load(path)), meta, 1, 2, 5)
+    change(feeds, meta)
+    np.savez(tmp_path / "in.npz", **feeds)
+    assert cli.main(["run", path, "--inputs", str(tmp_path / "in.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("attn2onnx: error: ") and match in err[0], err

@@ -3,15 +3,20 @@
   attn2onnx run model.onnx                                  random inputs (batch 1, seq 16)
   attn2onnx run model.onnx --inputs in.npz -o out.npz       inputs by graph input name
   attn2onnx run model.onnx --backend trt                    where TensorRT is installed
+  attn2onnx run lm.decode.onnx --seq-len 1 --past 20        a decode graph: one step after 20 cached positions
 
 Inputs are checked against the model's inputs (names, dtypes, ranks, fixed and shared dims)
-before anything runs; outputs are written atomically as .npz."""
+before anything runs; outputs are written atomically as .npz. A decode graph (export --decode)
+gets random inputs that keep its contract (every cache sized for --past positions, default 8 or
+what max_len leaves; attention_mask of past + seq ones; positions past .. past + seq - 1), and
+given inputs that break it (attention_mask's length not past + seq, a cache of another past)
+are refused (attn2onnx.runtime.decode_inputs)."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import check_input_memory, positive_int
+from . import check_input_memory, non_negative_int, positive_int
 
 HELP = "run an exported model on given or random inputs"
 MAX_THREADS = 1024  # far above any CPU's cores
@@ -24,6 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("ort", "trt"), default="ort")
     parser.add_argument("--batch", type=positive_int, default=1, help="random inputs: batch size")
     parser.add_argument("--seq-len", type=positive_int, default=16, help="random inputs: sequence length")
+    parser.add_argument(
+        "--past", type=non_negative_int, help="random inputs of a decode graph: cached positions (default 8)"
+    )
     parser.add_argument("--threads", type=thread_count, help=f"ORT intra-op threads (1 .. {MAX_THREADS})")
 
 
@@ -73,24 +81,54 @@ def check_seq_len(model, specs: list, feeds: dict) -> None:
         raise UsageError(f"sequence length {seq} exceeds the model's maximum sequence length {limit}")
 
 
+def decode_metadata(model, path: str) -> dict | None:
+    """The ``attn2onnx.decode`` description of the decode graph ``model`` read from ``path``;
+    None for any other model."""
+    from ..models.decode import DECODE_KEY, read_decode_metadata
+
+    if not any(p.key == DECODE_KEY for p in model.metadata_props):
+        return None
+    return read_decode_metadata(model, path)
+
+
+def random_feeds(specs: list, decode: dict | None, args: argparse.Namespace) -> dict:
+    """Random inputs at --batch and --seq-len (a decode graph's after --past cached positions),
+    once the memory check says they fit."""
+    from ..errors import UsageError
+    from ..io_spec import random_inputs
+    from ..runtime.decode_inputs import choose_past, random_decode_inputs, sized_specs
+
+    batch, seq = args.batch, args.seq_len
+    if decode is None:
+        if args.past is not None:
+            raise UsageError("--past applies to decode graphs (attn2onnx export --decode) only")
+        check_input_memory(specs, [(batch, seq)])
+        return random_inputs(specs, batch, seq)
+    past = choose_past(decode, seq, args.past)
+    check_input_memory(sized_specs(specs, decode, past, seq), [(batch, seq)])
+    return random_decode_inputs(specs, decode, batch, seq, past)
+
+
 def run(args: argparse.Namespace) -> int:
     import time
 
     import numpy as np
 
     from ..fileio import atomic_output, refuse_overwriting_inputs
-    from ..io_spec import check_feeds, random_inputs, specs_from_onnx
+    from ..io_spec import check_feeds, specs_from_onnx
     from ..onnx_io import load_onnx, model_files
+    from ..runtime.decode_inputs import check_decode_feeds
 
     model = load_onnx(args.model)
     if args.output:
         refuse_overwriting_inputs([args.output], [*model_files(args.model, model), args.inputs])
     specs = specs_from_onnx(model)
-    if not args.inputs:
-        check_input_memory(specs, [(args.batch, args.seq_len)])
-    feeds = load_npz(args.inputs) if args.inputs else random_inputs(specs, args.batch, args.seq_len)
+    decode = decode_metadata(model, args.model)
+    feeds = load_npz(args.inputs) if args.inputs else random_feeds(specs, decode, args)
     check_feeds(specs, feeds)
     check_seq_len(model, specs, feeds)
+    if decode is not None:
+        check_decode_feeds(decode, feeds)
     if args.backend == "trt":
         from ..custom_ops import check_model
         from ..runtime.tensorrt import TrtSession, engine_for_shapes
