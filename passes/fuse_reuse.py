@@ -24,7 +24,7 @@ from ._ir_utils import (
     replace_value,
     same_dim,
 )
-from ._match import all_true_mask, qk_product, single_use, transposed, where_mask
+from ._match import all_true_mask, qk_product, single_use, through_cast, transposed, where_mask
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +46,19 @@ def _value_matmul(probs: ir.Value) -> ir.Node | None:
 
 
 def _fuse_prob(model: ir.Model, soft: ir.Node) -> bool:
-    """softmax(where(allowed, s q k^T, NEG)) whose probabilities are used besides one ``@ v``."""
-    probs = soft.outputs[0]
+    """softmax(where(allowed, s q k^T, NEG)) whose probabilities are used besides one ``@ v``; in an
+    fp16 graph the logits cast up to fp32 before the mask and the probabilities back after the
+    Softmax, as ProbAttention computes them."""
+    probs = through_cast(soft.outputs[0], upstream=False)
     a_dims = dims(probs)
     if a_dims is None or len(a_dims) != 4 or attr(soft, "axis", -1) % 4 != 3:
         return False
     pv = _value_matmul(probs)
-    masked = soft.inputs[0]
+    masked = through_cast(soft.inputs[0], upstream=True)
     if pv is None or not single_use(masked) or (found := where_mask(masked, a_dims)) is None:
         return False
-    logits, parts = found
-    qk = qk_product(logits)
+    logits, parts = through_cast(found[0], upstream=True), found[1]
+    qk = qk_product(logits) if logits.dtype == probs.dtype else None  # ProbAttention returns q's precision
     dv = dims(pv.inputs[1])
     if qk is None or dv is None or not same_dim(dv[1], a_dims[1]) or not same_dim(dv[2], a_dims[3]):
         return False
@@ -75,7 +77,7 @@ def _fuse_prob(model: ir.Model, soft: ir.Node) -> bool:
         domain=DOMAIN,
         num_outputs=2,
     )
-    o.dtype, p.dtype = masked.dtype, probs.dtype
+    o.dtype = p.dtype = probs.dtype
     o.shape = ir.Shape([a_dims[0], a_dims[2], a_dims[1], dv[3]])
     p.shape = ir.Shape(list(a_dims))
     replace_value(pv.outputs[0], transposed(b, o, [0, 2, 1, 3]))

@@ -49,6 +49,7 @@ from ._match import merged_heads_target as _merged_heads_target
 from ._match import scaled as _scaled
 from ._match import single_use as _single_use
 from ._match import split_heads_source as _split_heads_source
+from ._match import through_cast as _through_cast
 from ._match import where_mask as _mask
 
 MS_DOMAIN = "com.microsoft"
@@ -59,10 +60,12 @@ NEG = -1e30
 # matching the decomposed core
 # ---------------------------------------------------------------------------------------------
 def _match_core(soft: ir.Node):
-    """Everything the lowering needs from one decomposed core, or None."""
+    """Everything the lowering needs from one decomposed core, or None. An fp16 graph's masked
+    softmax in fp32 (logits cast up before the mask, probabilities cast back after the Softmax) is
+    the same core: the fused op takes and returns the graph's precision."""
     if attr(soft, "axis", -1) % 4 != 3 or rank(soft.outputs[0]) != 4:
         return None
-    probs = soft.outputs[0]
+    probs = _through_cast(soft.outputs[0], upstream=False)
     uses = list(probs.uses())
     if not _single_use(probs) or uses[0].node.op_type != "MatMul" or uses[0].idx != 0:
         return None
@@ -70,7 +73,7 @@ def _match_core(soft: ir.Node):
     target = _merged_heads_target(pv.outputs[0])
     if target is None:
         return None
-    masked = soft.inputs[0]
+    masked = _through_cast(soft.inputs[0], upstream=True)
     if not _single_use(masked):
         return None
     where = producer(masked, "Where")
@@ -87,7 +90,8 @@ def _match_core(soft: ir.Node):
             logits, parts = found
     else:
         logits, parts = masked, {}
-    if not _single_use(logits):
+    logits = _through_cast(logits, upstream=True)
+    if not _single_use(logits) or logits.dtype != probs.dtype:  # one precision in and out of the fused op
         return None
     inner, scale = _scaled(logits)
     qk = producer(inner, "MatMul")
