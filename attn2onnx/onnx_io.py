@@ -43,8 +43,29 @@ def attach_functions(model: onnx.ModelProto) -> list[str]:
             model.functions.append(bodies[op_type])
             attached.append(op_type)
             pending += [n.op_type for n in bodies[op_type].node if n.domain == custom_ops.DOMAIN]
+    attached += _attach_overloads(model, nodes)
     if used and not any(o.domain == custom_ops.DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(custom_ops.DOMAIN, custom_ops.OPSET_VERSION))
+    return attached
+
+
+def _attach_overloads(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[str]:
+    """Nodes that pass an op's optional inputs call its overload body (``OpDef.overloads``): name
+    it on the node and attach it once (overloads need IR version 10). Returns "<op>:<overload>"
+    for each body attached."""
+    present = {(f.domain, f.name, f.overload) for f in model.functions}
+    attached = []
+    for node in nodes:
+        opdef = custom_ops.REGISTRY.get(node.op_type) if node.domain == custom_ops.DOMAIN else None
+        overload = opdef.overload_for(list(node.input)) if opdef is not None else None
+        if overload is None:
+            continue
+        node.overload = overload.name
+        model.ir_version = max(model.ir_version, 10)
+        if (node.domain, node.op_type, overload.name) not in present:
+            model.functions.append(overload.body())
+            present.add((node.domain, node.op_type, overload.name))
+            attached.append(f"{node.op_type}:{overload.name}")
     return attached
 
 

@@ -9,8 +9,12 @@ Part 2 (issue 10 part 4): a whole release-style LM (4 layers, D=512, LG windows)
 release checkpoint folder, imported with ``attn2onnx export DIR --optimize``, against the
 release-style eager forward of the same weights at T=1024.
 
-Usage: ``python benchmarks/release_dcmha.py [--threads 2] [--runs 10] [--write]`` (``--write``
-replaces the section in RESULTS.md).
+Part 3 (``--mask-input``): the layer with its mask as a graph input (``forward(x, mask)``, the
+caller's causal mask [1,1,T,T] fed at run time): fused into DcmhaAttention with the ``attn_mask``
+input, at T=1024.
+
+Usage: ``python benchmarks/release_dcmha.py [--threads 2] [--runs 10] [--mask-input] [--write]``
+(``--write`` replaces the section in RESULTS.md).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _results import cpu_model, replace_section  # noqa: E402
-from corpus_dcformer.release_style import MaskedLayer, release_layer, release_lm  # noqa: E402
+from corpus_dcformer.release_style import MaskedLayer, MaskInputLayer, release_layer, release_lm  # noqa: E402
 from dcformer_release import random_release_state, write_release_folder  # noqa: E402
 
 import attn2onnx  # noqa: E402
@@ -77,6 +81,25 @@ def layer_rows(folder: Path, threads: int, runs: int) -> list[str]:
     return rows
 
 
+def mask_input_row(folder: Path, threads: int, runs: int, t: int = 1024) -> str:
+    """Eager / stock ORT / optimised ORT for the layer whose causal mask is a graph input."""
+    torch.set_num_threads(threads)
+    layer = MaskInputLayer(release_layer(LAYER, random_release_state(LAYER)), 500000.0, 2048).eval()
+    path = folder / "mask_input.onnx"
+    attn2onnx.export(layer, (torch.randn(1, 16, 512), torch.ones(1, 1, 16, 16, dtype=torch.bool)), path)
+    stock = onnx.load(path)
+    fused, _ = optimize_model(stock, target="ort")
+    sessions = {"stock": session(stock, native=False, threads=threads), "opt": session(fused, threads=threads)}
+    x, mask = torch.randn(1, t, 512), torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+    feeds = dict(zip([i.name for i in stock.graph.input], (x.numpy(), mask.numpy())))
+    with torch.no_grad():
+        eager = median_ms(lambda: layer(x, mask), runs)
+    stock_ms = median_ms(lambda: sessions["stock"].run(None, feeds), runs)
+    opt_ms = median_ms(lambda: sessions["opt"].run(None, feeds), runs)
+    name = "layer, causal mask as graph input (attn_mask)"
+    return f"| {name} | {t} | {eager:.1f} | {stock_ms:.1f} | {opt_ms:.1f} | {eager / opt_ms:.1f}x |"
+
+
 def lm_row(folder: Path, threads: int, runs: int) -> str:
     """The imported LM (export DIR --optimize) vs the release-style eager LM at T = 1024."""
     torch.set_num_threads(threads)
@@ -98,10 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--mask-input", action="store_true", help="only the row of the layer with a mask input")
     parser.add_argument("--write", action="store_true", help="replace this section of RESULTS.md")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.mask_input:
+            print(mask_input_row(Path(tmp), args.threads, args.runs))
+            return 0
         rows = layer_rows(Path(tmp), args.threads, args.runs) + [lm_row(Path(tmp), args.threads, args.runs)]
+        rows.append(mask_input_row(Path(tmp), args.threads, args.runs))
     lines = [
         HEADER,
         "",

@@ -66,11 +66,17 @@ class Rule:
 @dataclass(frozen=True)
 class OpRules:
     """One op's contract for the validator: attribute rules, and per input its dims as labels
-    ("B T N d": one letter group per axis; equal labels are equal sizes, digits are literal sizes)."""
+    ("B T N d": one letter group per axis; equal labels are equal sizes, digits are literal sizes,
+    "T|1" is T or 1), or a tuple of such forms of different ranks where the input takes several."""
 
     attributes: tuple[AttrRule, ...]
-    inputs: Mapping[str, str]
+    inputs: Mapping[str, str | tuple[str, ...]]
     rules: tuple[Rule, ...] = ()
+
+    def forms(self, name: str) -> tuple[str, ...]:
+        """The dim forms input ``name`` accepts, one per rank (none when it declares no dims)."""
+        spec = self.inputs.get(name, ())
+        return (spec,) if isinstance(spec, str) else tuple(spec)
 
     @property
     def required(self) -> list[str]:
@@ -115,6 +121,17 @@ class Backends:
 
 
 @dataclass(frozen=True)
+class Overload:
+    """A second standard-op body of an op (an ONNX IR >= 10 function overload) for the nodes that
+    pass ``inputs`` inputs: a function body cannot read an optional input its caller leaves out
+    (ORT inlines it as "" and rejects the graph), so such an input gets a body of its own."""
+
+    name: str  # the FunctionProto's and the calling node's ``overload``
+    inputs: int  # nodes passing this many inputs (trailing empty names not counted) use this body
+    body: Callable[[], onnx.FunctionProto]
+
+
+@dataclass(frozen=True)
 class OpDef:
     """Everything the exporter and the runtimes need to know about one op."""
 
@@ -125,6 +142,7 @@ class OpDef:
     body: Any  # onnxscript OnnxFunction made of standard ops
     rules: OpRules | None = field(default=None, compare=False)
     backends: Backends = field(default_factory=Backends, compare=False)
+    overloads: tuple[Overload, ...] = field(default=(), compare=False)
 
     @property
     def overload_packet(self) -> Any:
@@ -138,6 +156,13 @@ class OpDef:
         proto.domain = DOMAIN
         proto.name = self.onnx_name
         return proto
+
+    def overload_for(self, inputs: Sequence[str]) -> Overload | None:
+        """The overload a node with these input names calls (None: the plain body)."""
+        given = len(inputs)
+        while given and not inputs[given - 1]:
+            given -= 1
+        return next((o for o in self.overloads if o.inputs == given), None)
 
 
 REGISTRY: dict[str, OpDef] = {}

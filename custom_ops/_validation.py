@@ -190,7 +190,8 @@ def _arity_problems(node: onnx.NodeProto, schema: onnx.defs.OpSchema) -> list[st
             f"takes {_count(schema.min_input, schema.max_input)} inputs "
             f"({', '.join(i.name for i in schema.inputs)}), found {len(given)}"
         )
-    missing = [schema.inputs[i].name for i, name in enumerate(given[: len(schema.inputs)]) if not name]
+    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
+    missing = [formal.name for formal, name in zip(schema.inputs, given) if not name and formal.option != optional]
     if missing:
         problems.append(f"input {missing[0]} is required, found it left empty")
     if not schema.min_output <= len(node.output) <= schema.max_output:
@@ -274,15 +275,13 @@ def _input_problems(
     for formal, name in zip(schema.inputs, node.input):
         info = values.get(name, ValueInfo())
         problems += _type_problems(formal, info.elem_type, allowed, type_of)
-        spec = rules.inputs.get(formal.name)
-        if spec is None or info.shape is None:
+        forms = rules.forms(formal.name)
+        if not forms or info.shape is None:
             continue
-        labels = spec.split()
-        if len(info.shape) != len(labels):
-            problems.append(
-                f"input {formal.name} must have rank {len(labels)} [{','.join(labels)}], "
-                f"found rank {len(info.shape)} {list(info.shape)}"
-            )
+        labels = next((f.split() for f in forms if len(f.split()) == len(info.shape)), None)
+        if labels is None:
+            shown = " or ".join(f"rank {len(f.split())} [{','.join(f.split())}]" for f in forms)
+            problems.append(f"input {formal.name} must have {shown}, found rank {len(info.shape)} {list(info.shape)}")
             continue
         for axis, (want, size) in enumerate(zip(labels, info.shape)):
             problems += _dim_problems(formal.name, axis, want, size, dims, seen)
@@ -310,9 +309,17 @@ def _type_problems(
 def _dim_problems(
     input_name: str, axis: int, want: str, size: int | None, dims: dict[str, int], seen: dict[str, str]
 ) -> list[str]:
-    """One axis against its label: a literal size, or the size the label took first."""
+    """One axis against its label: a literal size, the size the label took first, or either of
+    ``label|1`` (a broadcast axis: it never binds the label)."""
     if size is None:
         return []
+    if want.endswith("|1"):
+        label = want[:-2]
+        if size == 1 or label not in dims or size == dims[label]:
+            return []
+        return [
+            f"input {input_name} axis {axis} must be {label} = {dims[label]} (from {seen[label]}) or 1, found {size}"
+        ]
     if want.isdigit():
         ok, expected = size == int(want), want
     else:

@@ -19,8 +19,9 @@ head count, or factors broadcast over the batch are left alone. A tree is fused 
 hold ``a`` exactly once, at least one rank term, and nothing but terms of ``a``.
 
 Then, when the whole core is there -- ``q k^T`` (scaled), pre compose, a recognised mask
-(key padding ``[B,1,1,S]``, causal ``tril``), softmax, post compose, ``@ v`` -- it becomes one
-DcmhaAttention node. The ops' standard-op bodies are attached from
+(key padding ``[B,1,1,S]``, causal ``tril``, the release's causal / window buffers, or any other
+bool tensor, which becomes the op's ``attn_mask`` input), softmax, post compose, ``@ v`` -- it
+becomes one DcmhaAttention node. The ops' standard-op bodies are attached from
 ``attn2onnx.custom_ops.function_protos()``; nothing is inlined.
 """
 
@@ -38,7 +39,7 @@ from ._match import where_mask as _mask
 from ._match import qk_product as _qk
 from ._match import transposed as _transposed
 from ._match import parse_equation
-from .fuse_dcmha_release import prepare_release_forms, release_mask
+from .fuse_dcmha_release import input_mask, prepare_release_forms, release_mask
 from ._ir_utils import (
     DOMAIN,
     fuse_each,
@@ -609,7 +610,7 @@ def _fuse_core(model: ir.Model, post: ir.Node) -> bool:
     if not _single_use(masked):
         return False
     a_dims = dims(masked)
-    found = _mask(masked, a_dims) or release_mask(masked)
+    found = _mask(masked, a_dims) or release_mask(masked) or input_mask(masked)
     if found is None:
         return False
     pre_out, parts = found
@@ -660,9 +661,12 @@ def _fuse_core(model: ir.Model, post: ir.Node) -> bool:
         kpm = b.op(
             "Expand", [b.const(np.array(True), "true"), shape], dtype=ir.DataType.BOOL, shape=(a_dims[0], a_dims[3])
         )
+    inputs = [q, k, vv, q_factors, k_factors, kpm, mix]
+    if parts.get("attn_mask") is not None:
+        inputs.append(_op_mask(b, parts["attn_mask"]))
     o = b.op(
         "DcmhaAttention",
-        [q, k, vv, q_factors, k_factors, kpm, mix],
+        inputs,
         {
             "scale": float(scale),
             "causal": int(parts.get("causal", 0)),
@@ -673,8 +677,34 @@ def _fuse_core(model: ir.Model, post: ir.Node) -> bool:
         dtype=masked.dtype,
         shape=(a_dims[0], a_dims[2], n, dv[3]),
     )
+    _name_overload(model, o.producer())
     replace_value(pv.outputs[0], _transposed(b, o, [0, 2, 1, 3]))
     return True
+
+
+def _op_mask(b: Builder, mask: ir.Value) -> ir.Value:
+    """A mask that broadcasts onto [B,N,T,S] in one of the op's forms: [T,S] and rank 4 as they
+    are, rank 1 / 3 with leading unit axes (their broadcast against the logits is the same)."""
+    d = dims(mask)
+    if len(d) in (2, 4):
+        return mask
+    lead = 4 - len(d)
+    return b.op("Unsqueeze", [mask, b.ints(list(range(lead)))], dtype=ir.DataType.BOOL, shape=(1,) * lead + d)
+
+
+def _name_overload(model: ir.Model, node: ir.Node) -> None:
+    """A node that passes optional inputs calls its op's overload body (DcmhaAttention's
+    ``attn_mask``): name it on the node and attach the body (IR version 10)."""
+    from attn2onnx.custom_ops import REGISTRY
+
+    opdef = REGISTRY.get(node.op_type)
+    overload = opdef.overload_for([v.name or "" if v is not None else "" for v in node.inputs]) if opdef else None
+    if overload is None:
+        return
+    node.overload = overload.name
+    func = ir.serde.deserialize_function(overload.body())
+    model.functions.setdefault(func.identifier(), func)
+    model.ir_version = max(model.ir_version or 0, 10)
 
 
 def fuse_attention(model: ir.Model) -> int:

@@ -12,7 +12,10 @@ Two things the release writes differently from the plain-PyTorch styles:
   filled with ``finfo(float16).min``. :func:`release_mask` proves such a mask causal, or causal
   with a window, from the constant itself: every leading block of a matrix whose entries are
   a function of ``row - col`` (allowed for 0 <= row - col <= W) has the same form, whatever the
-  sequence length.
+  sequence length;
+* where its mask arrives otherwise (``forward(x, freqs_cis, mask)`` called with a mask of the
+  caller's: a graph input), or is any boolean tensor no rule proves causal / window / padding,
+  :func:`input_mask` hands the tensor itself to DcmhaAttention's optional ``attn_mask`` input.
 """
 
 from __future__ import annotations
@@ -314,15 +317,56 @@ def release_mask(value: ir.Value) -> tuple[ir.Value, dict] | None:
     return None if window is None else (x, {"causal": 1, "window": window, "kpm": None})
 
 
+def _broadcasts_onto(mask: tuple, logits: tuple) -> bool:
+    """Every axis of ``mask``, aligned to the right of ``logits`` [B,N,T,S], is 1 or the logits' dim
+    (B and N proven; T and S, where both are dynamic, left to the op's run-time check)."""
+    if not 1 <= len(mask) <= 4:
+        return False
+    aligned = list(zip(mask, logits[4 - len(mask) :]))
+    heads_ok = all(size == 1 or same_dim(size, full) for size, full in aligned[: max(0, len(aligned) - 2)])
+    # T and S: the op checks them at run time; a symbol the exporter derived (Min(seq, seq) of a
+    # sliced mask) is accepted where the logits' dim is dynamic too
+    rows_keys_ok = all(
+        size == 1 or same_dim(size, full) or (isinstance(size, str) and isinstance(full, str))
+        for size, full in aligned[-2:]
+    )
+    return heads_ok and rows_keys_ok
+
+
+def input_mask(value: ir.Value) -> tuple[ir.Value, dict] | None:
+    """value = where(allowed, x, fill <= finfo(float16).min), or where(Not(allowed), fill, x),
+    with ``allowed`` any bool tensor that broadcasts onto the logits x [B,N,T,S] -> (x,
+    {"attn_mask": allowed}): DcmhaAttention's optional input, which the op ANDs with its own
+    masks (none here), so the fused node computes exactly what the Where does. Tried after the
+    rules that prove a mask causal / window / padding, for what they leave."""
+    node = producer(value, "Where")
+    if node is None:
+        return None
+    cond, x, fill = node.inputs
+    negated = producer(cond, "Not")
+    if const_scalar(fill) is None and negated is not None:  # masked_fill(~allowed, fill)
+        cond, x, fill = negated.inputs[0], fill, x
+    if const_scalar(fill) is None or const_scalar(fill) > FP16_MIN or cond.dtype != ir.DataType.BOOL:
+        return None
+    d, dx = dims(cond), dims(x)
+    if d is None or dx is None or len(dx) != 4 or not _broadcasts_onto(d, dx):
+        return None
+    return x, {"attn_mask": cond}
+
+
 def align_mask_shapes(model: ir.Model) -> int:
-    """Where a release mask is proven to be the logits' T x S block, the masked logits (and their
-    softmax) have the logits' shape: say so, where the exporter recorded another symbol
-    (``Min(max_len, seq)`` for the key axis of a sliced buffer). Returns how many."""
+    """Where a release mask is proven to be the logits' T x S block, or is a mask for the op's
+    ``attn_mask`` (whose broadcast the op checks at run time), the masked logits (and their softmax)
+    have the logits' shape: say so, where the exporter recorded another symbol (``Min(max_len, seq)``
+    for the key axis of a sliced buffer or of ``mask[..., :S]``). Returns how many."""
     count = 0
     for node in scope_nodes(model):
-        if node.op_type != "Where" or node.domain != "" or release_mask(node.outputs[0]) is None:
+        if node.op_type != "Where" or node.domain != "":
             continue
-        shape = node.inputs[1].shape
+        found = release_mask(node.outputs[0]) or input_mask(node.outputs[0])
+        if found is None or found[0].shape is None:
+            continue
+        shape = found[0].shape  # the masked logits (a Where's second or third input)
         out = node.outputs[0]
         if out.shape != shape:
             out.shape = shape

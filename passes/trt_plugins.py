@@ -69,7 +69,7 @@ class TrtPluginPass(ir.passes.InPlacePass):
             if node.domain != DOMAIN:
                 continue
             namespace = self.plugin_ops.get(node.op_type)
-            if namespace is None:
+            if namespace is None or _calls_overload(node):
                 counts["function_body"] += 1
                 continue
             current = node.attributes.get("plugin_namespace")
@@ -103,6 +103,15 @@ class TrtPluginPass(ir.passes.InPlacePass):
                 f"{', '.join(sorted(clashes))}: TensorRT's parser would import these as its built-in "
                 f"{'/'.join(sorted(TRT_BUILTIN_NAMES))}/{TRT_RESERVED_PREFIX}* layers; rename the op"
             )
+
+
+def _calls_overload(node: ir.Node) -> bool:
+    """The node passes an optional input (DcmhaAttention's attn_mask): it runs its op's overload
+    body, which no plugin implements."""
+    from attn2onnx.custom_ops import REGISTRY
+
+    opdef = REGISTRY.get(node.op_type)
+    return opdef is not None and opdef.overload_for([v.name if v is not None else "" for v in node.inputs]) is not None
 
 
 def tag_trt_plugins(model, plugin_ops: Mapping[str, str] | None = None, *, aot: bool = False):

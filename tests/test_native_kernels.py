@@ -111,8 +111,9 @@ def make_inputs(rng, b, t, s, n, d, r=2, pad=None, dtype=np.float32) -> dict[str
     }
 
 
-def oracle(feeds, scale=0.0, causal=False, window=0, use_static_mix=False, with_probs=False):
-    """The op contract in float64: L = q k^T scale; pre-compose; mask; softmax; post-compose; P v."""
+def oracle(feeds, scale=0.0, causal=False, window=0, use_static_mix=False, with_probs=False, attn_mask=None):
+    """The op contract in float64: L = q k^T scale; pre-compose; mask (``attn_mask`` ANDed in where
+    given); softmax; post-compose; P v."""
     f = {k: np.asarray(v, np.float64) if k != "key_padding_mask" else v for k, v in feeds.items()}
     r = (f["q_factors"].shape[3] - 1) // 2
 
@@ -124,7 +125,7 @@ def oracle(feeds, scale=0.0, causal=False, window=0, use_static_mix=False, with_
 
     lg = logits(f["q"], f["k"], scale or None)
     lg = compose(lg, *side(f["q_factors"], 0), *side(f["k_factors"], 0), mix(0))
-    allowed = allowed_mask(f["key_padding_mask"], f["q"].shape[1], causal, window)
+    allowed = allowed_mask(f["key_padding_mask"], f["q"].shape[1], causal, window, attn_mask)
     p = compose(masked_softmax(lg, allowed), *side(f["q_factors"], 1), *side(f["k_factors"], 1), mix(1))
     return (apply_probs(p, f["v"]), p, allowed) if with_probs else apply_probs(p, f["v"])
 

@@ -5,7 +5,7 @@ Its function body calls DcmhaCompose, so importing this op registers that one to
 
 from .._common import Backends, OpDef, register_op
 from .. import dcmha_compose  # noqa: F401  (the body calls ai.attn2onnx::DcmhaCompose)
-from .onnx_function import RULES, SCHEMA, DcmhaAttention, translate_dcmha_attention
+from .onnx_function import OVERLOADS, RULES, SCHEMA, DcmhaAttention, translate_dcmha_attention
 from .reference import dcmha_attention, dcmha_attention_reference
 
 # backends.py declares the C++ kernel, the Triton kernel (imported by register_op where triton is)
@@ -19,6 +19,7 @@ OP = register_op(
         DcmhaAttention,
         RULES,
         backends=Backends.declared(__name__),
+        overloads=OVERLOADS,
     )
 )
 

@@ -29,6 +29,13 @@
 // head vector to zero, so skipped keys contribute nothing. A row that sees no key at all is a
 // softmax over S entries of NEG (uniform), so a block holding such a row keeps the full key range.
 //
+// Optional attn_mask (bool [T,S] or [B,N,T,S], any axis 1 = broadcast; read in place through
+// strides, 0 on a broadcast axis): ANDed into `allowed` in step 2, where causal / window / padding
+// are applied, per head when the mask has a head axis. The key ranges and the skipping of keys
+// then come from a per-row scan of the mask (mask_rows): a key no head of a row may see is skipped,
+// and a row that sees no key in some head keeps the full key range (uniform over all S keys).
+// Without the input nothing of this runs: the results are the bits of the plain kernel.
+//
 // Direct path (T <= kDirectMaxT: a decode step or a few rows): packing K and V would cost more
 // than attending a few rows, so keys and values are read in place ([B,S,N,d], dot products and
 // axpys); all T rows go together, and the key range is cut into kSplitKeys-key splits that are
@@ -45,6 +52,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace attn2onnx {
@@ -83,6 +91,12 @@ struct Problem {
   const float* wb;       // [2,N,N]
   const int32_t* pad;    // [B,Sp]           1 = real key (0 past S)
   const int64_t* count;  // [B,S+1]          prefix counts of real keys
+  // Optional attn_mask: element (b, n, t, s) at am[b*am_b + n*am_n + t*am_t + s*am_s]; null when absent.
+  const uint8_t* am = nullptr;
+  int64_t am_b = 0, am_n = 0, am_t = 0, am_s = 0;
+  const int64_t* mfirst;  // [B,T]  with am: first key any head of the row may see (S: none)
+  const int64_t* mlast;   // [B,T]  with am: last such key (-1: none)
+  const uint8_t* mblind;  // [B,T]  with am: 1 when the row sees no key in some head
   float* out;            // [B,T,N,dv]
   // Direct path: inputs in place (fp32) and the buffers the phases share.
   const float* kd;       // [B,S,N,d]
@@ -177,6 +191,32 @@ void pv_rows(int64_t rows, const float* a, ptrdiff_t lda, const float* b, ptrdif
   }
 }
 
+// ------------------------------------------------------------------ attn_mask
+// attn_mask lanes (-1 = may attend) of keys s .. s + kVL - 1 for batch b, head n, query row t; 0 past S.
+inline vi mask_bits(const Problem& p, int64_t b, int64_t n, int64_t t, int64_t s) {
+  const uint8_t* row = p.am + b * p.am_b + n * p.am_n + t * p.am_t;
+  if (p.am_s == 1 && s + kVL <= p.S) {
+    typedef uint8_t vb __attribute__((vector_size(kVL)));
+    vb raw;
+    std::memcpy(&raw, row + s, sizeof raw);
+    return __builtin_convertvector(raw, vi) != 0;
+  }
+  int32_t lanes[kVL];
+  for (int l = 0; l < kVL; ++l) lanes[l] = (s + l < p.S && row[(s + l) * p.am_s]) ? -1 : 0;
+  vi v;
+  std::memcpy(&v, lanes, sizeof v);
+  return v;
+}
+
+// `allowed` (causal / window / padding) of one key group ANDed with the head-shared attn_mask;
+// the per-head part, when the mask has a head axis, is head_allowed's.
+inline vi shared_allowed(const Problem& p, vi allowed, int64_t b, int64_t t, int64_t s) {
+  return p.am != nullptr && p.am_n == 0 ? allowed & mask_bits(p, b, 0, t, s) : allowed;
+}
+inline vi head_allowed(const Problem& p, vi shared, int64_t b, int64_t n, int64_t t, int64_t s) {
+  return p.am != nullptr && p.am_n != 0 ? shared & mask_bits(p, b, n, t, s) : shared;
+}
+
 // ------------------------------------------------------------------ compose
 // Compose one group of kVL keys for one query row, all heads, in place.
 //   a: head n's kVL scores at a + n * as;   qfs: the row's query factors [2R+1, N] for the slot;
@@ -257,6 +297,20 @@ BlockPlan plan_blocks(int64_t S, int64_t N, size_t budget) {
 void key_ranges(const Problem& p, int64_t b, int64_t t0, int64_t tn, int64_t* lo, int64_t* hi, int64_t& s_lo,
                 int64_t& s_hi) {
   const int64_t S = p.S;
+  if (p.am != nullptr) {  // attn_mask: the union of the rows' scanned ranges, every key if one is blind
+    s_lo = S, s_hi = 0;
+    bool blind = false;
+    for (int64_t i = 0; i < tn; ++i) {
+      const int64_t pos = t0 + i + S - p.T, row = b * p.T + t0 + i;
+      hi[i] = p.causal ? std::min(S - 1, pos) : S - 1;
+      lo[i] = (p.causal && p.window > 0) ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+      blind = blind || p.mblind[row];
+      s_lo = std::min(s_lo, p.mfirst[row]);
+      s_hi = std::max(s_hi, p.mlast[row] + 1);
+    }
+    if (blind) s_lo = 0, s_hi = S;
+    return;
+  }
   const int64_t* count = p.count + b * (S + 1);
   const int32_t* pad = p.pad + b * p.Sp;
   bool every_row_sees_a_key = true;
@@ -337,10 +391,11 @@ void run_block(const Problem& p, int64_t item) {
         const vi s = iota + static_cast<int32_t>(s_lo + c);
         vi real;
         std::memcpy(&real, pad + s_lo + c, sizeof real);
-        const vi allowed = (s >= static_cast<int32_t>(lo[i])) & (s <= static_cast<int32_t>(hi[i])) & (real != 0);
+        const vi allowed = shared_allowed(
+            p, (s >= static_cast<int32_t>(lo[i])) & (s <= static_cast<int32_t>(hi[i])) & (real != 0), b, t0 + i, s_lo + c);
         float* a = row(0, i) + c - o;
         compose_group<RT>(a, Wld, N, R, qfs, kf_pre + c * F * N, kVL, wb_pre, nullptr, held, [&](int64_t n, vf x) {
-          x = allowed ? x : vset1(kNeg);
+          x = head_allowed(p, allowed, b, n, t0 + i, s_lo + c) ? x : vset1(kNeg);
           vstore(a + n * Wld, x);
           maxv[i * N + n] = vmax(maxv[i * N + n], x);
         });
@@ -525,11 +580,12 @@ void direct_scores(const Problem& p, int64_t item) {
         const vi s = iota + static_cast<int32_t>(c);
         vi real;
         std::memcpy(&real, pad + c, sizeof real);
-        const vi allowed = (s >= static_cast<int32_t>(w.lo[t])) & (s <= static_cast<int32_t>(w.hi[t])) & (real != 0);
+        const vi allowed = shared_allowed(
+            p, (s >= static_cast<int32_t>(w.lo[t])) & (s <= static_cast<int32_t>(w.hi[t])) & (real != 0), w.b, t, c);
         float* a = w.scores(p, t, 0) + c;
         compose_group<RT>(a, p.Sld, N, p.R, qfs, w.kfs + (c - c0) * F * N, kVL, wb_pre, nullptr, w.held,
                           [&](int64_t n, vf x) {
-                            x = allowed ? x : vset1(kNeg);
+                            x = head_allowed(p, allowed, w.b, n, t, c) ? x : vset1(kNeg);
                             vstore(a + n * p.Sld, x);
                             w.maxv[t * N + n] = vmax(w.maxv[t * N + n], x);
                           });
@@ -698,6 +754,54 @@ size_t scratch_budget() {
   return kDefaultScratchBytes;
 }
 
+// attn_mask's layout: strides (elements) over [B,N,T,S], 0 on broadcast axes, from its shape
+// [T,S] or [B,N,T,S] (every axis its size or 1).
+struct MaskView {
+  int64_t stride[4] = {0, 0, 0, 0};
+  int64_t heads = 1;  // heads the mask distinguishes (1 or N)
+
+  bool read(const std::vector<int64_t>& shape, const std::vector<int64_t>& full) {
+    if (shape.size() != 2 && shape.size() != 4) return false;
+    const size_t lead = 4 - shape.size();  // [T,S] is [1,1,T,S]
+    int64_t step = 1;
+    for (size_t axis = 4; axis-- > lead;) {
+      const int64_t size = shape[axis - lead];
+      if (size != 1 && size != full[axis]) return false;
+      stride[axis] = size == 1 ? 0 : step;
+      step *= size;
+    }
+    heads = stride[1] != 0 ? full[1] : 1;
+    return true;
+  }
+};
+
+// Per row (b, t) of an attn_mask problem: the first and last key any head may see (causal /
+// window / padding and the mask together) and whether some head sees none, for key_ranges.
+void mask_rows(Problem& p, int64_t heads, std::vector<int64_t>& first, std::vector<int64_t>& last,
+               std::vector<uint8_t>& blind) {
+  const int64_t B = p.B, T = p.T, S = p.S;
+  first.assign(static_cast<size_t>(B * T), S), last.assign(static_cast<size_t>(B * T), -1);
+  blind.assign(static_cast<size_t>(B * T), 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t pos = t + S - T, row = b * T + t;
+      const int64_t hi = p.causal ? std::min(S - 1, pos) : S - 1;
+      const int64_t lo = (p.causal && p.window > 0) ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+      for (int64_t n = 0; n < heads; ++n) {
+        const uint8_t* m = p.am + b * p.am_b + n * p.am_n + t * p.am_t;
+        bool sees = false;
+        for (int64_t s = std::max<int64_t>(lo, 0); s <= hi; ++s) {
+          if (!p.pad[b * p.Sp + s] || !m[s * p.am_s]) continue;
+          sees = true;
+          first[row] = std::min(first[row], s);
+          last[row] = std::max(last[row], s);
+        }
+        blind[row] = blind[row] || !sees;
+      }
+    }
+  p.mfirst = first.data(), p.mlast = last.data(), p.mblind = blind.data();
+}
+
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
@@ -729,9 +833,11 @@ struct DcmhaAttentionKernel {
   Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<E>& q, const Ort::Custom::Tensor<E>& k,
                       const Ort::Custom::Tensor<E>& v, const Ort::Custom::Tensor<E>& q_factors,
                       const Ort::Custom::Tensor<E>& k_factors, const Ort::Custom::Tensor<bool>& key_padding_mask,
-                      const Ort::Custom::Tensor<E>& static_mix, Ort::Custom::Tensor<E>& o) {
+                      const Ort::Custom::Tensor<E>& static_mix,
+                      std::optional<const Ort::Custom::Tensor<bool>*> attn_mask, Ort::Custom::Tensor<E>& o) {
     try {
-      return run(context, q, k, v, q_factors, k_factors, key_padding_mask, static_mix, o);
+      return run(context, q, k, v, q_factors, k_factors, key_padding_mask, static_mix,
+                 attn_mask.has_value() ? *attn_mask : nullptr, o);
     } catch (const std::exception& e) {
       return Ort::Status((std::string("DcmhaAttention: ") + e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
     }
@@ -740,7 +846,8 @@ struct DcmhaAttentionKernel {
   Ort::Status run(OrtKernelContext* context, const Ort::Custom::Tensor<E>& q, const Ort::Custom::Tensor<E>& k,
                   const Ort::Custom::Tensor<E>& v, const Ort::Custom::Tensor<E>& q_factors,
                   const Ort::Custom::Tensor<E>& k_factors, const Ort::Custom::Tensor<bool>& key_padding_mask,
-                  const Ort::Custom::Tensor<E>& static_mix, Ort::Custom::Tensor<E>& o) {
+                  const Ort::Custom::Tensor<E>& static_mix, const Ort::Custom::Tensor<bool>* attn_mask,
+                  Ort::Custom::Tensor<E>& o) {
     const auto& qs = q.Shape();
     const auto& ks = k.Shape();
     const auto& qfs = q_factors.Shape();
@@ -767,6 +874,10 @@ struct DcmhaAttentionKernel {
     if (ws != std::vector<int64_t>{2, N, N}) return fail("static_mix must be [2,N,N], got " + shape_str(ws));
     if (window_ < 0) return fail("window must be >= 0");
     if (window_ > 0 && !causal_) return fail("window requires causal = 1");
+    MaskView mask_view;
+    if (attn_mask != nullptr && !mask_view.read(attn_mask->Shape(), {B, N, T, S}))
+      return fail("attn_mask must be [T,S] or [B,N,T,S] = " + shape_str({B, N, T, S}) + " (any axis may be 1), got " +
+                  shape_str(attn_mask->Shape()));
 
     E* out = o.Allocate({B, T, N, dv});
     const size_t out_count = static_cast<size_t>(B * T * N * dv);
@@ -802,6 +913,13 @@ struct DcmhaAttentionKernel {
         count[b * (S + 1) + s + 1] = count[b * (S + 1) + s] + pad[b * p.Sp + s];
       }
     p.pad = pad.data(), p.count = count.data();
+    std::vector<int64_t> mfirst, mlast;
+    std::vector<uint8_t> mblind;
+    if (attn_mask != nullptr) {
+      p.am = reinterpret_cast<const uint8_t*>(attn_mask->Data());
+      p.am_b = mask_view.stride[0], p.am_n = mask_view.stride[1], p.am_t = mask_view.stride[2], p.am_s = mask_view.stride[3];
+      mask_rows(p, mask_view.heads, mfirst, mlast, mblind);
+    }
 
     Ort::KernelContext ctx(context);
     const Fns fns = kernel_fns(R);

@@ -3,16 +3,25 @@
 The body calls the DcmhaCompose function (same domain) for both composes, so a model that
 holds DcmhaAttention must also carry DcmhaCompose among its functions (``function_protos()``
 gives both).
+
+The optional last input ``attn_mask`` has its own body, the function overload ``attn_mask``
+(ONNX IR >= 10), because a function body cannot use an input its caller leaves out: ORT inlines
+the missing input as "" into every node that reads it (an ``If`` on ``OptionalHasElement``
+included) and rejects the graph. Nodes that pass the mask name that overload; the others keep
+the plain body, bit for bit.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
+import onnx
 from onnx.defs import OpSchema
 from onnxscript import BOOL, FLOAT, script
 from onnxscript import opset23 as op
 from onnxscript.values import Opset
 
-from .._common import DOMAIN, FLAG, FLOAT_TYPES, NEG, OPSET_VERSION, AttrRule, OpRules, Rule, make_schema
+from .._common import DOMAIN, FLAG, FLOAT_TYPES, NEG, OPSET_VERSION, AttrRule, OpRules, Overload, Rule, make_schema
 from ..dcmha_compose.onnx_function import ODD_FACTOR_ROWS, DcmhaCompose
 
 a2o = Opset(DOMAIN, OPSET_VERSION)
@@ -32,6 +41,8 @@ RULES = OpRules(
         "k_factors": "B S 2 F N",
         "key_padding_mask": "B S",
         "static_mix": "2 N N",
+        # [T,S] or [B,N,T,S], every axis its size or 1 (broadcast)
+        "attn_mask": ("T|1 S|1", "B|1 N|1 T|1 S|1"),
     },
     rules=(
         Rule(
@@ -44,7 +55,8 @@ RULES = OpRules(
 SCHEMA = make_schema(
     "DcmhaAttention",
     "DCMHA attention core: L = q k^T * scale; L = Compose(L, pre); masked softmax (fp32); "
-    "P = Compose(P, post); o = P v. Causal aligned to the end of the keys.",
+    "P = Compose(P, post); o = P v. Causal aligned to the end of the keys. Optional attn_mask "
+    "(bool [T,S] or [B,N,T,S], axes may be 1; true = may attend) is ANDed with the other masks.",
     inputs=[
         ("q", "T", ""),
         ("k", "T", ""),
@@ -53,6 +65,7 @@ SCHEMA = make_schema(
         ("k_factors", "T", ""),
         ("key_padding_mask", "tensor(bool)", ""),
         ("static_mix", "T", ""),
+        ("attn_mask", "tensor(bool)", "optional"),
     ],
     outputs=[("o", "T")],
     attributes=[
@@ -142,8 +155,10 @@ def translate_dcmha_attention(
     causal: bool,
     window: int,
     use_static_mix: bool,
+    attn_mask: Optional[BOOL] = None,
 ) -> FLOAT:
-    """Export translation: one bare ai.attn2onnx::DcmhaAttention node."""
+    """Export translation: one bare ai.attn2onnx::DcmhaAttention node (its overload is named when
+    the body is attached: ``onnx_io.attach_functions``)."""
     return a2o.DcmhaAttention(
         q,
         k,
@@ -152,8 +167,30 @@ def translate_dcmha_attention(
         k_factors,
         key_padding_mask,
         static_mix,
+        attn_mask,
         scale=scale,
         causal=causal,
         window=window,
         use_static_mix=use_static_mix,
     )
+
+
+MASK_INPUT = "attn_mask"
+
+
+def masked_body() -> onnx.FunctionProto:
+    """The body of the ``attn_mask`` overload: the plain body with an 8th input ``attn_mask``
+    ANDed into ``allowed`` (causal / window / key padding) right where the body forms it, so both
+    bodies share every other node."""
+    proto = DcmhaAttention.to_function_proto()
+    proto.domain, proto.name, proto.overload = DOMAIN, "DcmhaAttention", MASK_INPUT
+    proto.input.append(MASK_INPUT)
+    index = next(i for i, node in enumerate(proto.node) if list(node.output) == ["allowed"])
+    for node in proto.node[index + 1 :]:
+        node.input[:] = ["allowed_by_mask" if name == "allowed" else name for name in node.input]
+    proto.node.insert(index + 1, onnx.helper.make_node("And", ["allowed", MASK_INPUT], ["allowed_by_mask"]))
+    return proto
+
+
+# Nodes with 8 inputs run the masked body (nodes with 7, the plain one).
+OVERLOADS = (Overload(MASK_INPUT, inputs=8, body=masked_body),)

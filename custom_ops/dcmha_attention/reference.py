@@ -13,9 +13,13 @@ factors are exactly the per-token decode cache.
 ``causal`` aligns queries to the *end* of the keys (query t sits at position t + S - T), so one
 decoding step with a cache of S - 1 earlier tokens is the same op. ``window`` W > 0 keeps the
 keys with 0 <= (t + S - T) - s <= W - 1 (W keys including the query's own) and needs causal.
+The optional ``attn_mask`` (bool, [T,S] or [B,N,T,S] with any axis 1 to broadcast; True = may
+attend) is ANDed with causal / window / key padding; absent, nothing changes.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -24,8 +28,22 @@ from .._common import define_op
 from ..dcmha_compose.reference import compute_dtype, dcmha_compose_reference
 
 
-def allowed_mask(key_padding_mask: torch.Tensor, t: int, causal: bool, window: int) -> torch.Tensor:
-    """Bool [B,1,T,S]: the causal attention mask, and with a window W only the W most recent keys."""
+def check_attn_mask(attn_mask: torch.Tensor, b: int, n: int, t: int, s: int) -> None:
+    """ValueError unless ``attn_mask`` is bool [T,S] or [B,N,T,S], each axis its size or 1 (broadcast)."""
+    full = (t, s) if attn_mask.dim() == 2 else (b, n, t, s)
+    ok = attn_mask.dim() in (2, 4) and all(got in (1, want) for got, want in zip(attn_mask.shape, full))
+    if attn_mask.dtype != torch.bool or not ok:
+        raise ValueError(
+            f"DCMHA: attn_mask must be a bool tensor [T,S] or [B,N,T,S] = {[b, n, t, s]} (any axis may be 1), "
+            f"got {attn_mask.dtype} {list(attn_mask.shape)}"
+        )
+
+
+def allowed_mask(
+    key_padding_mask: torch.Tensor, t: int, causal: bool, window: int, attn_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Bool [B,1,T,S] (or [B,N,T,S] with a per-head ``attn_mask``): the causal attention mask, with
+    a window W only the W most recent keys, ANDed with ``attn_mask`` where one is given."""
     if window < 0 or (window and not causal):
         raise ValueError(
             f"DCMHA: a local window must be >= 0 and needs causal attention, got window={window}, causal={causal}"
@@ -36,7 +54,7 @@ def allowed_mask(key_padding_mask: torch.Tensor, t: int, causal: bool, window: i
         device = key_padding_mask.device
         distance = torch.arange(t, device=device)[:, None] + (s - t) - torch.arange(s, device=device)[None, :]
         allowed = allowed & (distance < window)
-    return allowed
+    return allowed if attn_mask is None else allowed & attn_mask
 
 
 def dcmha_attention_reference(
@@ -51,12 +69,16 @@ def dcmha_attention_reference(
     causal: bool,
     window: int,
     use_static_mix: bool,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """q [B,T,N,d], k/v [B,S,N,d], factors [B,T|S,2,2R+1,N], mask [B,S], static_mix [2,N,N] -> o [B,T,N,d]."""
+    """q [B,T,N,d], k/v [B,S,N,d], factors [B,T|S,2,2R+1,N], mask [B,S], static_mix [2,N,N], optional
+    attn_mask [T,S] / [B,N,T,S] (axes may be 1) -> o [B,T,N,d]."""
+    if attn_mask is not None:
+        check_attn_mask(attn_mask, q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     dtype = compute_dtype(q)
     logits = torch.einsum("btnd,bsnd->bnts", q.to(dtype), k.to(dtype)) * resolve_scale(scale, q.shape[-1])
     logits = dcmha_compose_reference(logits, q_factors[:, :, 0], k_factors[:, :, 0], static_mix[0], use_static_mix)
-    probs = masked_softmax(logits, allowed_mask(key_padding_mask, q.shape[1], causal, window))
+    probs = masked_softmax(logits, allowed_mask(key_padding_mask, q.shape[1], causal, window, attn_mask))
     probs = dcmha_compose_reference(probs, q_factors[:, :, 1], k_factors[:, :, 1], static_mix[1], use_static_mix)
     return torch.einsum("bnts,bsnd->btnd", probs, v.to(dtype)).to(q.dtype).contiguous()  # as the fake says
 

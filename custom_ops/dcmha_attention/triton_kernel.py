@@ -5,7 +5,8 @@ Contract: ``DcmhaAttention`` in docs/ops.md (variants.md section 5)::
 
     L  = q k^T * scale                    per head, [N, T, S]
     L  = Compose(L, pre)                  on the unmasked logits, mixes heads at each (t, s)
-    L  = where(allowed, L, NEG)           causal (aligned to the end of the keys), window, padding
+    L  = where(allowed, L, NEG)           causal (aligned to the end of the keys), window, padding,
+                                          and the optional attn_mask (HAS_MASK)
     P  = softmax(L)                       fp32
     P  = Compose(P, post)
     o  = P v
@@ -19,7 +20,8 @@ The [B, N, T, S] tensor is never materialised. A program owns one batch row and 
 * pass 2 sweeps them again: recompute the logits and the pre-compose, normalise with the
   pass-1 statistics, post-compose across heads, accumulate ``P' v`` in fp32.
 
-Key blocks that causal/window masking disallows for every query of the block are skipped.
+Key blocks that causal/window masking disallows for every query of the block are skipped (the
+optional ``attn_mask`` is read per tile through its strides, 0 on broadcast axes, and skips nothing).
 A query row with no allowed key at all gets exactly what the contract gives it (every logit
 is NEG, so P is uniform over all S keys): pass 1 notices the empty rows and pass 2 then sweeps
 every key block for that query block.
@@ -33,7 +35,8 @@ The logits are computed in chunks of ``BLOCK_DK`` channels so that the ``q``/``k
 of one tile stay small whatever d is (d = 80 is five chunks of 16, no padding waste).
 
 Kernel arguments follow the TensorRT AOT plugin convention (input pointers, int32 scalars,
-output pointers): the same kernel is compiled to PTX by trt_plugin.py. Tensors must be
+output pointers): the same kernel is compiled to PTX by trt_plugin.py, where the mask pointer and
+its strides are compile-time constants (None, 0: the plugin takes no attn_mask). Tensors must be
 contiguous; ``scale``, ``causal``, ``window`` and ``use_static_mix`` are compile-time
 constants (TensorRT AOT extra arguments can only be int32, and they are model constants).
 
@@ -132,6 +135,8 @@ def _block_logits(
     kf_ptr,
     kpm_ptr,
     wb_ptr,
+    am_ptr,
+    am_strides,
     b,
     S,
     cols,
@@ -147,6 +152,7 @@ def _block_logits(
     CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr,
     USE_STATIC_MIX: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     N: tl.constexpr,
     D: tl.constexpr,
     R: tl.constexpr,
@@ -202,7 +208,16 @@ def _block_logits(
         allowed = allowed & (cols[None, :] <= t_abs[:, None])
     if WINDOW > 0:
         allowed = allowed & (t_abs[:, None] - cols[None, :] < WINDOW)
-    logits = tl.where(allowed[None, :, :], logits, -1e30)  # NEG
+    allowed = tl.broadcast_to(allowed[None, :, :], (BLOCK_H, BLOCK_M, BLOCK_N))
+    if HAS_MASK:  # attn_mask element (b, head, row, col); strides (batch, head, row, col), 0 = broadcast
+        sb, sn, st, ss = am_strides
+        am = tl.load(
+            am_ptr + b * sb + heads[:, None, None] * sn + rows[None, :, None] * st + cols[None, None, :] * ss,
+            mask=head_ok[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :],
+            other=0,
+        )
+        allowed = allowed & (am != 0)
+    logits = tl.where(allowed, logits, -1e30)  # NEG
     return cols, col_ok, k_tok, logits
 
 
@@ -214,14 +229,20 @@ def dcmha_attention_fwd(
     qf_ptr,
     kf_ptr,
     kpm_ptr,
-    wb_ptr,  # inputs
+    wb_ptr,
+    am_ptr,  # inputs (am_ptr: attn_mask, used when HAS_MASK)
     T,
-    S,  # int32 scalars
+    S,
+    am_sb,
+    am_sn,
+    am_st,
+    am_ss,  # int32 scalars: T, S and attn_mask's strides over (batch, head, row, key)
     o_ptr,  # output
     SCALE: tl.constexpr,
     CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr,
     USE_STATIC_MIX: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     N: tl.constexpr,
     D: tl.constexpr,
     R: tl.constexpr,
@@ -279,6 +300,8 @@ def dcmha_attention_fwd(
             kf_ptr,
             kpm_ptr,
             wb_ptr,
+            am_ptr,
+            (am_sb, am_sn, am_st, am_ss),
             b,
             S,
             start_n + cols0,
@@ -294,6 +317,7 @@ def dcmha_attention_fwd(
             CAUSAL,
             WINDOW,
             USE_STATIC_MIX,
+            HAS_MASK,
             N,
             D,
             R,
@@ -328,6 +352,8 @@ def dcmha_attention_fwd(
             kf_ptr,
             kpm_ptr,
             wb_ptr,
+            am_ptr,
+            (am_sb, am_sn, am_st, am_ss),
             b,
             S,
             start_n + cols0,
@@ -343,6 +369,7 @@ def dcmha_attention_fwd(
             CAUSAL,
             WINDOW,
             USE_STATIC_MIX,
+            HAS_MASK,
             N,
             D,
             R,
@@ -412,6 +439,7 @@ class KernelConfig:
     block_n: int = 16
     block_dk: int = 16
     heads_per_program: int = 0  # 0 = choose (see :func:`default_heads_per_program`)
+    has_mask: bool = False  # an attn_mask input (never for the TensorRT plugin)
     num_warps: int = 4
     num_stages: int = 1
     dot_precision: str = "ieee"
@@ -438,6 +466,7 @@ class KernelConfig:
             "CAUSAL": int(bool(self.causal)),
             "WINDOW": int(self.window),
             "USE_STATIC_MIX": int(bool(self.use_static_mix)),
+            "HAS_MASK": int(bool(self.has_mask)),
             "N": self.heads,
             "D": self.head_dim,
             "R": self.rank,
@@ -533,6 +562,18 @@ def _is_interpreted(kernel: Any) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def mask_strides(attn_mask: torch.Tensor | None, b: int, n: int, t: int, s: int) -> tuple[int, int, int, int]:
+    """attn_mask's element strides over (batch, head, row, key), 0 on broadcast axes (a [T,S]
+    mask is [1,1,T,S]); zeros without a mask. The mask must be contiguous."""
+    if attn_mask is None:
+        return (0, 0, 0, 0)
+    from .reference import check_attn_mask
+
+    check_attn_mask(attn_mask, b, n, t, s)
+    full = attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask
+    return tuple(0 if size == 1 else stride for size, stride in zip(full.shape, full.stride()))
+
+
 def _check_inputs(q, k, v, q_factors, k_factors, key_padding_mask, static_mix) -> None:
     B, T, N, d = q.shape
     S = k.shape[1]
@@ -561,6 +602,7 @@ def dcmha_attention_triton(
     causal: bool,
     window: int,
     use_static_mix: bool,
+    attn_mask: torch.Tensor | None = None,
     **config: Any,
 ) -> torch.Tensor:
     """The fused kernel, same signature and result as ``torch.ops.attn2onnx.dcmha_attention``.
@@ -571,7 +613,9 @@ def dcmha_attention_triton(
     _check_inputs(q, k, v, q_factors, k_factors, key_padding_mask, static_mix)
     B, T, N, d = q.shape
     S = k.shape[1]
-    cfg = make_config(q, q_factors, scale, causal, window, use_static_mix, **config)
+    cfg = make_config(q, q_factors, scale, causal, window, use_static_mix, has_mask=attn_mask is not None, **config)
+    attn_mask = None if attn_mask is None else attn_mask.contiguous()
+    strides = mask_strides(attn_mask, B, N, T, S)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"dcmha_attention_triton: q must be float32, float16 or bfloat16, got {q.dtype}")
@@ -599,8 +643,10 @@ def dcmha_attention_triton(
         k_factors,
         key_padding_mask,
         static_mix,
+        attn_mask,
         T,
         S,
+        *strides,
         out,
         **cfg.constexprs(),
         num_warps=cfg.num_warps,
@@ -624,16 +670,26 @@ def register_cuda_kernel() -> bool:
     if not hasattr(getattr(torch.ops, namespace), name):
         return False
 
-    def cuda_impl(q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix):
+    def cuda_impl(
+        q,
+        k,
+        v,
+        q_factors,
+        k_factors,
+        key_padding_mask,
+        static_mix,
+        scale,
+        causal,
+        window,
+        use_static_mix,
+        attn_mask=None,
+    ):
+        args = (q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix)
         if q.dtype not in SUPPORTED_DTYPES:  # float64 and friends: the eager reference
             from .reference import dcmha_attention_reference
 
-            return dcmha_attention_reference(
-                q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix
-            ).contiguous()
-        return dcmha_attention_triton(
-            q, k, v, q_factors, k_factors, key_padding_mask, static_mix, scale, causal, window, use_static_mix
-        )
+            return dcmha_attention_reference(*args, attn_mask).contiguous()
+        return dcmha_attention_triton(*args, attn_mask)
 
     torch.library.register_kernel(TORCH_OP, "cuda", cuda_impl)
     _REGISTERED = True

@@ -11,8 +11,14 @@ Everything short of TensorRT itself is plain functions testable on a machine wit
 GPU nor TensorRT: :func:`check_io` (shapes and dtypes), :func:`kernel_signature`,
 :func:`compile_ptx` (Triton -> PTX for an explicit ``GPUTarget``) and :func:`ptx_entry_params`.
 
+The plugin takes the op's 7 required inputs, never the optional ``attn_mask``: the trt pass
+(``passes.trt_plugins``) leaves a node that passes one untagged, so TensorRT imports its
+function body (the ``attn_mask`` overload) instead, and :func:`check_io` refuses the input.
+(Not run here: no GPU or TensorRT on the machine this was written on.)
+
 Kernel ABI (TensorRT AOT convention): the 7 input pointers, then the int32 extra arguments
-T and S, then the output pointer; Triton appends its global/profile scratch pointers, which
+T and S, then the output pointer (the kernel's mask pointer and strides are compile-time
+constants None / 0 here, :data:`NO_MASK`); Triton appends its global/profile scratch pointers, which
 TensorRT passes as null -- so :func:`compile_ptx` refuses a kernel that needs scratch memory.
 The attributes are compile-time constants of the PTX (extra arguments can only be int32).
 
@@ -30,6 +36,8 @@ ONNX_OP = "DcmhaAttention"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{ONNX_OP}"
 INPUTS = ("q", "k", "v", "q_factors", "k_factors", "key_padding_mask", "static_mix")
 SCALARS = ("T", "S")
+# The Triton kernel's attn_mask arguments, fixed at compile time for the plugin (no mask).
+NO_MASK = {"am_ptr": None, "am_sb": 0, "am_sn": 0, "am_st": 0, "am_ss": 0}
 OUTPUTS = ("o",)
 ATTRIBUTES = {"scale": float, "causal": int, "window": int, "use_static_mix": int}
 INPUT_RANKS = {"q": 4, "k": 4, "v": 4, "q_factors": 5, "k_factors": 5, "key_padding_mask": 2, "static_mix": 3}
@@ -54,6 +62,8 @@ def check_io(shapes: Mapping[str, Sequence[Optional[int]]], dtypes: Mapping[str,
     name -> "float32" | "float16" | "bfloat16" | "bool". The output is ``o`` [B,T,N,d] in the
     dtype of ``q``.
     """
+    if "attn_mask" in shapes:
+        raise PluginError(f"{ONNX_OP}: the plugin takes no attn_mask (such a node runs its function body)")
     missing = [n for n in INPUTS if n not in shapes or n not in dtypes]
     if missing:
         raise PluginError(f"{ONNX_OP}: missing inputs {missing}")
@@ -145,7 +155,11 @@ def compile_ptx(config: Any, dtypes: Mapping[str, str], arch: int, ptx_version: 
     if ptx_version == -1:
         ptx_version = default_ptx_version()
     signature = kernel_signature(dtypes)
-    source = triton.compiler.ASTSource(fn=dcmha_attention_fwd, signature=signature, constexprs=config.constexprs())
+    source = triton.compiler.ASTSource(
+        fn=dcmha_attention_fwd,
+        signature={**signature, **{name: "constexpr" for name in NO_MASK}},
+        constexprs={**config.constexprs(), **NO_MASK},
+    )
     options: dict = {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": True}
     if ptx_version:
         options["ptx_version"] = int(ptx_version)

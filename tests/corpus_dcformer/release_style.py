@@ -242,6 +242,21 @@ class MaskedLayer(nn.Module):
         return self.attention(x, self.freqs_cis[input_pos], self.causal_mask[None, None, input_pos])
 
 
+class MaskInputLayer(nn.Module):
+    """One release attention layer whose mask is the caller's: ``forward(x, mask)`` with a bool
+    mask [B|1, 1, T, S] passed as it is to ``DCMHAttention.forward(x, freqs_cis, mask)`` (any
+    pattern: padding, blocks, a causal mask made by the caller), the RoPE rows sliced by position."""
+
+    def __init__(self, attention: DCMHAttention, rope_base: float, max_len: int) -> None:
+        super().__init__()
+        self.attention = attention
+        self.register_buffer("freqs_cis", precompute_freqs_cis(max_len, attention.head_dim, rope_base))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        input_pos = torch.arange(x.shape[1], device=x.device)
+        return self.attention(x, self.freqs_cis[input_pos], mask)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()

@@ -45,9 +45,12 @@ def padding_mask(key_padding_mask, batch: int, length: int) -> np.ndarray:
     return m
 
 
-def allowed_mask(key_real: np.ndarray, t_len: int, causal: bool = False, window: int = 0) -> np.ndarray:
+def allowed_mask(
+    key_real: np.ndarray, t_len: int, causal: bool = False, window: int = 0, attn_mask: np.ndarray | None = None
+) -> np.ndarray:
     """[B,1,T,S] bool: key s is real, and (causal) s <= t + (S - T), and (window W) the query
-    sees at most W keys ending at itself: 0 <= (t + S - T) - s <= W - 1."""
+    sees at most W keys ending at itself: 0 <= (t + S - T) - s <= W - 1; and where an
+    ``attn_mask`` (bool, broadcastable to [B,N,T,S]) is given, it too ([B,N,T,S] then)."""
     b, s_len = key_real.shape
     allowed = np.broadcast_to(key_real[:, None, None, :], (b, 1, t_len, s_len)).copy()
     t_abs = np.arange(t_len)[:, None] + (s_len - t_len)
@@ -56,7 +59,7 @@ def allowed_mask(key_real: np.ndarray, t_len: int, causal: bool = False, window:
         allowed &= (s_idx <= t_abs)[None, None]
     if window:
         allowed &= (t_abs - s_idx <= window - 1)[None, None]
-    return allowed
+    return allowed if attn_mask is None else allowed & attn_mask
 
 
 def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
