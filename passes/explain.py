@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from ._ir_utils import Scope, scopes, to_ir
 from ._match import NoMatch, describe
+from .normalize_hosseini import merged_cores
 
 _THROUGH = ("Cast", "Where", "Add", "Mul", "Div", "Sub")
 
@@ -88,7 +89,8 @@ def explain(model: onnx.ModelProto | ir.Model, target: str = "ort") -> list[Outc
     proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
     before = to_ir(proto)
     after, _ = optimize_model(ir.serde.deserialize_model(proto), target=target)
-    remaining = {_key(s, n.name): n for s in scopes(after) for n in s.graph}
+    # a batched core (normalize_hosseini) stands for the per-head cores it replaced
+    remaining = {_key(s, name): n for s in scopes(after) for n in s.graph for name in (n.name, *merged_cores(n))}
     outcomes = []
     for scope, node in ((s, n) for s in scopes(before) for n in attention_cores(s.graph)):
         left = remaining.get(_key(scope, node.name))

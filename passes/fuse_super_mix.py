@@ -61,7 +61,8 @@ def _slice_is_leading(node: ir.Node, x: ir.Value) -> list[int] | None:
 
 
 def _leading_square(m: ir.Value, x: ir.Value) -> ir.Value | None:
-    """m = W[:T, :T] of a constant square W (one Slice over both axes or one per axis) -> W."""
+    """m = W[:T, :T] of a constant square W (one Slice over both axes or one per axis), or W itself
+    where x's T is static and equal to its size (a static export) -> W."""
     sliced: set[int] = set()
     cur = m
     while (node := producer(cur, "Slice")) is not None:
@@ -71,9 +72,10 @@ def _leading_square(m: ir.Value, x: ir.Value) -> ir.Value | None:
         sliced.update(a % 2 for a in axes)
         cur = node.inputs[0]
     w = const_array(cur)
-    if sliced != {0, 1} or w is None or w.ndim != 2 or w.shape[0] != w.shape[1]:
+    if w is None or w.ndim != 2 or w.shape[0] != w.shape[1]:
         return None
-    return cur
+    whole = not sliced and dims(x) is not None and dims(x)[1] == w.shape[0]  # static T = Lmax: W[:T,:T] is W
+    return cur if sliced == {0, 1} or whole else None
 
 
 def _masked_rows(x: ir.Value) -> tuple[ir.Value, ir.Value | None]:

@@ -35,6 +35,7 @@ from .fuse_standard_attention import FuseStandardAttentionPass
 from .fuse_super_mix import FuseSuperMixPass
 from .legalize import LegalizePass
 from .lower_attention import LowerAttentionPass
+from .normalize_hosseini import NormalizeHosseiniPass
 from .report import Report, Snapshot
 from .trt_plugins import TrtPluginPass
 
@@ -52,6 +53,7 @@ def build_passes(target: str) -> list[tuple[str, ir.passes.PassBase]]:
     passes: list[tuple[str, ir.passes.PassBase]] = [
         ("legalize", LegalizePass()),
         ("cleanup", CleanupPass()),
+        ("normalize_hosseini", NormalizeHosseiniPass()),  # per-head loops -> batched cores the fusions below catch
         ("fuse_dcmha", FuseDcmhaPass()),
     ]
     if target == "ort":  # decode graphs' cache attention; before lower_attention, which packs its Q|K|V
