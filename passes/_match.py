@@ -100,8 +100,25 @@ def is_all_true(value: ir.Value) -> bool:
     return fill is not None and bool(np.asarray(fill.numpy()).all())
 
 
+def tril_buffer(value: ir.Value) -> bool:
+    """value = Slice(s) starting at 0 of a constant lower-triangular 0/1 (or bool) buffer [1,1,L,L]:
+    nanoGPT's ``bias[:, :, :T, :T]``."""
+    while (node := producer(value, "Slice")) is not None:
+        starts = const_array(node.inputs[1])
+        if starts is None or starts.any():
+            return False
+        value = node.inputs[0]
+    arr = const_array(value)
+    if arr is None or arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
+        return False
+    square = arr.reshape(-1, *arr.shape[-2:])[0].astype(bool)
+    return square.shape[0] == arr.size**0.5 and bool((square == np.tril(np.ones_like(square))).all())
+
+
 def allowed_parts(value: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
     """Decompose a boolean 'allowed' tensor into key padding and causal parts."""
+    if tril_buffer(value) and same_dim(t_dim, s_dim):  # tril(ones(T, T)), folded to a constant in a static export
+        return {"kpm": None, "causal": 1}
     node = value.producer()
     if node is None or node.domain != "":
         return None
@@ -260,6 +277,8 @@ def transposed(b: Builder, x: ir.Value, perm: list[int]) -> ir.Value:
     result is at most one Transpose and one Unsqueeze of the chain's source."""
     if perm == list(range(len(perm))):
         return x
+    if rank(x) != len(perm):  # unknown rank: no chain to look through
+        return b.op("Transpose", [x], {"perm": perm}, dtype=x.dtype, shape=None)
     base, layout = layout_chain(x)
     out_layout = [layout[p] for p in perm]
     order = [i for i in out_layout if i is not None]
@@ -333,3 +352,120 @@ def through_cast(value: ir.Value, upstream: bool) -> ir.Value:
     if single_use(value) and uses[0].node.op_type == "Cast" and uses[0].node.domain == "":
         return uses[0].node.outputs[0]
     return value
+
+
+def permuted(items: tuple | list | None, perm: tuple) -> tuple | None:
+    """``items`` (a value's dims) as Transpose(value, perm) has them; None stays None."""
+    return None if items is None else tuple(items[p] for p in perm)
+
+
+def inverse_perm(perm: tuple) -> tuple:
+    """The permutation that undoes ``perm``."""
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+def einsum_qk(node: ir.Node, r: int) -> tuple[tuple, tuple]:
+    """An Einsum q·k product of logits [batch.., T, S] (rank ``r``) -> (q's perm to [batch.., T, d],
+    k's perm to k^T [batch.., d, S]); raises NoMatch. The logits' last two letters are the queries
+    (only in q) and the keys (only in k); one letter is contracted (the head dim)."""
+    parsed = parse_equation(node)
+    if parsed is None or len(parsed[0]) != 2:
+        raise NoMatch(node, "a two-input Einsum equation without '...'", repr(attr(node, "equation")))
+    (lq, lk), out = parsed
+    batch, t, s = out[:-2], out[-2:-1], out[-1:]
+    contracted = [c for c in lq if c in lk and c not in out]
+    if len(out) != r or len(contracted) != 1:
+        raise NoMatch(node, f"logits of rank {r} over one contracted head dim", f"equation {lq},{lk}->{out}")
+    d = contracted[0]
+    if sorted(lq) != sorted(batch + t + d) or sorted(lk) != sorted(batch + s + d):
+        raise NoMatch(node, "q [..,T,d] and k [..,S,d] sharing the batch / head letters", f"{lq},{lk}->{out}")
+    return tuple(lq.index(c) for c in batch + t + d), tuple(lk.index(c) for c in batch + d + s)
+
+
+def einsum_mix(node: ir.Node, probs_index: int, r: int) -> tuple[tuple, tuple]:
+    """An Einsum mix of probabilities [batch.., T, S] with v -> (v's perm to [batch.., S, dv], the
+    output's perm from [batch.., T, dv]: output = Transpose(canonical, perm)); raises NoMatch. The
+    contracted letter must be the probabilities' last (key) axis: mixing over queries is not
+    attention."""
+    parsed = parse_equation(node)
+    if parsed is None or len(parsed[0]) != 2:
+        raise NoMatch(node, "a two-input Einsum equation without '...'", repr(attr(node, "equation")))
+    inputs, out = parsed
+    lp, lv = inputs[probs_index], inputs[1 - probs_index]
+    if len(lp) != r or len(lv) != r or len(out) != r:
+        raise NoMatch(node, f"probabilities, v and output of rank {r}", f"equation {','.join(inputs)}->{out}")
+    batch, t, s = lp[:-2], lp[-2], lp[-1]
+    extra = [c for c in lv if c not in lp]
+    if s in out or s not in lv or t not in out or len(extra) != 1:
+        raise NoMatch(node, "a mix over the probabilities' key axis (their last)", f"{','.join(inputs)}->{out}")
+    dv = extra[0]
+    if sorted(lv) != sorted(batch + s + dv) or sorted(out) != sorted(batch + t + dv):
+        raise NoMatch(node, "v [..,S,dv] and output [..,T,dv] sharing the batch / head letters", f"{lv} -> {out}")
+    canonical = batch + t + dv
+    return tuple(lv.index(c) for c in batch + s + dv), tuple(canonical.index(c) for c in out)
+
+
+def uniform_const(value: ir.Value | None) -> float | None:
+    """The one value of a constant tensor whose elements are all equal (a constant, or an Expand /
+    ConstantOfShape of one); None otherwise."""
+    node = producer(value, ("Expand", "ConstantOfShape"))
+    if node is not None and node.op_type == "Expand":
+        return uniform_const(node.inputs[0])
+    arr = const_array(value) if node is None else np.asarray(attr(node, "value").numpy())
+    if arr is None or arr.size == 0 or arr.dtype == np.bool_ or not (arr == arr.reshape(-1)[0]).all():
+        return None
+    return float(arr.reshape(-1)[0])
+
+
+def additive_causal(value: ir.Value, t_dim, s_dim, limit: float) -> bool:
+    """Whether the float ``value`` [(1, 1,) T, S] (T = S) adds 0 on and below the diagonal and a fill
+    <= ``limit`` above it: Llama's ``triu(full((T, T), finfo.min), 1)`` (Trilu upper, k = 1, of a
+    uniform fill), or torch's float form of a boolean causal mask (``Where(strictly upper, fill, 0)``
+    or ``Where(lower, 0, fill)``)."""
+    while (node := producer(value, "Unsqueeze")) is not None and axes_of(node) is not None:
+        if norm_axes(axes_of(node), rank(node.outputs[0]) or 0) != list(range(len(axes_of(node)))):
+            return False
+        value = node.inputs[0]
+    d = dims(value)
+    if d is None or len(d) != 2 or not same_dim(d[0], t_dim) or not same_dim(d[1], s_dim) or not same_dim(t_dim, s_dim):
+        return False
+    node = producer(value, ("Trilu", "Where"))
+    if node is None:
+        return False
+    if node.op_type == "Trilu":
+        fill = uniform_const(node.inputs[0])
+        return _strictly_upper(node) and fill is not None and fill <= limit
+    cond, a, b = node.inputs
+    fa, fb = uniform_const(a), uniform_const(b)
+    if fa is not None and fa <= limit and fb == 0:
+        trilu = producer(cond, "Trilu")
+        return trilu is not None and _strictly_upper(trilu) and is_all_true(trilu.inputs[0])
+    return fa == 0 and fb is not None and fb <= limit and (allowed_parts(cond, None, t_dim, s_dim) or {}).get("causal")
+
+
+def _strictly_upper(trilu: ir.Node) -> bool:
+    k = const_scalar(trilu.inputs[1]) if len(trilu.inputs) > 1 and trilu.inputs[1] is not None else 0
+    return attr(trilu, "upper", 1) == 1 and k == 1
+
+
+def repeated_heads(x: ir.Value) -> tuple[ir.Value, int] | None:
+    """x [B, H, S, d] = Reshape(Expand(Unsqueeze(src [B, Hkv, S, d], 2), [B, Hkv, H/Hkv, S, d])):
+    grouped-query attention's repeat_kv (expand + reshape, and what ``repeat_interleave(n, dim=1)``
+    exports) -> (src, Hkv). Head h of x is head h // (H/Hkv) of src."""
+    r = producer(x, "Reshape")
+    e = producer(r.inputs[0], "Expand") if r is not None else None
+    u = producer(e.inputs[0], "Unsqueeze") if e is not None else None
+    if u is None or axes_of(u) is None or norm_axes(axes_of(u), 5) != [2]:
+        return None
+    src, dx, de = u.inputs[0], dims(x), dims(e.outputs[0])
+    ds = dims(src)
+    if ds is None or dx is None or de is None or len(ds) != 4 or len(dx) != 4 or len(de) != 5:
+        return None
+    kv, rep = de[1], de[2]
+    if not (isinstance(kv, int) and isinstance(rep, int) and dx[1] == kv * rep and ds[1] == kv):
+        return None
+    same = all(same_dim(a, b) for a, b in ((ds[0], dx[0]), (ds[2], dx[2]), (ds[3], dx[3])))
+    return (src, kv) if same else None

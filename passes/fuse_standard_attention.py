@@ -5,20 +5,31 @@ what it left. Each rule is pattern -> check -> rewrite; every check raises
 :class:`~attn2onnx.passes._match.NoMatch` naming the node, what was expected and what was found,
 so :mod:`.explain` can say why a core stayed unfused.
 
-* ``softmax_core``: ``softmax(mask(scale * q k^T)) @ v`` on heads [B,H,T,d] (or one head [B,T,d]),
-  with any head layout (view + transpose, timm's packed qkv unbind, permutes), the scale on q, k
-  or the logits (Mul or Div), Casts around the Softmax (fp16 autocast), and as mask: a
-  ``Where`` filling <= -1e4 (either branch; ``masked_fill(bias[:, :, :T, :T] == 0, -inf)`` on a
-  registered tril buffer is recognised as causal), and / or an additive float bias (HF BERT /
-  GPT-2 / Llama ``finfo.min`` masks).
+* ``softmax_core``: ``softmax(mask(scale * q k^T)) @ v`` on heads [B,H,T,d] (or one head / heads
+  folded into the batch, [B,T,d]), with any head layout (view + transpose, timm's packed qkv
+  unbind, permutes), the products as MatMul or Einsum (``bhqd,bhkd->bhqk``, ``bqhd,bkhd->bhqk``,
+  ``bhqk,bkhd->bqhd``, ...: an Einsum is the MatMul form up to the perms :class:`Core` records;
+  the mix must contract the probabilities' key axis), the scale on q, k or the logits (Mul or
+  Div), Casts around the Softmax (fp16 autocast), and as mask: a ``Where`` filling <= -1e4
+  (either branch; ``masked_fill(bias[:, :, :T, :T] == 0, -inf)`` on a registered tril buffer is
+  recognised as causal), and / or an additive float bias (HF BERT / GPT-2 / Llama ``finfo.min``
+  masks; Llama's ``triu(full(finfo.min), 1)`` is recognised as causal).
 * ``onnx_attention``: ONNX ``Attention`` (opset 23, what torch exports for
-  ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``) on 4-D heads, for target ``ort``.
+  ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``) on 4-D heads, for target ``ort``;
+  torch's float form of a boolean causal mask is recognised as causal.
+
+Grouped-query attention (H/g key / value heads): keys and values repeated to every head
+(HF's ``repeat_kv`` expand + reshape, ``repeat_interleave``) are read unrepeated, and SDPA's
+``enable_gqa`` node has them so. Causal self-attention with no other mask becomes
+``com.microsoft.GroupQueryAttention`` (its CPU kernel is causal only); any other grouped core
+repeats K / V once on [B,S,Hkv*d] for MultiHeadAttention / Attention-23.
 
 Target ``ort`` gets ``com.microsoft.MultiHeadAttention`` (a causal mask as its ``unidirectional``
 mode, padding as ``key_padding_mask``, else an ``attention_bias``); ``trt`` / ``portable`` get
-ONNX Attention-23. Boolean masks go through :func:`.lower_attention.emit_fused_attention`, so rows
-with no allowed key keep the project's contract (uniform); where PyTorch fills with -inf such
-rows are NaN in PyTorch and any value here.
+ONNX Attention-23, and every Attention-23 mask there has the full query axis (ORT's CPU kernel
+rejects the [B,H|1,1,S] masks torch exports). Boolean masks go through
+:func:`.lower_attention.emit_fused_attention`, so rows with no allowed key keep the project's
+contract (uniform); where PyTorch fills with -inf such rows are NaN in PyTorch and any value here.
 """
 
 from __future__ import annotations
@@ -31,7 +42,6 @@ import onnx_ir as ir
 from ._ir_utils import (
     Builder,
     attr,
-    const_array,
     const_scalar,
     dims,
     expand_to_logits,
@@ -43,13 +53,22 @@ from ._ir_utils import (
 )
 from ._match import (
     NoMatch,
+    additive_causal,
     allowed_parts,
+    tril_buffer,
     found_op,
+    einsum_mix,
+    einsum_qk,
+    inverse_perm,
     merged_heads_target,
+    perm_of,
+    permuted,
+    repeated_heads,
     scaled,
     single_use,
     split_heads_source,
     through_cast,
+    transposed,
 )
 from .lower_attention import MS_DOMAIN, emit_fused_attention, pack_projections
 
@@ -58,11 +77,15 @@ FILL_LIMIT = -1e4  # a Where fill at or below this is a mask (exp underflows to 
 
 @dataclass
 class Core:
-    """One matched attention core, heads-first: q [B,H,T,d] (or [B,T,d]), k^T [B,H,d,S], v [B,H,S,d]."""
+    """One matched attention core. q, k^T, v and the output are the graph's values; each perm says
+    how Transpose(value, perm) gives the canonical heads-first layout q [B,H,T,d], k^T [B,H,d,S],
+    v [B,H,S,d] (or, one head / heads folded into the batch, [B,T,d], [B,d,S], [B,S,d]); the output
+    is Transpose(canonical [B,H,T,dv], out_perm). Einsum cores and ONNX Attention's untransposed
+    keys differ from the MatMul form only in these perms."""
 
     rule: str
     anchor: ir.Node  # the node the fused op is inserted before
-    out: ir.Value  # the core's output [B,H,T,d] (or [B,T,d]), replaced by the fused op's
+    out: ir.Value  # the core's output, replaced by the fused op's
     q: ir.Value
     kt: ir.Value
     v: ir.Value
@@ -71,7 +94,16 @@ class Core:
     allowed: ir.Value | None = None  # an unrecognised boolean mask [B|1,1,T|1,S]
     negated: bool = False  # ``allowed`` holds the disallowed positions (Where(c, fill, x))
     bias: ir.Value | None = None  # an additive float mask
-    k: ir.Value | None = None  # keys [B,H,S,d] where the op takes them untransposed (Attention-23)
+    q_perm: tuple | None = None  # None: the value is already canonical
+    kt_perm: tuple | None = None
+    v_perm: tuple | None = None
+    out_perm: tuple | None = None
+
+    def canonical(self, name: str) -> tuple | None:
+        """dims of q / kt / v / out in the canonical layout."""
+        perm = getattr(self, f"{name}_perm")
+        d = dims(getattr(self, name))
+        return d if perm is None or d is None else permuted(d, inverse_perm(perm) if name == "out" else perm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,21 +112,6 @@ class Core:
 def _fill(value: ir.Value) -> float | None:
     c = const_scalar(value)
     return c if c is not None and c <= FILL_LIMIT else None
-
-
-def _tril_buffer(value: ir.Value) -> bool:
-    """value = Slice(s) starting at 0 of a constant lower-triangular 0/1 (or bool) buffer [1,1,L,L]:
-    nanoGPT's ``bias[:, :, :T, :T]``."""
-    while (node := producer(value, "Slice")) is not None:
-        starts = const_array(node.inputs[1])
-        if starts is None or starts.any():
-            return False
-        value = node.inputs[0]
-    arr = const_array(value)
-    if arr is None or arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
-        return False
-    square = arr.reshape(-1, *arr.shape[-2:])[0].astype(bool)
-    return square.shape[0] == arr.size**0.5 and bool((square == np.tril(np.ones_like(square))).all())
 
 
 def _bool_mask(where: ir.Node, logits_dims: tuple) -> tuple[ir.Value, dict | None, ir.Value | None, bool]:
@@ -115,9 +132,9 @@ def _bool_mask(where: ir.Node, logits_dims: tuple) -> tuple[ir.Value, dict | Non
         eq, nt = producer(cond, "Equal"), producer(cond, "Not")
         if nt is not None:
             allowed, negated = nt.inputs[0], False
-        elif eq is not None and const_scalar(eq.inputs[1]) == 0 and _tril_buffer(eq.inputs[0]):
+        elif eq is not None and const_scalar(eq.inputs[1]) == 0 and tril_buffer(eq.inputs[0]):
             return x, {"kpm": None, "causal": 1}, None, False
-    elif _tril_buffer(allowed) and same_dim(t_dim, s_dim):
+    elif tril_buffer(allowed) and same_dim(t_dim, s_dim):
         return x, {"kpm": None, "causal": 1}, None, False
     if negated:
         return x, None, cond, True
@@ -156,48 +173,109 @@ def _mask_chain(value: ir.Value, logits_dims: tuple) -> tuple[ir.Value, dict]:
             value, found["bias"] = node.inputs[i], node.inputs[1 - i]
 
 
+def _mix(soft: ir.Node, r: int) -> tuple[ir.Node, ir.Value, tuple | None, tuple | None]:
+    """The probabilities' one use: MatMul(probs, v) or an Einsum mix -> (node, v, v perm, out perm)."""
+    probs = through_cast(soft.outputs[0], upstream=False)
+    uses = list(probs.uses())
+    use = uses[0] if single_use(probs) else None
+    if use is not None and use.node.domain == "" and use.node.op_type == "Einsum" and len(use.node.inputs) == 2:
+        v_perm, out_perm = einsum_mix(use.node, use.idx, r)
+        return use.node, use.node.inputs[1 - use.idx], v_perm, out_perm
+    if use is None or use.node.op_type != "MatMul" or use.idx != 0:
+        found = ", ".join(f"{u.node.op_type} (input {u.idx})" for u in uses) or "a graph output"
+        raise NoMatch(soft, "probabilities used once, as the left input of a MatMul (or an Einsum) with v", found)
+    return use.node, use.node.inputs[1], None, None
+
+
+def _qk(
+    soft: ir.Node, inner: ir.Value, r: int
+) -> tuple[ir.Node, ir.Value, ir.Value, float, tuple | None, tuple | None]:
+    """The logits' product: MatMul(q, k^T) or an Einsum -> (node, q, k^T, scale on them, q perm, kt perm)."""
+    qk = producer(inner, ("MatMul", "Einsum"))
+    if qk is None or len(qk.inputs) != 2:
+        raise NoMatch(soft, "logits = scale * MatMul(q, k^T) (or an Einsum q·k)", found_op(inner))
+    (q, qs), (kt, ks) = scaled(qk.inputs[0]), scaled(qk.inputs[1])
+    perms = einsum_qk(qk, r) if qk.op_type == "Einsum" else (None, None)
+    return qk, q, kt, qs * ks, *perms
+
+
 def match_softmax_core(soft: ir.Node) -> Core:
     """pattern + check of the softmax core rooted at ``soft``; raises NoMatch with the reason."""
     r = rank(soft.outputs[0])
     axis = attr(soft, "axis", -1)
     if r not in (3, 4) or axis % r != r - 1:
-        raise NoMatch(soft, "Softmax over the last (key) axis of [B,H,T,S] logits", f"axis {axis} of rank {r}")
-    probs = through_cast(soft.outputs[0], upstream=False)
-    uses = list(probs.uses())
-    if not single_use(probs) or uses[0].node.op_type != "MatMul" or uses[0].idx != 0:
-        found = ", ".join(f"{u.node.op_type} (input {u.idx})" for u in uses) or "a graph output"
-        raise NoMatch(soft, "probabilities used once, as the left input of a MatMul with v", found)
-    pv = uses[0].node
+        over = ": softmax over queries: no fused kernel" if r in (3, 4) and axis % r == r - 2 else ""
+        raise NoMatch(soft, "Softmax over the last (key) axis of [B,H,T,S] logits", f"axis {axis} of rank {r}{over}")
+    pv, v, v_perm, out_perm = _mix(soft, r)
     logits, mask = _mask_chain(through_cast(soft.inputs[0], upstream=True), dims(soft.outputs[0]))
+    logits = through_cast(logits, upstream=True)  # fp16 logits cast up to fp32 before the mask (the contract)
+    if logits.dtype != v.dtype:
+        raise NoMatch(soft, "logits in the precision of v (the fused op has one)", f"{logits.dtype} and {v.dtype}")
     if not single_use(logits):
         raise NoMatch(logits.producer(), "logits used once", f"{len(list(logits.uses()))} uses")
+    mask = _causal_bias_as_mode(mask, dims(soft.outputs[0]))
     inner, scale = scaled(logits)
-    qk = producer(inner, "MatMul")
-    if qk is None:
-        raise NoMatch(soft, "logits = scale * MatMul(q, k^T)", found_op(inner))
-    (q, qs), (kt, ks), v = scaled(qk.inputs[0]), scaled(qk.inputs[1]), pv.inputs[1]
-    dq, dk, dv = dims(q), dims(kt), dims(v)
-    if dq is None or dk is None or dv is None or not (len(dq) == len(dk) == len(dv) == r):
-        raise NoMatch(qk, f"q, k^T, v of rank {r}", f"shapes {dq}, {dk}, {dv}")
-    if not isinstance(dq[-1], int) or dq[-1] != dk[-2] or not isinstance(dv[-1], int):
-        raise NoMatch(qk, "a product over a constant head dim (q [..,T,d] @ k^T [..,d,S])", f"{dq} @ {dk}")
-    if not same_dim(dk[-1], dv[-2]):
-        raise NoMatch(pv, "v's rows = the keys of k^T", f"k^T {dk}, v {dv}")
-    if r == 4 and not (isinstance(dq[1], int) and dq[1] == dk[1] == dv[1]):
-        raise NoMatch(qk, "the same constant head count on q, k, v (axis 1)", f"{dq[1]}, {dk[1]}, {dv[1]}")
-    return Core(
+    qk, q, kt, qk_scale, q_perm, kt_perm = _qk(soft, inner, r)
+    core = Core(
         "softmax_core",
         pv,
         pv.outputs[0],
         q,
         kt,
         v,
-        scale * qs * ks,
+        scale * qk_scale,
         mask.get("parts"),
         mask.get("allowed"),
         mask.get("negated", False),
         mask.get("bias"),
+        q_perm=q_perm,
+        kt_perm=kt_perm,
+        v_perm=v_perm,
+        out_perm=out_perm,
     )
+    if r == 4:
+        _ungroup_kv(core)
+    _check_shapes(core, qk, pv, r)
+    return core
+
+
+def _causal_bias_as_mode(mask: dict, logits_dims: tuple) -> dict:
+    """An additive causal mask (Llama's ``triu(full(finfo.min), 1)``) becomes the causal part of a
+    recognised mask, so the fused op runs in its causal mode instead of adding a [T,S] bias; it
+    stays a bias beside an unrecognised boolean mask."""
+    bias = mask.get("bias")
+    if bias is None or mask.get("allowed") is not None:
+        return mask
+    if not additive_causal(bias, logits_dims[-2], logits_dims[-1], FILL_LIMIT):
+        return mask
+    parts = mask.get("parts") or {"kpm": None}
+    return {**mask, "bias": None, "parts": {**parts, "causal": 1}}
+
+
+def _ungroup_kv(core: Core) -> None:
+    """Grouped-query keys / values repeated to every head (repeat_kv) -> the unrepeated ones, so
+    the fused op reads each K/V head once."""
+    k4 = core.kt if core.kt_perm == (0, 1, 3, 2) else None
+    if core.kt_perm is None and (t := producer(core.kt, "Transpose")) is not None and perm_of(t) == (0, 1, 3, 2):
+        k4 = t.inputs[0]
+    k_src = repeated_heads(k4) if k4 is not None else None
+    v_src = repeated_heads(core.v) if core.v_perm is None else None
+    if k_src is None or v_src is None or k_src[1] != v_src[1]:
+        return
+    core.kt, core.kt_perm, core.v = k_src[0], (0, 1, 3, 2), v_src[0]
+
+
+def _check_shapes(core: Core, qk: ir.Node, pv: ir.Node, r: int) -> None:
+    """q [..,T,d] @ k^T [..,d,S], v [..,S,dv], one constant head count (rank 4); raises NoMatch."""
+    dq, dk, dv = core.canonical("q"), core.canonical("kt"), core.canonical("v")
+    if dq is None or dk is None or dv is None or not (len(dq) == len(dk) == len(dv) == r):
+        raise NoMatch(qk, f"q, k^T, v of rank {r}", f"shapes {dq}, {dk}, {dv}")
+    if not isinstance(dq[-1], int) or dq[-1] != dk[-2] or not isinstance(dv[-1], int):
+        raise NoMatch(qk, "a product over a constant head dim (q [..,T,d] @ k^T [..,d,S])", f"{dq} @ {dk}")
+    if not same_dim(dk[-1], dv[-2]):
+        raise NoMatch(pv, "v's rows = the keys of k^T", f"k^T {dk}, v {dv}")
+    if r == 4 and not (isinstance(dq[1], int) and isinstance(dk[1], int) and dk[1] == dv[1] and dq[1] % dk[1] == 0):
+        raise NoMatch(qk, "constant head counts on q, k, v (axis 1; k, v: H or H/g)", f"{dq[1]}, {dk[1]}, {dv[1]}")
 
 
 def match_onnx_attention(node: ir.Node) -> Core:
@@ -218,11 +296,11 @@ def match_onnx_attention(node: ir.Node) -> Core:
         or len(dq) != 4
         or not isinstance(dq[1], int)
         or not isinstance(dq[3], int)
-        or not (dq[1] == dk[1] == dv[1])
+        or not (dk[1] == dv[1] and isinstance(dk[1], int) and dq[1] % dk[1] == 0)
     ):
-        raise NoMatch(node, "4-D q, k, v [B,H,X,d] with one constant head count", f"{dq}, {dk}, {dv}")
+        raise NoMatch(node, "4-D q, k, v [B,H,X,d] with constant head counts (k, v: H or H/g)", f"{dq}, {dk}, {dv}")
     scale = attr(node, "scale", None)
-    core = Core("onnx_attention", node, node.outputs[0], q, k, v, scale or float(dq[3]) ** -0.5, k=k)
+    core = Core("onnx_attention", node, node.outputs[0], q, k, v, scale or float(dq[3]) ** -0.5, kt_perm=(0, 1, 3, 2))
     mask = node.inputs[3] if len(node.inputs) > 3 else None
     causal = int(attr(node, "is_causal", 0))
     if causal and not same_dim(dq[2], dk[2]):
@@ -237,27 +315,43 @@ def match_onnx_attention(node: ir.Node) -> Core:
             raise NoMatch(node, "is_causal with no mask, or a recognised key padding mask", found_op(mask))
         else:
             core.allowed = mask
+    elif mask is not None and not causal and additive_causal(mask, dq[2], dk[2], FILL_LIMIT):
+        core.parts = {"kpm": None, "causal": 1}  # torch's float form of nn.MultiheadAttention's causal mask
     else:
         core.bias, core.parts = mask, {"kpm": None, "causal": causal}
+    _ungroup_kv(core)
     return core
 
 
 # ---------------------------------------------------------------------------------------------
 # rewrite
 # ---------------------------------------------------------------------------------------------
-def _to_3d(b: Builder, x: ir.Value, perm: list[int], heads: int, head_dim: int, seq) -> ir.Value:
-    """A heads tensor -> [B,X,H*d] (the split's source when x is a view + transpose of one)."""
-    if perm == [0, 2, 1, 3]:
-        src = split_heads_source(x, (0, 2, 1, 3))
-        if src is not None:
-            return src
-    if perm == [0, 3, 1, 2]:
-        src = split_heads_source(x, (0, 2, 3, 1))
-        if src is not None:
-            return src
-    d = dims(x)
-    t = b.op("Transpose", [x], {"perm": perm}, dtype=x.dtype, shape=[d[p] for p in perm])
-    return b.op("Reshape", [t, b.ints([0, 0, heads * head_dim])], dtype=x.dtype, shape=(d[0], seq, heads * head_dim))
+def _to_3d(b: Builder, x: ir.Value, perm: tuple, heads: int, head_dim: int) -> ir.Value:
+    """Transpose(x, perm) = [B,X,H,d] -> [B,X,H*d]: the split's source where x is a view (+
+    transpose) of one, else one Transpose (through the chain that made x) and a Reshape."""
+    inv = inverse_perm(perm)
+    src = split_heads_source(x, inv) if inv != (0, 1, 2, 3) else _viewed_source(x)
+    if src is not None:
+        return src
+    t = transposed(b, x, list(perm))
+    d = dims(t)
+    shape = None if d is None else (d[0], d[1], heads * head_dim)
+    return b.op("Reshape", [t, b.ints([0, 0, heads * head_dim])], dtype=x.dtype, shape=shape)
+
+
+def _viewed_source(x: ir.Value) -> ir.Value | None:
+    """x = Reshape(src [B,X,H*d]) to [B,X,H,d] -> src."""
+    node = producer(x, "Reshape")
+    d3, d4 = dims(node.inputs[0]) if node is not None else None, dims(x)
+    if d3 is None or d4 is None or len(d3) != 3 or len(d4) != 4 or not all(isinstance(v, int) for v in d4[2:]):
+        return None
+    ok = d3[2] == d4[2] * d4[3] and same_dim(d3[0], d4[0]) and same_dim(d3[1], d4[1])
+    return node.inputs[0] if ok else None
+
+
+def _compose(perm: tuple | None, then: tuple) -> tuple:
+    """The perm of Transpose(Transpose(x, perm), then)."""
+    return then if perm is None else tuple(perm[p] for p in then)
 
 
 def _bias_4d(b: Builder, bias: ir.Value, q3: ir.Value, k3: ir.Value) -> ir.Value:
@@ -271,21 +365,24 @@ def _bias_4d(b: Builder, bias: ir.Value, q3: ir.Value, k3: ir.Value) -> ir.Value
 def rewrite(core: Core, target: str) -> None:
     """Replace the core by one fused op on [B,X,H*d] tensors."""
     b = Builder(core.anchor, "std_attn")
-    dq, dv = dims(core.q), dims(core.v)
+    dq, dv = core.canonical("q"), core.canonical("v")
     four = len(dq) == 4
-    heads, d, seq = (dq[1] if four else 1), dq[-1], dq[-2]
-    if not four:
-        q3, v3 = core.q, core.v
-        k3 = b.op("Transpose", [core.kt], {"perm": [0, 2, 1]}, dtype=core.kt.dtype, shape=None)
+    heads, kv_heads, d = (dq[1] if four else 1), (dv[1] if four else 1), dq[-1]
+    if four:
+        q3 = _to_3d(b, core.q, _compose(core.q_perm, (0, 2, 1, 3)), heads, d)
+        k3 = _to_3d(b, core.kt, _compose(core.kt_perm, (0, 3, 1, 2)), kv_heads, d)
+        v3 = _to_3d(b, core.v, _compose(core.v_perm, (0, 2, 1, 3)), kv_heads, dv[-1])
     else:
-        q3 = _to_3d(b, core.q, [0, 2, 1, 3], heads, d, seq)
-        v3 = _to_3d(b, core.v, [0, 2, 1, 3], heads, dv[-1], dv[-2])
-        k3 = (
-            _to_3d(b, core.k, [0, 2, 1, 3], heads, d, dv[-2])
-            if core.k is not None
-            else _to_3d(b, core.kt, [0, 3, 1, 2], heads, d, dv[-2])
-        )
-    out_dims = (dq[0], seq, heads * dv[-1])
+        q3 = transposed(b, core.q, list(core.q_perm or (0, 1, 2)))
+        k3 = transposed(b, core.kt, list(_compose(core.kt_perm, (0, 2, 1))))
+        v3 = transposed(b, core.v, list(core.v_perm or (0, 1, 2)))
+    out_dims = (dq[0], dq[-2], heads * dv[-1])
+    if kv_heads != heads and gqa_fits(core, target):
+        o3 = _group_query_attention(b, q3, k3, v3, heads, kv_heads, core.scale, out_dims)
+        _replace_output(b, core, o3, heads, dv[-1])
+        return
+    if kv_heads != heads:
+        k3, v3 = (_repeat_heads(b, x, kv_heads, heads // kv_heads, w) for x, w in ((k3, d), (v3, dv[-1])))
     allowed = core.allowed
     if core.negated:
         allowed = b.op("Not", [core.allowed], dtype=ir.DataType.BOOL, shape=dims(core.allowed))
@@ -295,14 +392,73 @@ def rewrite(core: Core, target: str) -> None:
             o3 = _zero_empty_rows(b, o3, allowed, (core.parts or {}).get("kpm"))
     else:
         o3 = _emit_with_bias(b, target, q3, k3, v3, heads, core, out_dims)
-    target_value = merged_heads_target(core.out) if four else None
+    _replace_output(b, core, o3, heads, dv[-1])
+
+
+def _replace_output(b: Builder, core: Core, o3: ir.Value, heads: int, dv: int) -> None:
+    """Point the core's output (or the head merge that follows it) at the fused op's [B,T,H*dv]."""
+    if len(core.canonical("out")) == 3:
+        replace_value(core.out, transposed(b, o3, list(core.out_perm or (0, 1, 2))))
+        return
+    perm = _compose((0, 2, 1, 3), core.out_perm or (0, 1, 2, 3))  # the output from [B,T,H,dv]
+    merged = {(0, 2, 1, 3): merged_heads_target, (0, 1, 2, 3): _merged_view_target}.get(perm, lambda _: None)
+    target_value = merged(core.out)
     if target_value is not None:
         replace_value(target_value, o3)
         return
-    if four:
-        o4 = b.op("Reshape", [o3, b.ints([0, 0, heads, dv[-1]])], dtype=o3.dtype, shape=None)
-        o3 = b.op("Transpose", [o4], {"perm": [0, 2, 1, 3]}, dtype=o3.dtype, shape=dims(core.out))
-    replace_value(core.out, o3)
+    d3 = dims(o3)
+    shape = None if d3 is None else (d3[0], d3[1], heads, dv)
+    o4 = b.op("Reshape", [o3, b.ints([0, 0, heads, dv])], dtype=o3.dtype, shape=shape)
+    replace_value(core.out, transposed(b, o4, list(perm)))
+
+
+def _merged_view_target(o: ir.Value) -> ir.Value | None:
+    """o [B,T,H,d] -> Reshape [B,T,H*d]: the Reshape's output."""
+    uses = list(o.uses())
+    if not single_use(o) or uses[0].node.op_type != "Reshape" or uses[0].idx != 0:
+        return None
+    out = uses[0].node.outputs[0]
+    d, do = dims(out), dims(o)
+    ok = d is not None and do is not None and len(d) == 3 and isinstance(do[2], int) and isinstance(do[3], int)
+    return out if ok and d[2] == do[2] * do[3] else None
+
+
+def gqa_fits(core: Core, target: str) -> bool:
+    """Whether com.microsoft.GroupQueryAttention computes the core: target ort, causal
+    self-attention with no other mask (its CPU kernel is causal only; without a cache, its
+    seqlens_k / total_sequence_length say every key is real)."""
+    parts = core.parts or {}
+    return (
+        target == "ort"
+        and core.bias is None
+        and core.allowed is None
+        and parts.get("kpm") is None
+        and bool(parts.get("causal"))
+    )
+
+
+def _group_query_attention(b: Builder, q3, k3, v3, heads: int, kv_heads: int, scale: float, out_dims) -> ir.Value:
+    """GroupQueryAttention on q [B,T,H*d], k / v [B,S=T,Hkv*d], no cache: seqlens_k = S - 1 per row
+    (the last key's index) and total_sequence_length = S, both int32."""
+    i32 = ir.DataType.INT32
+    length = b.op("Shape", [k3], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))
+    length = b.op("Cast", [length], {"to": i32}, dtype=i32, shape=(1,))
+    last = b.op("Sub", [length, b.const(np.ones(1, np.int32), "one")], dtype=i32, shape=(1,))
+    rows = b.op("Shape", [k3], {"start": 0, "end": 1}, dtype=ir.DataType.INT64, shape=(1,))
+    seqlens = b.op("Expand", [last, rows], dtype=i32, shape=(out_dims[0],))
+    total = b.op("Squeeze", [length], dtype=i32, shape=())
+    attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(scale)}
+    inputs = [q3, k3, v3, None, None, seqlens, total]
+    return b.op("GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, dtype=q3.dtype, shape=out_dims)
+
+
+def _repeat_heads(b: Builder, x3: ir.Value, kv_heads: int, rep: int, head_dim: int) -> ir.Value:
+    """[B,S,Hkv*d] -> [B,S,Hkv*rep*d], head h reading head h // rep (repeat_kv / Attention-23's groups)."""
+    x5 = b.op("Reshape", [x3, b.ints([0, 0, kv_heads, 1, head_dim])], dtype=x3.dtype, shape=None)
+    x5 = b.op("Expand", [x5, b.ints([1, 1, 1, rep, 1])], dtype=x3.dtype, shape=None)
+    d = dims(x3)
+    shape = None if d is None else (d[0], d[1], kv_heads * rep * head_dim)
+    return b.op("Reshape", [x5, b.ints([0, 0, kv_heads * rep * head_dim])], dtype=x3.dtype, shape=shape)
 
 
 def _zero_empty_rows(b: Builder, o3: ir.Value, allowed: ir.Value | None, kpm: ir.Value | None) -> ir.Value:
@@ -333,6 +489,11 @@ def _emit_with_bias(b: Builder, target: str, q3, k3, v3, heads: int, core: Core,
             dtype=q3.dtype,
             shape=out_dims,
         )
+    # ORT's Attention-23 overflows a finfo.min bias to -inf and zeroes a row that has nothing else,
+    # where PyTorch's s + finfo.min is uniform: half of finfo.min keeps such a row uniform, and
+    # exp still underflows to 0 for a masked key beside a real one.
+    floor = b.const(np.array(np.finfo(q3.dtype.numpy()).min / 2, dtype=q3.dtype.numpy()), "bias_floor")
+    bias = b.op("Max", [bias, floor], dtype=bias.dtype, shape=None)
     attrs = {"q_num_heads": heads, "kv_num_heads": heads, "scale": float(core.scale), "is_causal": causal}
     return b.op("Attention", [q3, k3, v3, bias], attrs, dtype=q3.dtype, shape=out_dims)
 
@@ -343,6 +504,12 @@ def check_rewritable(core: Core, target: str) -> None:
     if core.bias is not None and (parts.get("kpm") is not None or core.allowed is not None):
         raise NoMatch(
             core.anchor, "an additive mask with at most a causal boolean mask", "an additive and a padding mask"
+        )
+    if core.bias is not None and parts.get("causal") and target != "ort":
+        raise NoMatch(
+            core.anchor,
+            "on target trt / portable, an additive mask without causality",
+            "an additive and a causal mask (ORT's Attention-23 and PyTorch then differ on rows with no allowed key)",
         )
     if core.bias is not None and core.bias.dtype != core.q.dtype:
         raise NoMatch(core.anchor, f"an additive mask of q's type {core.q.dtype}", str(core.bias.dtype))
@@ -380,6 +547,32 @@ def fuse_standard_attention(model: ir.Model, target: str) -> int:
     return count
 
 
+def full_query_axis_masks(model: ir.Model) -> int:
+    """Expand every ONNX Attention mask whose query axis is 1 ([B,H|1,1,S]: what torch exports for
+    SDPA / nn.MultiheadAttention key padding) to the queries' length: ONNX broadcasts it, but ORT's
+    CPU Attention-23 requires the full axis and fails the graph. Returns how many."""
+    count = 0
+    for node in scope_nodes(model):
+        mask = node.inputs[3] if node.op_type == "Attention" and node.domain == "" and len(node.inputs) > 3 else None
+        dm, dq = dims(mask), dims(node.inputs[0])
+        if dm is None or dq is None or len(dm) < 2 or dm[-2] != 1 or len(dq) not in (3, 4):
+            continue
+        t_axis = 2 if len(dq) == 4 else 1
+        if dq[t_axis] == 1:
+            continue
+        b = Builder(node, "mask")
+        i64 = ir.DataType.INT64
+        parts = [b.op("Shape", [node.inputs[0]], {"start": t_axis, "end": t_axis + 1}, dtype=i64, shape=(1,))]
+        parts.append(b.op("Shape", [mask], {"start": len(dm) - 1}, dtype=i64, shape=(1,)))
+        if len(dm) > 2:
+            parts.insert(0, b.op("Shape", [mask], {"start": 0, "end": len(dm) - 2}, dtype=i64, shape=(len(dm) - 2,)))
+        shape = b.op("Concat", parts, {"axis": 0}, dtype=i64, shape=(len(dm),))
+        full = b.op("Expand", [mask, shape], dtype=mask.dtype, shape=(*dm[:-2], dq[t_axis], dm[-1]))
+        node.replace_input_with(3, full)
+        count += 1
+    return count
+
+
 class FuseStandardAttentionPass(ir.passes.InPlacePass):
     """Standard attention cores -> fused attention for ``target``, then projection packing."""
 
@@ -393,4 +586,6 @@ class FuseStandardAttentionPass(ir.passes.InPlacePass):
         packed = pack_projections(model) if fused else 0
         op = "MultiHeadAttention" if self.target == "ort" else "Attention"
         self.counts = {f"{op} (standard)": fused, "packed MatMul": packed}
-        return ir.passes.PassResult(model, bool(fused))
+        if self.target != "ort":
+            self.counts["Attention mask expanded"] = full_query_axis_masks(model)
+        return ir.passes.PassResult(model, bool(fused or self.counts.get("Attention mask expanded")))

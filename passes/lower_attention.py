@@ -220,6 +220,7 @@ def _allowed_from_parts(b: Builder, parts: dict, q, k) -> ir.Value | None:
             "Squeeze", [b.op("Sub", [s, t], dtype=ir.DataType.INT64, shape=(1,))], dtype=ir.DataType.INT64, shape=()
         )
         tril = b.op("Trilu", [ones, offset], {"upper": 0}, dtype=ir.DataType.BOOL, shape=None)
+        tril = b.op("Unsqueeze", [tril, b.ints([0, 1])], dtype=ir.DataType.BOOL, shape=None)  # [1,1,T,S]
         mask = tril if mask is None else b.op("And", [mask, tril], dtype=ir.DataType.BOOL, shape=None)
     return mask
 

@@ -53,3 +53,23 @@ class ScaledAfterSoftmax(_Projections):
         q, k, v = self.qkv(x)
         w = torch.softmax(q @ k.transpose(-1, -2) * HEAD**-0.5, dim=-1) * self.gain
         return self.merge(w @ v)
+
+
+class EinsumMixOverQueries(_Projections):
+    """An einsum mix contracting the query axis ('bhqk,bhqd->bhkd'): values weighted along the wrong axis."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        w = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) * HEAD**-0.5, dim=-1)
+        return self.merge(torch.einsum("bhqk,bhqd->bhkd", w, v))
+
+
+class SoftCausalPenalty(_Projections):
+    """A Llama-style triu added to the logits, but of -1.0: a soft penalty on future keys, not a
+    causal mask (it must stay an additive bias, never the fused op's causal mode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        w = q @ k.transpose(-1, -2) * HEAD**-0.5 + torch.triu(torch.full((t, t), -1.0), diagonal=1)
+        return self.merge(torch.softmax(w, dim=-1) @ v)

@@ -8,6 +8,7 @@ loops), not copied from those projects. D = 32, H = 4 heads of d = 8 unless said
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -16,6 +17,20 @@ from torch import nn
 
 D, H, MAX_LEN = 32, 4, 256
 HEAD = D // H
+KV_HEADS = 2  # grouped-query entries: H / KV_HEADS query heads share each key / value head
+
+
+@contextlib.contextmanager
+def sized(d_model: int, heads: int, max_len: int):
+    """The styles at another size (benchmarks/corpus.py: realistic D, H and T): the modules read
+    D, H, HEAD and MAX_LEN when built and run, so they are set for the block and restored."""
+    global D, H, HEAD, MAX_LEN
+    saved = D, H, HEAD, MAX_LEN
+    D, H, HEAD, MAX_LEN = d_model, heads, d_model // heads, max_len
+    try:
+        yield
+    finally:
+        D, H, HEAD, MAX_LEN = saved
 
 
 class _Projections(nn.Module):
@@ -243,6 +258,26 @@ class Einsum(_Projections):
         return self.merge(torch.einsum("bhts,bhsd->bhtd", w.softmax(-1), v))
 
 
+class EinsumHeadsLast(_Projections):
+    """einsum on the view itself, heads second to last: 'bqhd,bkhd->bhqk' and 'bhqk,bkhd->bqhd'."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, H, HEAD) for p in (self.q, self.k, self.v))
+        w = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(HEAD)
+        return self.o(torch.einsum("bhqk,bkhd->bqhd", w.softmax(dim=-1), v).reshape(b, t, D))
+
+
+class EinsumHeadsFolded(_Projections):
+    """Heads folded into the batch ([B*H, T, d], as fairseq / bmm code does), einsum 'bqd,bkd->bqk'."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (z.reshape(b * H, t, HEAD) for z in self.qkv(x))
+        w = torch.einsum("bqd,bkd->bqk", q * HEAD**-0.5, k).softmax(dim=-1)
+        return self.merge(torch.einsum("bqk,bkd->bqd", w, v).view(b, H, t, HEAD))
+
+
 class ScaleOnQ(_Projections):
     """The scale folded into q before the product (q * d^-0.5) @ k^T."""
 
@@ -319,3 +354,89 @@ class DropoutEval(_Projections):
         q, k, v = self.qkv(x)
         w = self.attn_drop(torch.softmax(q @ k.transpose(-2, -1) * HEAD**-0.5, dim=-1))
         return self.proj_drop(self.merge(w @ v))
+
+
+class _GroupedProjections(nn.Module):
+    """Grouped-query attention's projections (Llama-2-70B / Mistral): KV_HEADS key / value heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.o = nn.Linear(D, D, bias=False), nn.Linear(D, D, bias=False)
+        self.k, self.v = (nn.Linear(D, KV_HEADS * HEAD, bias=False) for _ in range(2))
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, H, HEAD).transpose(1, 2)
+        k, v = (p(x).view(b, t, KV_HEADS, HEAD).transpose(1, 2) for p in (self.k, self.v))
+        return q, k, v
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = o.shape
+        return self.o(o.transpose(1, 2).reshape(b, t, D))
+
+
+def repeat_kv(t: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """HF Llama's repeat_kv: [B, Hkv, S, d] -> [B, Hkv * n_rep, S, d] by expand + reshape."""
+    b, kv, s, d = t.shape
+    return t[:, :, None, :, :].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)
+
+
+class GqaRepeatKvEager(_GroupedProjections):
+    """HF Llama eager with GQA: repeat_kv, q k^T * d^-0.5 + triu(finfo.min) causal mask, fp32 softmax."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        k, v = repeat_kv(k, H // KV_HEADS), repeat_kv(v, H // KV_HEADS)
+        t = x.shape[1]
+        w = torch.matmul(q, k.transpose(2, 3)) * HEAD**-0.5
+        w = w + torch.triu(torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype), diagonal=1)
+        w = nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.merge(torch.matmul(w, v))
+
+
+class GqaRepeatInterleaveSdpa(_GroupedProjections):
+    """GQA with repeat_interleave on the head axis, then causal SDPA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        k, v = (z.repeat_interleave(H // KV_HEADS, dim=1) for z in (k, v))
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+class GqaSdpaEnable(_GroupedProjections):
+    """SDPA's own GQA: F.scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+
+
+class GqaPaddingRepeatKv(_GroupedProjections):
+    """GQA (repeat_kv) with a key padding mask and no causality (an encoder): K/V expanded once."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        k, v = repeat_kv(k, H // KV_HEADS), repeat_kv(v, H // KV_HEADS)
+        s = (q @ k.transpose(-1, -2) * HEAD**-0.5).masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
+class GqaTiledCausal(_GroupedProjections):
+    """K/V heads tiled with .repeat (head h reads kv head h % Hkv, not h // rep): standard attention
+    on the repeated tensors, but not GroupQueryAttention's grouping."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        k, v = (z.repeat(1, H // KV_HEADS, 1, 1) for z in (k, v))
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+class MultiQueryBroadcast(_GroupedProjections):
+    """Multi-query attention by broadcasting: one key / value head [B,1,S,d] against every query head."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, H, HEAD).transpose(1, 2)
+        k, v = (p(x)[..., :HEAD].unsqueeze(1) for p in (self.k, self.v))
+        w = torch.softmax(q @ k.transpose(-1, -2) * HEAD**-0.5, dim=-1)
+        return self.merge(w @ v)
