@@ -87,7 +87,7 @@ def test_graph_inputs_outputs_follow_optimum(mha, dcmha) -> None:
     model = onnx.load(dcmha[1])
     inputs = {v.name: dims(v) for v in model.graph.input}
     assert inputs["past_key_values.0.key_factors"] == ["batch", "past_window3", 2, 5, 4]
-    assert inputs["past_key_values.1.key"] == ["batch", 4, "past", 8]
+    assert inputs["past_key_values.1.key"] == ["batch", "past", 4, 8]  # token-major: what DcmhaAttention reads
     meta = json.loads({p.key: p.value for p in model.metadata_props}[DECODE_KEY])
     assert [c["limit"] for c in meta["caches"]] == [3, 3, 3, None, None, None]
     assert "compose factors" in meta["caches"][2]["holds"]
@@ -109,7 +109,7 @@ def test_prefill_and_decode_match_full_forward_row_by_row(which, request) -> Non
 def test_window_layer_cache_keeps_only_its_window(dcmha) -> None:
     session = DecodeSession(dcmha[1])
     session.prefill(np.arange(10, dtype=np.int64)[None])
-    lengths = [value.shape()[2 if value.shape()[-1] == 8 else 1] for value in session.past]
+    lengths = [value.shape()[1] for value in session.past]  # dcmha caches are token-major
     assert lengths == [WINDOW - 1] * 3 + [10] * 3
 
 
