@@ -35,9 +35,12 @@ def rank(value: ir.Value | None) -> int | None:
 
 
 def same_dim(a: Any, b: Any) -> bool:
-    """Two dims known to be equal: equal ints, or the same named symbol."""
+    """Two dims known to be equal: equal ints, or the same named symbol or symbolic expression
+    (spacing aside: the exporter names a dim ``past+seq`` where shape inference writes ``past + seq``)."""
     if a is None or b is None:
         return False
+    if isinstance(a, str) and isinstance(b, str):
+        return a.replace(" ", "") == b.replace(" ", "")
     return a == b
 
 
