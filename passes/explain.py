@@ -19,7 +19,7 @@ from ._ir_utils import Scope, scopes, to_ir
 from ._match import NoMatch, describe
 from .normalize_hosseini import merged_cores
 
-_THROUGH = ("Cast", "Where", "Add", "Mul", "Div", "Sub")
+_THROUGH = ("Cast", "Where", "Add", "Mul", "Div", "Sub", "Squeeze", "Unsqueeze", "Reshape")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Outcome:
         return f"{self.core}: fused" if self.fused else f"{self.core}: not fused: {self.reason}"
 
 
-def _reaches_product(value: ir.Value, depth: int = 8) -> bool:
+def _reaches_product(value: ir.Value, depth: int = 24) -> bool:
     """Whether ``value`` is a q·k product seen through up to ``depth`` elementwise / mask nodes."""
     for _ in range(depth):
         node = value.producer()

@@ -9,7 +9,7 @@ two guards:
   bodies of our ``ai.attn2onnx`` ops (and the native kernels would no longer be called). The
   stage detaches those bodies from the model while it runs (our nodes are then opaque nodes of an
   unknown domain to it) and attaches them again after, untouched.
-* It runs on a clone; a model it cannot handle (it raises) keeps the pipeline's result, and the
+* It runs on an independent copy; a model it cannot handle (it raises) keeps the pipeline's result, and the
   stage reports no change. A stage that fused nothing also leaves the model as it was (the
   optimizer's constant folding and renaming alone are not worth a different graph).
 """
@@ -40,6 +40,14 @@ def _run_fusions(model: ir.Model) -> dict[str, int]:
     return {name: n for name, n in counts.items() if n}
 
 
+def _independent_copy(model: ir.Model) -> ir.Model:
+    """A copy sharing no tensor with ``model``. ``Model.clone`` shares the constant tensors, and
+    the onnxscript optimizer renames values, which renames their tensors: through a shared tensor
+    that renamed initializers of the model the stage was meant to leave alone, and of the
+    ModelProto the caller passed to ``optimize_model``."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
 class OrtFusionStage(ir.passes.InPlacePass):
     """onnxscript's ORT fusions on what the project's passes left; ``counts``: fusions applied."""
 
@@ -49,7 +57,7 @@ class OrtFusionStage(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         try:
-            work = model.clone()
+            work = _independent_copy(model)
             self.counts = _run_fusions(work)
         except Exception as err:  # noqa: BLE001 - a third-party rewriter: any failure means "not this model"
             logger.debug("onnxscript ORT fusions skipped: %s", err)

@@ -217,3 +217,4 @@ def test_optimize_cli_reports_the_fusion(mask_input_layer, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "fused {'DcmhaAttention': 1}" in proc.stdout, proc.stdout
+    assert "attention cores: 1, fused 1" in proc.stdout, proc.stdout

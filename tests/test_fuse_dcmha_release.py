@@ -20,6 +20,7 @@ from plain_dcmha import run_ort
 import attn2onnx
 from attn2onnx.passes import optimize_model
 from attn2onnx.passes._ir_utils import count_ops
+from attn2onnx.passes.explain import explain
 
 BASE = dict(vocab_size=64, n_head=4, dim=32, rope_base=10000.0)
 LAYERS = {  # name -> (config, fast_infer, layer index)
@@ -103,6 +104,8 @@ def test_release_layer_fuses_into_one_dcmha_attention(exported, name):
     assert attrs["window"] == (config["window_size"] + 1 if config["window_size"] else 0)  # the release's W + 1 keys
     assert attrs["use_static_mix"] == int(config.get("use_sw", False))
     _assert_same(stock, fused)
+    outcomes = explain(stock, target="ort")  # the release's compose sums hide the q.k product behind Squeeze / Add
+    assert len(outcomes) == 1 and outcomes[0].fused, outcomes
 
 
 def test_release_lm_fuses_one_dcmha_attention_per_layer(exported):
