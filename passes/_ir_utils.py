@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -34,13 +36,30 @@ def rank(value: ir.Value | None) -> int | None:
     return None if d is None else len(d)
 
 
+_FACTOR = r"(?:[A-Za-z_][A-Za-z_0-9]*|[0-9]+)"
+_SUM_OF_PRODUCTS = re.compile(rf"[+-]?{_FACTOR}(?:\*{_FACTOR})*(?:[+-]{_FACTOR}(?:\*{_FACTOR})*)*")
+
+
+def canonical_dim(expr: str) -> str:
+    """A symbolic dim written one way: spacing dropped, and a sum of products of names and
+    integers with its terms and factors sorted (shape inference writes ``seq + past`` for one
+    layer and ``past + seq`` for the next). Anything else (Min, parentheses) only loses its spaces.
+    Plain string work: a dim is never evaluated (it comes from the model file)."""
+    text = expr.replace(" ", "")
+    if not _SUM_OF_PRODUCTS.fullmatch(text):
+        return text
+    terms = re.findall(r"([+-]?)([^+-]+)", text)
+    return "".join(sorted(f"{sign or '+'}{'*'.join(sorted(term.split('*')))}" for sign, term in terms))
+
+
 def same_dim(a: Any, b: Any) -> bool:
     """Two dims known to be equal: equal ints, or the same named symbol or symbolic expression
-    (spacing aside: the exporter names a dim ``past+seq`` where shape inference writes ``past + seq``)."""
+    (:func:`canonical_dim`: the exporter names a dim ``past+seq`` where shape inference writes
+    ``past + seq`` or ``seq + past``)."""
     if a is None or b is None:
         return False
     if isinstance(a, str) and isinstance(b, str):
-        return a.replace(" ", "") == b.replace(" ", "")
+        return canonical_dim(a) == canonical_dim(b)
     return a == b
 
 

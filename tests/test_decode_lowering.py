@@ -22,7 +22,7 @@ from attn2onnx.passes.pipeline import build_passes
 from attn2onnx.runtime import session
 from attn2onnx.validate import compare_decode, decode_cases
 
-LAYERS, D, N, MAX_LEN = 2, 32, 4, 64
+LAYERS, D, N, MAX_LEN = 4, 32, 4, 64  # 4: shape inference names the keys `seq + past` from layer 2 on
 FUSED = "MultiHeadAttention"
 
 

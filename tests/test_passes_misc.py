@@ -130,3 +130,21 @@ def test_fusion_is_idempotent(exported, name):
     assert [(n.op_type, list(n.input)) for n in once.graph.node] == [
         (n.op_type, list(n.input)) for n in twice.graph.node
     ]
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "equal"),
+    [
+        ("past+seq", "past + seq", True),
+        ("seq + past", "past+seq", True),  # shape inference's order differs between layers
+        ("2*batch + seq", "seq+batch*2", True),
+        ("min(past_window7+seq, 7)", "min(past_window7 + seq,7)", True),
+        ("past-seq", "past+seq", False),
+        ("past+seq", "past+seq+1", False),
+        ("seq", "past", False),
+        ("min(a+b, 7)", "min(b+a, 7)", False),  # not a plain sum: compared as written
+    ],
+)
+def test_same_dim_reads_sums_in_any_order(a, b, equal):
+    assert same_dim(a, b) is equal
+    assert same_dim(b, a) is equal
