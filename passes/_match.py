@@ -6,6 +6,8 @@ check failed (node, what was expected, what was found), in the style of onnxscri
 
 from __future__ import annotations
 
+import string
+
 import numpy as np
 import onnx_ir as ir
 
@@ -232,14 +234,52 @@ def merged_heads_target(o: ir.Value) -> ir.Value | None:
 
 
 def parse_equation(node: ir.Node) -> tuple[list[str], str] | None:
-    """An Einsum's equation as (input letter strings, output letters); None with '...' or no '->'."""
+    """An Einsum's equation as (input letter strings, output letters), '...' spelled out (see
+    :func:`einsum_terms`); None where :func:`einsum_terms` refuses it."""
+    try:
+        return einsum_terms(node)
+    except NoMatch:
+        return None
+
+
+def einsum_terms(node: ir.Node) -> tuple[list[str], str]:
+    """An Einsum's equation as (input letter strings, output letters), an ellipsis spelled out as
+    letters of its own, so a rule reads ``...qd,...kd->...qk`` as it reads ``bhqd,bhkd->bhqk``;
+    raises NoMatch without an explicit output ('->') or where '...' cannot be spelled out."""
     eq = attr(node, "equation")
     if isinstance(eq, bytes):
         eq = eq.decode()
-    if not isinstance(eq, str) or "..." in eq or "->" not in eq:
-        return None
+    if not isinstance(eq, str) or "->" not in eq:
+        raise NoMatch(node, "an Einsum equation with an explicit output ('->')", repr(eq))
     lhs, out = eq.replace(" ", "").split("->")
-    return lhs.split(","), out
+    terms = lhs.split(",")
+    return (terms, out) if "..." not in eq else _spell_out(node, terms, out)
+
+
+def _spell_out(node: ir.Node, terms: list[str], out: str) -> tuple[list[str], str]:
+    """Replace '...' by fresh letters (unused in the equation), one per ellipsis axis: an input has
+    its rank minus its explicit letters of them, right-aligned across the inputs and in the output
+    (numpy broadcasting), so an input with fewer leading axes lacks the leftmost letters. Refused
+    (NoMatch) where the ranks are unknown, the output drops the ellipsis or a letter's dims are not
+    known equal in every input that has it (a 1 broadcast against H is not the same product)."""
+    counts = []
+    for term, value in zip(terms, node.inputs):
+        r, explicit = rank(value), len(term.replace("...", ""))
+        if term.count("...") > 1 or ("..." in term and (r is None or r < explicit)):
+            raise NoMatch(node, f"one '...' on an input of known rank >= {explicit}", f"'{term}' of rank {r}")
+        counts.append(r - explicit if "..." in term else 0)
+    n = max(counts, default=0)
+    if len(terms) != len(node.inputs) or (n and "..." not in out):
+        raise NoMatch(node, "one term per input and an output that keeps the '...' axes", f"{','.join(terms)}->{out}")
+    fresh = "".join(c for c in string.ascii_letters if c not in "".join(terms) + out)[:n]
+    spelled = [term.replace("...", fresh[n - c :]) for term, c in zip(terms, counts)]
+    for letter in fresh:
+        found = [dims(v)[t.index(letter)] for v, t in zip(node.inputs, spelled) if letter in t]
+        if not all(same_dim(found[0], d) for d in found[1:]):
+            raise NoMatch(
+                node, "the '...' axes equal in every input (no broadcasting)", f"dims {found} on one '...' axis"
+            )
+    return spelled, out.replace("...", fresh)
 
 
 def layout_chain(x: ir.Value) -> tuple[ir.Value, list[int | None]]:
@@ -371,9 +411,9 @@ def einsum_qk(node: ir.Node, r: int) -> tuple[tuple, tuple]:
     """An Einsum q·k product of logits [batch.., T, S] (rank ``r``) -> (q's perm to [batch.., T, d],
     k's perm to k^T [batch.., d, S]); raises NoMatch. The logits' last two letters are the queries
     (only in q) and the keys (only in k); one letter is contracted (the head dim)."""
-    parsed = parse_equation(node)
-    if parsed is None or len(parsed[0]) != 2:
-        raise NoMatch(node, "a two-input Einsum equation without '...'", repr(attr(node, "equation")))
+    parsed = einsum_terms(node)
+    if len(parsed[0]) != 2:
+        raise NoMatch(node, "a two-input Einsum", f"{len(parsed[0])} inputs")
     (lq, lk), out = parsed
     batch, t, s = out[:-2], out[-2:-1], out[-1:]
     contracted = [c for c in lq if c in lk and c not in out]
@@ -390,9 +430,9 @@ def einsum_mix(node: ir.Node, probs_index: int, r: int) -> tuple[tuple, tuple]:
     output's perm from [batch.., T, dv]: output = Transpose(canonical, perm)); raises NoMatch. The
     contracted letter must be the probabilities' last (key) axis: mixing over queries is not
     attention."""
-    parsed = parse_equation(node)
-    if parsed is None or len(parsed[0]) != 2:
-        raise NoMatch(node, "a two-input Einsum equation without '...'", repr(attr(node, "equation")))
+    parsed = einsum_terms(node)
+    if len(parsed[0]) != 2:
+        raise NoMatch(node, "a two-input Einsum", f"{len(parsed[0])} inputs")
     inputs, out = parsed
     lp, lv = inputs[probs_index], inputs[1 - probs_index]
     if len(lp) != r or len(lv) != r or len(out) != r:

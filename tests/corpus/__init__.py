@@ -55,6 +55,8 @@ ENTRIES: list[Entry] = [
     Entry("einsum", st.Einsum, False, MHA),
     Entry("einsum_heads_last", st.EinsumHeadsLast, False, MHA),
     Entry("einsum_heads_folded", st.EinsumHeadsFolded, False, MHA),
+    Entry("einsum_ellipsis", st.EinsumEllipsis, False, MHA),
+    Entry("einsum_ellipsis_causal", st.EinsumEllipsisCausal, False, MHA),
     Entry("scale_on_q", st.ScaleOnQ, False, MHA),
     Entry("scale_on_k_div", st.ScaleOnK, False, MHA),
     Entry("scale_split_q_k", st.SqrtScaleBoth, False, MHA),

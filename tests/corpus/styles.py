@@ -278,6 +278,27 @@ class EinsumHeadsFolded(_Projections):
         return self.merge(torch.einsum("bqk,bkd->bqd", w, v).view(b, H, t, HEAD))
 
 
+class EinsumEllipsis(_Projections):
+    """einsum with an ellipsis for any leading batch / head axes: '...qd,...kd->...qk' and
+    '...qk,...kd->...qd'."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        w = torch.einsum("...qd,...kd->...qk", q, k) * HEAD**-0.5
+        return self.merge(torch.einsum("...qk,...kd->...qd", w.softmax(-1), v))
+
+
+class EinsumEllipsisCausal(_Projections):
+    """The ellipsis einsums with a causal mask built in forward: masked_fill(~ones(T, T).tril(), -inf)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        w = torch.einsum("...qd,...kd->...qk", q / math.sqrt(HEAD), k)
+        w = w.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+        return self.merge(torch.einsum("...qk,...kd->...qd", w.softmax(dim=-1), v))
+
+
 class ScaleOnQ(_Projections):
     """The scale folded into q before the product (q * d^-0.5) @ k^T."""
 
