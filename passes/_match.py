@@ -118,7 +118,8 @@ def tril_buffer(value: ir.Value) -> bool:
 
 
 def allowed_parts(value: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
-    """Decompose a boolean 'allowed' tensor into key padding and causal parts."""
+    """Decompose a boolean 'allowed' tensor (or a 0/1 one, nonzero = allowed: ``tril(ones(T, T))``)
+    into key padding and causal parts."""
     if tril_buffer(value) and same_dim(t_dim, s_dim):  # tril(ones(T, T)), folded to a constant in a static export
         return {"kpm": None, "causal": 1}
     node = value.producer()
@@ -131,17 +132,7 @@ def allowed_parts(value: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
             return None
         return {"kpm": left.get("kpm") or right.get("kpm"), "causal": left.get("causal", 0) or right.get("causal", 0)}
     if node.op_type == "Unsqueeze":
-        axes = axes_of(node)
-        src = node.inputs[0]
-        d = dims(src)
-        if axes is None or d is None:
-            return None
-        axes = norm_axes(axes, 4)
-        if axes == [1, 2] and len(d) == 2 and same_dim(d[0], b_dim) and same_dim(d[1], s_dim):
-            return {"kpm": src, "causal": 0}
-        if axes == [0, 1] and len(d) == 2:
-            return allowed_parts(src, b_dim, t_dim, s_dim)
-        return None
+        return _unsqueezed_parts(node, node.inputs[0], b_dim, t_dim, s_dim)
     if node.op_type in ("LessOrEqual", "GreaterOrEqual"):
         keys, queries = node.inputs if node.op_type == "LessOrEqual" else node.inputs[::-1]
         if positions(keys, 0) is not None and positions(keys, 0) is positions(queries, 1) and same_dim(t_dim, s_dim):
@@ -153,12 +144,41 @@ def allowed_parts(value: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
         if (
             attr(node, "upper", 1) == 0
             and k == 0
-            and is_all_true(node.inputs[0])
+            and (is_all_true(node.inputs[0]) or uniform_const(node.inputs[0]) not in (None, 0.0))
             and d is not None
             and same_dim(d[-1], d[-2])
             and same_dim(t_dim, s_dim)
         ):
             return {"kpm": None, "causal": 1}
+    return None
+
+
+def _unsqueezed_parts(node: ir.Node, src: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
+    """allowed_parts of ``src`` [B,S] or [T,S] unsqueezed with ``node``'s axes to [B,1,1,S] / [1,1,T,S]."""
+    axes, d = axes_of(node), dims(src)
+    if axes is None or d is None or len(d) != 2:
+        return None
+    axes = norm_axes(axes, 4)
+    if axes == [1, 2] and same_dim(d[0], b_dim) and same_dim(d[1], s_dim):
+        return {"kpm": src, "causal": 0}
+    return allowed_parts(src, b_dim, t_dim, s_dim) if axes == [0, 1] else None
+
+
+def negated_parts(disallowed: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
+    """:func:`allowed_parts` of the allowed positions, read from a boolean mask of the disallowed
+    ones (``masked_fill``'s condition): ``Not(allowed)``, an Unsqueeze of one (fairseq's
+    ``key_padding_mask.unsqueeze(1).unsqueeze(2)`` of a negated mask), or ``tril == 0`` (a causal
+    0/1 tril: nonzero = allowed; padding read so would be a float, so only causality counts)."""
+    node = disallowed.producer()
+    if node is None or node.domain != "":
+        return None
+    if node.op_type == "Not":
+        return allowed_parts(node.inputs[0], b_dim, t_dim, s_dim)
+    if node.op_type == "Unsqueeze" and (inner := producer(node.inputs[0], "Not")) is not None:
+        return _unsqueezed_parts(node, inner.inputs[0], b_dim, t_dim, s_dim)
+    if node.op_type == "Equal" and const_scalar(node.inputs[1]) == 0:
+        parts = allowed_parts(node.inputs[0], b_dim, t_dim, s_dim)
+        return parts if parts is not None and parts.get("kpm") is None else None
     return None
 
 

@@ -13,7 +13,12 @@ so :mod:`.explain` can say why a core stayed unfused.
   Div), Casts around the Softmax (fp16 autocast), and as mask: a ``Where`` filling <= -1e4
   (either branch; ``masked_fill(bias[:, :, :T, :T] == 0, -inf)`` on a registered tril buffer is
   recognised as causal), and / or an additive float bias (HF BERT / GPT-2 / Llama ``finfo.min``
-  masks; Llama's ``triu(full(finfo.min), 1)`` is recognised as causal).
+  masks; Llama's ``triu(full(finfo.min), 1)`` is recognised as causal). Heads folded into the batch
+  (logits [B*H,T,S]: fairseq, torch.bmm code) run as one head per folded row; their masks: a [T,S]
+  causal one (boolean, or additive -inf / finfo.min) as causal mode, fairseq's key padding on a
+  [B,H,T,S] view (``view -> masked_fill -> view``) as a key padding mask repeated per head, a bias
+  that differs along B*H (BLOOM's folded ALiBi [B*H,1,S]) as a per-row bias; a mask that differs per
+  head on the view is refused.
 * ``onnx_attention``: ONNX ``Attention`` (opset 23, what torch exports for
   ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``) on 4-D heads, for target ``ort``;
   torch's float form of a boolean causal mask is recognised as causal.
@@ -55,7 +60,7 @@ from ._match import (
     NoMatch,
     additive_causal,
     allowed_parts,
-    tril_buffer,
+    negated_parts,
     found_op,
     einsum_mix,
     einsum_qk,
@@ -98,6 +103,7 @@ class Core:
     kt_perm: tuple | None = None
     v_perm: tuple | None = None
     out_perm: tuple | None = None
+    kpm_heads: int = 1  # heads folded into the batch: each kpm row serves this many rows (b*H + h)
 
     def canonical(self, name: str) -> tuple | None:
         """dims of q / kt / v / out in the canonical layout."""
@@ -118,28 +124,21 @@ def _bool_mask(where: ir.Node, logits_dims: tuple) -> tuple[ir.Value, dict | Non
     """where(allowed, x, fill) or where(disallowed, fill, x) -> (x, parts, unrecognised mask, negated)."""
     cond, a, b = where.inputs
     if _fill(b) is not None:
-        x, allowed, negated = a, cond, False
+        x, negated = a, False
     elif _fill(a) is not None:
-        x, allowed, negated = b, cond, True
+        x, negated = b, True
     else:
         raise NoMatch(
             where,
             f"a Where filling masked logits with a constant <= {FILL_LIMIT:g}",
             f"fill values {const_scalar(a)} / {const_scalar(b)}",
         )
-    b_dim, t_dim, s_dim = logits_dims[0], logits_dims[-2], logits_dims[-1]
-    if negated:
-        eq, nt = producer(cond, "Equal"), producer(cond, "Not")
-        if nt is not None:
-            allowed, negated = nt.inputs[0], False
-        elif eq is not None and const_scalar(eq.inputs[1]) == 0 and tril_buffer(eq.inputs[0]):
-            return x, {"kpm": None, "causal": 1}, None, False
-    elif tril_buffer(allowed) and same_dim(t_dim, s_dim):
-        return x, {"kpm": None, "causal": 1}, None, False
-    if negated:
-        return x, None, cond, True
-    parts = allowed_parts(allowed, b_dim, t_dim, s_dim) if len(logits_dims) == 4 else None
-    return x, parts, (None if parts is not None else allowed), False
+    # rank-3 logits [N,T,S]: a mask of rank <= 3 is read as causal only (kpm needs [B,1,1,S]), uniform over N
+    parts = (negated_parts if negated else allowed_parts)(cond, logits_dims[0], logits_dims[-2], logits_dims[-1])
+    if parts is not None:
+        return x, parts, None, False
+    nt = producer(cond, "Not") if negated else None
+    return (x, None, nt.inputs[0], False) if nt is not None else (x, None, cond, negated)
 
 
 def _logits_side(add: ir.Node) -> int:
@@ -153,15 +152,21 @@ def _logits_side(add: ir.Node) -> int:
 
 
 def _mask_chain(value: ir.Value, logits_dims: tuple) -> tuple[ir.Value, dict]:
-    """Peel masks off the softmax input: Where fills and additive biases -> (logits, mask parts)."""
+    """Peel masks off the softmax input: Where fills, additive biases and, on logits with the heads
+    folded into the batch, a [B,H,T,S] view of them with its masks -> (logits, mask parts)."""
     found: dict = {}
     while True:
-        node = producer(value, ("Where", "Add"))
-        if node is None:
+        node = producer(value, ("Where", "Add", "Reshape"))
+        view = node is not None and node.op_type == "Reshape" and _folded_view(node, logits_dims)
+        if node is None or (node.op_type == "Reshape" and not view):
             return value, found
         if not single_use(value):
             raise NoMatch(node, "masked logits used once (by the Softmax)", f"{len(list(value.uses()))} uses")
-        if node.op_type == "Where":
+        if view:
+            if "where" in found or "heads" in found:
+                raise NoMatch(node, "one boolean mask", "a Where mask and a masked [B,H,T,S] view")
+            value = _view_masks(node, found)
+        elif node.op_type == "Where":
             if "where" in found:
                 raise NoMatch(node, "one boolean mask", "two Where masks")
             value, found["parts"], found["allowed"], found["negated"] = _bool_mask(node, logits_dims)
@@ -171,6 +176,43 @@ def _mask_chain(value: ir.Value, logits_dims: tuple) -> tuple[ir.Value, dict]:
                 raise NoMatch(node, "one additive mask", "two Adds")
             i = _logits_side(node)
             value, found["bias"] = node.inputs[i], node.inputs[1 - i]
+
+
+def _folded_view(back: ir.Node, logits_dims: tuple) -> bool:
+    """Whether back = Reshape([B,H,T,S] -> [N,T,S]) with a constant H, T and S kept: the end of
+    fairseq's ``w.view(B, H, T, S).masked_fill(..).view(B * H, T, S)`` on folded logits [N,T,S]."""
+    d4, d3 = dims(back.inputs[0]), logits_dims
+    if len(d3) != 3 or d4 is None or len(d4) != 4 or not isinstance(d4[1], int):
+        return False
+    return same_dim(d4[2], d3[1]) and same_dim(d4[3], d3[2])
+
+
+def _view_masks(back: ir.Node, found: dict) -> ir.Value:
+    """The masks on a [B,H,T,S] view of folded logits (:func:`_folded_view`) into ``found``: key
+    padding [B,S] (``heads``: each of its rows serves H folded rows; both Reshapes keep T and S, so
+    folded row n is (b, h) = (n // H, n % H)) and / or causality, the masks that are the same for
+    every head; -> the folded logits [N,T,S] under the view. Raises NoMatch for any other mask
+    (one per head, an additive one) or where the view is not of folded logits."""
+    d4 = dims(back.inputs[0])
+    logits4, inner = _mask_chain(back.inputs[0], d4)
+    inner = _causal_bias_as_mode(inner, d4)
+    view = producer(logits4, "Reshape")
+    dv = dims(view.inputs[0]) if view is not None else None
+    if dv is None or len(dv) != 3 or not (same_dim(dv[1], d4[2]) and same_dim(dv[2], d4[3])):
+        raise NoMatch(
+            back, "a [B,H,T,S] view of folded logits [B*H,T,S] (Reshape, masks, Reshape back)", found_op(logits4)
+        )
+    mask = inner.get("bias") or inner.get("allowed")
+    if mask is not None:
+        raise NoMatch(
+            back,
+            "a key padding and / or causal mask on the [B,H,T,S] view of folded logits (one for all heads)",
+            f"{found_op(mask)} {dims(mask)}",
+        )
+    if not single_use(logits4):
+        raise NoMatch(view, "the [B,H,T,S] view used once", f"{len(list(logits4.uses()))} uses")
+    found.update({key: inner[key] for key in ("parts", "where") if key in inner}, heads=d4[1])
+    return view.inputs[0]
 
 
 def _mix(soft: ir.Node, r: int) -> tuple[ir.Node, ir.Value, tuple | None, tuple | None]:
@@ -232,6 +274,7 @@ def match_softmax_core(soft: ir.Node) -> Core:
         kt_perm=kt_perm,
         v_perm=v_perm,
         out_perm=out_perm,
+        kpm_heads=mask.get("heads", 1),
     )
     if r == 4:
         _ungroup_kv(core)
@@ -354,12 +397,23 @@ def _compose(perm: tuple | None, then: tuple) -> tuple:
     return then if perm is None else tuple(perm[p] for p in then)
 
 
-def _bias_4d(b: Builder, bias: ir.Value, q3: ir.Value, k3: ir.Value) -> ir.Value:
-    """An additive mask broadcast to [B|1, H|1, T, S] (what MultiHeadAttention / Attention-23 take)."""
+def _bias_4d(b: Builder, bias: ir.Value, q3: ir.Value, k3: ir.Value, logits_rank: int) -> ir.Value:
+    """An additive mask broadcast to [B|1, H|1, T, S] (what MultiHeadAttention / Attention-23 take).
+    On logits [N,T,S] (one head, or heads folded into the batch) the bias's leading axis is N's:
+    [N|1, T|1, S] -> [N|1, 1, T|1, S] (a per-row bias, such as BLOOM's folded ALiBi, stays per row)."""
     r = rank(bias) or 0
+    axes = list(range(4 - r)) if logits_rank == 4 or r < 3 else [1]
     if r < 4:
-        bias = b.op("Unsqueeze", [bias, b.ints(list(range(4 - r)))], dtype=bias.dtype, shape=None)
+        bias = b.op("Unsqueeze", [bias, b.ints(axes)], dtype=bias.dtype, shape=None)
     return expand_to_logits(b, bias, q3, k3)
+
+
+def _folded_kpm(b: Builder, kpm: ir.Value, heads: int) -> ir.Value:
+    """A key padding mask [B,S] for logits with the heads folded into the batch: [B*H,S], row
+    b*H + h = row b (each row repeated per head, as the [B,H,T,S] view reads it)."""
+    rows = b.op("Unsqueeze", [kpm, b.ints([1])], dtype=kpm.dtype, shape=None)
+    rows = b.op("Expand", [rows, b.ints([1, heads, 1])], dtype=kpm.dtype, shape=None)
+    return b.op("Flatten", [rows], {"axis": 2}, dtype=kpm.dtype, shape=None)
 
 
 def rewrite(core: Core, target: str) -> None:
@@ -373,6 +427,8 @@ def rewrite(core: Core, target: str) -> None:
         k3 = _to_3d(b, core.kt, _compose(core.kt_perm, (0, 3, 1, 2)), kv_heads, d)
         v3 = _to_3d(b, core.v, _compose(core.v_perm, (0, 2, 1, 3)), kv_heads, dv[-1])
     else:
+        if core.kpm_heads > 1 and (core.parts or {}).get("kpm") is not None:
+            core.parts = {**core.parts, "kpm": _folded_kpm(b, core.parts["kpm"], core.kpm_heads)}
         q3 = transposed(b, core.q, list(core.q_perm or (0, 1, 2)))
         k3 = transposed(b, core.kt, list(_compose(core.kt_perm, (0, 2, 1))))
         v3 = transposed(b, core.v, list(core.v_perm or (0, 1, 2)))
@@ -477,7 +533,7 @@ def _zero_empty_rows(b: Builder, o3: ir.Value, allowed: ir.Value | None, kpm: ir
 def _emit_with_bias(b: Builder, target: str, q3, k3, v3, heads: int, core: Core, out_dims) -> ir.Value:
     """A fused op with an additive float mask (plus at most causality)."""
     parts = core.parts or {}
-    bias = _bias_4d(b, core.bias, q3, k3)
+    bias = _bias_4d(b, core.bias, q3, k3, len(core.canonical("q")))
     causal = int(parts.get("causal", 0))
     if target == "ort":
         attrs = {"num_heads": heads, "scale": float(core.scale), "unidirectional": causal}

@@ -131,6 +131,32 @@ def test_soft_causal_penalty_stays_a_bias(optimised):
     assert node.attributes["unidirectional"].value == 0 and node.inputs[5] is not None, node
 
 
+@pytest.mark.parametrize(
+    "name, causal, padding",
+    [
+        ("bmm_tril_masked_fill", 1, False),
+        ("bmm_causal_bias", 1, False),
+        ("fairseq_decoder_causal", 1, False),
+        ("fairseq_encoder_padding", 0, True),
+    ],
+)
+def test_folded_heads_masks_become_modes(optimised, name, causal, padding):
+    """Heads folded into the batch (logits [B*H,T,S]): a [T,S] causal mask (boolean or additive)
+    is MultiHeadAttention's causal mode, and fairseq's key padding on the [B,H,T,S] view is its
+    key_padding_mask with each row repeated per head ([B*H,S]); never an attention_bias."""
+    node = _fused_node(optimised(next(e for e in corpus.ENTRIES if e.name == name))[2])
+    assert node.op_type == "MultiHeadAttention" and node.attributes["unidirectional"].value == causal, node
+    assert (len(node.inputs) > 4 and node.inputs[4] is not None) == padding and len(node.inputs) <= 5, node
+
+
+def test_explain_names_a_per_head_mask_on_folded_logits(optimised):
+    """A boolean mask that differs per head on the [B,H,T,S] view of folded logits is refused, and
+    explain names the view and the mask found."""
+    entry = next(e for e in NEAR_MISSES if e.name == "near_folded_per_head_window")
+    (outcome,) = explain(optimised(entry)[1], target="ort")
+    assert "one for all heads" in outcome.reason and outcome.reason.startswith("Reshape "), outcome.reason
+
+
 def test_grouped_query_attention_reads_each_kv_head_once(optimised):
     """GroupQueryAttention gets k / v with H/g heads ([B,S,Hkv*d], the projections' own outputs):
     the repeat_kv copies are gone."""

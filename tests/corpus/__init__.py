@@ -73,12 +73,19 @@ ENTRIES: list[Entry] = [
     Entry("gqa_tiled_causal", st.GqaTiledCausal, False, MHA),
     Entry("multi_query_broadcast", st.MultiQueryBroadcast, False, MHA),
     Entry("soft_causal_penalty", nm.SoftCausalPenalty, False, MHA),  # fuses, but as a bias
+    Entry("fairseq_encoder_padding", st.FairseqEncoderPadding, True, MHA),
+    Entry("fairseq_decoder_causal", st.FairseqDecoderCausal, False, MHA),
+    Entry("fairseq_decoder_causal_padding", st.FairseqDecoderCausalPadding, True, MHA),
+    Entry("bmm_causal_bias", st.BmmCausalBias, False, MHA),
+    Entry("bmm_tril_masked_fill", st.BmmTrilMaskedFill, False, MHA),
+    Entry("bmm_alibi_padding", st.BmmAlibiPadding, True, MHA),  # fuses, the per-row ALiBi as a bias
     Entry("near_softmax_over_queries", nm.SoftmaxOverQueries, False, None),
     Entry("near_fill_with_zero", nm.FillWithZero, True, None),
     Entry("near_mix_over_queries", nm.MixOverQueries, False, None),
     Entry("near_logits_over_tokens", nm.LogitsOverTokens, False, None),
     Entry("near_scaled_after_softmax", nm.ScaledAfterSoftmax, False, None),
     Entry("near_einsum_mix_over_queries", nm.EinsumMixOverQueries, False, None),
+    Entry("near_folded_per_head_window", nm.FoldedPerHeadWindow, False, None),
 ]
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .styles import HEAD, _Projections
+from . import styles as st
+from .styles import HEAD, _BmmFolded, _Projections
 
 
 class SoftmaxOverQueries(_Projections):
@@ -73,3 +74,18 @@ class SoftCausalPenalty(_Projections):
         t = x.shape[1]
         w = q @ k.transpose(-1, -2) * HEAD**-0.5 + torch.triu(torch.full((t, t), -1.0), diagonal=1)
         return self.merge(torch.softmax(w, dim=-1) @ v)
+
+
+class FoldedPerHeadWindow(_BmmFolded):
+    """Heads folded into the batch, then on the [B, H, T, S] view a boolean mask that differs per
+    head (head h sees keys within h + 1 positions: multi-scale local windows): no fused op here
+    takes a per-head boolean mask, and one mask for every folded B*H row would be wrong."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.folded(x)
+        w = torch.bmm(q, k.transpose(1, 2)) * st.HEAD**-0.5
+        pos = torch.arange(t)
+        allowed = (pos[:, None] - pos[None, :]).abs()[None] <= torch.arange(1, st.H + 1)[:, None, None]
+        w = w.view(b, st.H, t, t).masked_fill(~allowed, float("-inf")).view(b * st.H, t, t)
+        return self.unfold(torch.bmm(w.softmax(dim=-1), v), b, t)

@@ -461,3 +461,120 @@ class MultiQueryBroadcast(_GroupedProjections):
         k, v = (p(x)[..., :HEAD].unsqueeze(1) for p in (self.k, self.v))
         w = torch.softmax(q @ k.transpose(-1, -2) * HEAD**-0.5, dim=-1)
         return self.merge(w @ v)
+
+
+class _FairseqAttention(nn.Module):
+    """fairseq's MultiheadAttention, time-first: q *= scaling, each of q / k / v
+    ``.view(T, B*H, d).transpose(0, 1)`` (heads folded into the batch), ``torch.bmm`` logits
+    [B*H, T, S], an additive ``attn_mask`` [T, S] unsqueezed to [1, T, S], the key padding mask
+    (True = pad) filled with -inf on the [B, H, T, S] view and viewed back, softmax in fp32, bmm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
+        self.scaling = HEAD**-0.5
+
+    def attend(
+        self, query: torch.Tensor, key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        tgt_len, bsz, embed_dim = query.size()
+        q = self.q_proj(query)
+        k = self.k_proj(query)
+        v = self.v_proj(query)
+        q *= self.scaling
+        q = q.contiguous().view(tgt_len, bsz * H, HEAD).transpose(0, 1)
+        k = k.contiguous().view(-1, bsz * H, HEAD).transpose(0, 1)
+        v = v.contiguous().view(-1, bsz * H, HEAD).transpose(0, 1)
+        src_len = k.size(1)
+        attn_weights = torch.bmm(q, k.transpose(1, 2))
+        if attn_mask is not None:
+            attn_mask = attn_mask.unsqueeze(0)
+            attn_weights += attn_mask
+        if key_padding_mask is not None:
+            attn_weights = attn_weights.view(bsz, H, tgt_len, src_len)
+            attn_weights = attn_weights.masked_fill(
+                key_padding_mask.unsqueeze(1).unsqueeze(2).to(torch.bool), float("-inf")
+            )
+            attn_weights = attn_weights.view(bsz * H, tgt_len, src_len)
+        attn_weights = F.softmax(attn_weights.float(), dim=-1).type_as(attn_weights)
+        attn = torch.bmm(attn_weights, v)
+        attn = attn.transpose(0, 1).contiguous().view(tgt_len, bsz, embed_dim)
+        return self.out_proj(attn)
+
+
+def fairseq_future_mask(t: int) -> torch.Tensor:
+    """fairseq's TransformerDecoder.buffered_future_mask: triu(fill_with_neg_inf(zeros(T, T)), 1)."""
+    return torch.triu(torch.zeros([t, t]).float().fill_(float("-inf")), 1)
+
+
+class FairseqEncoderPadding(_FairseqAttention):
+    """A fairseq encoder layer: x.transpose(0, 1) to time-first [T,B,D], key_padding_mask True = pad."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        return self.attend(x.transpose(0, 1), key_padding_mask=~key_padding_mask).transpose(0, 1)
+
+
+class FairseqDecoderCausal(_FairseqAttention):
+    """A fairseq decoder's self-attention: time-first, the future mask as attn_mask, no padding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(0, 1)
+        return self.attend(x, attn_mask=fairseq_future_mask(x.size(0))).transpose(0, 1)
+
+
+class FairseqDecoderCausalPadding(_FairseqAttention):
+    """A fairseq decoder's self-attention with both the future mask and the key padding mask."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(0, 1)
+        mask = fairseq_future_mask(x.size(0))
+        return self.attend(x, key_padding_mask=~key_padding_mask, attn_mask=mask).transpose(0, 1)
+
+
+class _BmmFolded(_Projections):
+    """torch.bmm code: heads split, then folded into the batch with reshape(B*H, T, d)."""
+
+    def folded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        return tuple(z.reshape(b * H, t, HEAD) for z in self.qkv(x))
+
+    def unfold(self, o: torch.Tensor, b: int, t: int) -> torch.Tensor:
+        return self.merge(o.view(b, H, t, HEAD))
+
+
+class BmmCausalBias(_BmmFolded):
+    """bmm logits [B*H, T, S] plus a [T, S] causal bias of finfo.min above the diagonal."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.folded(x)
+        w = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(HEAD)
+        w = w + torch.full((t, t), torch.finfo(x.dtype).min).triu(1)
+        return self.unfold(torch.bmm(w.softmax(dim=-1), v), b, t)
+
+
+class BmmTrilMaskedFill(_BmmFolded):
+    """bmm logits [B*H, T, S], masked_fill with a boolean [T, S] built in forward (tril == 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.folded(x)
+        w = torch.bmm(q * HEAD**-0.5, k.transpose(1, 2))
+        w = w.masked_fill(torch.tril(torch.ones(t, t)) == 0, float("-inf"))
+        return self.unfold(torch.bmm(torch.softmax(w, dim=-1), v), b, t)
+
+
+class BmmAlibiPadding(_BmmFolded):
+    """BLOOM's ALiBi as torch.bmm code: a per-head slope times each key's position counted from the
+    row's first real token (build_alibi_tensor: ``(cumsum(mask) - 1) * mask``), folded to
+    [B*H, 1, S] and added by ``baddbmm``: a bias that differs along the folded B*H axis."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.folded(x)
+        slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=x.dtype) / H)
+        real = key_padding_mask.to(x.dtype)
+        positions = ((real.cumsum(-1) - 1) * real)[:, None, :]
+        alibi = (slopes[None, :, None] * positions).reshape(b * H, 1, t)
+        w = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=HEAD**-0.5)
+        return self.unfold(torch.bmm(w.softmax(dim=-1), v), b, t)
