@@ -44,9 +44,8 @@ class _PingPong:
     into the other, so the caches of a decode loop live in memory mapped once.
 
     ORT cannot reuse a freed present for the next one (each is one position longer), so letting
-    it allocate the presents maps fresh memory every step: at batch 8, context 8192 (1 GiB of
-    caches) an mha step took 337 ms that way and 262 ms writing into these buffers (batch 1:
-    50-61 -> 39-43 ms; the first steps, while ORT's arena grew, 756 -> 328 ms). A buffer grows
+    it allocate the presents maps fresh memory every step, which dominates at large caches
+    (benchmarks/RESULTS.md "Decode" times the steps with these buffers). A buffer grows
     geometrically (twice the positions the step needs, at most max_len) when a step needs more,
     so max_len (possibly huge) is never allocated up front."""
 
@@ -91,19 +90,17 @@ class DecodeSession:
     def __init__(self, path: str, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        from .models.decode import CacheSpec, read_decode_metadata
+        from .models.decode import read_decode_metadata
         from .onnx_io import load_onnx
         from .runtime import session
+        from .runtime.decode_inputs import caches_of
 
         self.meta = read_decode_metadata(load_onnx(path), path)
         self.session = session(path, threads=threads)
         self._ort = ort
         self.past: list[Any] = []
         self.length = 0  # positions cached so far (the longest cache's past)
-        self._specs = [
-            CacheSpec(c["layer"], c["input"], c["output"], tuple(c["dims"]), c["holds"], c["limit"])
-            for c in self.meta["caches"]
-        ]
+        self._specs = caches_of(self.meta)
         types = {i.name: i.type for i in self.session.get_inputs()}
         dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
         self._dtypes = [dtypes[types[spec.input]] for spec in self._specs]
