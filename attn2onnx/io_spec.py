@@ -16,16 +16,19 @@ from .errors import UsageError
 
 Dim = int | Literal["batch", "seq"]
 DYNAMIC_DIMS = ("batch", "seq")
+Kind = Literal["float", "ids", "mask", "int_mask", "positions"]
 
 
 @dataclass(frozen=True)
 class InputSpec:
     """One graph input: ``float`` activations (``precision`` fp32 or fp16), ``ids`` token ids in
-    [0, high), or a bool ``mask`` [batch, seq] with True for real tokens."""
+    [0, high), a bool ``mask`` [batch, seq] with True for real tokens, an ``int_mask`` (an int64
+    0/1 ``attention_mask`` as Hugging Face models take it, 1 for real tokens), or ``positions``
+    (int64 position ids, an arange along the last dim)."""
 
     name: str
     dims: tuple[Dim, ...]
-    kind: Literal["float", "ids", "mask"]
+    kind: Kind
     high: int = 0
     precision: Literal["fp32", "fp16"] = "fp32"
 
@@ -33,7 +36,7 @@ class InputSpec:
     def numpy_dtype(self) -> np.dtype:
         if self.kind == "float":
             return np.dtype(np.float16 if self.precision == "fp16" else np.float32)
-        return {"ids": np.dtype(np.int64), "mask": np.dtype(bool)}[self.kind]
+        return np.dtype(bool) if self.kind == "mask" else np.dtype(np.int64)
 
     def shape(self, batch: int, seq: int) -> tuple[int, ...]:
         sizes = {"batch": batch, "seq": seq}
@@ -127,10 +130,12 @@ def _dim_name(is_ref: bool, j: int, size: int, batch: int | None, seq: int | Non
 def random_inputs(
     specs: Sequence[InputSpec], batch: int, seq: int, seed: int = 0, pad: bool = True
 ) -> dict[str, np.ndarray]:
-    """Fresh random inputs for ``specs``. Masks are all true unless ``pad``; with ``pad``, a
-    [batch, seq] key padding mask holds the padding patterns attention must get right
-    (variants.md: a query row with no allowed key gives a uniform distribution, never NaN): see
-    :func:`padding_mask`."""
+    """Fresh random inputs for ``specs``: floats standard normal, ids uniform in [0, high),
+    positions an arange along the last dim. Masks are all real unless ``pad``; with ``pad``, a
+    [batch, seq] mask holds the padding patterns attention must get right (see
+    :func:`padding_mask`): a bool key padding mask, under variants.md's contract (a query row
+    with no allowed key gives a uniform distribution, never NaN), a fully padded row too; an
+    integer attention_mask, whose models promise nothing there, a real token in every row."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in specs:
@@ -139,29 +144,54 @@ def random_inputs(
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.numpy_dtype)
         elif spec.kind == "ids":
             feeds[spec.name] = rng.integers(0, spec.high, size=shape, dtype=np.int64)
+        elif spec.kind == "positions":
+            feeds[spec.name] = np.broadcast_to(np.arange(shape[-1] if shape else 1), shape).astype(np.int64)
+        elif pad and len(shape) == 2:
+            feeds[spec.name] = padding_mask(rng, *shape, empty_row=spec.kind == "mask").astype(spec.numpy_dtype)
         else:
-            feeds[spec.name] = padding_mask(rng, *shape) if pad and len(shape) == 2 else np.ones(shape, dtype=bool)
+            feeds[spec.name] = np.ones(shape, dtype=spec.numpy_dtype)
     return feeds
 
 
-def padding_mask(rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:
+def padding_mask(rng: np.random.Generator, batch: int, seq: int, empty_row: bool = True) -> np.ndarray:
     """A [batch, seq] key padding mask (True = real token) whose rows are, in order: all real;
-    real only on a random inner span, so padded on the left (causal query rows before it see
-    no real key) and, when seq > 2, on the right; all padded (every query row of that
-    sequence sees no real key); then random spans, possibly empty or full."""
+    real only on a random inner span, padded on the left (causal query rows before it see no
+    real key) and, when seq > 2, on the right; with ``empty_row``, all padded (every query
+    row of that sequence sees no real key); then random spans, possibly full and, with
+    ``empty_row``, empty (without it every row keeps a real token)."""
     mask = np.zeros((batch, seq), dtype=bool)
     for row in range(batch):
         if row == 0:
             start, stop = 0, seq
         elif row == 1:
-            start = int(rng.integers(1, seq)) if seq > 1 else 0
-            stop = int(rng.integers(start + 1, seq)) if seq - start > 1 else seq
-        elif row == 2:
+            start = int(rng.integers(1, seq - 1)) if seq > 2 else min(1, seq - 1)
+            stop = int(rng.integers(start + 1, seq)) if seq > 2 else seq
+        elif row == 2 and empty_row:
             start = stop = 0
         else:
             start, stop = sorted(int(v) for v in rng.integers(0, seq + 1, size=2))
+            if stop == start and not empty_row:
+                start = min(start, seq - 1)
+                stop = start + 1
         mask[row, start:stop] = True
     return mask
+
+
+def describe_inputs(specs: Sequence[InputSpec]) -> list[str]:
+    """One line per input saying what :func:`random_inputs` draws for it (name, dims, dtype,
+    values), so a check's report says what it fed."""
+    values = {
+        "float": "standard normal",
+        "mask": "padding mask (rows: all real, padded left and right, all padded, random spans)",
+        "int_mask": "0/1 padding mask (rows: all real, padded left and right, random spans; none all padded)",
+        "positions": "positions, an arange along the last dim",
+    }
+    lines = []
+    for spec in specs:
+        what = f"token ids in [0, {spec.high})" if spec.kind == "ids" else values[spec.kind]
+        dims = ", ".join(str(d) for d in spec.dims)
+        lines.append(f"{spec.name} [{dims}] {spec.numpy_dtype}: {what}")
+    return lines
 
 
 def check_feeds(specs: Sequence[InputSpec], feeds: dict[str, np.ndarray]) -> None:

@@ -130,10 +130,66 @@ def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
             d if isinstance(d, int) else symbols.get(str(d), "batch" if j == 0 else "seq")
             for j, d in enumerate(meta.shape)
         )
-        kind = "mask" if meta.dtype == torch.bool else "ids" if not meta.dtype.is_floating_point else "float"
-        # A program does not say its vocabulary: random ids for checks stay in [0, 2).
-        specs.append(InputSpec(node.name, dims, kind, 2 if kind == "ids" else 0))
-    return ModelSource(module, specs, ["output"], None)
+        kind = _input_kind(node.name, meta.dtype)
+        # Ids reaching no embedding have no known vocabulary: random ids for checks stay in [0, 2).
+        high = (_vocabulary(node) or 2) if kind == "ids" else 0
+        specs.append(InputSpec(node.name, dims, kind, high))
+    return ModelSource(module, specs, ["output"], _max_seq(program, symbols))
+
+
+def _input_kind(name: str, dtype: torch.dtype) -> str:
+    """An input's role by its dtype, and an integer input's by its name: ``*mask*`` a 0/1
+    padding mask (Hugging Face's int64 attention_mask), ``*position*`` position ids, else ids."""
+    if dtype == torch.bool:
+        return "mask"
+    if dtype.is_floating_point or dtype.is_complex:
+        return "float"
+    lowered = name.lower()
+    return "int_mask" if "mask" in lowered else "positions" if "position" in lowered else "ids"
+
+
+# aten ops that carry ids through unchanged (a new view, layout or copy of the same values).
+_SAME_VALUES = frozenset(
+    "reshape view _unsafe_view unsqueeze squeeze flatten clone contiguous expand permute transpose "
+    "t slice select alias detach lift_fresh_copy".split()
+)
+
+
+def _vocabulary(node: torch.fx.Node) -> int | None:
+    """The rows of the first embedding table that the ids of placeholder ``node`` index, following
+    them through ops that keep their values (``aten.embedding(weight, ids)``, ``weight[ids]``,
+    ``index_select(weight, 0, ids)``); None when they reach none."""
+    seen, queue = {node}, [node]
+    while queue:
+        current = queue.pop(0)
+        for user in current.users:
+            target = user.target
+            if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten" or user in seen:
+                continue
+            args = user.args
+            table = (
+                args[0]
+                if (target._opname == "embedding" and args[1] is current)
+                or (target._opname == "index" and args[1] and args[1][0] is current)
+                or (target._opname == "index_select" and args[1] == 0 and args[2] is current)
+                else None
+            )
+            if isinstance(table, torch.fx.Node) and isinstance(table.meta.get("val"), torch.Tensor):
+                rows = table.meta["val"].shape[0]
+                return rows if isinstance(rows, int) else None
+            if target._opname in _SAME_VALUES and args[0] is current:
+                seen.add(user)
+                queue.append(user)
+    return None
+
+
+def _max_seq(program: torch.export.ExportedProgram, symbols: dict[str, str]) -> int | None:
+    """The longest sequence the program was exported for: its seq symbol's upper bound (None
+    when unbounded or when no input has a dynamic sequence dim)."""
+    for symbol, bounds in program.range_constraints.items():
+        if symbols.get(str(symbol)) == "seq" and bounds.upper.is_finite:
+            return int(bounds.upper)
+    return None
 
 
 def _release_folder_source(path: Path) -> ModelSource:
