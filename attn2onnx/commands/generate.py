@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from . import non_negative_float, non_negative_int, positive_int
+from .run import add_threads_option
 
 HELP = "generate tokens with a decode graph (prefill once, then one step per token)"
 BYTE_VOCAB = 256
@@ -30,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k likeliest (0 = all)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--eos-id", type=non_negative_int, help="stop after this token")
-    parser.add_argument("--threads", type=positive_int, help="ORT intra-op threads")
+    add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
 
 

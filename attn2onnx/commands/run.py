@@ -19,7 +19,6 @@ import argparse
 from . import check_input_memory, non_negative_int, positive_int
 
 HELP = "run an exported model on given or random inputs"
-MAX_THREADS = 1024  # far above any CPU's cores
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -32,16 +31,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--past", type=non_negative_int, help="random inputs of a decode graph: cached positions (default 8)"
     )
-    parser.add_argument("--threads", type=thread_count, help=f"ORT intra-op threads (1 .. {MAX_THREADS})")
+    add_threads_option(parser)
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """The --threads option of the commands that run a model (run, generate)."""
+    from ..runtime.sessions import thread_limit
+
+    parser.add_argument("--threads", type=thread_count, help=f"ORT intra-op threads (1 .. {thread_limit()})")
 
 
 def thread_count(text: str) -> int:
-    """argparse type of --threads: 1 .. MAX_THREADS (ORT takes an int32; more threads than
-    that only cost memory)."""
-    value = positive_int(text)
-    if value > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value}")
-    return value
+    """argparse type of --threads: 1 .. thread_limit() (attn2onnx.runtime.sessions), the bound
+    that session() applies too."""
+    from ..errors import UsageError
+    from ..runtime.sessions import check_threads
+
+    try:
+        return check_threads(positive_int(text))
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("threads ")) from None
 
 
 def load_npz(path: str) -> dict:

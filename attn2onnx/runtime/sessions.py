@@ -18,16 +18,46 @@ from typing import Any, Iterator
 from ..errors import UsageError
 
 
+# Machines with fewer CPUs still take this many threads: a few threads more than CPUs cost
+# little and let thread-split checks (bit-identical results at 1, 2, 3 threads) run anywhere.
+MIN_THREAD_LIMIT = 16
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; the CPU count where the OS has none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def thread_limit() -> int:
+    """The most intra-op threads a session takes: :func:`usable_cpus` (a thread beyond those
+    only waits for one, and ORT's idle threads spin), or MIN_THREAD_LIMIT where that is more.
+    One bound for every command's ``--threads`` and for :func:`session`, so a typo such as
+    3000 or 2**32 is an error instead of thousands of spinning threads."""
+    return max(usable_cpus(), MIN_THREAD_LIMIT)
+
+
+def check_threads(threads: int) -> int:
+    """``threads`` when it is an int in 1 .. :func:`thread_limit`, else a one-line UsageError."""
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise UsageError(f"threads must be an integer, got {threads!r}")
+    limit = thread_limit()
+    if not 1 <= threads <= limit:
+        raise UsageError(f"threads must be 1 .. {limit}, got {threads} (this process may run on {usable_cpus()} CPUs)")
+    return threads
+
+
 def session_options(*, native_kernels: bool = True, threads: int | None = None) -> Any:
-    """``onnxruntime.SessionOptions`` with the kernel library registered when it is available."""
+    """``onnxruntime.SessionOptions`` with the kernel library registered when it is available;
+    ``threads`` (1 .. :func:`thread_limit`) sets the intra-op thread count."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's graph-optimiser warnings are not the user's to act on
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = check_threads(threads)
     if native_kernels:
         from . import native  # imported here: `python -m attn2onnx.runtime.native` stays clean
 
@@ -48,8 +78,8 @@ def session(path: Any, backend: str = "ort", *, native: bool = True, threads: in
 
     ``native``: register the attn2onnx kernel library when it is available (built on first use,
     see :mod:`attn2onnx.runtime.native`); otherwise, or with ``native=False``, the ops' function
-    bodies run. ``threads``: intra-op threads (default: ORT's choice, one per core); the kernels
-    run on that thread pool."""
+    bodies run. ``threads``: intra-op threads, 1 .. :func:`thread_limit` (default: ORT's
+    choice, one per core); the kernels run on that thread pool."""
     if backend != "ort":
         raise ValueError(f"unknown backend {backend!r}: only 'ort' builds an InferenceSession")
     import onnxruntime as ort
