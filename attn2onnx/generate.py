@@ -10,6 +10,7 @@ back. :func:`generate` is the loop: prefill once, then one step per token, greed
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -173,16 +174,40 @@ class DecodeSession:
         return self._run(ids, mask, positions, self.past if past is None else past)
 
 
-def pick_token(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+def check_sampling(temperature: float, top_k: int) -> None:
+    """One-line errors for sampling settings :func:`pick_token` cannot use: a temperature that
+    is negative or not finite (0 = greedy), a negative top_k."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UsageError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise UsageError(f"top_k must be >= 0 (0 = all tokens), got {top_k}")
+
+
+def pick_token(
+    logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator, step: int | None = None
+) -> int:
     """The next token from one row of logits [V]: argmax at temperature 0, else a draw from
-    softmax(logits / temperature) over the top_k largest (all when top_k is 0)."""
+    softmax(logits / temperature) over the top_k largest (all when top_k is 0).
+
+    The softmax is taken in float64 from the logits less their maximum, so the largest is 0
+    and no temperature (1e-320 included) makes inf - inf: a tiny one leaves the argmax(es)
+    with all the probability, a huge one all tokens alike. -inf logits (masked tokens) are
+    never drawn; NaN or +inf, or no finite logit, is a UsageError naming ``step`` (the index
+    of the token being picked: 0 after the prefill, n after decode step n)."""
+    check_sampling(temperature, top_k)
+    row = np.asarray(logits, dtype=np.float64)
+    top = row.max(initial=-np.inf)  # NaN when any is NaN
+    if not np.isfinite(top):
+        where = "" if step is None else "the prefill: " if step == 0 else f"decode step {step}: "
+        raise UsageError(f"{where}the model's logits hold NaN or inf (largest {top}), so no token can be picked")
     if temperature == 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
+        return int(np.argmax(row))
+    with np.errstate(under="ignore", over="ignore"):  # (row - top) / T may round to -inf, exp to 0
+        scaled = (row - top) / temperature
     if 0 < top_k < scaled.size:
         cutoff = np.partition(scaled, -top_k)[-top_k]
         scaled = np.where(scaled >= cutoff, scaled, -np.inf)
-    probs = np.exp(scaled - scaled.max())
+    probs = np.exp(scaled)  # the argmax has exp(0) = 1, so the sum is >= 1
     return int(rng.choice(scaled.size, p=probs / probs.sum()))
 
 
@@ -216,8 +241,7 @@ def generate(
     """Prefill ``prompt_ids`` once, then one decode step per new token until ``eos_id`` (kept
     as the last token) or ``max_new_tokens``; ``on_token`` sees each token as it comes."""
     check_request(session, prompt_ids, max_new_tokens)
-    if temperature < 0 or top_k < 0:
-        raise UsageError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
+    check_sampling(temperature, top_k)
     rng = np.random.default_rng(seed)
     result = GenerateResult(list(prompt_ids))
     start = time.perf_counter()
@@ -225,7 +249,7 @@ def generate(
     result.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
     while True:
-        token = pick_token(logits, temperature, top_k, rng)
+        token = pick_token(logits, temperature, top_k, rng, step=len(result.tokens))
         result.tokens.append(token)
         if on_token is not None:
             on_token(token)
@@ -239,4 +263,4 @@ def generate(
     return result
 
 
-__all__ = ["DecodeSession", "GenerateResult", "check_request", "generate", "pick_token"]
+__all__ = ["DecodeSession", "GenerateResult", "check_request", "check_sampling", "generate", "pick_token"]
