@@ -5,7 +5,9 @@ scales, casts and masks, or an ONNX Attention node. After the pipeline a core is
 node is gone; otherwise the reason is the first failed check of the standard-attention rules
 (:mod:`.fuse_standard_attention`; :mod:`.fuse_imhsa`'s for a softmax of an iMHSA core) run on it
 in the optimised graph: node, expected, found. An ONNX Attention node is already the fused form
-for targets trt and portable.
+for targets trt and portable. A core that already is a fused attention op -- an ``ai.attn2onnx``
+one (DcmhaAttention, PooledNormAttention, ...) or ONNX Runtime's contrib attention of a graph
+optimised before -- counts as fused, naming the op and whether the pipeline kept or lowered it.
 """
 
 from __future__ import annotations
@@ -15,23 +17,33 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
-from ._ir_utils import Scope, scopes, to_ir
+from ._ir_utils import DOMAIN, Scope, scopes, to_ir
 from ._match import NoMatch, describe
+from .lower_attention import MS_DOMAIN
 from .normalize_hosseini import merged_cores
 
 _THROUGH = ("Cast", "Where", "Add", "Mul", "Div", "Sub", "Squeeze", "Unsqueeze", "Reshape")
+# Ops that are a whole attention core already: this project's custom ops and ORT's contrib ones.
+_FUSED_OPS = frozenset(
+    [(DOMAIN, op) for op in ("DcmhaAttention", "PooledNormAttention", "ProbAttention", "LandmarkAttention")]
+    + [(MS_DOMAIN, op) for op in ("MultiHeadAttention", "GroupQueryAttention", "Attention")]
+)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """One core: its node, whether it fused, and otherwise why not."""
+    """One core: its node, whether it fused, and otherwise why not. ``op`` names the fused op a
+    core already was (``domain::op_type``); its ``reason`` then says so and what the pipeline did."""
 
     core: str
     fused: bool
     reason: str = ""
+    op: str = ""
 
     def __str__(self) -> str:
-        return f"{self.core}: fused" if self.fused else f"{self.core}: not fused: {self.reason}"
+        if not self.fused:
+            return f"{self.core}: not fused: {self.reason}"
+        return f"{self.core}: fused ({self.reason})" if self.reason else f"{self.core}: fused"
 
 
 def _reaches_product(value: ir.Value, depth: int = 24) -> bool:
@@ -54,12 +66,22 @@ def _reaches_product(value: ir.Value, depth: int = 24) -> bool:
 
 
 def attention_cores(graph: ir.Graph) -> list[ir.Node]:
-    """The attention-shaped nodes of ``graph`` (Softmax over q·k logits, ONNX Attention)."""
+    """The attention-shaped nodes of ``graph`` (Softmax over q·k logits, ONNX Attention, and the
+    ops of :data:`_FUSED_OPS`)."""
     return [
         n
         for n in graph
-        if n.domain == "" and (n.op_type == "Attention" or (n.op_type == "Softmax" and _reaches_product(n.inputs[0])))
+        if (n.domain, n.op_type) in _FUSED_OPS
+        or (n.domain == "" and (n.op_type == "Attention" or (n.op_type == "Softmax" and _reaches_product(n.inputs[0]))))
     ]
+
+
+def _already_fused(node: ir.Node, left: ir.Node | None, target: str) -> Outcome:
+    """The outcome of a core that was a fused op before the pipeline: kept (``left``, its node in
+    the optimised graph, is the same op) or lowered for ``target``."""
+    op = f"{node.domain}::{node.op_type}"
+    kept = left is not None and (left.domain, left.op_type) == (node.domain, node.op_type)
+    return Outcome(describe(node), True, f"already {op}, {'kept' if kept else f'lowered for target {target}'}", op)
 
 
 def _match_any(core: ir.Node, target: str) -> None:
@@ -94,6 +116,9 @@ def explain(model: onnx.ModelProto | ir.Model, target: str = "ort") -> list[Outc
     outcomes = []
     for scope, node in ((s, n) for s in scopes(before) for n in attention_cores(s.graph)):
         left = remaining.get(_key(scope, node.name))
+        if (node.domain, node.op_type) in _FUSED_OPS:
+            outcomes.append(_already_fused(node, left, target))
+            continue
         if left is None or left.op_type != node.op_type or (left.op_type == "Attention" and target != "ort"):
             outcomes.append(Outcome(describe(node), True))
             continue

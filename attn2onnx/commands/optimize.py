@@ -8,7 +8,10 @@
 
 Targets: ort (may use com.microsoft contrib ops), trt (standard ops + plugin nodes),
 portable (standard ops + ai.attn2onnx nodes with their bodies). --json prints
-{"nodes_before", "nodes_after", "fused": {op: count}, "macs_before", "macs_after"}."""
+{"nodes_before", "nodes_after", "fused": {op: count}, "macs_before", "macs_after"}; with --explain
+the same one object holds "explain": {"attention_cores", "fused", "cores": [{"core", "fused",
+"reason", "op"}]}. A core that already is a fused attention op (ai.attn2onnx's DcmhaAttention,
+PooledNormAttention, ...; com.microsoft's MultiHeadAttention) is listed as fused, naming the op."""
 
 from __future__ import annotations
 
@@ -45,6 +48,17 @@ def summary(report) -> dict:
     }
 
 
+def explanation(outcomes: list) -> dict:
+    """The ``--json`` object of ``--explain``'s outcomes (passes.explain.Outcome)."""
+    from dataclasses import asdict
+
+    return {
+        "attention_cores": len(outcomes),
+        "fused": sum(o.fused for o in outcomes),
+        "cores": [asdict(o) for o in outcomes],
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -55,19 +69,25 @@ def run(args: argparse.Namespace) -> int:
     model = load_onnx(args.model)  # one-line error for a missing / non-ONNX file
     refuse_overwriting_inputs(output_files(args.output), model_files(args.model, model))
     report = optimize(args.model, args.output, target=args.target)
-    if args.json:
-        print(json.dumps(summary(report)))
-    elif args.report:
-        print(report)
-    else:
-        s = summary(report)
-        print(f"wrote {args.output}: {s['nodes_before']} -> {s['nodes_after']} nodes, fused {s['fused'] or 'nothing'}")
+    outcomes = None
     if args.explain:
         import onnx_ir as ir
 
         from ..passes.explain import explain
 
         outcomes = explain(ir.load(args.model), target=args.target)  # with its weights (tril buffers)
+    if args.json:  # stdout is one JSON document, the explanation inside it
+        doc = summary(report)
+        if outcomes is not None:
+            doc["explain"] = explanation(outcomes)
+        print(json.dumps(doc))
+        return 0
+    if args.report:
+        print(report)
+    else:
+        s = summary(report)
+        print(f"wrote {args.output}: {s['nodes_before']} -> {s['nodes_after']} nodes, fused {s['fused'] or 'nothing'}")
+    if outcomes is not None:
         print(f"attention cores: {len(outcomes)}, fused {sum(o.fused for o in outcomes)}")
         for outcome in outcomes:
             print(f"  {outcome}")
