@@ -10,7 +10,8 @@ so that ``--help`` stays fast.
 Errors a user can fix (UsageError, VariantError, OSError such as a missing file, MemoryError
 for sizes past the machine) are printed as one line ``attn2onnx: error: ...`` on stderr with
 exit status 2; anything else is a bug and keeps its traceback. ATTN2ONNX_DEBUG=1 shows the
-traceback for every error.
+traceback for every error. An argument that is not UTF-8 (bytes in a file name or a prompt)
+is such an error before the command runs: ONNX and ONNX Runtime take UTF-8 paths only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import UsageError
+from .utf8 import check_utf8, printable
 
 PROG = "attn2onnx"
 # Subcommands in help order: name -> module under attn2onnx.commands.
@@ -63,8 +65,22 @@ def build_parser() -> ArgumentParser:
             name, help=module.HELP, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         module.configure(cmd)
-        cmd.set_defaults(_run=module.run)
+        labels = {
+            a.dest: max(a.option_strings, key=len) if a.option_strings else str(a.metavar or a.dest)
+            for a in cmd._actions
+        }
+        cmd.set_defaults(_run=module.run, _labels=labels)
     return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """UsageError for the first argument (a string, path or list of them) that is not UTF-8."""
+    labels = getattr(args, "_labels", {})
+    for dest, value in vars(args).items():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            text = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+            if isinstance(text, str) and not dest.startswith("_"):
+                check_utf8(text, f"argument {labels.get(dest, dest)}:")
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -80,7 +96,7 @@ def error_line(error: BaseException) -> str:
         text = f"{error.strerror}: {error.filename}"
     else:
         text = str(error)
-    text = " ".join(text.split())
+    text = printable(" ".join(text.split()))  # a path of bytes that are not UTF-8 prints escaped
     if isinstance(error, MemoryError):  # numpy says "Unable to allocate ...", Python often nothing
         return f"out of memory ({text})" if text else "out of memory"
     return text or type(error).__name__
@@ -93,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        check_arguments(args)
         status = args._run(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -87,6 +87,9 @@ def session(path: Any, backend: str = "ort", *, native: bool = True, threads: in
     options = session_options(native_kernels=native, threads=threads)
     if isinstance(path, (str, os.PathLike)):
         from ..onnx_io import load_onnx
+        from ..utf8 import check_utf8
+
+        check_utf8(os.fspath(path), "model path")  # ONNX and ORT take UTF-8 paths only
 
         load_onnx(path)  # external data checked before ORT follows any of it
         model: Any = str(Path(path))
