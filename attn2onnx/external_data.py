@@ -5,17 +5,21 @@ the model's folder), ``offset`` and ``length``. A hostile file can point that lo
 (``../../etc/passwd``, an absolute path, a symlink out of the folder), and a reader that follows
 it copies foreign bytes into the model it writes. :func:`check_external_data` resolves every
 location and refuses the model unless each one stays inside the model's folder (symlinks
-resolved) and names a byte range that exists, so optimize, run and validate never open a file
-the model does not own.
+resolved) and names a byte range that exists, is exactly as long as the tensor's dims and dtype
+need, and no other tensor's range overlaps, so optimize, run and validate never open a file the
+model does not own, never read past a tensor's bytes, and never turn a few shared bytes into
+gigabytes of copies.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Iterator
 
 import onnx
+import onnx_ir as ir
 
 from .errors import UsageError
 
@@ -70,8 +74,26 @@ def _int_field(tensor: onnx.TensorProto, info: dict[str, str], key: str) -> int 
     return value
 
 
-def check_tensor(tensor: onnx.TensorProto, folder: Path) -> None:
-    """Refuse one external tensor whose bytes lie outside ``folder`` (resolved) or past its file's end."""
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes ``tensor``'s dims and dtype need (sub-byte types packed, as ONNX stores them);
+    refuses a dtype that is unknown or has no fixed size (strings cannot be stored externally)."""
+    try:
+        dtype = ir.DataType(tensor.data_type)
+    except ValueError:
+        raise ExternalDataError(f"tensor {tensor.name!r}: unknown dtype {tensor.data_type}") from None
+    if dtype in (ir.DataType.UNDEFINED, ir.DataType.STRING):
+        raise ExternalDataError(
+            f"tensor {tensor.name!r}: a {dtype.name} tensor cannot be stored as external data (no fixed size)"
+        )
+    if any(d < 0 for d in tensor.dims):
+        raise ExternalDataError(f"tensor {tensor.name!r}: dims {list(tensor.dims)} hold a negative size")
+    return math.ceil(math.prod(tensor.dims) * dtype.bitwidth / 8)
+
+
+def check_tensor(tensor: onnx.TensorProto, folder: Path) -> tuple[Path, int, int]:
+    """Refuse one external tensor whose bytes lie outside ``folder`` (resolved), past its file's
+    end, or whose ``length`` is not what its dims and dtype need (a shorter one would be read
+    past, a longer one is not this tensor). Returns the file (resolved), offset and byte count."""
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location", "")
     if not location:
@@ -97,22 +119,49 @@ def check_tensor(tensor: onnx.TensorProto, folder: Path) -> None:
         )
     offset = _int_field(tensor, info, "offset") or 0
     length = _int_field(tensor, info, "length")
+    needed = _tensor_bytes(tensor)
+    if length is not None and length != needed:
+        raise ExternalDataError(
+            f"tensor {tensor.name!r}: external data length {length} is not the {needed} bytes "
+            f"its dims {list(tensor.dims)} of {ir.DataType(tensor.data_type).name} need"
+        )
     size = target.stat().st_size
-    end = offset + (length if length is not None else 0)
-    if offset > size or end > size:
+    end = offset + needed
+    if end > size:
         raise ExternalDataError(
             f"tensor {tensor.name!r}: external data bytes {offset}..{end} lie past the end of "
             f"{location!r} ({size} bytes)"
         )
+    return target, offset, needed
+
+
+def _refuse_shared_bytes(ranges: list[tuple[Path, int, int, str]]) -> None:
+    """Refuse two tensors whose external bytes overlap: every reader and writer would hold (and
+    optimize would write) one copy per tensor, so a few bytes on disk could name any number of
+    gigabytes (400 tensors on one 1 MiB range made a 400 MiB output)."""
+    last: dict[Path, tuple[int, str]] = {}
+    for target, offset, end, name in sorted(ranges):
+        if target in last and offset < last[target][0]:
+            raise ExternalDataError(
+                f"tensors {last[target][1]!r} and {name!r} share external data bytes of {target.name!r} "
+                f"(from {offset}); each tensor must own its bytes"
+            )
+        if target not in last or end > last[target][0]:
+            last[target] = (end, name)
 
 
 def check_external_data(model: onnx.ModelProto, model_path: str | os.PathLike) -> None:
     """Check every external-data reference of ``model`` (read from ``model_path`` without its
-    weights) before any reader follows one; raises :class:`ExternalDataError` naming the tensor."""
+    weights) before any reader follows one; raises :class:`ExternalDataError` naming the tensor
+    (or the two tensors whose bytes overlap)."""
     folder = Path(model_path).parent
+    ranges = []
     for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            check_tensor(tensor, folder)
+            target, offset, length = check_tensor(tensor, folder)
+            if length:
+                ranges.append((target, offset, offset + length, tensor.name))
+    _refuse_shared_bytes(ranges)
 
 
 __all__ = ["ExternalDataError", "all_tensors", "check_external_data", "check_tensor"]
