@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence, Union
 
 import numpy as np
@@ -29,7 +29,7 @@ from polygraphy.datatype import DataType
 from polygraphy.logger import G_LOGGER
 
 from .errors import UsageError
-from .io_spec import InputSpec, random_inputs
+from .io_spec import InputSpec, describe_inputs, random_inputs, reference_sizes
 from .sources import ModelSource, eval_mode
 
 # (rtol, atol) per dtype: an element passes when within atol absolutely or rtol relatively.
@@ -129,7 +129,7 @@ def compare(
                 finite &= bool(np.isfinite(got_out).all() and np.isfinite(want_out).all())
             pair = accuracy[0][(reference.name, runner.name)]  # one AccuracyResult per compare func
             verdict = all(bool(match) for iteration in pair for match in iteration.values()) and finite
-            results.append(Comparison(name, [batch, seq], abs_err, rel_err, verdict))
+            results.append(Comparison(name, fed_shape(specs, feeds), abs_err, rel_err, verdict))
     return results
 
 
@@ -153,6 +153,11 @@ def decode_cases(meta: dict, steps: int) -> list[tuple[int, int]]:
         if cache["limit"]:
             prompts |= {max(cache["limit"] - 1, 1), cache["limit"] + 1}
     fits = sorted(p for p in prompts if p + steps <= meta["max_len"])
+    if not fits:
+        raise UsageError(
+            f"--steps {steps} leaves no room for a prompt within the model's max_len {meta['max_len']}: "
+            f"use at most {meta['max_len'] - 1} steps"
+        )
     return [(1, fits[0])] + [(3, p) for p in fits]
 
 
@@ -227,6 +232,8 @@ class ParityReport:
     """What :func:`check_parity` found: one :class:`Comparison` per backend and shape."""
 
     comparisons: list[Comparison]
+    fixed: dict[str, int] = field(default_factory=dict)  # sizes the graph fixes: {"batch": 1, "seq": 32}
+    inputs: list[str] = field(default_factory=list)  # what was drawn per input (io_spec.describe_inputs)
 
     @property
     def passed(self) -> bool:
@@ -234,8 +241,14 @@ class ParityReport:
         return bool(self.comparisons) and all(c.passed for c in self.comparisons)
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``validate --json`` object: {"passed", "comparisons": [{"backend", "shape", ...}]}."""
-        return {"passed": self.passed, "comparisons": [asdict(c) for c in self.comparisons]}
+        """The ``validate --json`` object: {"passed", "comparisons": [{"backend", "shape", ...}],
+        "fixed", "inputs"}."""
+        return {
+            "passed": self.passed,
+            "comparisons": [asdict(c) for c in self.comparisons],
+            "fixed": self.fixed,
+            "inputs": self.inputs,
+        }
 
     def to_json(self) -> str:
         """:meth:`to_dict` as one line of JSON."""
@@ -254,6 +267,61 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
             raise UsageError(f"bad shape {item!r}: sizes must be positive")
         shapes.append((batch, seq))
     return shapes
+
+
+def reference_input(specs: Sequence[InputSpec]) -> tuple[InputSpec | None, int]:
+    """The input whose dims 0 and 1 are the batch size and sequence length
+    (:func:`attn2onnx.io_spec.reference_sizes`) and how many of the two it has (2; 1 for an
+    image, which has no sequence; 0 without inputs)."""
+    metas = [
+        torch.empty([1] * len(s.dims), dtype=torch.from_numpy(np.empty(0, s.numpy_dtype)).dtype, device="meta")
+        for s in specs
+    ]
+    index, batch, seq = reference_sizes(metas)
+    return (None, 0) if index is None else (specs[index], 1 if seq is None else 2)
+
+
+def fed_shape(specs: Sequence[InputSpec], feeds: dict[str, np.ndarray]) -> list[int]:
+    """[batch, seq] as ``feeds`` have them (read off their reference input, :func:`reference_input`):
+    the shape that ran, whatever was asked; [batch] for an image."""
+    spec, sizes = reference_input(specs)
+    return [int(d) for d in feeds[spec.name].shape[:sizes]] if spec else []
+
+
+def fixed_sizes(specs: Sequence[InputSpec]) -> dict[str, int]:
+    """The sizes the inputs fix (a --static export, a static program): {"batch": 1, "seq": 32},
+    or only one of them, or none for a fully dynamic graph."""
+    spec, sizes = reference_input(specs)
+    dims = spec.dims[:sizes] if spec else ()
+    return {name: d for name, d in zip(("batch", "seq"), dims) if isinstance(d, int)}
+
+
+def describe_fixed(fixed: dict[str, int]) -> str:
+    """``fixed shape 1x32``, ``fixed batch 1`` or ``fixed seq 32`` ("" for none)."""
+    if len(fixed) == 2:
+        return f"fixed shape {fixed['batch']}x{fixed['seq']}"
+    return " ".join(f"fixed {name} {size}" for name, size in fixed.items())
+
+
+def runnable_shapes(
+    specs: Sequence[InputSpec], shapes: Sequence[tuple[int, int]], requested: bool
+) -> tuple[list[tuple[int, int]], dict[str, int]]:
+    """The (batch, seq) shapes to run for ``shapes`` and the sizes the inputs fix: each shape as
+    the inputs take it (a fixed size replaces the asked one; an image has no sequence), once.
+    A ``requested`` shape (the user's) that the inputs cannot take is a UsageError, not a run
+    at another shape reported as the asked one."""
+    fixed = fixed_sizes(specs)
+    spec, sizes = reference_input(specs)
+    runs: dict[tuple[int, ...], tuple[int, int]] = {}
+    for batch, seq in shapes:
+        fed = spec.shape(batch, seq)[:sizes] if spec else ()
+        if requested and list(fed) != [batch, seq][:sizes]:
+            raise UsageError(
+                f"the model has a {describe_fixed(fixed)} and cannot run at {batch}x{seq}; "
+                "pass only shapes it takes, or none"
+            )
+        runs.setdefault(fed, (fed[0], fed[1]) if len(fed) == 2 else (batch, seq))
+    return list(runs.values()), fixed
 
 
 Reference = Union[str, "os.PathLike[str]", torch.nn.Module, ModelSource]
@@ -347,7 +415,10 @@ def check_parity(
 ) -> ParityReport:
     """Compare the ONNX model at ``onnx_path`` with ``reference`` (a model file, an attn2onnx
     model or a ModelSource) on fresh random inputs at each (batch, seq) of ``shapes`` (default
-    :data:`DEFAULT_SHAPES`) in every backend (``ort``, ``trt``), with ``dtype``'s tolerances.
+    :data:`DEFAULT_SHAPES`, no longer than the model's maximum) in every backend (``ort``,
+    ``trt``), with ``dtype``'s tolerances.
+    A graph with fixed sizes runs at them (:func:`runnable_shapes`; the report's ``fixed``
+    says so); a shape in ``shapes`` it cannot take is a UsageError.
 
     With ``decode`` the file is a decode graph: prefill + ``steps`` decode steps in ORT against
     the full forward (see :func:`compare_decode`), ``shapes`` then being (batch, prompt length).
@@ -365,7 +436,8 @@ def check_parity(
     if decode:
         return decode_parity(path, model, source, shapes, backends, dtype, seed=seed, steps=steps)
     specs = comparison_specs(path, model, source, precision)
-    shapes = list(shapes or DEFAULT_SHAPES)
+    default = [(batch, min(seq, source.max_seq or seq)) for batch, seq in DEFAULT_SHAPES]  # within the model
+    shapes, fixed = runnable_shapes(specs, shapes or default, requested=shapes is not None)
     too_long = [seq for _, seq in shapes if source.max_seq and seq > source.max_seq]
     if too_long:
         raise UsageError(f"sequence length {too_long[0]} exceeds the model's maximum {source.max_seq}")
@@ -375,7 +447,8 @@ def check_parity(
     check_reference(path, model, specs, source, shapes[0])
     runners = backend_runners(path, backends, specs, shapes)
     reference_runner = TorchRunner(source.module, specs, source.output_names)
-    return ParityReport(compare(reference_runner, runners, specs, shapes, dtype=dtype, seed=seed))
+    comparisons = compare(reference_runner, runners, specs, shapes, dtype=dtype, seed=seed)
+    return ParityReport(comparisons, fixed, describe_inputs(specs))
 
 
 def decode_parity(

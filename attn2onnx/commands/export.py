@@ -45,10 +45,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--static", action="store_true", help="fixed batch and sequence sizes instead of dynamic dims")
     parser.add_argument(
-        "--batch", type=positive_int, default=2, help="example batch size (the fixed one with --static)"
+        "--batch", type=positive_int, help="example batch size (default 2; the fixed one with --static)"
     )
     parser.add_argument(
-        "--seq-len", type=positive_int, default=16, help="example sequence length (the fixed one with --static)"
+        "--seq-len", type=positive_int, help="example sequence length (default 16; the fixed one with --static)"
     )
     parser.add_argument(
         "--dtype",
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io_spec import random_inputs, with_precision
     from ..onnx_io import output_files
     from ..sources import load_source
-    from ..validate import check_parity
+    from ..validate import check_parity, fixed_sizes, runnable_shapes
 
     check_opset(args.opset)
     if not args.output.endswith(".onnx"):
@@ -123,12 +123,16 @@ def run(args: argparse.Namespace) -> int:
     if args.decode:
         return run_decode(args)
     source = load_source(args.model, trust_pickle=args.trust_pickle)
-    if source.max_seq and args.seq_len > source.max_seq:
-        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's maximum sequence length {source.max_seq}")
     specs = with_precision(source.specs, args.dtype)
-    check_input_memory(specs, [(args.batch, args.seq_len)])
+    fixed = fixed_sizes(specs)  # a static program's own sizes
+    batch = args.batch or fixed.get("batch", 2)
+    seq = args.seq_len or fixed.get("seq", min(16, source.max_seq or 16))
+    if source.max_seq and seq > source.max_seq:
+        raise UsageError(f"--seq-len {seq} exceeds the model's maximum sequence length {source.max_seq}")
+    runnable_shapes(specs, [(batch, seq)], requested=True)  # a --batch / --seq-len a static program cannot take
+    check_input_memory(specs, [(batch, seq)])
     module = copy.deepcopy(source.module).half() if args.dtype == "fp16" else source.module
-    example = [torch.from_numpy(a) for a in random_inputs(specs, args.batch, args.seq_len, pad=False).values()]
+    example = [torch.from_numpy(a) for a in random_inputs(specs, batch, seq, pad=False).values()]
     with opset_errors(args.opset):
         result = export(
             module,
@@ -151,19 +155,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"optimized for {args.target}: {report.before.nodes} -> {report.after.nodes} nodes")
     if args.no_check:
         return 0
-    shapes = [(args.batch, args.seq_len)]
+    shapes = [(batch, seq)]
     if not args.static:
-        shapes.append((args.batch + 1, max(1, args.seq_len // 2 + 1)))
+        shapes.append((batch + 1, max(1, seq // 2 + 1)))
+    shapes, _ = runnable_shapes(specs, shapes, requested=False)  # once each, as a static program takes them
     return print_check(check_parity(result.path, source, shapes, dtype=args.dtype))
 
 
 def print_check(report) -> int:
-    """Print the check after export, a line per comparison (validate.ParityReport); the exit code."""
+    """Print the check after export: what it fed (validate's header lines), then a line per
+    comparison (validate.ParityReport) at the shape that ran; the exit code."""
+    from .validate import header_lines
+
+    for line in header_lines(report):
+        print(line)
     for c in report.comparisons:
+        sizes = dict(zip(("batch", "seq"), c.shape))
         where = (
             f"decode at batch={c.shape[0]} prompt={c.shape[1]} +{c.shape[2]} steps"
             if len(c.shape) == 3
-            else f"{c.backend} at batch={c.shape[0]} seq={c.shape[1]}"
+            else f"{c.backend} at " + " ".join(f"{name}={size}" for name, size in sizes.items())
         )
         print(
             f"check {where}: max abs err {c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} "

@@ -8,7 +8,10 @@
 Polygraphy's Comparator runs a PyTorch reference runner and the ONNX Runtime runner (and
 TensorRT where installed) on fresh random inputs at each BATCHxSEQ shape (default three),
 with per-dtype tolerances. Exit 0 pass, 1 mismatch, 2 bad input. --json prints one object:
-{"passed": bool, "comparisons": [{"backend", "shape", "max_abs_err", "max_rel_err", "passed"}]}.
+{"passed": bool, "comparisons": [{"backend", "shape", "max_abs_err", "max_rel_err", "passed"}],
+"fixed": {"batch": 1, "seq": 32} (sizes the graph fixes), "inputs": [what was drawn per input]}.
+Each shape is the one fed: a graph with fixed sizes runs at them only, and a --shapes it cannot
+take is an error.
 
 --decode checks a decode graph: prefill of a prompt, then --steps one-token decode steps in ORT,
 against PyTorch's full-sequence forward row by row, for left-padded batches whose rows start at
@@ -59,16 +62,30 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(report.to_json())
     else:
+        for line in header_lines(report):
+            print(line)
         for c in report.comparisons:
             print(describe(c))
         print("PASSED" if report.passed else "FAILED")
     return 0 if report.passed else 1
 
 
+def header_lines(report) -> list[str]:
+    """What a check fed (validate.ParityReport): one line per input saying what was drawn, and
+    the sizes a fixed-shape graph was checked at (it runs at no other)."""
+    from ..validate import describe_fixed
+
+    lines = [f"input {line}" for line in report.inputs]
+    if report.fixed:
+        lines.append(f"{describe_fixed(report.fixed)}: the graph runs only there, so it is checked there")
+    return lines
+
+
 def describe(c) -> str:
-    """One table row for a comparison (validate.Comparison): a decode one's shape is [batch, prompt, steps]."""
+    """One table row for a comparison (validate.Comparison): its shape is [batch, seq] as fed
+    ([batch] for an image), a decode one's [batch, prompt, steps]."""
     errors = f"max abs {c.max_abs_err:.2e}  max rel {c.max_rel_err:.2e}  {'PASS' if c.passed else 'FAIL'}"
     if len(c.shape) == 3:
         batch, prompt, steps = c.shape
         return f"decode batch {batch} prompt {prompt:<4d} +{steps} steps  {errors}"
-    return f"{c.backend:5s} {c.shape[0]}x{c.shape[1]:<5d} {errors}"
+    return f"{c.backend:5s} {'x'.join(str(d) for d in c.shape):<7s} {errors}"
