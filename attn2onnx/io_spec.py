@@ -182,8 +182,10 @@ def describe_inputs(specs: Sequence[InputSpec]) -> list[str]:
     values), so a check's report says what it fed."""
     values = {
         "float": "standard normal",
-        "mask": "padding mask (rows: all real, padded left and right, all padded, random spans)",
-        "int_mask": "0/1 padding mask (rows: all real, padded left and right, random spans; none all padded)",
+        "mask": "padding mask, rows in turn (as many as the batch has): all real, padded left and right, "
+        "all padded, random spans",
+        "int_mask": "0/1 padding mask, rows in turn (as many as the batch has): all real, padded left and "
+        "right, random spans, none all padded",
         "positions": "positions, an arange along the last dim",
     }
     lines = []

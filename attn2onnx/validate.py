@@ -390,15 +390,24 @@ def check_reference(path: str, model, specs: list, source: ModelSource, shape: t
 
 def comparison_specs(path: str, model, source: ModelSource, precision: str | None) -> list[InputSpec]:
     """The inputs to feed: the specs our exports record (fixed dims of a --static export, id
-    ranges), else the reference's at the file's precision; the input names must agree."""
+    ranges), else the reference's at the file's precision with the sizes the graph fixes (a
+    graph exported elsewhere with a static shape runs only there); the input names must agree."""
+    import dataclasses
+
     from .io_spec import METADATA_KEY, specs_from_onnx, with_precision
 
     onnx_specs = specs_from_onnx(model)
     onnx_names = [s.name for s in onnx_specs]
     if onnx_names != [s.name for s in source.specs]:
         raise UsageError(f"{path} takes inputs {onnx_names} but the reference takes {[s.name for s in source.specs]}")
-    has_specs = any(p.key == METADATA_KEY for p in model.metadata_props)
-    return onnx_specs if has_specs else with_precision(source.specs, precision or "fp32")
+    if any(p.key == METADATA_KEY for p in model.metadata_props):
+        return onnx_specs
+    specs = with_precision(source.specs, precision or "fp32")
+    for i, (spec, graph) in enumerate(zip(specs, onnx_specs)):
+        if len(spec.dims) == len(graph.dims):
+            dims = tuple(g if isinstance(g, int) and g > 0 else d for d, g in zip(spec.dims, graph.dims))
+            specs[i] = dataclasses.replace(spec, dims=dims)
+    return specs
 
 
 def check_parity(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import onnx
 import pytest
 import torch
 
@@ -55,6 +56,19 @@ def test_static_graph_refuses_a_shape_it_cannot_take(static_lm, capsys):
     assert_one_line_error(err, "fixed shape 1x12")
     status, out, err = call(capsys, "validate", str(model), "--reference", str(ckpt), "--shapes", "1x12")
     assert status == 0, err
+
+
+def test_graph_fixed_without_our_metadata_is_checked_at_its_shape(static_lm, capsys, tmp_path):
+    """A static graph exported elsewhere (no attn2onnx metadata: the reference's dynamic specs
+    are the inputs) still runs only at the sizes its graph fixes."""
+    ckpt, model = static_lm
+    proto = onnx.load(str(model))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    status, out, err = call(capsys, "validate", str(tmp_path / "bare.onnx"), "--reference", str(ckpt), "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert [c["shape"] for c in result["comparisons"]] == [[1, 12]] and result["fixed"] == {"batch": 1, "seq": 12}
 
 
 def _program(tmp_path, batch: int, seq: int, dynamic: bool):
