@@ -91,17 +91,17 @@ class DecodeSession:
     def __init__(self, path: str, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        from .models.decode import read_decode_metadata
         from .onnx_io import load_onnx
         from .runtime import session
-        from .runtime.decode_inputs import caches_of
+        from .runtime.metadata import require_decode
 
-        self.meta = read_decode_metadata(load_onnx(path), path)
+        self.path = str(path)
+        self.meta = require_decode(load_onnx(path), self.path)
         self.session = session(path, threads=threads)
         self._ort = ort
         self.past: list[Any] = []
         self.length = 0  # positions cached so far (the longest cache's past)
-        self._specs = caches_of(self.meta)
+        self._specs = self.meta.caches
         types = {i.name: i.type for i in self.session.get_inputs()}
         dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
         self._dtypes = [dtypes[types[spec.input]] for spec in self._specs]
@@ -109,11 +109,11 @@ class DecodeSession:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
+        return self.meta.vocab_size
 
     @property
     def max_len(self) -> int:
-        return int(self.meta["max_len"])
+        return self.meta.max_len
 
     def _empty_past(self, batch: int) -> list[Any]:
         return [
@@ -130,8 +130,10 @@ class DecodeSession:
         return self._buffers
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any]) -> np.ndarray:
+        from .runtime.sessions import run_errors
+
         binding = self.session.io_binding()
-        for name, value in zip(("input_ids", "attention_mask", "position_ids"), (ids, mask, positions)):
+        for name, value in zip(self.meta.inputs, (ids, mask, positions)):
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
         for spec, value in zip(self._specs, past):
             binding.bind_ortvalue_input(spec.input, value)
@@ -144,7 +146,8 @@ class DecodeSession:
         ]
         for spec, value in zip(self._specs, present):
             binding.bind_ortvalue_output(spec.output, value)
-        self.session.run_with_iobinding(binding)
+        with run_errors(self.path) as options:
+            self.session.run_with_iobinding(binding, options)
         self.past = present
         self.length += seq
         return binding.get_outputs()[0].numpy()

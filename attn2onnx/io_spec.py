@@ -220,7 +220,7 @@ def check_feeds(specs: Sequence[InputSpec], feeds: dict[str, np.ndarray]) -> Non
                     raise UsageError(f"input {spec.name!r}: {dim} is {size} here but {bound[dim]} in another input")
             elif dim != size:
                 raise UsageError(f"input {spec.name!r} must have shape {list(spec.dims)}, got {list(value.shape)}")
-        if spec.kind == "ids" and value.size and (value.min() < 0 or value.max() >= spec.high):
+        if spec.kind == "ids" and spec.high and value.size and (value.min() < 0 or value.max() >= spec.high):
             raise UsageError(f"input {spec.name!r} holds ids outside [0, {spec.high})")
 
 
@@ -240,32 +240,68 @@ def specs_to_json(specs: Sequence[InputSpec]) -> str:
 
 
 def specs_from_onnx(model) -> list[InputSpec]:
-    """Specs of an ONNX model: from attn2onnx's metadata when present, else from the graph's
-    input types (float, bool masks; integer inputs then need explicit --inputs)."""
-    import json
-
+    """Specs of an ONNX model: from attn2onnx's metadata when present (checked against the
+    graph: :func:`attn2onnx.runtime.metadata.read_input_specs`), else from the graph's input
+    types with the graph's own dim names (:func:`batch_seq_specs` maps them to batch and seq
+    for random inputs). An integer input there is an int_mask or positions when its name says
+    so, else ids of unknown range (``high`` 0: any id passes :func:`check_feeds`)."""
     import onnx
 
-    meta = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY in meta:
-        return [
-            InputSpec(d["name"], tuple(d["dims"]), d["kind"], d["high"], d.get("precision", "fp32"))
-            for d in json.loads(meta[METADATA_KEY])
-        ]
-    initializers = {i.name for i in model.graph.initializer}
+    from .runtime.metadata import graph_inputs, read_input_specs
+
+    specs = read_input_specs(model)
+    if specs is not None:
+        return specs
     specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tensor = value.type.tensor_type
-        dims = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim)
-        elem = tensor.elem_type
+    for value in graph_inputs(model).values():
+        # A dim of unknown size is named after its place: it binds to no other input's dim.
+        dims = tuple(f"{value.name}[{j}]" if d is None else d for j, d in enumerate(value.dims or ()))
+        elem = value.elem_type
+        name = value.name.lower()
         if elem == onnx.TensorProto.BOOL:
             kind = "mask"
         elif elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
             kind = "float"
         else:
-            kind = "ids"
+            kind = "int_mask" if "mask" in name else "positions" if "position" in name else "ids"
         precision = "fp16" if elem == onnx.TensorProto.FLOAT16 else "fp32"
         specs.append(InputSpec(value.name, dims, kind, 0, precision))
     return specs
+
+
+# Dim names of graphs exported elsewhere (Hugging Face / Optimum, torch's defaults) that
+# :func:`batch_seq_specs` reads as the batch and the sequence dim.
+BATCH_NAMES = frozenset({"batch", "batch_size", "batchsize", "bs", "b", "n", "num_sequences"})
+SEQ_NAMES = frozenset(
+    {"seq", "seq_len", "seqlen", "seq_length", "sequence", "sequence_length", "sequence_len", "length", "t", "s", "l"}
+)
+
+
+def batch_seq_specs(specs: Sequence[InputSpec]) -> list[InputSpec]:
+    """``specs`` with every named dim as ``batch`` or ``seq``, so that random inputs can size
+    them: a dim named as BATCH_NAMES / SEQ_NAMES say (any case), then, in input order, a dim
+    still unnamed is the batch when it leads its input and no dim is the batch yet, else the
+    sequence when no dim is that yet. A third dynamic dim (an encoder length, a past length)
+    cannot be sized: a one-line UsageError asks for --inputs."""
+    import dataclasses
+
+    symbols: dict[str, str] = {}
+    for spec in specs:
+        for dim in spec.dims:
+            if isinstance(dim, str) and dim.lower() in BATCH_NAMES | SEQ_NAMES:
+                symbols[dim] = "batch" if dim.lower() in BATCH_NAMES else "seq"
+    for spec in specs:
+        for j, dim in enumerate(spec.dims):
+            if not isinstance(dim, str) or dim in symbols:
+                continue
+            taken = set(symbols.values())
+            if j == 0 and "batch" not in taken:
+                symbols[dim] = "batch"
+            elif "seq" not in taken:
+                symbols[dim] = "seq"
+            else:
+                raise UsageError(
+                    f"input {spec.name!r} dim {j} is {dim!r}, a third dynamic dim besides the batch and sequence "
+                    "dims: random inputs cannot size it, pass --inputs"
+                )
+    return [dataclasses.replace(s, dims=tuple(symbols.get(d, d) for d in s.dims)) for s in specs]

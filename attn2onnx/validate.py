@@ -30,6 +30,7 @@ from polygraphy.logger import G_LOGGER
 
 from .errors import UsageError
 from .io_spec import InputSpec, describe_inputs, random_inputs, reference_sizes
+from .runtime.metadata import DecodeMeta
 from .sources import ModelSource, eval_mode
 
 # (rtol, atol) per dtype: an element passes when within atol absolutely or rtol relatively.
@@ -144,19 +145,19 @@ def left_padded(rng: np.random.Generator, batch: int, prompt: int, total: int, v
     return ids, mask
 
 
-def decode_cases(meta: dict, steps: int) -> list[tuple[int, int]]:
+def decode_cases(meta: DecodeMeta, steps: int) -> list[tuple[int, int]]:
     """Default (batch, prompt length) pairs for validate --decode: batch 1 and 3 at short and
     longer prompts and, for a model with local-window layers, prompts that end just before and
     at each window limit so the decode steps cross it; all within max_len."""
     prompts = {1, 5, 9}
-    for cache in meta["caches"]:
-        if cache["limit"]:
-            prompts |= {max(cache["limit"] - 1, 1), cache["limit"] + 1}
-    fits = sorted(p for p in prompts if p + steps <= meta["max_len"])
+    for cache in meta.caches:
+        if cache.limit:
+            prompts |= {max(cache.limit - 1, 1), cache.limit + 1}
+    fits = sorted(p for p in prompts if p + steps <= meta.max_len)
     if not fits:
         raise UsageError(
-            f"--steps {steps} leaves no room for a prompt within the model's max_len {meta['max_len']}: "
-            f"use at most {meta['max_len'] - 1} steps"
+            f"--steps {steps} leaves no room for a prompt within the model's max_len {meta.max_len}: "
+            f"use at most {meta.max_len - 1} steps"
         )
     return [(1, fits[0])] + [(3, p) for p in fits]
 
@@ -473,22 +474,23 @@ def decode_parity(
 ) -> ParityReport:
     """check_parity(decode=True): the decode graph ``model`` (read from ``path``) against the
     causal LM of ``source``, at ``cases`` (batch, prompt length; default :func:`decode_cases`)."""
-    from .models.decode import check_decodable, read_decode_metadata
+    from .models.decode import check_decodable
+    from .runtime.metadata import require_decode
 
-    meta = read_decode_metadata(model, path)
+    meta = require_decode(model, path)
     lm = check_decodable(source.module)
-    if lm.config.vocab_size != meta["vocab_size"] or lm.config.variant != meta["variant"]:
+    if lm.config.vocab_size != meta.vocab_size or lm.config.variant != meta.variant:
         raise UsageError(
-            f"{path} is a decode graph of a {meta['variant']} LM with vocabulary "
-            f"{meta['vocab_size']}, but the reference is a {lm.config.variant} LM with vocabulary "
+            f"{path} is a decode graph of a {meta.variant} LM with vocabulary "
+            f"{meta.vocab_size}, but the reference is a {lm.config.variant} LM with vocabulary "
             f"{lm.config.vocab_size}"
         )
     if list(backends) != ["ort"]:
         raise UsageError("--decode runs in ONNX Runtime only (--backends ort)")
     cases = list(cases or decode_cases(meta, steps))
-    too_long = [p for _, p in cases if p + steps > meta["max_len"]]
+    too_long = [p for _, p in cases if p + steps > meta.max_len]
     if too_long:
-        raise UsageError(f"prompt {too_long[0]} + {steps} steps exceeds the model's max_len {meta['max_len']}")
+        raise UsageError(f"prompt {too_long[0]} + {steps} steps exceeds the model's max_len {meta.max_len}")
     return ParityReport(compare_decode(path, lm, cases, steps, dtype=dtype, seed=seed))
 
 

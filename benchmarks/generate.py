@@ -110,11 +110,9 @@ def ort_past(session, batch: int, context: int, rng: np.random.Generator) -> lis
     graph's cache order."""
     import onnxruntime as ort
 
-    from attn2onnx.runtime.decode_inputs import caches_of
-
     return [
         ort.OrtValue.ortvalue_from_numpy(rng.random(spec.shape(batch, context), dtype=np.float32))
-        for spec in caches_of(session.meta)
+        for spec in session.meta.caches
     ]
 
 

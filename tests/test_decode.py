@@ -18,6 +18,7 @@ from attn2onnx import cli
 from attn2onnx.errors import UsageError
 from attn2onnx.generate import DecodeSession, generate
 from attn2onnx.models.decode import DECODE_KEY, DecodeLM, check_decodable, export_decode
+from attn2onnx.runtime.metadata import DecodeMeta, require_decode
 from attn2onnx.validate import compare_decode, decode_cases
 
 GREEDY_TOKENS = 10
@@ -98,8 +99,7 @@ def test_prefill_and_decode_match_full_forward_row_by_row(which, request) -> Non
     """Left-padded batches (rows starting at different points), several prompt lengths, and for
     dcmha prompts that end before and after the window so the steps cross it."""
     model, path = request.getfixturevalue(which)
-    meta = json.loads({p.key: p.value for p in onnx.load(path).metadata_props}[DECODE_KEY])
-    cases = decode_cases(meta, steps=5)
+    cases = decode_cases(decode_meta(path), steps=5)
     assert (3, WINDOW) in cases or which == "mha"
     results = compare_decode(path, model, cases, steps=5)
     assert len(results) == len(cases) and all(r.passed for r in results), results
@@ -224,8 +224,8 @@ def test_other_variants_decode_exactly(variant, tmp_path) -> None:
     assert inputs[3:] == expected.get(variant, [f"past_key_values.{i}.{n}" for i in (0, 1) for n in ("key", "value")])
 
 
-def decode_meta(path: str) -> dict:
-    return json.loads({p.key: p.value for p in onnx.load(path).metadata_props}[DECODE_KEY])
+def decode_meta(path: str) -> DecodeMeta:
+    return require_decode(onnx.load(path), path)
 
 
 def test_run_without_inputs_feeds_a_decode_step_after_past_positions(dcmha, tmp_path, capsys) -> None:
@@ -239,10 +239,10 @@ def test_run_without_inputs_feeds_a_decode_step_after_past_positions(dcmha, tmp_
     out = tmp_path / "out.npz"
     assert cli.main(["run", path, "--batch", "2", "--seq-len", "2", "--past", "5", "-o", str(out)]) == 0
     outputs, meta = np.load(out), decode_meta(path)
-    for cache in meta["caches"]:  # past + seq = 7 positions, a window layer's min(7, 3)
-        held = 7 if cache["limit"] is None else WINDOW - 1
-        want = [2 if d == "batch" else held if isinstance(d, str) else d for d in cache["dims"]]
-        assert list(outputs[cache["output"]].shape) == want, cache
+    for cache in meta.caches:  # past + seq = 7 positions, a window layer's min(7, 3)
+        held = 7 if cache.limit is None else WINDOW - 1
+        want = [2 if d == "batch" else held if isinstance(d, str) else d for d in cache.dims]
+        assert list(outputs[cache.output].shape) == want, cache
     feeds = random_decode_inputs(specs_from_onnx(onnx.load(path)), meta, 2, 2, 5)
     assert feeds["attention_mask"].shape == (2, 7) and feeds["position_ids"].tolist() == [[5, 6], [5, 6]]
     with torch.inference_mode():
@@ -263,12 +263,12 @@ def test_run_past_fits_max_len_and_only_decode_graphs_take_it(dcmha, tmp_path, c
     assert "--past applies to decode graphs" in capsys.readouterr().err
 
 
-def cut_caches(feeds: dict, meta: dict, keep: int, window: bool) -> None:
+def cut_caches(feeds: dict, meta: DecodeMeta, keep: int, window: bool) -> None:
     """Keep the first ``keep`` positions of every window (or every full) cache."""
-    for cache in meta["caches"]:
-        if (cache["limit"] is not None) == window:
-            axis = next(i for i, d in enumerate(cache["dims"]) if isinstance(d, str) and d != "batch")
-            feeds[cache["input"]] = np.take(feeds[cache["input"]], range(keep), axis=axis)
+    for cache in meta.caches:
+        if (cache.limit is not None) == window:
+            axis = next(i for i, d in enumerate(cache.dims) if isinstance(d, str) and d != "batch")
+            feeds[cache.input] = np.take(feeds[cache.input], range(keep), axis=axis)
 
 
 CONTRACT_BREAKS = {  # name: (change to valid inputs of seq 2 after 5 past positions, error text)

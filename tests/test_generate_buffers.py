@@ -54,8 +54,7 @@ def caches(session: DecodeSession, batch: int, past: int, rng: np.random.Generat
     """Caches of ``past`` positions (every cache, window ones too, as benchmarks/generate.py
     makes them): zeros, or random values from ``rng``."""
     shapes = [
-        [batch if d == "batch" else past if isinstance(d, str) else d for d in c["dims"]]
-        for c in session.meta["caches"]
+        [batch if d == "batch" else past if isinstance(d, str) else d for d in c.dims] for c in session.meta.caches
     ]
     return [np.zeros(s, np.float32) if rng is None else rng.random(s, dtype=np.float32) for s in shapes]
 
@@ -63,7 +62,7 @@ def caches(session: DecodeSession, batch: int, past: int, rng: np.random.Generat
 def plain_step(session: DecodeSession, past: list[np.ndarray], ids, mask, positions) -> list[np.ndarray]:
     """[logits, *present] of one ``session.run`` (ORT allocates the outputs)."""
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-    feeds.update((c["input"], value) for c, value in zip(session.meta["caches"], past))
+    feeds.update((c.input, value) for c, value in zip(session.meta.caches, past))
     return session.session.run(None, {name: np.ascontiguousarray(value) for name, value in feeds.items()})
 
 
@@ -122,7 +121,7 @@ def test_presents_alternate_between_the_two_buffers(graph) -> None:
     """Every present lies in one of its cache's buffers; consecutive runs take turns, so no
     step writes into the buffer its past is read from; the buffers grow (not max_len up front)."""
     session = DecodeSession(graph)
-    held: list[int | None] = [None] * len(session.meta["caches"])
+    held: list[int | None] = [None] * len(session.meta.caches)
     sizes = []
     for t in range(STEPS + 1):
         session_run(session, t)
@@ -132,8 +131,8 @@ def test_presents_alternate_between_the_two_buffers(graph) -> None:
             assert index != held[cache], f"run {t}: present {cache} written into its past's buffer"
             held[cache] = index
         sizes.append([[flat.size for flat in buffers.flats] for buffers in session._buffers])
-    for i, cache in enumerate(session.meta["caches"]):
-        if cache["limit"] is None:  # a window cache's buffers stop at its window
+    for i, cache in enumerate(session.meta.caches):
+        if cache.limit is None:  # a window cache's buffers stop at its window
             first, last = sizes[1][i], sizes[-1][i]
             assert all(b > a for a, b in zip(first, last)), f"cache {i}: buffers never grew ({first} -> {last})"
             per_position = session.past[i].numpy().size // TOTAL

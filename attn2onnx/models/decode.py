@@ -12,7 +12,8 @@ Transpose either side; benchmarks/RESULTS.md "Decode"). A local-window layer kee
 window's last positions, so its cache has a past dim of its own (``past_window{W-1}``).
 Prefill is the same graph with an empty past (past = 0). The graph's metadata
 (``attn2onnx.decode``) says what each cache input holds, so :mod:`attn2onnx.generate` and
-``validate --decode`` need nothing but the file.
+``validate --decode`` need nothing but the file (:func:`attn2onnx.runtime.metadata.read_decode`
+reads it back, checked against the graph).
 
 ``attention_mask`` is int64 (1 = real token) over past and new positions, as Optimum's;
 ``position_ids`` feed the learned positions or RoPE, so left-padded batches can pass either the
@@ -245,17 +246,6 @@ def export_decode(model: nn.Module, path: str | os.PathLike, opset: int = 23):
     )
 
 
-def read_decode_metadata(model: onnx.ModelProto, path: str) -> dict[str, Any]:
-    """The decode description of an exported graph; a one-line error for a graph without one."""
-    meta = {p.key: p.value for p in model.metadata_props}
-    if DECODE_KEY not in meta:
-        raise UsageError(f"{path} is not a decode graph (export it with 'attn2onnx export MODEL -o OUT.onnx --decode')")
-    try:
-        return json.loads(meta[DECODE_KEY])
-    except ValueError:
-        raise UsageError(f"{path}: unreadable {DECODE_KEY} metadata") from None
-
-
 __all__ = [
     "DECODE_KEY",
     "CacheSpec",
@@ -265,5 +255,4 @@ __all__ = [
     "decode_metadata",
     "export_decode",
     "input_specs",
-    "read_decode_metadata",
 ]

@@ -3,8 +3,9 @@
 A decode graph's inputs are related beyond what their dim names say: after ``past`` cached
 positions and ``seq`` new ones, every full cache holds ``past`` positions, a local-window
 layer's cache ``min(past, limit)``, and ``attention_mask`` covers ``past + seq`` positions, at
-most the model's ``max_len`` (:mod:`attn2onnx.models.decode`; its ``attn2onnx.decode`` metadata
-gives every cache's dims and limit). Random inputs built from the dim names alone cannot know
+most the model's ``max_len`` (:mod:`attn2onnx.models.decode`; its ``attn2onnx.decode`` metadata,
+read and checked by :func:`attn2onnx.runtime.metadata.read_decode`, gives every cache's dims and
+limit). Random inputs built from the dim names alone cannot know
 ``past``; inputs that break the relation run in ONNX Runtime without an error but compute
 nothing meaningful. :func:`random_decode_inputs` makes inputs that keep it and
 :func:`check_decode_feeds` refuses, in one line, given inputs that do not.
@@ -12,26 +13,22 @@ nothing meaningful. :func:`random_decode_inputs` makes inputs that keep it and
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import UsageError
 from ..io_spec import InputSpec, random_inputs
 from ..models.decode import CacheSpec
+from .metadata import DecodeMeta
 
 DEFAULT_PAST = 8  # cached positions of random inputs when the user does not choose (fewer if max_len is short)
 
 
-def caches_of(meta: dict[str, Any]) -> list[CacheSpec]:
-    """The cache tensors that the graph's ``attn2onnx.decode`` metadata describes."""
-    return [CacheSpec(**{**cache, "dims": tuple(cache["dims"])}) for cache in meta["caches"]]
-
-
-def choose_past(meta: dict[str, Any], seq: int, past: int | None) -> int:
+def choose_past(meta: DecodeMeta, seq: int, past: int | None) -> int:
     """Cached positions for random inputs of ``seq`` new ones: ``past`` when given (an error
     when past + seq exceeds the model's max_len), else DEFAULT_PAST or what max_len leaves."""
-    limit = int(meta["max_len"])
+    limit = meta.max_len
     if past is None:
         return max(min(DEFAULT_PAST, limit - seq), 0)
     if past + seq > limit:
@@ -39,16 +36,16 @@ def choose_past(meta: dict[str, Any], seq: int, past: int | None) -> int:
     return past
 
 
-def _dim_sizes(meta: dict[str, Any], past: int, seq: int) -> dict[str, int]:
+def _dim_sizes(meta: DecodeMeta, past: int, seq: int) -> dict[str, int]:
     """Size of every dim name of the decode graph other than batch and seq, after ``past``
     cached positions and ``seq`` new ones."""
     sizes = {"past+seq": past + seq}
-    for cache in caches_of(meta):
+    for cache in meta.caches:
         sizes.update((d, n) for d, n in zip(cache.dims, cache.shape(1, past)) if isinstance(d, str) and d != "batch")
     return sizes
 
 
-def sized_specs(specs: Sequence[InputSpec], meta: dict[str, Any], past: int, seq: int) -> list[InputSpec]:
+def sized_specs(specs: Sequence[InputSpec], meta: DecodeMeta, past: int, seq: int) -> list[InputSpec]:
     """``specs`` with every past dim as its size, so that only batch and seq stay symbolic
     (what io_spec's random inputs and the memory check take)."""
     import dataclasses
@@ -58,12 +55,16 @@ def sized_specs(specs: Sequence[InputSpec], meta: dict[str, Any], past: int, seq
 
 
 def random_decode_inputs(
-    specs: Sequence[InputSpec], meta: dict[str, Any], batch: int, seq: int, past: int, seed: int = 0
+    specs: Sequence[InputSpec], meta: DecodeMeta, batch: int, seq: int, past: int, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Random inputs of a decode step after ``past`` cached positions: random ids and caches,
-    an all-ones attention mask [batch, past + seq] and positions past .. past + seq - 1."""
+    """Random inputs of a decode step after ``past`` cached positions: random ids over the
+    vocabulary and caches, an all-ones attention mask [batch, past + seq] and positions
+    past .. past + seq - 1."""
+    import dataclasses
+
+    ids, mask, positions = meta.inputs
+    specs = [dataclasses.replace(s, high=meta.vocab_size) if s.name == ids else s for s in specs]
     feeds = random_inputs(sized_specs(specs, meta, past, seq), batch, seq, seed=seed)
-    _, mask, positions = meta["inputs"]
     feeds[mask] = np.ones((batch, past + seq), dtype=np.int64)
     feeds[positions] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy()
     return feeds
@@ -74,19 +75,19 @@ def _past_index(cache: CacheSpec) -> int:
     return next(i for i, d in enumerate(cache.dims) if isinstance(d, str) and d != "batch")
 
 
-def check_decode_feeds(meta: dict[str, Any], feeds: dict[str, np.ndarray]) -> None:
+def check_decode_feeds(meta: DecodeMeta, feeds: dict[str, np.ndarray]) -> None:
     """One-line UsageError for inputs (already checked against the graph's input specs) that
     break the decode contract: attention_mask shorter than the new ids or longer than max_len,
     a full cache whose past is not attention_mask's length minus seq, a window layer's cache
     that does not hold min(past, limit) positions."""
-    ids, mask, _ = meta["inputs"]
+    ids, mask, _ = meta.inputs
     seq, total = feeds[ids].shape[1], feeds[mask].shape[1]
     past = total - seq
     if past < 0:
         raise UsageError(f"{mask} covers {total} positions, fewer than the {seq} new ones of {ids}")
-    if total > int(meta["max_len"]):
-        raise UsageError(f"{mask} covers {total} positions, more than the model's max_len {meta['max_len']}")
-    for cache in caches_of(meta):
+    if total > meta.max_len:
+        raise UsageError(f"{mask} covers {total} positions, more than the model's max_len {meta.max_len}")
+    for cache in meta.caches:
         held = feeds[cache.input].shape[_past_index(cache)]
         want = cache.shape(1, past)[_past_index(cache)]
         if held == want:
@@ -102,4 +103,4 @@ def check_decode_feeds(meta: dict[str, Any], feeds: dict[str, np.ndarray]) -> No
         )
 
 
-__all__ = ["DEFAULT_PAST", "caches_of", "check_decode_feeds", "choose_past", "random_decode_inputs", "sized_specs"]
+__all__ = ["DEFAULT_PAST", "check_decode_feeds", "choose_past", "random_decode_inputs", "sized_specs"]

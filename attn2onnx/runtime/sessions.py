@@ -109,11 +109,18 @@ def session(path: Any, backend: str = "ort", *, native: bool = True, threads: in
 
 class SessionLoadError(UsageError):
     """A model ONNX Runtime refuses to load (unknown op, bad graph, external data it cannot
-    read, ...): one line naming the file. Errors while a session runs are not this."""
+    read, ...): one line naming the file. Errors while a session runs are SessionRunError."""
 
 
-# ONNX Runtime's exception types for a model it cannot load (onnxruntime_pybind11_state).
-_LOAD_ERRORS = (
+class SessionRunError(UsageError):
+    """A loaded model that ONNX Runtime fails to run on the inputs given (a shape or dtype the
+    graph cannot take, an id past a Gather's table, a kernel's INVALID_ARGUMENT): one line
+    naming the file."""
+
+
+# ONNX Runtime's exception types for a model it cannot load or run (onnxruntime_pybind11_state).
+_ORT_ERRORS = (
+    "EPFail",
     "Fail",
     "InvalidArgument",
     "InvalidGraph",
@@ -126,12 +133,30 @@ _LOAD_ERRORS = (
 
 
 @contextlib.contextmanager
-def load_errors(name: str) -> Iterator[None]:
-    """Turn ONNX Runtime's load failures inside the block into :class:`SessionLoadError` for ``name``."""
+def _ort_errors(error: type[UsageError], what: str, also: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turn ONNX Runtime's exceptions (and ``also``) inside the block into ``error`` ("WHAT: ORT's message")."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
     try:
         yield
-    except tuple(getattr(state, kind) for kind in _LOAD_ERRORS if hasattr(state, kind)) as e:
+    except (*(getattr(state, kind) for kind in _ORT_ERRORS if hasattr(state, kind)), *also) as e:
         message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).strip())
-        raise SessionLoadError(f"{name}: ONNX Runtime cannot load it: {message or type(e).__name__}") from None
+        raise error(f"{what}: {message or type(e).__name__}") from None
+
+
+def load_errors(name: str) -> contextlib.AbstractContextManager[None]:
+    """Turn ONNX Runtime's load failures inside the block into :class:`SessionLoadError` for ``name``."""
+    return _ort_errors(SessionLoadError, f"{name}: ONNX Runtime cannot load it")
+
+
+@contextlib.contextmanager
+def run_errors(name: str) -> Iterator[Any]:
+    """Turn ONNX Runtime's failures while running inside the block into :class:`SessionRunError`
+    for ``name``; yields the ``RunOptions`` to run with, which keep ORT's own log of the failure
+    off stderr (the error says it once). ``run_with_iobinding`` raises a plain RuntimeError."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # fatal only
+    with _ort_errors(SessionRunError, f"{name}: ONNX Runtime failed to run it", (RuntimeError,)):
+        yield options
