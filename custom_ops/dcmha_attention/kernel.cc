@@ -1,4 +1,4 @@
-// ai.attn2onnx::DcmhaAttention — fused DCMHA attention core, ONNX Runtime CPU kernel (lite API).
+// ai.attn2onnx::DcmhaAttention — fused DCMHA attention core, ONNX Runtime CPU kernel.
 //
 // Contract (custom_ops/README.md; v may have its own head dim dv): L = q k^T * scale; L = Compose(L, pre) on the unmasked logits;
 // L = where(allowed, L, NEG); P = softmax(L) in fp32; P = Compose(P, post); o = P v.
@@ -52,7 +52,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <memory>
-#include <optional>
 #include <string>
 
 namespace attn2onnx {
@@ -809,58 +808,75 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 }
 
 // ------------------------------------------------------------------ the ORT kernel
+constexpr const char* kOp = "DcmhaAttention";
+constexpr const char* kInputNames[] = {"q",        "k",        "v",          "q_factors",
+                                       "k_factors", "key_padding_mask", "static_mix", "attn_mask"};
+constexpr size_t kInputs = 8, kKeyPaddingMask = 5, kAttnMask = 7;  // attn_mask: the one optional input
+// The kernel's int32 key / row lanes hold every index up to S rounded up to kCB.
+constexpr int64_t kMaxLength = INT32_MAX - kCB;
+
+// Elements of a tensor of `shape`, false when the count overflows int64.
+bool element_count(const std::vector<int64_t>& shape, int64_t& count) {
+  count = 1;
+  for (int64_t dim : shape)
+    if (__builtin_mul_overflow(count, dim, &count)) return false;
+  return true;
+}
+
 template <typename E>
 struct DcmhaAttentionKernel {
-  float scale_;
-  bool causal_, use_static_;
-  int64_t window_;
-  size_t budget_;
+  float scale_ = 0.f;
+  int64_t causal_ = 0, use_static_ = 0, window_ = 0;
+  size_t budget_ = scratch_budget();
 
-  DcmhaAttentionKernel(const OrtApi* api, const OrtKernelInfo* info)
-      : scale_(attr_float(api, info, "scale", 0.f)),
-        causal_(attr_int(api, info, "causal", 0) != 0),
-        use_static_(attr_int(api, info, "use_static_mix", 0) != 0),
-        window_(attr_int(api, info, "window", 0)),
-        budget_(scratch_budget()) {}
-
-  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {  // [B,T,N] of q, dv of v
-    Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
-    const Ort::ShapeInferContext::Shape& v_shape = ctx.GetInputShape(2);
-    if (shape.size() == 4 && v_shape.size() == 4) shape[3] = v_shape[3];
-    return ctx.SetOutputShape(0, shape, onnx_type<E>());
+  // The node's attributes; a wrong type is an INVALID_ARGUMENT status when the session is created.
+  Ort::Status read_attributes(const OrtApi* api, const OrtKernelInfo* info) {
+    ATTN2ONNX_RETURN_IF_ERROR(read_attr(api, info, kOp, "scale", scale_));
+    ATTN2ONNX_RETURN_IF_ERROR(read_attr(api, info, kOp, "causal", causal_));
+    ATTN2ONNX_RETURN_IF_ERROR(read_attr(api, info, kOp, "use_static_mix", use_static_));
+    return read_attr(api, info, kOp, "window", window_);
   }
 
-  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<E>& q, const Ort::Custom::Tensor<E>& k,
-                      const Ort::Custom::Tensor<E>& v, const Ort::Custom::Tensor<E>& q_factors,
-                      const Ort::Custom::Tensor<E>& k_factors, const Ort::Custom::Tensor<bool>& key_padding_mask,
-                      const Ort::Custom::Tensor<E>& static_mix,
-                      std::optional<const Ort::Custom::Tensor<bool>*> attn_mask, Ort::Custom::Tensor<E>& o) {
-    try {
-      return run(context, q, k, v, q_factors, k_factors, key_padding_mask, static_mix,
-                 attn_mask.has_value() ? *attn_mask : nullptr, o);
-    } catch (const std::exception& e) {
-      return Ort::Status((std::string("DcmhaAttention: ") + e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
-    }
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const noexcept {
+    return status_of(kOp, [&] { return compute(Ort::KernelContext(context)); });
   }
 
-  Ort::Status run(OrtKernelContext* context, const Ort::Custom::Tensor<E>& q, const Ort::Custom::Tensor<E>& k,
-                  const Ort::Custom::Tensor<E>& v, const Ort::Custom::Tensor<E>& q_factors,
-                  const Ort::Custom::Tensor<E>& k_factors, const Ort::Custom::Tensor<bool>& key_padding_mask,
-                  const Ort::Custom::Tensor<E>& static_mix, const Ort::Custom::Tensor<bool>* attn_mask,
-                  Ort::Custom::Tensor<E>& o) {
-    const auto& qs = q.Shape();
-    const auto& ks = k.Shape();
-    const auto& qfs = q_factors.Shape();
-    const auto& kfs = k_factors.Shape();
-    const auto& ms = key_padding_mask.Shape();
-    const auto& ws = static_mix.Shape();
-    auto fail = [](const std::string& what) { return Ort::Status(("DcmhaAttention: " + what).c_str(), ORT_INVALID_ARGUMENT); };
+  // Every input read and checked (read_input: an absent required input is an error, never a null
+  // dereference), then run.
+  Ort::Status compute(Ort::KernelContext ctx) const {
+    auto tensor = [&](size_t i, Input<E>& in) { return read_input(ctx, i, kOp, kInputNames[i], onnx_type<E>(), true, in); };
+    auto mask = [&](size_t i, Input<uint8_t>& in) {
+      return read_input(ctx, i, kOp, kInputNames[i], ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL, i != kAttnMask, in);
+    };
+    Input<E> q, k, v, q_factors, k_factors, static_mix;
+    Input<uint8_t> key_padding_mask, attn_mask;
+    ATTN2ONNX_RETURN_IF_ERROR(tensor(0, q));
+    ATTN2ONNX_RETURN_IF_ERROR(tensor(1, k));
+    ATTN2ONNX_RETURN_IF_ERROR(tensor(2, v));
+    ATTN2ONNX_RETURN_IF_ERROR(tensor(3, q_factors));
+    ATTN2ONNX_RETURN_IF_ERROR(tensor(4, k_factors));
+    ATTN2ONNX_RETURN_IF_ERROR(mask(kKeyPaddingMask, key_padding_mask));
+    ATTN2ONNX_RETURN_IF_ERROR(tensor(6, static_mix));
+    ATTN2ONNX_RETURN_IF_ERROR(mask(kAttnMask, attn_mask));
+    return run(ctx, q, k, v, q_factors, k_factors, key_padding_mask, static_mix, attn_mask);
+  }
+
+  Ort::Status run(Ort::KernelContext& ctx, const Input<E>& q, const Input<E>& k, const Input<E>& v,
+                  const Input<E>& q_factors, const Input<E>& k_factors, const Input<uint8_t>& key_padding_mask,
+                  const Input<E>& static_mix, const Input<uint8_t>& attn_mask) const {
+    const auto& qs = q.shape;
+    const auto& ks = k.shape;
+    const auto& qfs = q_factors.shape;
+    const auto& kfs = k_factors.shape;
+    const auto& ms = key_padding_mask.shape;
+    const auto& ws = static_mix.shape;
+    auto fail = [](const std::string& what) { return invalid(kOp, what); };
     if (qs.size() != 4) return fail("q must be [B,T,N,d], got " + shape_str(qs));
     const int64_t B = qs[0], T = qs[1], N = qs[2], d = qs[3];
     if (ks.size() != 4 || ks[0] != B || ks[2] != N || ks[3] != d)
       return fail("k must be [B,S,N,d] matching q " + shape_str(qs) + ", got " + shape_str(ks));
     const int64_t S = ks[1];
-    const auto& vs = v.Shape();
+    const auto& vs = v.shape;
     if (vs.size() != 4 || vs[0] != B || vs[1] != S || vs[2] != N)
       return fail("v must be [B,S,N,dv] matching k " + shape_str(ks) + ", got " + shape_str(vs));
     const int64_t dv = vs[3];
@@ -874,30 +890,36 @@ struct DcmhaAttentionKernel {
     if (ws != std::vector<int64_t>{2, N, N}) return fail("static_mix must be [2,N,N], got " + shape_str(ws));
     if (window_ < 0) return fail("window must be >= 0");
     if (window_ > 0 && !causal_) return fail("window requires causal = 1");
+    if (T > kMaxLength || S > kMaxLength) return fail("T and S must be at most " + std::to_string(kMaxLength));
     MaskView mask_view;
-    if (attn_mask != nullptr && !mask_view.read(attn_mask->Shape(), {B, N, T, S}))
+    if (attn_mask.present && !mask_view.read(attn_mask.shape, {B, N, T, S}))
       return fail("attn_mask must be [T,S] or [B,N,T,S] = " + shape_str({B, N, T, S}) + " (any axis may be 1), got " +
-                  shape_str(attn_mask->Shape()));
+                  shape_str(attn_mask.shape));
+    int64_t out_elements = 0;
+    if (!element_count({B, T, N, dv}, out_elements)) return fail("output [B,T,N,dv] has too many elements");
 
-    E* out = o.Allocate({B, T, N, dv});
-    const size_t out_count = static_cast<size_t>(B * T * N * dv);
-    if (out_count == 0) return Ort::Status{nullptr};
+    Ort::UnownedValue o = ctx.GetOutput(0, {B, T, N, dv});
+    if (o == nullptr) return fail("output o has no value: the node names it \"\"");
+    E* out = o.GetTensorMutableData<E>();
+    const size_t out_count = static_cast<size_t>(out_elements);
+    if (out_count == 0) return ok();
     if (S == 0) {
       std::fill(out, out + out_count, from_float<E>(0.f));
-      return Ort::Status{nullptr};
+      return ok();
     }
 
     Problem p;
     p.B = B, p.T = T, p.S = S, p.N = N, p.d = d, p.dv = dv, p.R = R;
     p.scale = scale_ != 0.f ? scale_ : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-    p.causal = causal_, p.use_static = use_static_, p.window = window_;
+    p.causal = causal_ != 0, p.use_static = use_static_ != 0;
+    p.window = std::min(window_, S);  // any window >= S keeps every key up to the query: no overflow in pos - window
     p.Sp = round_up(S, kCB), p.dvb = (dv + kCB - 1) / kCB;
 
     // fp32 views of the inputs (converted copies for fp16 / bf16).
     std::vector<float> q32, qf32, wb32, out32;
-    p.q = float_view(q.Data(), static_cast<size_t>(B * T * N * d), q32);
-    p.qf = float_view(q_factors.Data(), static_cast<size_t>(B * T * 2 * F * N), qf32);
-    p.wb = float_view(static_mix.Data(), static_cast<size_t>(2 * N * N), wb32);
+    p.q = float_view(q.data, static_cast<size_t>(B * T * N * d), q32);
+    p.qf = float_view(q_factors.data, static_cast<size_t>(B * T * 2 * F * N), qf32);
+    p.wb = float_view(static_mix.data, static_cast<size_t>(2 * N * N), wb32);
     if constexpr (std::is_same_v<E, float>) {
       p.out = out;
     } else {
@@ -906,7 +928,7 @@ struct DcmhaAttentionKernel {
     }
     std::vector<int32_t> pad(static_cast<size_t>(B * p.Sp), 0);
     std::vector<int64_t> count(static_cast<size_t>(B * (S + 1)), 0);
-    const bool* mask = key_padding_mask.Data();
+    const uint8_t* mask = key_padding_mask.data;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t s = 0; s < S; ++s) {
         pad[b * p.Sp + s] = mask[b * S + s] ? 1 : 0;
@@ -915,25 +937,24 @@ struct DcmhaAttentionKernel {
     p.pad = pad.data(), p.count = count.data();
     std::vector<int64_t> mfirst, mlast;
     std::vector<uint8_t> mblind;
-    if (attn_mask != nullptr) {
-      p.am = reinterpret_cast<const uint8_t*>(attn_mask->Data());
+    if (attn_mask.present) {
+      p.am = attn_mask.data;
       p.am_b = mask_view.stride[0], p.am_n = mask_view.stride[1], p.am_t = mask_view.stride[2], p.am_s = mask_view.stride[3];
       mask_rows(p, mask_view.heads, mfirst, mlast, mblind);
     }
 
-    Ort::KernelContext ctx(context);
     const Fns fns = kernel_fns(R);
     if (T <= kDirectMaxT) {
-      run_direct(ctx, p, fns, k.Data(), v.Data(), k_factors.Data());
+      run_direct(ctx, p, fns, k.data, v.data, k_factors.data);
     } else {
-      run_blocked(ctx, p, fns, k.Data(), v.Data(), k_factors.Data());
+      run_blocked(ctx, p, fns, k.data, v.data, k_factors.data);
     }
     if (p.failed) return Ort::Status("DcmhaAttention: out of memory for the score panel", ORT_FAIL);
 
     if constexpr (!std::is_same_v<E, float>) {
       for (size_t i = 0; i < out_count; ++i) out[i] = from_float<E>(p.out[i]);
     }
-    return Ort::Status{nullptr};
+    return ok();
   }
 
   // Blocked path: K, V and key factors packed, then (batch, query block) work items.
@@ -985,10 +1006,69 @@ struct DcmhaAttentionKernel {
   }
 };
 
+// Output [B,T,N] of q and dv of v (symbolic dims kept), of q's element type: ORT infers every
+// DcmhaAttention node with the function of the op registered first, whatever its type.
+OrtStatusPtr infer_output(const OrtCustomOp*, OrtShapeInferContext* context) noexcept {
+  return status_of(kOp, [context] {
+    const OrtApi& api = Ort::GetApi();
+    auto input = [&](size_t index) {  // owned by the context
+      OrtTensorTypeAndShapeInfo* info = nullptr;
+      Ort::ThrowOnError(api.ShapeInferContext_GetInputTypeShape(context, index, &info));
+      return Ort::ConstTensorTypeAndShapeInfo{info};
+    };
+    auto symbols = [](const Ort::ConstTensorTypeAndShapeInfo& info) {
+      std::vector<const char*> names(info.GetDimensionsCount(), nullptr);
+      if (!names.empty()) info.GetSymbolicDimensions(names.data(), names.size());
+      return names;
+    };
+    const Ort::ConstTensorTypeAndShapeInfo q = input(0), v = input(2);
+    std::vector<int64_t> dims = q.GetShape();
+    std::vector<const char*> names = symbols(q);
+    if (dims.size() == 4 && v.GetDimensionsCount() == 4) {
+      dims[3] = v.GetShape()[3];
+      names[3] = symbols(v)[3];
+    }
+    OrtTensorTypeAndShapeInfo* raw = nullptr;
+    Ort::ThrowOnError(api.CreateTensorTypeAndShapeInfo(&raw));
+    const Ort::TensorTypeAndShapeInfo owner{raw};  // released on return
+    Ort::ThrowOnError(api.SetTensorElementType(raw, q.GetElementType()));
+    Ort::ThrowOnError(api.SetDimensions(raw, dims.data(), dims.size()));
+    Ort::ThrowOnError(api.SetSymbolicDimensions(raw, names.data(), names.size()));
+    return Ort::Status(api.ShapeInferContext_SetOutputTypeShape(context, 0, raw));
+  });
+}
+
+// ORT's view of the op for element type E: seven required inputs and the optional attn_mask
+// (declared so, ORT refuses a node that names a required one "" when it loads the model), one
+// output, status-returning kernel creation and compute.
+template <typename E>
+struct DcmhaAttentionOp : Ort::CustomOpBase<DcmhaAttentionOp<E>, DcmhaAttentionKernel<E>, true> {
+  DcmhaAttentionOp() { OrtCustomOp::InferOutputShapeFn = infer_output; }
+  const char* GetName() const { return kOp; }
+  const char* GetExecutionProviderType() const { return kCpuEP; }
+  size_t GetInputTypeCount() const { return kInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == kKeyPaddingMask || index == kAttnMask ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : onnx_type<E>();
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == kAttnMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return onnx_type<E>(); }
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const noexcept {
+    return status_of(kOp, [&] {
+      auto created = std::make_unique<DcmhaAttentionKernel<E>>();
+      ATTN2ONNX_RETURN_IF_ERROR(created->read_attributes(&api, info));
+      *kernel = created.release();
+      return ok();
+    });
+  }
+};
+
 void make_ops(std::vector<OrtCustomOp*>& ops) {
-  ops.push_back(Ort::Custom::CreateLiteCustomOp<DcmhaAttentionKernel<float>>("DcmhaAttention", kCpuEP));
-  ops.push_back(Ort::Custom::CreateLiteCustomOp<DcmhaAttentionKernel<Ort::Float16_t>>("DcmhaAttention", kCpuEP));
-  ops.push_back(Ort::Custom::CreateLiteCustomOp<DcmhaAttentionKernel<Ort::BFloat16_t>>("DcmhaAttention", kCpuEP));
+  ops.push_back(new DcmhaAttentionOp<float>());
+  ops.push_back(new DcmhaAttentionOp<Ort::Float16_t>());
+  ops.push_back(new DcmhaAttentionOp<Ort::BFloat16_t>());
 }
 ATTN2ONNX_REGISTER_OPS(make_ops);
 

@@ -5,17 +5,26 @@
 // the ai.attn2onnx domain. The library is built against ONNX Runtime's C/C++ API headers with
 // ORT_API_MANUAL_INIT (the OrtApi comes from the OrtApiBase handed to RegisterCustomOps) and is
 // not linked against libonnxruntime, so it loads into any ORT at least as new as its headers.
+//
+// The library must never crash the process that loads it, whatever the model: ops are
+// Ort::CustomOpBase ops with status-returning entry points (no exception crosses into ORT:
+// status_of), read their inputs through read_input (absent inputs are checked, never
+// dereferenced) and their attributes through read_attr (a wrong type is refused, not ignored).
+// (The lite custom-op API is not used: it builds Compute's arguments from the context without a
+// null check, so a node input written as "" crashed the host in its header.)
 #pragma once
 
 #ifndef ORT_API_MANUAL_INIT
 #define ORT_API_MANUAL_INIT
 #endif
 #include <onnxruntime_cxx_api.h>
-#include <onnxruntime_lite_custom_op.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <new>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -127,22 +136,117 @@ constexpr ONNXTensorElementDataType onnx_type() {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 }
 
-// ---------------------------------------------------------------- attributes
-inline int64_t attr_int(const OrtApi* api, const OrtKernelInfo* info, const char* name, int64_t fallback) {
-  int64_t value = fallback;
-  if (OrtStatus* status = api->KernelInfoGetAttribute_int64(info, name, &value)) {
-    api->ReleaseStatus(status);
-    return fallback;
-  }
-  return value;
+// ---------------------------------------------------------------- statuses
+inline Ort::Status ok() { return Ort::Status{nullptr}; }
+inline Ort::Status invalid(const char* op, const std::string& what) {
+  return Ort::Status((std::string(op) + ": " + what).c_str(), ORT_INVALID_ARGUMENT);
 }
-inline float attr_float(const OrtApi* api, const OrtKernelInfo* info, const char* name, float fallback) {
-  float value = fallback;
-  if (OrtStatus* status = api->KernelInfoGetAttribute_float(info, name, &value)) {
-    api->ReleaseStatus(status);
-    return fallback;
+#define ATTN2ONNX_RETURN_IF_ERROR(expr)                \
+  do {                                                 \
+    if (Ort::Status status_ = (expr); !status_.IsOK()) \
+      return status_;                                  \
+  } while (0)
+
+// `body()` (an Ort::Status) as the OrtStatus* an entry point hands ORT: every exception becomes
+// a status (an Ort::Exception keeps its code), none crosses into ORT.
+template <typename Body>
+OrtStatusPtr status_of(const char* op, Body&& body) noexcept {
+  char message[1024];
+  OrtErrorCode code = ORT_RUNTIME_EXCEPTION;
+  try {
+    return body().release();
+  } catch (const Ort::Exception& e) {
+    code = e.GetOrtErrorCode();
+    std::snprintf(message, sizeof message, "%s: %s", op, e.what());
+  } catch (const std::bad_alloc&) {
+    code = ORT_FAIL;
+    std::snprintf(message, sizeof message, "%s: out of memory", op);
+  } catch (const std::exception& e) {
+    std::snprintf(message, sizeof message, "%s: %s", op, e.what());
+  } catch (...) {
+    std::snprintf(message, sizeof message, "%s: unknown exception", op);
   }
-  return value;
+  return Ort::GetApi().CreateStatus(code, message);
+}
+
+// ---------------------------------------------------------------- inputs
+// One input of a kernel call, as read_input found it.
+template <typename T>
+struct Input {
+  bool present = false;
+  std::vector<int64_t> shape;
+  const T* data = nullptr;
+};
+
+// Input `index` (called `name`) of the call. ORT hands a null OrtValue for an input the node
+// writes as "" (ONNX's "absent") or leaves off the end: required, that is INVALID_ARGUMENT;
+// optional, in.present stays false. A value that is not a tensor of `type` is refused too (ORT
+// checks types against the op's declaration at load; the kernel stays safe whatever the runtime
+// checked). Bool tensors are read as uint8_t (T): a byte other than 0 / 1 (an initializer's raw
+// data) is a mask byte here, where as a C++ bool it would be undefined behaviour.
+template <typename T>
+Ort::Status read_input(const Ort::KernelContext& ctx, size_t index, const char* op, const char* name,
+                       ONNXTensorElementDataType type, bool required, Input<T>& in) {
+  const OrtValue* value = index < ctx.GetInputCount() ? static_cast<const OrtValue*>(ctx.GetInput(index)) : nullptr;
+  if (value == nullptr) {
+    if (!required) return ok();
+    return invalid(op, "required input " + std::to_string(index) + " (" + name +
+                           ") has no value: the node leaves it out or names it \"\"");
+  }
+  const Ort::ConstValue tensor{value};
+  if (!tensor.IsTensor()) return invalid(op, std::string("input ") + name + " must be a tensor");
+  const Ort::TensorTypeAndShapeInfo info = tensor.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != type)
+    return invalid(op, std::string("input ") + name + " has element type " + std::to_string(info.GetElementType()) +
+                           ", expected " + std::to_string(type));
+  in.present = true;
+  in.shape = info.GetShape();
+  in.data = static_cast<const T*>(tensor.GetTensorRawData());
+  return ok();
+}
+
+// ---------------------------------------------------------------- attributes
+// Whether the node gives attribute `name` in any type the C API can read (scalar, string, list).
+inline bool has_attribute(const OrtApi* api, const OrtKernelInfo* info, const char* name) {
+  int64_t i = 0;
+  float f = 0.f;
+  size_t size = 0;
+  OrtStatus* tries[] = {
+      api->KernelInfoGetAttribute_int64(info, name, &i),
+      api->KernelInfoGetAttribute_float(info, name, &f),
+      api->KernelInfoGetAttribute_string(info, name, nullptr, &size),
+      api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &size),
+      api->KernelInfoGetAttributeArray_float(info, name, nullptr, &size),
+  };
+  bool found = false;
+  for (OrtStatus* status : tries) {
+    found = found || status == nullptr;
+    if (status != nullptr) api->ReleaseStatus(status);
+  }
+  return found;
+}
+
+// Attribute `name` (an int or a float, T) into `value`, which keeps its default when the node
+// does not give it. Given with another type it is refused: ORT's custom-op schema declares no
+// attributes, so nothing else would stop a float `window` or an int `scale` being ignored.
+template <typename T>
+Ort::Status read_attr(const OrtApi* api, const OrtKernelInfo* info, const char* op, const char* name, T& value) {
+  static_assert(std::is_same_v<T, int64_t> || std::is_same_v<T, float>);
+  T read{};
+  OrtStatus* status = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    status = api->KernelInfoGetAttribute_float(info, name, &read);
+  } else {
+    status = api->KernelInfoGetAttribute_int64(info, name, &read);
+  }
+  if (status == nullptr) {
+    value = read;
+    return ok();
+  }
+  api->ReleaseStatus(status);
+  if (has_attribute(api, info, name))
+    return invalid(op, std::string("attribute ") + name + " must be " + (std::is_same_v<T, float> ? "a float" : "an int"));
+  return ok();
 }
 
 // ---------------------------------------------------------------- per-thread scratch
