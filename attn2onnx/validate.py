@@ -2,8 +2,10 @@
 
 A :class:`TorchRunner` (the PyTorch reference) and Polygraphy's ``OnnxrtRunner`` (built from
 our session callable, so native kernels are registered) — plus ``TrtRunner`` where TensorRT
-exists — run the same fresh random inputs at several dynamic shapes; Polygraphy's Comparator
-checks every output with per-dtype tolerances. NaN never passes.
+exists — run the same fresh random inputs at several dynamic shapes (or the saved ones of
+:mod:`attn2onnx.input_cases`); every output is judged by Polygraphy's simple compare function
+under a :class:`~attn2onnx.tolerances.Tolerance` (per-dtype atol / rtol, overridable, and an
+error statistic), which the report carries. NaN never passes.
 
 :func:`check_parity` is the whole check as one call -- what ``attn2onnx validate``, ``export``
 and ``demo`` run and print -- returning a :class:`ParityReport`; with ``decode=True`` it checks
@@ -24,17 +26,17 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
-from polygraphy.comparator import Comparator, SimpleCompareFunc
+from polygraphy.comparator import Comparator
 from polygraphy.datatype import DataType
 from polygraphy.logger import G_LOGGER
 
 from .errors import UsageError
+from .input_cases import check_cases, check_decode_cases
 from .io_spec import InputSpec, describe_inputs, random_inputs, reference_sizes
 from .runtime.metadata import DecodeMeta
 from .sources import ModelSource, eval_mode
+from .tolerances import TOLERANCES, OutputError, Tolerance, judge, tolerance
 
-# (rtol, atol) per dtype: an element passes when within atol absolutely or rtol relatively.
-TOLERANCES = {"fp32": (1e-5, 1e-5), "fp16": (1e-2, 1e-2), "bf16": (2e-2, 2e-2)}
 DEFAULT_SHAPES = ((1, 5), (2, 16), (3, 33))
 
 
@@ -80,22 +82,40 @@ class TorchRunner(BaseRunner):
 
 @dataclass
 class Comparison:
-    """One backend at one shape, as in ``validate --json``."""
+    """One backend at one shape, as in ``validate --json``: the max errors over every output
+    (relative to max(|want|, atol)), the verdict, and each output under the report's rule."""
 
     backend: str
     shape: list[int]
     max_abs_err: float
     max_rel_err: float
     passed: bool
+    outputs: list[OutputError] = field(default_factory=list)
 
 
 def _errors(got: np.ndarray, want: np.ndarray, atol: float) -> tuple[float, float]:
-    """Max absolute error and max relative error (|got-want| / max(|want|, atol))."""
+    """Max absolute error and max relative error (|got-want| / max(|want|, atol), atol at least
+    float64's epsilon, as Polygraphy lifts a zero ``want``)."""
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
     if diff.size == 0:
         return 0.0, 0.0
-    rel = diff / np.maximum(np.abs(want.astype(np.float64)), atol)
+    rel = diff / np.maximum(np.abs(want.astype(np.float64)), max(atol, np.finfo(np.float64).eps))
     return float(diff.max()), float(rel.max())  # NaN propagates: it never passes
+
+
+def random_cases(specs: Sequence[InputSpec], shapes: Sequence[tuple[int, int]], seed: int = 0) -> list[dict]:
+    """Fresh random inputs per (batch, seq) shape, case ``i`` from ``seed + i`` (float inputs at
+    the specs' precision)."""
+    return [random_inputs(specs, batch, seq, seed=seed + i) for i, (batch, seq) in enumerate(shapes)]
+
+
+def _comparison(backend: str, shape: list[int], got: dict, want: dict, rule: Tolerance) -> Comparison:
+    """``got`` against the reference's ``want`` (outputs by name) under ``rule``."""
+    outputs = judge(got, want, rule)
+    errors = [_errors(np.asarray(got[name]), np.asarray(w), rule.atol) for name, w in want.items()]
+    abs_err = max((a for a, _ in errors), default=0.0)
+    rel_err = max((r for _, r in errors), default=0.0)
+    return Comparison(backend, shape, abs_err, rel_err, all(o.passed for o in outputs), outputs)
 
 
 def compare(
@@ -105,32 +125,23 @@ def compare(
     shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
     dtype: str = "fp32",
     seed: int = 0,
+    *,
+    rule: Tolerance | None = None,
+    feeds: Sequence[dict] | None = None,
 ) -> list[Comparison]:
-    """Run the reference and every backend on fresh random inputs at each (batch, seq) shape
-    and compare every output with Polygraphy's Comparator, with ``dtype``'s tolerances.
-    ``specs`` are the backends' inputs (fp16 float inputs for an fp16 model); the reference
-    runner computes in fp32 whatever it is fed."""
-    rtol, atol = TOLERANCES[dtype]
+    """Run the reference and every backend on ``feeds`` (one dict per case; default
+    :func:`random_cases` at ``shapes``) and judge every output under ``rule`` (default
+    ``dtype``'s tolerances). ``specs`` are the backends' inputs (fp16 float inputs for an fp16
+    model); the reference runner computes in fp32 whatever it is fed."""
+    rule = rule or tolerance(dtype)
     G_LOGGER.module_severity = G_LOGGER.CRITICAL  # our table reports; Polygraphy's own logs would mix into --json
-    compare_func = SimpleCompareFunc(rtol=rtol, atol=atol, check_error_stat="elemwise")
     results = []
-    for i, (batch, seq) in enumerate(shapes):
-        feeds = random_inputs(specs, batch, seq, seed=seed + i)  # float inputs at the specs' precision
-        run_results = Comparator.run([reference, *backends.values()], data_loader=[feeds])
-        accuracy = Comparator.compare_accuracy(run_results, compare_func=compare_func)
+    for case in random_cases(specs, shapes, seed) if feeds is None else feeds:
+        run_results = Comparator.run([reference, *backends.values()], data_loader=[case])
         want = run_results[reference.name][0]
         for name, runner in backends.items():
             got = run_results[runner.name][0]
-            abs_err, rel_err = 0.0, 0.0
-            finite = True
-            for out_name, want_out in want.items():
-                got_out = np.asarray(got[out_name])
-                a, r = _errors(got_out, np.asarray(want_out), atol)
-                abs_err, rel_err = max(abs_err, a), max(rel_err, r)
-                finite &= bool(np.isfinite(got_out).all() and np.isfinite(want_out).all())
-            pair = accuracy[0][(reference.name, runner.name)]  # one AccuracyResult per compare func
-            verdict = all(bool(match) for iteration in pair for match in iteration.values()) and finite
-            results.append(Comparison(name, fed_shape(specs, feeds), abs_err, rel_err, verdict))
+            results.append(_comparison(name, fed_shape(specs, case), got, want, rule))
     return results
 
 
@@ -162,6 +173,22 @@ def decode_cases(meta: DecodeMeta, steps: int) -> list[tuple[int, int]]:
     return [(1, fits[0])] + [(3, p) for p in fits]
 
 
+def decode_feeds(vocab: int, cases: Sequence[tuple[int, int]], steps: int, seed: int = 0) -> list[dict]:
+    """The inputs of each decode case (batch, prompt length) over prompt + ``steps`` positions:
+    :func:`left_padded` ids and mask, the padded index as positions, and the prompt length
+    (input_cases.PROMPT)."""
+    from .input_cases import PROMPT
+
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for batch, prompt in cases:
+        total = prompt + steps
+        ids, mask = left_padded(rng, batch, prompt, total, vocab)
+        positions = np.broadcast_to(np.arange(total), (batch, total)).copy()
+        feeds.append({"input_ids": ids, "attention_mask": mask, "position_ids": positions, PROMPT: np.int64(prompt)})
+    return feeds
+
+
 def compare_decode(
     onnx_path: str,
     model: torch.nn.Module,
@@ -169,22 +196,26 @@ def compare_decode(
     steps: int,
     dtype: str = "fp32",
     seed: int = 0,
+    *,
+    rule: Tolerance | None = None,
+    feeds: Sequence[dict] | None = None,
 ) -> list[Comparison]:
-    """Prefill + ``steps`` one-token decode steps of the decode graph in ORT against the
-    PyTorch full-sequence forward of the same left-padded batch, row by row (the real
-    positions; a padded query row's output is no token's). ``cases``: (batch, prompt length).
-    Positions are the padded index, as the full forward computes them."""
+    """Prefill + decode steps of the decode graph in ORT against the PyTorch full-sequence
+    forward of the same left-padded batch, row by row (the real positions; a padded query row's
+    output is no token's), judged under ``rule`` (default ``dtype``'s tolerances). ``feeds``:
+    one :func:`decode_feeds` dict per case (default: drawn for ``cases``, (batch, prompt
+    length), each with ``steps`` steps). Positions are the padded index, as the full forward
+    computes them."""
     from .generate import DecodeSession
+    from .input_cases import PROMPT
 
-    rtol, atol = TOLERANCES[dtype]
+    rule = rule or tolerance(dtype)
     session = DecodeSession(onnx_path)
     model = eval_mode(model)
-    rng = np.random.default_rng(seed)
     results = []
-    for batch, prompt in cases:
-        total = prompt + steps
-        ids, mask = left_padded(rng, batch, prompt, total, session.vocab_size)
-        positions = np.broadcast_to(np.arange(total), (batch, total))
+    for case in decode_feeds(session.vocab_size, cases, steps, seed) if feeds is None else feeds:
+        ids, mask, positions = case["input_ids"], case["attention_mask"], case["position_ids"]
+        (batch, total), prompt = ids.shape, int(case[PROMPT])
         with torch.inference_mode():
             want = model(torch.from_numpy(ids), torch.from_numpy(mask).bool()).float().numpy()
         rows = [session.prefill(ids[:, :prompt], mask[:, :prompt], positions[:, :prompt])]
@@ -192,10 +223,9 @@ def compare_decode(
             rows.append(session.step(ids[:, t : t + 1], mask[:, : t + 1], positions[:, t : t + 1]))
         got = np.concatenate(rows, axis=1)[mask.astype(bool)]
         want = want[mask.astype(bool)]
-        abs_err, rel_err = _errors(got, want, atol)
-        diff = np.abs(got.astype(np.float64) - want)
-        passed = bool(np.isfinite(got).all() and ((diff <= atol) | (diff <= rtol * np.abs(want))).all())
-        results.append(Comparison("ort-decode", [batch, prompt, steps], abs_err, rel_err, passed))
+        results.append(
+            _comparison("ort-decode", [batch, prompt, total - prompt], {"logits": got}, {"logits": want}, rule)
+        )
     return results
 
 
@@ -235,6 +265,8 @@ class ParityReport:
     comparisons: list[Comparison]
     fixed: dict[str, int] = field(default_factory=dict)  # sizes the graph fixes: {"batch": 1, "seq": 32}
     inputs: list[str] = field(default_factory=list)  # what was drawn per input (io_spec.describe_inputs)
+    rule: Tolerance | None = None  # what each output was judged by
+    fed: list[dict] = field(default_factory=list, repr=False, compare=False)  # each case's inputs (input_cases)
 
     @property
     def passed(self) -> bool:
@@ -242,13 +274,15 @@ class ParityReport:
         return bool(self.comparisons) and all(c.passed for c in self.comparisons)
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``validate --json`` object: {"passed", "comparisons": [{"backend", "shape", ...}],
-        "fixed", "inputs"}."""
+        """The ``validate --json`` object: {"passed", "comparisons": [{"backend", "shape", ...,
+        "outputs": [{"name", "abs_err", "rel_err", "passed"}]}], "fixed", "inputs", "tolerance":
+        {"dtype", "atol", "rtol", "stat"}}."""
         return {
             "passed": self.passed,
             "comparisons": [asdict(c) for c in self.comparisons],
             "fixed": self.fixed,
             "inputs": self.inputs,
+            "tolerance": asdict(self.rule) if self.rule else None,
         }
 
     def to_json(self) -> str:
@@ -422,11 +456,17 @@ def check_parity(
     trust_pickle: bool = False,
     decode: bool = False,
     steps: int = 4,
+    atol: float | None = None,
+    rtol: float | None = None,
+    error_stat: str = "elemwise",
+    inputs: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> ParityReport:
     """Compare the ONNX model at ``onnx_path`` with ``reference`` (a model file, an attn2onnx
     model or a ModelSource) on fresh random inputs at each (batch, seq) of ``shapes`` (default
     :data:`DEFAULT_SHAPES`, no longer than the model's maximum) in every backend (``ort``,
-    ``trt``), with ``dtype``'s tolerances.
+    ``trt``), judging every output by ``dtype``'s tolerances (``atol`` / ``rtol`` override
+    them) on Polygraphy's ``error_stat`` (:mod:`attn2onnx.tolerances`). ``inputs`` replays
+    saved cases (:mod:`attn2onnx.input_cases`, the report's ``fed``) instead of ``shapes``.
     A graph with fixed sizes runs at them (:func:`runnable_shapes`; the report's ``fixed``
     says so); a shape in ``shapes`` it cannot take is a UsageError.
 
@@ -442,10 +482,16 @@ def check_parity(
     precision = float_precision(model)
     if precision is not None and precision != dtype:
         raise UsageError(f"{path} computes in {precision}; --dtype {dtype} does not match it")
+    rule = tolerance(dtype, atol, rtol, error_stat)
+    if inputs is not None and shapes is not None:
+        raise UsageError("saved inputs set the shapes they were saved at; give either inputs or shapes")
     source = reference_source(reference, trust_pickle)
     if decode:
-        return decode_parity(path, model, source, shapes, backends, dtype, seed=seed, steps=steps)
+        return decode_parity(path, model, source, shapes, backends, seed=seed, steps=steps, rule=rule, inputs=inputs)
     specs = comparison_specs(path, model, source, precision)
+    if inputs is not None:
+        check_cases(specs, inputs)
+        shapes = [tuple(fed_shape(specs, case) + [1])[:2] for case in inputs]  # (batch, seq); an image has no seq
     default = [(batch, min(seq, source.max_seq or seq)) for batch, seq in DEFAULT_SHAPES]  # within the model
     shapes, fixed = runnable_shapes(specs, shapes or default, requested=shapes is not None)
     too_long = [seq for _, seq in shapes if source.max_seq and seq > source.max_seq]
@@ -457,8 +503,10 @@ def check_parity(
     check_reference(path, model, specs, source, shapes[0])
     runners = backend_runners(path, backends, specs, shapes)
     reference_runner = TorchRunner(source.module, specs, source.output_names)
-    comparisons = compare(reference_runner, runners, specs, shapes, dtype=dtype, seed=seed)
-    return ParityReport(comparisons, fixed, describe_inputs(specs))
+    fed = list(inputs) if inputs is not None else random_cases(specs, shapes, seed)
+    comparisons = compare(reference_runner, runners, specs, rule=rule, feeds=fed)
+    drawn = describe_inputs(specs) if inputs is None else [f"{s.name}: the saved values" for s in specs]
+    return ParityReport(comparisons, fixed, drawn, rule, fed)
 
 
 def decode_parity(
@@ -467,13 +515,15 @@ def decode_parity(
     source: ModelSource,
     cases: Sequence[tuple[int, int]] | None,
     backends: Sequence[str],
-    dtype: str,
     *,
     seed: int,
     steps: int,
+    rule: Tolerance,
+    inputs: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> ParityReport:
     """check_parity(decode=True): the decode graph ``model`` (read from ``path``) against the
-    causal LM of ``source``, at ``cases`` (batch, prompt length; default :func:`decode_cases`)."""
+    causal LM of ``source``, at ``cases`` (batch, prompt length; default :func:`decode_cases`)
+    or on the saved ``inputs``, judged under ``rule``."""
     from .models.decode import check_decodable
     from .runtime.metadata import require_decode
 
@@ -487,11 +537,16 @@ def decode_parity(
         )
     if list(backends) != ["ort"]:
         raise UsageError("--decode runs in ONNX Runtime only (--backends ort)")
-    cases = list(cases or decode_cases(meta, steps))
-    too_long = [p for _, p in cases if p + steps > meta.max_len]
-    if too_long:
-        raise UsageError(f"prompt {too_long[0]} + {steps} steps exceeds the model's max_len {meta.max_len}")
-    return ParityReport(compare_decode(path, lm, cases, steps, dtype=dtype, seed=seed))
+    if inputs is not None:
+        check_decode_cases(inputs, meta.vocab_size, meta.max_len)
+        fed = list(inputs)
+    else:
+        cases = list(cases or decode_cases(meta, steps))
+        too_long = [p for _, p in cases if p + steps > meta.max_len]
+        if too_long:
+            raise UsageError(f"prompt {too_long[0]} + {steps} steps exceeds the model's max_len {meta.max_len}")
+        fed = decode_feeds(meta.vocab_size, cases, steps, seed)
+    return ParityReport(compare_decode(path, lm, [], steps, rule=rule, feeds=fed), rule=rule, fed=fed)
 
 
 __all__ = [

@@ -12,7 +12,9 @@ Right after export, ONNX Runtime runs the file on fresh random inputs at two sha
 max abs / rel error against the PyTorch model (in fp32) is printed; exit 1 when out of the
 --dtype's tolerance. With --decode the graph takes input_ids, attention_mask, position_ids and
 every layer's cache (past_key_values.{i}.*) and gives logits and the updated caches (present.{i}.*);
-the check then runs prefill + decode steps against PyTorch's full forward (validate --decode)."""
+the check then runs prefill + decode steps against PyTorch's full forward (validate --decode).
+--atol / --rtol / --check-error-stat set the check's rule as for validate (each line prints it);
+--save-inputs writes the inputs it fed, for validate --load-inputs to replay."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import contextlib
 from typing import Iterator
 
 from . import check_input_memory, positive_int
+from .validate import add_check_options, check_options, check_save_inputs, save_inputs
 
 HELP = "export a model to ONNX (custom ops + function bodies) and check parity"
 # torch's dynamo exporter implements ONNX opsets from 18 (lower ones go through a version
@@ -62,6 +65,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--target", choices=("ort", "trt", "portable"), default="ort", help="pass pipeline (with --optimize)"
     )
     parser.add_argument("--no-check", action="store_true", help="skip the ORT vs PyTorch check")
+    add_check_options(parser)  # the check's rule and --save-inputs, as validate's
     parser.add_argument(
         "--decode",
         action="store_true",
@@ -120,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"output {args.output!r} should end in .onnx")
     refuse_overwriting_inputs(output_files(args.output), [args.model])
     check_destination(args.output)  # a missing or mistyped folder fails before the export, not after
+    check_flags(args)
     if args.decode:
         return run_decode(args)
     source = load_source(args.model, trust_pickle=args.trust_pickle)
@@ -159,7 +164,31 @@ def run(args: argparse.Namespace) -> int:
     if not args.static:
         shapes.append((batch + 1, max(1, seq // 2 + 1)))
     shapes, _ = runnable_shapes(specs, shapes, requested=False)  # once each, as a static program takes them
-    return print_check(check_parity(result.path, source, shapes, dtype=args.dtype))
+    return finish_check(args, check_parity(result.path, source, shapes, dtype=args.dtype, **check_options(args)))
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse the check's options with --no-check (nothing would apply them), and a
+    --save-inputs that would replace the model or the output, before the export."""
+    from ..errors import UsageError
+    from ..onnx_io import output_files
+
+    given = [
+        flag
+        for flag, value in (("--atol", args.atol), ("--rtol", args.rtol), ("--save-inputs", args.save_inputs))
+        if value is not None
+    ] + (["--check-error-stat"] if args.check_error_stat != "elemwise" else [])
+    if args.no_check and given:
+        raise UsageError(f"--no-check skips the check, so its options do nothing: drop {', '.join(given)}")
+    check_save_inputs(args, args.model, *output_files(args.output))
+
+
+def finish_check(args: argparse.Namespace, report) -> int:
+    """Save the check's inputs (--save-inputs), print it; the exit code."""
+    from ..onnx_io import output_files
+
+    save_inputs(args, report, args.model, *output_files(args.output))
+    return print_check(report)
 
 
 def print_check(report) -> int:
@@ -178,7 +207,7 @@ def print_check(report) -> int:
         )
         print(
             f"check {where}: max abs err {c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} "
-            f"{'ok' if c.passed else 'MISMATCH'}"
+            f"({report.rule}) {'ok' if c.passed else 'MISMATCH'}"
         )
     return 0 if report.passed else 1
 
@@ -210,4 +239,4 @@ def run_decode(args: argparse.Namespace) -> int:
     )
     if args.no_check:
         return 0
-    return print_check(check_parity(result.path, lm, decode=True, steps=DECODE_STEPS))
+    return finish_check(args, check_parity(result.path, lm, decode=True, steps=DECODE_STEPS, **check_options(args)))

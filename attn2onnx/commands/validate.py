@@ -4,6 +4,8 @@
   attn2onnx validate model.onnx --reference model.pt --shapes 1x8,4x31,2x64 --json
   attn2onnx validate model.onnx --reference model.pt --backends ort,trt
   attn2onnx validate lm.decode.onnx --reference lm.pt --decode --steps 6     a graph exported with --decode
+  attn2onnx validate model.onnx --reference model.pt --atol 1e-4 --check-error-stat mean --save-inputs in.npz
+  attn2onnx validate model.onnx --reference model.pt --load-inputs in.npz    replay exactly those cases
 
 Polygraphy's Comparator runs a PyTorch reference runner and the ONNX Runtime runner (and
 TensorRT where installed) on fresh random inputs at each BATCHxSEQ shape (default three),
@@ -11,7 +13,13 @@ with per-dtype tolerances. Exit 0 pass, 1 mismatch, 2 bad input. --json prints o
 {"passed": bool, "comparisons": [{"backend", "shape", "max_abs_err", "max_rel_err", "passed"}],
 "fixed": {"batch": 1, "seq": 32} (sizes the graph fixes), "inputs": [what was drawn per input]}.
 Each shape is the one fed: a graph with fixed sizes runs at them only, and a --shapes it cannot
-take is an error.
+take is an error. Each comparison also lists "outputs": [{"name", "abs_err", "rel_err",
+"passed"}], and "tolerance": {"dtype", "atol", "rtol", "stat"} is the rule they were judged by
+(printed with the verdict): --atol / --rtol override the --dtype's, and --check-error-stat picks
+Polygraphy's statistic (elemwise: every element within atol or rtol; max / mean / median: that
+statistic of the absolute errors within atol or of the relative errors, |got-want| / |want|,
+within rtol). --save-inputs writes every tensor fed, per case, to an .npz that --load-inputs
+replays exactly (attn2onnx.input_cases).
 
 --decode checks a decode graph: prefill of a prompt, then --steps one-token decode steps in ORT,
 against PyTorch's full-sequence forward row by row, for left-padded batches whose rows start at
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import positive_int, seed_int
+from . import non_negative_float, positive_int, seed_int
 
 HELP = "compare an ONNX model with its PyTorch reference (Polygraphy)"
 
@@ -37,7 +45,59 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled reference module (runs code)")
     parser.add_argument("--seed", type=seed_int, default=0, help="random input seed, 0 .. 2**64 - 1 (default 0)")
     parser.add_argument("--decode", action="store_true", help="check a decode graph: prefill + decode steps")
-    parser.add_argument("--steps", type=positive_int, default=4, help="with --decode: decode steps (default 4)")
+    parser.add_argument("--steps", type=positive_int, help="with --decode: decode steps (default 4)")
+    add_check_options(parser)
+    parser.add_argument(
+        "--load-inputs",
+        metavar="FILE.npz",
+        help="replay the cases a --save-inputs wrote (their shapes and values) instead of --shapes",
+    )
+
+
+def add_check_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a parity check that validate and export's check share: the rule
+    (attn2onnx.tolerances) and where to save the inputs fed."""
+    from ..tolerances import ERROR_STATS
+
+    parser.add_argument(
+        "--atol", type=non_negative_float, help="absolute tolerance (default per --dtype: fp32 1e-5, fp16 1e-2)"
+    )
+    parser.add_argument(
+        "--rtol", type=non_negative_float, help="relative tolerance (default per --dtype: fp32 1e-5, fp16 1e-2)"
+    )
+    parser.add_argument(
+        "--check-error-stat",
+        choices=ERROR_STATS,
+        default="elemwise",
+        help="per output, as Polygraphy: every element within atol or rtol (elemwise, default), or the "
+        "max / mean / median absolute error within atol or relative error within rtol",
+    )
+    parser.add_argument(
+        "--save-inputs", metavar="FILE.npz", help="write every input fed, per case, for a replay with --load-inputs"
+    )
+
+
+def check_options(args: argparse.Namespace) -> dict:
+    """check_parity's keyword arguments for the options of :func:`add_check_options`."""
+    return {"atol": args.atol, "rtol": args.rtol, "error_stat": args.check_error_stat}
+
+
+def check_save_inputs(args: argparse.Namespace, *inputs: str | None) -> None:
+    """Refuse, before the check runs, a --save-inputs that would replace one of ``inputs`` or
+    that cannot be written there."""
+    from ..fileio import check_destination, refuse_overwriting_inputs
+
+    if args.save_inputs:
+        refuse_overwriting_inputs([args.save_inputs], inputs)
+        check_destination(args.save_inputs)
+
+
+def save_inputs(args: argparse.Namespace, report, *inputs: str | None) -> None:
+    """Write the report's fed cases to --save-inputs (input_cases.save_cases), where given."""
+    from ..input_cases import save_cases
+
+    if args.save_inputs:
+        save_cases(args.save_inputs, report.fed, inputs=inputs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +108,15 @@ def run(args: argparse.Namespace) -> int:
     if not backends:
         raise UsageError(f"--backends {args.backends!r} names no backend; choose from ort, trt")
     shapes = parse_shapes(args.shapes) if args.shapes else None
+    inputs = None
+    if args.load_inputs:
+        from ..input_cases import cases_from_arrays
+        from .run import load_npz
+
+        if args.shapes or args.steps:
+            raise UsageError("--load-inputs replays the saved cases at their shapes and steps: drop --shapes / --steps")
+        inputs = cases_from_arrays(load_npz(args.load_inputs), args.load_inputs)
+    check_save_inputs(args, args.model, args.reference, args.load_inputs)
     report = check_parity(
         args.model,
         args.reference,
@@ -57,8 +126,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         trust_pickle=args.trust_pickle,
         decode=args.decode,
-        steps=args.steps,
+        steps=args.steps or 4,
+        inputs=inputs,
+        **check_options(args),
     )
+    save_inputs(args, report, args.model, args.reference, args.load_inputs)
     if args.json:
         print(report.to_json())
     else:
@@ -66,8 +138,18 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         for c in report.comparisons:
             print(describe(c))
-        print("PASSED" if report.passed else "FAILED")
+            for o in c.outputs:
+                print(f"    {describe_output(o, report.rule)}")
+        print(f"{'PASSED' if report.passed else 'FAILED'} ({report.rule})")
+        if args.save_inputs:
+            print(f"saved the inputs of {len(report.fed)} cases to {args.save_inputs}")
     return 0 if report.passed else 1
+
+
+def describe_output(o, rule) -> str:
+    """One output of a comparison (tolerances.OutputError) under ``rule`` (its statistic)."""
+    stat = "max" if rule.stat == "elemwise" else rule.stat
+    return f"{o.name}: {stat} abs {o.abs_err:.2e}  {stat} rel {o.rel_err:.2e}  {'pass' if o.passed else 'FAIL'}"
 
 
 def header_lines(report) -> list[str]:

@@ -1,0 +1,106 @@
+"""The rule a parity check judges each output by, and its verdict per output, through Polygraphy.
+
+A :class:`Tolerance` is an absolute and a relative tolerance (per-dtype defaults in
+:data:`TOLERANCES`, either overridable: ``--atol`` / ``--rtol``) and the error statistic checked
+against them, as Polygraphy's ``CompareFunc.simple`` (``--check-error-stat``) defines them, with
+``rel = |got - want| / |want|``:
+
+* ``elemwise`` (default): every element within atol absolutely or within rtol relatively;
+* ``max`` / ``mean`` / ``median``: that statistic of the absolute errors within atol, or that
+  statistic of the relative errors within rtol.
+
+NaN or infinity in either output never passes. :func:`judge` gives one :class:`OutputError` per
+output (the statistic's absolute and relative value; ``max`` for ``elemwise``, the tolerance it
+would need).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from .errors import UsageError
+
+# (rtol, atol) per dtype: an element passes when within atol absolutely or rtol relatively.
+TOLERANCES = {"fp32": (1e-5, 1e-5), "fp16": (1e-2, 1e-2), "bf16": (2e-2, 2e-2)}
+ERROR_STATS = ("elemwise", "max", "mean", "median")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The rule of a check: ``atol`` / ``rtol`` (the ``dtype``'s defaults unless overridden) on
+    the error statistic ``stat`` of every output."""
+
+    dtype: str
+    atol: float
+    rtol: float
+    stat: str = "elemwise"
+
+    def __str__(self) -> str:
+        return f"{self.dtype} tolerance: atol {self.atol:g}, rtol {self.rtol:g}, {self.stat} error"
+
+
+def tolerance(
+    dtype: str = "fp32", atol: float | None = None, rtol: float | None = None, stat: str = "elemwise"
+) -> Tolerance:
+    """The :class:`Tolerance` for ``dtype`` with ``atol`` / ``rtol`` overriding its defaults
+    where given; a negative or non-finite tolerance, or an unknown dtype or statistic, is a
+    UsageError."""
+    if dtype not in TOLERANCES:
+        raise UsageError(f"no tolerances for dtype {dtype!r}; choose from {', '.join(TOLERANCES)}")
+    if stat not in ERROR_STATS:
+        raise UsageError(f"unknown error statistic {stat!r}; choose from {', '.join(ERROR_STATS)}")
+    default_rtol, default_atol = TOLERANCES[dtype]
+    for flag, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{flag} must be a finite number >= 0, got {value}")
+    return Tolerance(
+        dtype, default_atol if atol is None else float(atol), default_rtol if rtol is None else float(rtol), stat
+    )
+
+
+@dataclass
+class OutputError:
+    """One output judged by a :class:`Tolerance`: its error statistic, absolute and relative
+    (the max for ``elemwise``), and whether it passed."""
+
+    name: str
+    abs_err: float
+    rel_err: float
+    passed: bool
+
+
+def judge(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], rule: Tolerance) -> list[OutputError]:
+    """Every output of ``want`` (the reference) against the same-named one of ``got`` with
+    Polygraphy's simple compare function under ``rule``; an output holding NaN or infinity fails."""
+    from polygraphy.comparator import IterationResult, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # the caller reports; Polygraphy's logs would mix into --json
+    compare = SimpleCompareFunc(rtol=rule.rtol, atol=rule.atol, check_error_stat=rule.stat)
+    sized = [n for n, w in want.items() if np.size(w) or np.size(got[n])]  # an empty output has no statistic
+    results = compare(
+        IterationResult({n: np.asarray(got[n]) for n in sized}, runner_name="got"),
+        IterationResult({n: np.asarray(want[n]) for n in sized}, runner_name="want"),
+    )
+    stat = "max" if rule.stat == "elemwise" else rule.stat
+    errors = []
+    for name, want_out in want.items():
+        got_out = np.asarray(got[name])
+        if name not in results:
+            errors.append(OutputError(name, 0.0, 0.0, got_out.shape == np.shape(want_out)))
+            continue
+        result = results[name]
+        if isinstance(result, bool):  # Polygraphy's verdict on outputs of different shapes: no statistic
+            errors.append(OutputError(name, math.nan, math.nan, False))
+            continue
+        finite = bool(np.isfinite(got_out).all() and np.isfinite(want_out).all())
+        abs_err, rel_err = (float(getattr(result, f"{stat}_{kind}diff")) for kind in ("abs", "rel"))
+        errors.append(OutputError(name, abs_err, rel_err, bool(result) and finite))
+    return errors
+
+
+__all__ = ["ERROR_STATS", "TOLERANCES", "OutputError", "Tolerance", "judge", "tolerance"]
