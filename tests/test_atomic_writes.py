@@ -232,7 +232,7 @@ def test_a_signal_mid_write_removes_the_temporary(tmp_path, signum, statuses):
 
 
 def test_signal_handlers_only_while_writing_and_only_in_the_main_thread(tmp_path):
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     with atomic_output(tmp_path / "a.bin") as tmp:
         assert all(signal.getsignal(s) is not h for s, h in previous.items())
         tmp.write_bytes(b"a")
