@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, NoReturn, Sequence, get_args
+from typing import Any, Collection, NoReturn, Sequence, get_args
 
 import onnx
 
@@ -59,7 +59,7 @@ class DecodeMeta:
     caches: tuple[CacheSpec, ...]
 
 
-def graph_values(values: Sequence[onnx.ValueInfoProto], skip: set[str] = frozenset()) -> dict[str, GraphValue]:
+def graph_values(values: Sequence[onnx.ValueInfoProto], skip: Collection[str] = ()) -> dict[str, GraphValue]:
     """The graph's ``values`` (inputs or outputs) by name, those named in ``skip`` left out."""
     found = {}
     for value in values:
@@ -257,8 +257,8 @@ def read_decode(model: onnx.ModelProto) -> DecodeMeta | None:
         _fail(key, "inputs", f"must name {len(INPUTS)} inputs ({', '.join(INPUTS)}), got {len(names)}")
     inputs = tuple(_str(key, f"inputs[{i}]", n) for i, n in enumerate(names))
     entries = _list(key, "caches", meta["caches"])
-    names: dict[tuple[str, str], str] = {}
-    caches = tuple(_cache(key, f"caches[{i}]", c, graph, outputs, names) for i, c in enumerate(entries))
+    dim_names: dict[tuple[str, str], str] = {}
+    caches = tuple(_cache(key, f"caches[{i}]", c, graph, outputs, dim_names) for i, c in enumerate(entries))
     described = [*inputs, *(c.input for c in caches)]
     for i, name in enumerate(described):
         where = f"inputs[{i}]" if i < len(inputs) else f"caches[{i - len(inputs)}].input"

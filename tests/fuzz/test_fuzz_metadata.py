@@ -201,7 +201,6 @@ def test_crafted_decode_metadata(case, decode_sources, tmp_path):
     checkpoint, source = decode_sources
     model = _edited(source, DECODE_KEY, DECODE_CASES[case], tmp_path)
     commands = [
-        ["run", "MODEL"],
         ["run", "MODEL", "--seq-len", "2", "--past", "3", "-o", "out.npz"],
         ["generate", "MODEL", "--prompt-ids", "1,2,3", "--max-new-tokens", "3"],
         ["validate", "MODEL", "--reference", str(checkpoint), "--decode", "--steps", "2"],
@@ -213,7 +212,6 @@ def test_crafted_decode_metadata(case, decode_sources, tmp_path):
 def test_crafted_input_metadata(case, sources, tmp_path):
     model = _edited(sources.onnx, INPUTS_KEY, INPUT_CASES[case], tmp_path)
     commands = [
-        ["run", "MODEL", "--seq-len", "4"],
         ["run", "MODEL", "--inputs", str(sources.inputs), "-o", "out.npz"],
         ["validate", "MODEL", "--reference", str(sources.checkpoint), "--shapes", "1x4"],
     ]
