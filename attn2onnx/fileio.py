@@ -321,13 +321,13 @@ def _prepare(outputs: Sequence[_Output]) -> None:
     """Sync the files to be renamed and give each the metadata of the file it replaces (a new
     companion: its main file's). Nothing is replaced yet, so a signal here (the fsync of a
     large file takes long) still aborts the write."""
-    main = _regular(outputs[-1].dest) and outputs[-1].dest
+    main = outputs[-1].dest if _regular(outputs[-1].dest) else None
     for each in outputs:
         if each.through:
             continue
         with open(each.written, "rb") as f:
             os.fsync(f.fileno())
-        _take_metadata(each.written, each.dest if _regular(each.dest) else main or None)
+        _take_metadata(each.written, each.dest if _regular(each.dest) else main)
 
 
 def _write_through(written: Path, dest: Path) -> None:

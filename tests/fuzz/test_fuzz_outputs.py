@@ -39,6 +39,16 @@ TIMEOUT_S = 60.0
 WRITERS = ("new", "export", "optimize", "run")  # build-engine needs TensorRT before it writes
 
 
+def _cases(kind: str, name: str, kinds: tuple[str, ...] = ("",)) -> list:
+    """One param per writer (and per kind), ids ``<kind>:<writer>/<name>``. An export that gets
+    as far as writing takes seconds: those are ``slow`` (sampled, see conftest)."""
+    return [
+        pytest.param(*((c, k) if k else (c,)), id=f"{kind}:{c}/{k or name}", marks=[pytest.mark.slow] * (c == "export"))
+        for c in WRITERS
+        for k in kinds
+    ]
+
+
 def _output(ws: gen.Workspace, command: str) -> Path:
     return ws.root / ("out" + gen.WRITER_SUFFIX[command])
 
@@ -118,10 +128,7 @@ def _parses(command: str, data: bytes) -> bool:
     return data[:2] == b"PK"  # torch.save's zip archive
 
 
-@pytest.mark.parametrize(
-    "command, kind",
-    [pytest.param(c, k, id=f"special-output:{c}/{k}") for c in WRITERS for k in ("fifo-with-reader", "char-device")],
-)
+@pytest.mark.parametrize("command, kind", _cases("special-output", "", ("fifo-with-reader", "char-device")))
 def test_a_fifo_or_character_device_is_written_through(command, kind, sources, tmp_path):
     """`-o /dev/null` (here a node of the null device) and `-o FIFO` with a reader: exit 0, the
     node stays a device / FIFO, a FIFO's reader gets the whole output."""
@@ -149,7 +156,7 @@ def umask_022():
     os.umask(old)
 
 
-@pytest.mark.parametrize("command", [pytest.param(c, id=f"output-mode:{c}/0600") for c in WRITERS])
+@pytest.mark.parametrize("command", _cases("output-mode", "0600"))
 def test_rewriting_a_private_output_keeps_it_private(command, sources, tmp_path, umask_022):
     """Before: a 0600 output came back 0644."""
     ws = _workspace(sources, tmp_path)
@@ -177,7 +184,7 @@ def _killed_writers_leftover(folder: Path) -> str:
     return left
 
 
-@pytest.mark.parametrize("command", [pytest.param(c, id=f"output-kill:{c}/sweeps-dead-writer") for c in WRITERS])
+@pytest.mark.parametrize("command", _cases("output-kill", "sweeps-dead-writer"))
 def test_a_killed_writers_temporary_is_swept(command, sources, tmp_path):
     """Before: `.NAME.*.tmp/` folders of killed writers stayed for good."""
     ws = _workspace(sources, tmp_path)
@@ -188,7 +195,7 @@ def test_a_killed_writers_temporary_is_swept(command, sources, tmp_path):
     assert left not in os.listdir(ws.root) and out.is_file()
 
 
-@pytest.mark.parametrize("command", [pytest.param(c, id=f"output-kill:{c}/name-of-255-bytes") for c in WRITERS])
+@pytest.mark.parametrize("command", _cases("output-kill", "name-of-255-bytes"))
 def test_an_output_name_of_255_bytes_works(command, sources, tmp_path):
     """Before: 'File name too long' from 243 bytes on (the temporary's name was longer)."""
     ws = _workspace(sources, tmp_path)
