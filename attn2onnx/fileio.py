@@ -154,11 +154,12 @@ class _Aborted(BaseException):
 
 
 class _SignalGuard:
-    """While installed, the first SIGINT / SIGTERM raises :class:`_Aborted` in the write, or waits
-    for the end of a :meth:`deferred` section (creating the temporary folder, the renames), so the
-    files are never left half-moved; later signals do not interrupt the cleanup. Uninstalling
-    restores the previous handlers and delivers the signal to them: KeyboardInterrupt (exit 130)
-    or the default action (killed by SIGTERM, 143)."""
+    """While installed, the first of :data:`_ABORT_SIGNALS` raises :class:`_Aborted` in the write,
+    or waits for the end of a :meth:`deferred` section (creating the temporary folder, the
+    renames), so the files are never left half-moved; later signals do not interrupt the cleanup.
+    Uninstalling restores the previous handlers and delivers the signal to them:
+    KeyboardInterrupt (exit 130) or the default action (killed by the signal: 143 for SIGTERM,
+    129 for SIGHUP, 131 and a core file where allowed for SIGQUIT)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
