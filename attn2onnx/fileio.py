@@ -138,6 +138,12 @@ def check_destination(path: PathLike) -> Path:
     return _destination(Path(path))[0]
 
 
+def written_through(path: PathLike) -> bool:
+    """Whether :func:`atomic_output` writes ``path`` into a FIFO or character device (checked as
+    :func:`check_destination` does): nothing can read such an output back after writing it."""
+    return _destination(Path(path))[1]
+
+
 def _umask() -> int:
     """The process umask. Linux shows it in /proc; elsewhere os.umask must set it to read it."""
     with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import UsageError
     from ..exporter import export
-    from ..fileio import check_destination, refuse_overwriting_inputs
+    from ..fileio import refuse_overwriting_inputs, written_through
     from ..io_spec import random_inputs, with_precision
     from ..onnx_io import output_files
     from ..sources import load_source
@@ -123,7 +123,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.output.endswith(".onnx"):
         raise UsageError(f"output {args.output!r} should end in .onnx")
     refuse_overwriting_inputs(output_files(args.output), [args.model])
-    check_destination(args.output)  # a missing or mistyped folder fails before the export, not after
+    # a missing or mistyped folder fails before the export, not after; so does a pipe or device
+    # the model could not be read back from
+    if written_through(args.output) and (args.optimize or not args.no_check):
+        raise UsageError(
+            f"{args.output} is a pipe or device, which export cannot read back to check or optimize; add --no-check"
+        )
     check_flags(args)
     if args.decode:
         return run_decode(args)

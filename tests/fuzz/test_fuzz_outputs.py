@@ -149,6 +149,30 @@ def test_a_fifo_or_character_device_is_written_through(command, kind, sources, t
     assert not [p for p in os.listdir(ws.root) if p.endswith(".tmp")]
 
 
+@pytest.mark.parametrize(
+    "kind, flags",
+    [
+        pytest.param(k, f, id=f"special-output:export/{k}{''.join(f) or '-checked'}")
+        for k in ("char-device", "fifo-no-reader")
+        for f in ((), ("--no-check", "--optimize"))
+    ],
+)
+def test_export_refuses_a_device_it_must_read_back_before_exporting(kind, flags, sources, tmp_path):
+    """export's check and --optimize read the written model back, which a pipe or device cannot
+    give: refused before the export (it used to export, write through, then fail reading)."""
+    ws = _workspace(sources, tmp_path)
+    out = ws.root / "out.onnx"
+    if kind == "char-device":
+        _mknod(out, stat.S_IFCHR, 1, 3)
+    else:
+        os.mkfifo(out)
+    argv = ["export", ws.copy(ws.sources.checkpoint), "-o", str(out), *flags]
+    before = snapshot(ws.root)
+    outcome = run_forked(argv, ws.root, TIMEOUT_S)
+    problems = contract_problems(outcome, before, snapshot(ws.root), ws.marker)
+    assert not problems and "--no-check" in outcome.stderr, f"{'; '.join(problems)}\n  observed: {outcome.describe()}"
+
+
 @pytest.fixture
 def umask_022():
     old = os.umask(0o022)
