@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from . import custom_ops
 from .fileio import atomic_output, regular_file
+from .lean_proto import save_inline
 
 # The one external-data threshold, in tensor bytes: a model whose initializers hold more keeps
 # them in <name>.data beside it. Protobuf cannot serialise a message of 2 GiB or more; the
@@ -127,7 +128,10 @@ def save_model(
     irm = ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
     external = _has_external_data(irm) or _tensor_bytes(irm) > PROTOBUF_LIMIT
     with atomic_output(path, companions=[DATA_SUFFIX]) as tmp:
-        ir.save(irm, tmp, external_data=tmp.name + DATA_SUFFIX if external else None)
+        if external:
+            ir.save(irm, tmp, external_data=tmp.name + DATA_SUFFIX)
+        else:  # one weight's bytes at a time, not three copies of them all
+            save_inline(irm, tmp)
         if check is not None:
             check(tmp)
     return path
@@ -147,6 +151,9 @@ def load_onnx(path: str | os.PathLike, *, load_weights: bool = False) -> onnx.Mo
     from .external_data import check_external_data
 
     path = regular_file(path)
+    # the checker parses a copy of its own: done before ours, the two never coexist (an inline
+    # model's weights were held three times at once)
+    problem = _structure_problem(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises several unrelated types
@@ -154,24 +161,46 @@ def load_onnx(path: str | os.PathLike, *, load_weights: bool = False) -> onnx.Mo
     if not model.graph.node and not model.graph.output:
         raise UsageError(f"{path} is not a readable ONNX model (empty graph)")
     check_external_data(model, path)
-    _check_structure(model, path)
+    if problem is not None:
+        _refuse_structure(model, path, problem)
     if load_weights:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     return model
 
 
-def _check_structure(model: onnx.ModelProto, path: Path) -> None:
-    """onnx.checker without shape inference (cheap: one parse of the file, external weights only
-    looked up), so a damaged file that still parses (a flipped byte in a name or an op type)
-    is refused here, not run or rewritten. A broken ai.attn2onnx node is reported by the op
-    validator first, whose message names the node and the rule."""
+def load_ir(path: str | os.PathLike) -> ir.Model:
+    """:func:`load_onnx` (its one-line errors and checks), as an ``onnx_ir.Model`` from that one
+    parse. Weights in external data stay on disk as ``ir.ExternalTensor`` (memory-mapped where a
+    pass reads one, streamed by :func:`save_model`), so a reader holds no copy of them."""
     from .errors import UsageError
 
+    proto = load_onnx(path)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as err:  # noqa: BLE001 - onnx_ir raises many kinds on a malformed proto
+        raise UsageError(f"{path} is not a readable ONNX model ({str(err).splitlines()[0]})") from None
+    ir.external_data.set_base_dir(model.graph, Path(path).resolve().parent)
+    return model
+
+
+def _structure_problem(path: Path) -> Exception | None:
+    """What onnx.checker (without shape inference: cheap, external weights only looked up) finds
+    wrong with the file at ``path``, or None: a damaged file that still parses (a flipped byte
+    in a name or an op type) is refused, not run or rewritten."""
     try:
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError) as e:  # ValueError: a name that is no UTF-8
-        from .custom_ops import check_model as check_nodes
+        return e
+    return None
 
-        check_nodes(model)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{path} is not a valid ONNX model ({first})") from None
+
+def _refuse_structure(model: onnx.ModelProto, path: Path, problem: Exception) -> None:
+    """Raise the one-line error for ``problem`` (:func:`_structure_problem`). A broken
+    ai.attn2onnx node is reported by the op validator first, whose message names the node and
+    the rule."""
+    from .custom_ops import check_model as check_nodes
+    from .errors import UsageError
+
+    check_nodes(model)
+    first = str(problem).strip().splitlines()[0] if str(problem).strip() else type(problem).__name__
+    raise UsageError(f"{path} is not a valid ONNX model ({first})")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
+from attn2onnx.lean_proto import independent_copy
+
 from ._ir_utils import DOMAIN, Scope, scopes, to_ir
 from ._match import NoMatch, describe
 from .lower_attention import MS_DOMAIN
@@ -108,9 +110,8 @@ def explain(model: onnx.ModelProto | ir.Model, target: str = "ort") -> list[Outc
     fused and, where not, why."""
     from .pipeline import optimize_model
 
-    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
-    before = to_ir(proto)
-    after, _ = optimize_model(ir.serde.deserialize_model(proto), target=target)
+    before = to_ir(model)
+    after, _ = optimize_model(independent_copy(before), target=target)  # no weight copied
     # a batched core (normalize_hosseini) stands for the per-head cores it replaced
     remaining = {_key(s, name): n for s in scopes(after) for n in s.graph for name in (n.name, *merged_cores(n))}
     outcomes = []

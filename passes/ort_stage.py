@@ -20,6 +20,8 @@ import logging
 
 import onnx_ir as ir
 
+from attn2onnx.lean_proto import independent_copy
+
 from ._ir_utils import DOMAIN
 
 logger = logging.getLogger(__name__)
@@ -40,14 +42,6 @@ def _run_fusions(model: ir.Model) -> dict[str, int]:
     return {name: n for name, n in counts.items() if n}
 
 
-def _independent_copy(model: ir.Model) -> ir.Model:
-    """A copy sharing no tensor with ``model``. ``Model.clone`` shares the constant tensors, and
-    the onnxscript optimizer renames values, which renames their tensors: through a shared tensor
-    that renamed initializers of the model the stage was meant to leave alone, and of the
-    ModelProto the caller passed to ``optimize_model``."""
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
-
-
 class OrtFusionStage(ir.passes.InPlacePass):
     """onnxscript's ORT fusions on what the project's passes left; ``counts``: fusions applied."""
 
@@ -57,7 +51,7 @@ class OrtFusionStage(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         try:
-            work = _independent_copy(model)
+            work = independent_copy(model)
             self.counts = _run_fusions(work)
         except Exception as err:  # noqa: BLE001 - a third-party rewriter: any failure means "not this model"
             logger.debug("onnxscript ORT fusions skipped: %s", err)

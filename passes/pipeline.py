@@ -33,6 +33,7 @@ import onnx
 import onnx_ir as ir
 
 from attn2onnx.errors import UsageError
+from attn2onnx.lean_proto import structure_proto
 from attn2onnx.onnx_io import save_model
 from ._ir_utils import to_ir
 from .cleanup import CleanupPass
@@ -105,9 +106,11 @@ def optimize_model(
     from attn2onnx.custom_ops import check_model  # imports the op set (torch) only when optimising
 
     passes = build_passes(target)
-    check_model(model)  # every ai.attn2onnx node against its op's rules: InvalidModelError, a UsageError
     was_proto = isinstance(model, onnx.ModelProto)
     irm = to_ir(model)
+    # every ai.attn2onnx node against its op's rules (InvalidModelError, a UsageError); the
+    # weights are left out of the proto it reads (shape inference would copy each three times)
+    check_model(structure_proto(irm))
     sizes = sizes or default_sizes(irm)
     report = Report(target=target, sizes=sizes, before=Snapshot.of(irm, sizes))
     for name, p in passes:
@@ -122,15 +125,14 @@ def optimize(
 ) -> Report:
     """Optimize the model at ``in_path`` and write it to ``out_path`` with
     :func:`attn2onnx.onnx_io.save_model` (atomic; weights in ``<out>.data`` past its one
-    threshold, or when the input already kept them outside). ``out_path`` may be ``in_path``."""
-    from attn2onnx.onnx_io import load_onnx
+    threshold, or when the input already kept them outside). ``out_path`` may be ``in_path``.
+
+    The file is read once (:func:`attn2onnx.onnx_io.load_ir`: checked, external weights left on
+    disk and streamed by the save), so memory stays a small multiple of the model's inline
+    bytes: benchmarks/optimize_memory.py, RESULTS.md "Optimize memory"."""
+    from attn2onnx.onnx_io import load_ir
 
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
-    load_onnx(in_path)  # one-line errors, and external data checked before ir.load reads any of it
-    try:
-        model = ir.load(in_path)
-    except Exception as err:  # noqa: BLE001 - protobuf and onnx raise many kinds
-        raise OptimizeError(f"cannot read {in_path}: {err}") from err
-    model, report = optimize_model(model, target, sizes)
+    model, report = optimize_model(load_ir(in_path), target, sizes)
     save_model(model, out_path)
     return report

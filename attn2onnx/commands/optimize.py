@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from ..onnx_io import load_onnx, model_files, output_files
     from ..passes import optimize
 
-    model = load_onnx(args.model)  # one-line error for a missing / non-ONNX file
-    refuse_overwriting_inputs(output_files(args.output), model_files(args.model, model))
+    inputs = model_files(args.model, load_onnx(args.model))  # one-line error for a missing / non-ONNX file
+    refuse_overwriting_inputs(output_files(args.output), inputs)  # (that proto is not kept: its weights)
     report = optimize(args.model, args.output, target=args.target)
     outcomes = None
     if args.explain:
