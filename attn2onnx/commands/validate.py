@@ -107,13 +107,13 @@ def run(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends:
         raise UsageError(f"--backends {args.backends!r} names no backend; choose from ort, trt")
-    shapes = parse_shapes(args.shapes) if args.shapes else None
+    shapes = parse_shapes(args.shapes) if args.shapes is not None else None  # "" names no shape: an error
     inputs = None
     if args.load_inputs:
         from ..input_cases import cases_from_arrays
         from .run import load_npz
 
-        if args.shapes or args.steps:
+        if shapes is not None or args.steps:
             raise UsageError("--load-inputs replays the saved cases at their shapes and steps: drop --shapes / --steps")
         inputs = cases_from_arrays(load_npz(args.load_inputs), args.load_inputs)
     check_save_inputs(args, args.model, args.reference, args.load_inputs)
