@@ -126,6 +126,23 @@ def producer(value: ir.Value | None, op_type: str | Sequence[str] | None = None,
     return node
 
 
+def tree_leaves(value: ir.Value, op_type: str, interior: Callable[[ir.Value], bool]) -> list[ir.Value]:
+    """The leaves, left to right, of the tree of standard ``op_type`` nodes (Add, And, ...) that
+    produces ``value``: an input is walked into when such a node makes it and
+    ``interior(input)`` holds. Iterative (an explicit stack), so a chain of thousands of nodes
+    is no RecursionError."""
+    leaves: list[ir.Value] = []
+    stack = [(value, True)]
+    while stack:
+        item, root = stack.pop()
+        node = producer(item, op_type)
+        if node is None or (not root and not interior(item)):
+            leaves.append(item)
+        else:
+            stack += [(x, False) for x in reversed(node.inputs)]  # the leftmost is popped first
+    return leaves
+
+
 def only_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
     """The single node that uses ``value`` (once), None if several uses or a graph output."""
     uses = list(value.uses())

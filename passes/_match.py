@@ -24,6 +24,7 @@ from ._ir_utils import (
     producer,
     rank,
     same_dim,
+    tree_leaves,
 )
 
 
@@ -90,14 +91,16 @@ def scaled(value: ir.Value) -> tuple[ir.Value, float]:
 
 
 def is_all_true(value: ir.Value) -> bool:
+    """Whether ``value`` is a boolean constant of all True: a constant, or Expands (any number)
+    of one, or a ConstantOfShape of True."""
+    while const_array(value) is None and (node := producer(value, "Expand")) is not None:
+        value = node.inputs[0]
     arr = const_array(value)
     if arr is not None:
         return arr.dtype == np.bool_ and bool(arr.all())
-    node = producer(value, ("Expand", "ConstantOfShape"))
+    node = producer(value, "ConstantOfShape")
     if node is None:
         return False
-    if node.op_type == "Expand":
-        return is_all_true(node.inputs[0])
     fill = attr(node, "value")
     return fill is not None and bool(np.asarray(fill.numpy()).all())
 
@@ -119,18 +122,24 @@ def tril_buffer(value: ir.Value) -> bool:
 
 def allowed_parts(value: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
     """Decompose a boolean 'allowed' tensor (or a 0/1 one, nonzero = allowed: ``tril(ones(T, T))``)
-    into key padding and causal parts."""
+    into key padding and causal parts. A tree of Ands is read leaf by leaf (iteratively, so any
+    depth): each leaf must decompose, and at most one may be a key padding mask."""
+    parts = [_allowed_leaf(leaf, b_dim, t_dim, s_dim) for leaf in tree_leaves(value, "And", lambda _: True)]
+    if len(parts) == 1 or any(p is None for p in parts):
+        return parts[0] if len(parts) == 1 else None
+    kpms = [p["kpm"] for p in parts if p.get("kpm")]
+    if len(kpms) > 1:
+        return None
+    return {"kpm": kpms[0] if kpms else None, "causal": int(any(p.get("causal", 0) for p in parts))}
+
+
+def _allowed_leaf(value: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
+    """:func:`allowed_parts` of a mask that is no And."""
     if tril_buffer(value) and same_dim(t_dim, s_dim):  # tril(ones(T, T)), folded to a constant in a static export
         return {"kpm": None, "causal": 1}
     node = value.producer()
     if node is None or node.domain != "":
         return None
-    if node.op_type == "And":
-        left = allowed_parts(node.inputs[0], b_dim, t_dim, s_dim)
-        right = allowed_parts(node.inputs[1], b_dim, t_dim, s_dim)
-        if left is None or right is None or (left.get("kpm") and right.get("kpm")):
-            return None
-        return {"kpm": left.get("kpm") or right.get("kpm"), "causal": left.get("causal", 0) or right.get("causal", 0)}
     if node.op_type == "Unsqueeze":
         return _unsqueezed_parts(node, node.inputs[0], b_dim, t_dim, s_dim)
     if node.op_type in ("LessOrEqual", "GreaterOrEqual"):
@@ -471,9 +480,8 @@ def einsum_mix(node: ir.Node, probs_index: int, r: int) -> tuple[tuple, tuple]:
 def uniform_const(value: ir.Value | None) -> float | None:
     """The one value of a constant tensor whose elements are all equal (a constant, or an Expand /
     ConstantOfShape of one); None otherwise."""
-    node = producer(value, ("Expand", "ConstantOfShape"))
-    if node is not None and node.op_type == "Expand":
-        return uniform_const(node.inputs[0])
+    while (node := producer(value, ("Expand", "ConstantOfShape"))) is not None and node.op_type == "Expand":
+        value = node.inputs[0]
     arr = const_array(value) if node is None else np.asarray(attr(node, "value").numpy())
     if arr is None or arr.size == 0 or arr.dtype == np.bool_ or not (arr == arr.reshape(-1)[0]).all():
         return None

@@ -56,6 +56,7 @@ from ._ir_utils import (
     replace_value,
     same_dim,
     scope_nodes,
+    tree_leaves,
 )
 
 # Transposes between [B,N,T,S] and the position-major layouts the batched-MatMul styles use.
@@ -302,34 +303,45 @@ class _Piece:
 
 
 def _decompose_matrix(m: ir.Value, gathers: list) -> list[_Piece] | None:
-    """Split a per-position N x N matrix into U^T V, diag(g) and constant Wb pieces."""
-    node = m.producer()
-    d = dims(m)
-    if d is None:
-        return None
+    """Split a per-position N x N matrix into U^T V, diag(g) and constant Wb pieces: the leaves,
+    left to right, of its tree of Adds and Gathers (walked with an explicit stack, so any depth)."""
+    pieces: list[_Piece] = []
+    stack = [(m, gathers)]
+    while stack:
+        value, gs = stack.pop()
+        node, d = value.producer(), dims(value)
+        if d is None or (node is not None and node.op_type != "Constant" and node.domain != ""):
+            return None
+        if node is not None and node.op_type == "Add":
+            stack += [(node.inputs[1], gs), (node.inputs[0], gs)]  # the left one is popped first
+            continue
+        if node is not None and node.op_type == "Gather":
+            index = const_array(node.inputs[1])
+            axis = attr(node, "axis", 0) % (len(d) + 1)
+            if index is None or index.ndim != 0 or axis >= len(d) - 1:
+                return None
+            stack.append((node.inputs[0], [(axis, node.inputs[1])] + gs))
+            continue
+        piece = _matrix_piece(value, node, d, gs)
+        if piece is None:
+            return None
+        pieces.append(piece)
+    return pieces
+
+
+def _matrix_piece(m: ir.Value, node: ir.Node | None, d: tuple, gathers: list) -> _Piece | None:
+    """One leaf of :func:`_decompose_matrix`: a constant N x N matrix, U^T V or diag(g)."""
     if node is None or node.op_type == "Constant":
         w = const_array(m)
         if w is None or w.ndim != 2 or w.shape[0] != w.shape[1]:
             return None
-        return [_Piece("static", (m,), [])]
-    if node.domain != "":
-        return None
-    if node.op_type == "Add":
-        left = _decompose_matrix(node.inputs[0], gathers)
-        right = _decompose_matrix(node.inputs[1], gathers)
-        return None if left is None or right is None else left + right
-    if node.op_type == "Gather":
-        index = const_array(node.inputs[1])
-        axis = attr(node, "axis", 0) % (len(d) + 1)
-        if index is None or index.ndim != 0 or axis >= len(d) - 1:
-            return None
-        return _decompose_matrix(node.inputs[0], [(axis, node.inputs[1])] + gathers)
+        return _Piece("static", (m,), [])
     if node.op_type == "MatMul":
         p, v = node.inputs
         dp, dv = dims(p), dims(v)
         if dp is None or dv is None or len(dp) != len(d) or len(dv) != len(d):
             return None
-        return [_Piece("lowrank", (p, v), gathers)]
+        return _Piece("lowrank", (p, v), gathers)
     if node.op_type == "Mul":
         for g, eye in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
             e = const_array(eye)
@@ -338,7 +350,7 @@ def _decompose_matrix(m: ir.Value, gathers: list) -> list[_Piece] | None:
                 continue
             if dg is None or len(dg) != len(d) or 1 not in dg[-2:]:
                 continue
-            return [_Piece("diag", (g,), gathers)]
+            return _Piece("diag", (g,), gathers)
     return None
 
 
@@ -475,13 +487,6 @@ def _interior_add(value: ir.Value) -> bool:
     )
 
 
-def _leaves(value: ir.Value, root: bool = True) -> list[ir.Value]:
-    node = producer(value, "Add")
-    if node is None or (not root and not _interior_add(value)):
-        return [value]
-    return _leaves(node.inputs[0], False) + _leaves(node.inputs[1], False)
-
-
 def _zero_rows(b: Builder, ref: ir.Value, count: int) -> list[ir.Value]:
     """``count`` rows of zeros shaped like one row (axis 2) of ``ref`` [B,X,r,N]."""
     if count <= 0:
@@ -513,7 +518,7 @@ def _sum(b: Builder, parts: list[ir.Value]) -> ir.Value:
 
 
 def _fuse_tree(root: ir.Node) -> bool:
-    leaves = _leaves(root.outputs[0])
+    leaves = tree_leaves(root.outputs[0], "Add", _interior_add)
     classified: list[tuple[ir.Value, list[Term] | None]] = [(leaf, classify(leaf)) for leaf in leaves]
     by_a: dict[int, list[Term]] = {}
     for _, terms in classified:

@@ -36,6 +36,7 @@ from ._ir_utils import (
     producer,
     same_dim,
     scope_nodes,
+    tree_leaves,
 )
 from ._match import parse_equation, single_use
 
@@ -53,21 +54,30 @@ def _without(d: tuple, axis: int) -> tuple:
 
 def _drop_axis(b: Builder, value: ir.Value, axis: int) -> ir.Value:
     """``value`` without its unit ``axis``: the Unsqueeze source, an Einsum rebuilt without the
-    axis' letter (recursively), or a Squeeze."""
-    d = dims(value)
+    axis' letter (its inputs with that letter in turn), or a Squeeze. The Einsums are planned
+    with an explicit stack and built inputs first, so a chain of any length of them is no
+    RecursionError."""
+    planned: list[tuple[ir.Value, int, tuple | None]] = []
+    stack = [(value, axis)]
+    while stack:
+        item, item_axis = stack.pop()
+        plan = _einsum_plan(item, item_axis)
+        planned.append((item, item_axis, plan))
+        if plan is not None:
+            stack += [(x, index) for x, _, index in plan[3] if index is not None]
+    made: dict[tuple[int, int], ir.Value] = {}
+    for item, item_axis, plan in reversed(planned):  # every input before the Einsum that takes it
+        if (id(item), item_axis) not in made:
+            made[(id(item), item_axis)] = _dropped(b, item, item_axis, plan, made)
+    return made[(id(value), axis)]
+
+
+def _einsum_plan(value: ir.Value, axis: int) -> tuple | None:
+    """(node, letter, output term, [(input, term, index of the letter or None)]) when ``value``
+    is an Einsum used once that can be rebuilt without output ``axis``; None otherwise."""
     node = value.producer()
-    if node is not None and node.domain == "" and node.op_type == "Unsqueeze":
-        axes = axes_of(node)
-        if axes is not None and norm_axes(axes, len(d)) == [axis]:
-            return node.inputs[0]
-    if node is not None and node.domain == "" and node.op_type == "Einsum" and single_use(value):
-        rebuilt = _einsum_without(b, node, axis)
-        if rebuilt is not None:
-            return rebuilt
-    return b.op("Squeeze", [value, b.ints([axis])], dtype=value.dtype, shape=_without(d, axis))
-
-
-def _einsum_without(b: Builder, node: ir.Node, axis: int) -> ir.Value | None:
+    if node is None or node.domain != "" or node.op_type != "Einsum" or not single_use(value):
+        return None
     parsed = parse_equation(node)
     if parsed is None or len(parsed[1]) <= axis:
         return None
@@ -75,25 +85,28 @@ def _einsum_without(b: Builder, node: ir.Node, axis: int) -> ir.Value | None:
     letter = out[axis]
     if out.count(letter) != 1:
         return None
-    inputs, letters = [], []
-    for value, term in zip(node.inputs, terms):
-        d = dims(value)
-        if letter in term:
-            if term.count(letter) != 1 or d is None or d[term.index(letter)] != 1:
-                return None
-            value, term = _drop_axis(b, value, term.index(letter)), term.replace(letter, "")
-        inputs.append(value)
-        letters.append(term)
-    result = node.outputs[0]
-    equation = ",".join(letters) + "->" + out.replace(letter, "")
-    return b.op("Einsum", inputs, {"equation": equation}, dtype=result.dtype, shape=_without(dims(result), axis))
+    inputs = []
+    for x, term in zip(node.inputs, terms):
+        d = dims(x)
+        if letter in term and (term.count(letter) != 1 or d is None or d[term.index(letter)] != 1):
+            return None
+        inputs.append((x, term, term.index(letter) if letter in term else None))
+    return node, letter, out, inputs
 
 
-def _add_leaves(value: ir.Value, root: bool = True) -> list[ir.Value]:
-    node = producer(value, "Add")
-    if node is None or (not root and not single_use(value)):
-        return [value]
-    return _add_leaves(node.inputs[0], False) + _add_leaves(node.inputs[1], False)
+def _dropped(b: Builder, value: ir.Value, axis: int, plan: tuple | None, made: dict) -> ir.Value:
+    """One step of :func:`_drop_axis`, the inputs of a planned Einsum already in ``made``."""
+    if plan is not None:
+        node, letter, out, inputs = plan
+        values = [x if index is None else made[(id(x), index)] for x, _, index in inputs]
+        equation = ",".join(term.replace(letter, "") for _, term, _ in inputs) + "->" + out.replace(letter, "")
+        result = node.outputs[0]
+        return b.op("Einsum", values, {"equation": equation}, dtype=result.dtype, shape=_without(dims(result), axis))
+    d = dims(value)
+    node = producer(value, "Unsqueeze")
+    if node is not None and (axes := axes_of(node)) is not None and norm_axes(axes, len(d)) == [axis]:
+        return node.inputs[0]
+    return b.op("Squeeze", [value, b.ints([axis])], dtype=value.dtype, shape=_without(d, axis))
 
 
 def _grouped_sum(squeeze: ir.Node) -> list[ir.Value] | None:
@@ -104,7 +117,7 @@ def _grouped_sum(squeeze: ir.Node) -> list[ir.Value] | None:
     axes = axes_of(squeeze)
     if d is None or len(d) != 5 or d[1] != 1 or axes is None or norm_axes(axes, 5) != [1]:
         return None
-    leaves = _add_leaves(x)
+    leaves = tree_leaves(x, "Add", single_use)
     if len(leaves) < 2 or any(dims(leaf) is None or len(dims(leaf)) != 5 or dims(leaf)[1] != 1 for leaf in leaves):
         return None
     if not any(producer(leaf, "Unsqueeze") for leaf in leaves) or not any(producer(leaf, "Einsum") for leaf in leaves):
@@ -161,8 +174,10 @@ class _View:
 
 def _length(value: ir.Value | None):
     """The graph dim a scalar (or 1-element) int value holds: Shape(x)[i] read as x's dim i,
-    a constant as its int; None otherwise."""
-    node = producer(value, ("Squeeze", "Reshape", "Cast", "Unsqueeze", "Shape", "Gather"))
+    a constant as its int, through any number of Squeeze / Reshape / Cast / Unsqueeze; None otherwise."""
+    ops = ("Squeeze", "Reshape", "Cast", "Unsqueeze", "Shape", "Gather")
+    while (node := producer(value, ops)) is not None and node.op_type not in ("Shape", "Gather"):
+        value = node.inputs[0]
     if node is None:
         c = const_scalar(value)
         return None if c is None else int(c)
@@ -173,42 +188,53 @@ def _length(value: ir.Value | None):
         if d is None or (end if end is not None else len(d)) - start != 1:
             return None
         return d[start]
-    if node.op_type == "Gather":
-        shape, index = producer(node.inputs[0], "Shape"), const_scalar(node.inputs[1])
-        if shape is None or index is None or attr(shape, "start", 0) != 0 or dims(shape.inputs[0]) is None:
-            return None
-        return dims(shape.inputs[0])[int(index)]
-    return _length(node.inputs[0])
+    shape, index = producer(node.inputs[0], "Shape"), const_scalar(node.inputs[1])  # a Gather
+    if shape is None or index is None or attr(shape, "start", 0) != 0 or dims(shape.inputs[0]) is None:
+        return None
+    return dims(shape.inputs[0])[int(index)]
 
 
 def _from_zero(index: ir.Value) -> ir.Value | None:
     """index = Range(0, n, 1) (possibly cast, possibly with a trailing unit axis) -> n."""
-    node = producer(index, ("Cast", "Unsqueeze"))
-    if node is not None:
+    while (node := producer(index, ("Cast", "Unsqueeze"))) is not None:
         if node.op_type == "Unsqueeze" and norm_axes(axes_of(node) or [0], 2) != [1]:
             return None
-        return _from_zero(node.inputs[0])
+        index = node.inputs[0]
     rng = producer(index, "Range")
     ok = rng is not None and const_scalar(rng.inputs[0]) == 0 and const_scalar(rng.inputs[2]) == 1
     return rng.inputs[1] if ok else None
 
 
+# The ops a view of a constant table goes through (:func:`_view_step`).
+_VIEW_OPS = ("Cast", "Transpose", "Unsqueeze", "Squeeze", "Slice", "Gather", "GatherND")
+
+
 def _view(value: ir.Value) -> _View | None:
-    node = value.producer()
-    if node is None or node.op_type == "Constant":
-        table = const_array(value)
-        if table is None or table.dtype != np.bool_:
+    """``value`` as a view of a constant boolean table: the chain of view ops down to the table
+    (walked in a loop, so any length), then each op applied to the table's view."""
+    chain: list[ir.Node] = []
+    while (node := value.producer()) is not None and node.op_type != "Constant":
+        if node.domain != "" or node.op_type not in _VIEW_OPS or not node.inputs or node.inputs[0] is None:
             return None
-        return _View(table, list(range(table.ndim)), dict(enumerate(table.shape)))
-    if node.domain != "":
+        chain.append(node)
+        value = node.inputs[0]
+    table = const_array(value)
+    if table is None or table.dtype != np.bool_:
         return None
+    view: _View | None = _View(table, list(range(table.ndim)), dict(enumerate(table.shape)))
+    for node in reversed(chain):
+        view = _view_step(node, view)
+        if view is None:
+            return None
+    return view
+
+
+def _view_step(node: ir.Node, src: _View) -> _View | None:
+    """The view ``node`` (one of _VIEW_OPS) makes of its first input's view ``src``."""
     op = node.op_type
-    src = _view(node.inputs[0]) if node.inputs else None
-    if src is None:
-        return None
-    out_rank = len(dims(value) or ())
-    if op == "Cast" and attr(node, "to") == ir.DataType.BOOL:
-        return src
+    out_rank = len(dims(node.outputs[0]) or ())
+    if op == "Cast":
+        return src if attr(node, "to") == ir.DataType.BOOL else None
     if op == "Transpose":
         perm = attr(node, "perm")
         return None if perm is None else src.but([src.axes[p] for p in perm])

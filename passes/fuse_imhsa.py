@@ -50,17 +50,28 @@ _EXACT_CASTS = (ir.DataType.INT32, ir.DataType.INT64, ir.DataType.FLOAT, ir.Data
 
 
 def _folded(value: ir.Value | None) -> np.ndarray | None:
-    """A constant, also through Unsqueeze / Reshape / Transpose nodes of constants."""
-    arr = const_array(value)
-    if arr is not None or value is None:
-        return arr
-    node = producer(value, ("Unsqueeze", "Reshape", "Transpose"))
-    if node is None or (src := _folded(node.inputs[0])) is None:
-        return None
+    """A constant, also through any number of Unsqueeze / Reshape / Transpose nodes of constants
+    (walked in a loop down to the constant, then applied back up)."""
+    chain: list[ir.Node] = []
+    while (arr := const_array(value)) is None and value is not None:
+        node = producer(value, ("Unsqueeze", "Reshape", "Transpose"))
+        if node is None:
+            return None
+        chain.append(node)
+        value = node.inputs[0]
+    for node in reversed(chain):
+        if arr is None:
+            return None
+        arr = _folded_step(node, arr)
+    return arr
+
+
+def _folded_step(node: ir.Node, src: np.ndarray) -> np.ndarray | None:
+    """What ``node`` (Unsqueeze / Reshape / Transpose) makes of the constant ``src``."""
     if node.op_type == "Transpose":
         perm = attr(node, "perm")
         return np.transpose(src, perm) if perm is not None else src.T
-    d = dims(value)
+    d = dims(node.outputs[0])
     if d is None or not all(isinstance(x, int) for x in d):
         return None
     return src.reshape(d)

@@ -160,12 +160,15 @@ def match_head(out: ir.Value) -> Head:
 
 
 def concat_leaves(root: ir.Node) -> list[ir.Value]:
-    """The inputs of a tree of Concats over the last axis (inner Concats used once), in order."""
+    """The inputs of a tree of Concats over the last axis (inner Concats used once), in order
+    (walked with an explicit stack, so any depth)."""
     leaves = []
-    for value in root.inputs:
+    stack = list(reversed(root.inputs))
+    while stack:
+        value = stack.pop()
         inner = producer(value, "Concat")
         if inner is not None and single_use(value) and _last_axis(inner):
-            leaves.extend(concat_leaves(inner))
+            stack += reversed(inner.inputs)
         else:
             leaves.append(value)
     return leaves
