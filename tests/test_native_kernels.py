@@ -309,15 +309,17 @@ def plan(t: int, s: int, n: int, r: int = 2, budget: int = 0) -> dict:
 
 
 @pytest.mark.parametrize("n", [8, 32])
-def test_scratch_per_thread_stays_under_16_mib_at_any_length(n):
+def test_scratch_per_thread_stays_under_the_budget_at_any_length(n):
     """Issue 12: the per-thread panel grew with S (about 128 MiB at S=32K, N=32). The plan now
-    bounds it, and keeps the full query block at S <= 4096 (no loss there)."""
+    bounds it by the 20 MiB default budget, and keeps the full query block at S <= 4096 (no loss
+    there) whatever the vector width: with AVX-512's 16-float row padding the N=32, S=4096 panel
+    takes 16.4 MiB, so a 16 MiB budget cut it to 31 rows, off the 8-row micro-tiles."""
     widest = plan(4096, 64, n, budget=1 << 40)["rows"]
     for s in (512, 4096):
         assert plan(4096, s, n) == dict(plan(4096, s, n), rows=widest, tiled=False)
     for s in (32768, 40000, 1 << 20):
         chosen = plan(4096, s, n)
-        assert chosen["bytes"] <= 16 * MIB, (s, chosen)
+        assert chosen["bytes"] <= 20 * MIB, (s, chosen)
     assert plan(1, 32768, 32)["direct"] and plan(1, 32768, 32)["bytes"] <= MIB  # decode: no panel per thread
 
 

@@ -16,7 +16,7 @@ Environment:
     ATTN2ONNX_NATIVE_LIB    use this prebuilt library instead of building one
     ATTN2ONNX_CACHE_DIR     cache root (default $XDG_CACHE_HOME/attn2onnx or ~/.cache/attn2onnx)
     CXX                     the C++ compiler (default g++)
-    ATTN2ONNX_DCMHA_SCRATCH_BYTES  per-thread scratch budget of the DcmhaAttention kernel (default 16 MiB)
+    ATTN2ONNX_DCMHA_SCRATCH_BYTES  per-thread scratch budget of the DcmhaAttention kernel (default 20 MiB)
 
     python -m attn2onnx.runtime.native [--vec-report]   builds (if needed) and prints the path
     python -m attn2onnx.runtime.native --sanitize       the same for the sanitizer build (below)

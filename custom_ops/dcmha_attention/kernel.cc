@@ -19,7 +19,7 @@
 // QK^T is computed once (a flash-style scheme that keeps no panel would compute it twice, because
 // the post-compose needs the final normalisers of every head); the panel costs O(N * tq * S) per
 // thread. Memory bound (plan_blocks, per call from S and N): tq = kTq rows while the panel fits
-// the per-thread budget (16 MiB; every S <= 4096 at N <= 32), fewer rows when it does not, and
+// the per-thread budget (20 MiB; every S <= 4096 at N <= 32, with AVX-512's padding too), fewer rows when it does not, and
 // below kMR rows a tiled panel instead: one chunk wide, steps 1-3 run again in pass 2 (the
 // same operations, so the same bits), keeping the scratch O(N * tq * (kChunk + S / kChunk)).
 // ATTN2ONNX_DCMHA_SCRATCH_BYTES (bytes, read when a session creates the kernel) sets another
@@ -69,7 +69,7 @@ constexpr int kMaxR = 16;
 constexpr int64_t kDirectMaxT = 8;   // T <= this: the direct path (no packing, key range split)
 constexpr int64_t kSplitKeys = 256;  // keys per work item of the direct path
 static_assert(kSplitKeys % kChunk == 0 && kDirectMaxT <= kTq, "direct-path splits are whole chunks");
-constexpr size_t kDefaultScratchBytes = size_t{16} << 20;  // per-thread scratch budget of the blocked path
+constexpr size_t kDefaultScratchBytes = size_t{20} << 20;  // per-thread scratch budget of the blocked path
 
 struct Problem {
   int64_t B, T, S, N, d, dv, R;  // d: q/k head dim, dv: v head dim
@@ -260,7 +260,7 @@ inline void compose_group(const float* a, ptrdiff_t as, int64_t N, int64_t R_run
 // Blocked path: how many query rows a work item takes and whether its panel holds the whole key
 // range or one recomputed chunk, chosen per call from S and N so that a thread's scratch stays
 // within the budget. The full panel with kTq rows is kept whenever it fits (every S <= 4096 at
-// N <= 32 under the default 16 MiB); then fewer rows; below kMR rows (where the micro-kernels
+// N <= 32 under the default 20 MiB: 16.4 MiB with 16-float padding); then fewer rows; below kMR rows (where the micro-kernels
 // lose their register blocking) the tiled panel with as many rows as fit instead.
 struct BlockPlan {
   int64_t rows;  // query rows per work item (<= kTq)
@@ -742,7 +742,7 @@ const float* float_view(const E* data, size_t count, std::vector<float>& keep) {
 }
 
 // The blocked path's per-thread scratch budget in bytes: ATTN2ONNX_DCMHA_SCRATCH_BYTES (a positive
-// integer; documented in the header comment) or the 16 MiB default.
+// integer; documented in the header comment) or the 20 MiB default.
 size_t scratch_budget() {
   const char* given = std::getenv("ATTN2ONNX_DCMHA_SCRATCH_BYTES");
   if (given != nullptr && *given != '\0') {
