@@ -103,4 +103,47 @@ def judge(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], rule: T
     return errors
 
 
-__all__ = ["ERROR_STATS", "TOLERANCES", "OutputError", "Tolerance", "judge", "tolerance"]
+# How far a backend may stray from float64 beyond the rule, as a multiple of the fp32 reference's
+# own distance from float64 (see within_reference_error).
+REFERENCE_ERROR_FACTOR = 2.0
+
+
+def reference_error(want: Mapping[str, np.ndarray], want64: Mapping[str, np.ndarray]) -> float:
+    """The fp32 reference's own error: its largest distance from the float64 run of the same model."""
+    return max(
+        (float(np.abs(np.asarray(w, np.float64) - want64[n]).max(initial=0.0)) for n, w in want.items()), default=0.0
+    )
+
+
+def within_reference_error(
+    got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], want64: Mapping[str, np.ndarray], rule: Tolerance
+) -> bool:
+    """Whether ``got`` is as close to the float64 truth ``want64`` as the fp32 reference ``want``
+    is, elementwise: |got - want64| <= atol + rtol |want64| + REFERENCE_ERROR_FACTOR |want - want64|.
+
+    An input where the model is ill-conditioned (Attention-BN over a row with one real key: a
+    variance near 0 under its eps amplifies every rounding ~300x) moves any fp32 implementation,
+    PyTorch's own included, past an fp32 tolerance; there the backend is judged against float64
+    with the reference's own error as the allowance, so a wrong graph (error O(1)) still fails
+    and a right one is not failed for the model's conditioning. Non-finite values never pass."""
+    for name, w in want.items():
+        g, w, t = (np.asarray(a, np.float64) for a in (got[name], w, want64[name]))
+        if g.shape != t.shape or not (np.isfinite(g).all() and np.isfinite(t).all()):
+            return False
+        allowed = rule.atol + rule.rtol * np.abs(t) + REFERENCE_ERROR_FACTOR * np.abs(w - t)
+        if not (np.abs(g - t) <= allowed).all():
+            return False
+    return True
+
+
+__all__ = [
+    "ERROR_STATS",
+    "REFERENCE_ERROR_FACTOR",
+    "TOLERANCES",
+    "OutputError",
+    "Tolerance",
+    "judge",
+    "reference_error",
+    "tolerance",
+    "within_reference_error",
+]

@@ -135,11 +135,12 @@ def run(args: argparse.Namespace) -> int:
     source = load_source(args.model, trust_pickle=args.trust_pickle)
     specs = with_precision(source.specs, args.dtype)
     fixed = fixed_sizes(specs)  # a static program's own sizes
-    batch = args.batch or fixed.get("batch", 2)
-    seq = args.seq_len or fixed.get("seq", min(16, source.max_seq or 16))
+    batch, seq = source.fit(fixed.get("batch", 2), fixed.get("seq", 16))  # defaults inside the model's ranges
+    batch, seq = args.batch or batch, args.seq_len or seq
     if source.max_seq and seq > source.max_seq:
         raise UsageError(f"--seq-len {seq} exceeds the model's maximum sequence length {source.max_seq}")
     runnable_shapes(specs, [(batch, seq)], requested=True)  # a --batch / --seq-len a static program cannot take
+    source.check_shape(batch, seq, what="--batch" if args.batch == batch else "--seq-len")  # a program's Dims
     check_input_memory(specs, [(batch, seq)])
     module = copy.deepcopy(source.module).half() if args.dtype == "fp16" else source.module
     example = [torch.from_numpy(a) for a in random_inputs(specs, batch, seq, pad=False).values()]
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     shapes = [(batch, seq)]
     if not args.static:
-        shapes.append((batch + 1, max(1, seq // 2 + 1)))
+        shapes.append(source.fit(batch + 1, max(1, seq // 2 + 1)))
     shapes, _ = runnable_shapes(specs, shapes, requested=False)  # once each, as a static program takes them
     return finish_check(args, check_parity(result.path, source, shapes, dtype=args.dtype, **check_options(args)))
 
@@ -212,7 +213,7 @@ def print_check(report) -> int:
         )
         print(
             f"check {where}: max abs err {c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e} "
-            f"({report.rule}) {'ok' if c.passed else 'MISMATCH'}"
+            f"({report.rule}{'; ' + str(c.float64) if c.float64 else ''}) {'ok' if c.passed else 'MISMATCH'}"
         )
     return 0 if report.passed else 1
 

@@ -167,6 +167,7 @@ def describe(c) -> str:
     """One table row for a comparison (validate.Comparison): its shape is [batch, seq] as fed
     ([batch] for an image), a decode one's [batch, prompt, steps]."""
     errors = f"max abs {c.max_abs_err:.2e}  max rel {c.max_rel_err:.2e}  {'PASS' if c.passed else 'FAIL'}"
+    errors += f"  ({c.float64})" if c.float64 else ""
     if len(c.shape) == 3:
         batch, prompt, steps = c.shape
         return f"decode batch {batch} prompt {prompt:<4d} +{steps} steps  {errors}"
