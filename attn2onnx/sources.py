@@ -8,10 +8,11 @@ dims, kinds) and output names, which export, validate and the demo all share.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -25,18 +26,48 @@ from .torch_files import TorchFileError, load_pickled, load_program
 
 @dataclass
 class ModelSource:
-    """A model ready for export: ``module(*example_inputs(b, t))`` runs it."""
+    """A model ready for export: ``module(*example_inputs(b, t))`` runs it. ``size_ranges``:
+    the (min, max) batch size and sequence length the model takes where it says (a program's
+    Dim ranges; max None when unbounded); ``max_seq`` bounds the sequence too."""
 
     module: nn.Module
     specs: list[InputSpec]
     output_names: list[str]
     max_seq: int | None = None
+    size_ranges: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+
+    def _range(self, name: str) -> tuple[int, int | None]:
+        low, high = self.size_ranges.get(name, (1, None))
+        if name == "seq" and self.max_seq:
+            high = min(high or self.max_seq, self.max_seq)
+        return low, high
+
+    def fit(self, batch: int, seq: int) -> tuple[int, int]:
+        """(batch, seq) moved into the sizes the model takes: where default shapes run."""
+        fitted = []
+        for name, size in (("batch", batch), ("seq", seq)):
+            low, high = self._range(name)
+            fitted.append(max(low, min(size, high or size)))
+        return fitted[0], fitted[1]
+
+    def check_shape(self, batch: int, seq: int) -> None:
+        """Refuse (UsageError, one line) a shape outside the program's Dim ranges or past ``max_seq``."""
+        for name, size in (("batch", batch), ("seq", seq)):
+            low, high = self._range(name)
+            if name in self.size_ranges and not low <= size <= (high or size):
+                bound = f"{low}..{high}" if high else f"at least {low}"
+                raise UsageError(
+                    f"{name} {size} is outside the program's {name} range {bound} (its Dim); "
+                    "pass sizes inside it, or none"
+                )
+            if name == "seq" and self.max_seq and size > self.max_seq:
+                raise UsageError(f"sequence length {size} exceeds the model's maximum {self.max_seq}")
 
     def example_inputs(self, batch: int = 2, seq: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
         """Random torch inputs matching the specs (unpadded masks: export traces one path)."""
         from .io_spec import random_inputs
 
-        seq = min(seq, self.max_seq) if self.max_seq else seq
+        batch, seq = self.fit(batch, seq)
         feeds = random_inputs(self.specs, batch, seq, seed=seed, pad=False)
         return tuple(torch.from_numpy(feeds[s.name]) for s in self.specs)
 
@@ -106,9 +137,11 @@ def _dim_symbols(metas: list[torch.Tensor]) -> dict[str, str]:
 
 
 def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
-    """A torch.export program: inputs are its user inputs, with their dynamic dims as exported,
-    named batch or seq by the program's symbols (:func:`_dim_symbols`). Read under the policy of
-    :mod:`attn2onnx.torch_files` (never unpickled unless ``trust_pickle``)."""
+    """A torch.export program: inputs are its user inputs, positional and keyword, named by its
+    signature (:func:`_program_call`), with their dynamic dims as exported, named batch or seq by
+    the program's symbols (:func:`_dim_symbols`) and bounded by its Dim ranges
+    (:func:`_size_ranges`); outputs named by its output spec (:func:`_output_names`). Read under
+    the policy of :mod:`attn2onnx.torch_files` (never unpickled unless ``trust_pickle``)."""
     from . import custom_ops  # noqa: F401  (a program holding our ops needs them registered to load)
 
     try:
@@ -120,21 +153,85 @@ def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
         cause = next((r.exc_info[1] for r in reversed(logged) if r.exc_info and r.exc_info[1]), e)
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise UsageError(f"{path}: not a readable torch.export program ({reason})") from None
-    module = program.module()
+    module, names = _program_call(program, path)
     inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
     symbols = _dim_symbols([n.meta["val"] for n in inputs])
     specs = []
-    for node in inputs:
+    for name, node in zip(names, inputs):
         meta = node.meta["val"]
         dims = tuple(
             d if isinstance(d, int) else symbols.get(str(d), "batch" if j == 0 else "seq")
             for j, d in enumerate(meta.shape)
         )
-        kind = _input_kind(node.name, meta.dtype)
+        kind = _input_kind(name, meta.dtype)
         # Ids reaching no embedding have no known vocabulary: random ids for checks stay in [0, 2).
         high = (_vocabulary(node) or 2) if kind == "ids" else 0
-        specs.append(InputSpec(node.name, dims, kind, high))
-    return ModelSource(module, specs, ["output"], _max_seq(program, symbols))
+        specs.append(InputSpec(name, dims, kind, high))
+    ranges = _size_ranges(program, symbols)
+    seq_max = ranges.get("seq", (1, None))[1]
+    return ModelSource(module, specs, _output_names(program.call_spec.out_spec), seq_max, ranges)
+
+
+class ProgramCall(nn.Module):
+    """A loaded program called with its inputs in order, positional ones first: the keyword
+    ones (``keywords``) go to it by name, as it was exported (its module refuses them
+    positionally), keywords it was given None for get None; its outputs come back flat (a
+    tensor, or a tuple in the order of :func:`_output_names`)."""
+
+    def __init__(self, program: nn.Module, positional: int, keywords: list[str], nones: list[str]) -> None:
+        super().__init__()
+        self.program = program
+        self.positional = positional
+        self.keywords = keywords
+        self.nones = nones
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        kwargs = {**dict.fromkeys(self.nones), **dict(zip(self.keywords, inputs[self.positional :]))}
+        leaves = torch.utils._pytree.tree_leaves(self.program(*inputs[: self.positional], **kwargs))
+        return leaves[0] if len(leaves) == 1 else tuple(leaves)
+
+
+def _program_call(program: torch.export.ExportedProgram, path: Path) -> tuple[ProgramCall, list[str]]:
+    """The program as a :class:`ProgramCall` whose ``forward`` signature names its inputs (what
+    torch.export and the exporter's dynamic_shapes bind by), and those names: a positional
+    input's placeholder name, a keyword input's keyword. An input that is not one tensor (a
+    list, a dict) is refused in one line."""
+    args_spec, kwargs_spec = program.call_spec.in_spec.children()
+    placeholders = list(program.graph_signature.user_inputs)
+    names, keywords, nones = [], [], []
+    for i, child in enumerate(args_spec.children()):
+        if not child.is_leaf():
+            raise UsageError(f"{path}: positional input {i} of the program is not a tensor; attn2onnx takes tensors")
+        names.append(placeholders[len(names)])
+    for key, child in zip(kwargs_spec.context or (), kwargs_spec.children()):
+        if child.type is type(None):
+            nones.append(key)
+        elif child.is_leaf():
+            names.append(key)
+            keywords.append(key)
+        else:
+            raise UsageError(f"{path}: keyword input {key!r} of the program is not a tensor; attn2onnx takes tensors")
+    parameter = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    signature = inspect.Signature([inspect.Parameter(n, parameter) for n in ["self", *names]])
+
+    def forward(self: ProgramCall, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return ProgramCall.forward(self, *inputs)
+
+    forward.__signature__ = signature  # type: ignore[attr-defined]  (read by inspect.signature)
+    named = type("ProgramCall", (ProgramCall,), {"forward": forward})
+    return named(program.module(), len(names) - len(keywords), keywords, nones), names
+
+
+def _output_names(out_spec: torch.utils._pytree.TreeSpec) -> list[str]:
+    """Names of a program's flat outputs: their keys in its output spec where each output sits
+    under one (a dict or ModelOutput: ``logits``, ``hidden.0``), else ``output`` for one output
+    and ``output_0``, ``output_1``.. for several."""
+    pytree = torch.utils._pytree
+    outputs = pytree.tree_unflatten([None] * out_spec.num_leaves, out_spec)
+    paths = [path for path, _ in pytree.tree_flatten_with_path(outputs, is_leaf=lambda x: x is None)[0]]
+    if paths and all(path and isinstance(path[0], (pytree.MappingKey, pytree.GetAttrKey)) for path in paths):
+        return [".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p) for p in paths]
+    return ["output"] if len(paths) == 1 else [f"output_{i}" for i in range(len(paths))]
 
 
 def _input_kind(name: str, dtype: torch.dtype) -> str:
@@ -183,13 +280,16 @@ def _vocabulary(node: torch.fx.Node) -> int | None:
     return None
 
 
-def _max_seq(program: torch.export.ExportedProgram, symbols: dict[str, str]) -> int | None:
-    """The longest sequence the program was exported for: its seq symbol's upper bound (None
-    when unbounded or when no input has a dynamic sequence dim)."""
+def _size_ranges(program: torch.export.ExportedProgram, symbols: dict[str, str]) -> dict[str, tuple[int, int | None]]:
+    """The (min, max) batch size and sequence length the program was exported for: its batch
+    and seq symbols' ranges (max None when unbounded; min at least 1)."""
+    ranges = {}
     for symbol, bounds in program.range_constraints.items():
-        if symbols.get(str(symbol)) == "seq" and bounds.upper.is_finite:
-            return int(bounds.upper)
-    return None
+        name = symbols.get(str(symbol))
+        if name:
+            high = int(bounds.upper) if bounds.upper.is_Integer else None  # int_oo calls itself finite
+            ranges[name] = (max(1, int(bounds.lower)), high)
+    return ranges
 
 
 def _release_folder_source(path: Path) -> ModelSource:
