@@ -29,7 +29,7 @@ from . import custom_ops
 from .errors import UsageError
 from .io_spec import METADATA_KEY, DynamicShapeError, InputSpec, specs_to_json
 from .onnx_io import attach_functions, check_model, save_model
-from .sources import eval_mode
+from .sources import default_output_names, eval_mode
 
 DEFAULT_OPSET = 23
 MAX_SEQ_KEY = "attn2onnx.max_seq"  # metadata: the longest sequence the model takes (run checks inputs against it)
@@ -206,12 +206,26 @@ def _quiet():
         logger.setLevel(level)
 
 
+def _name_outputs(outputs: Sequence[Any], names: Sequence[str] | None) -> None:
+    """Give the graph's outputs (onnx_ir values) ``names``, one per output, or without names
+    :func:`~attn2onnx.sources.default_output_names` (torch would name the outputs after its
+    nodes, ``sum_1``); names that do not count the outputs are an :class:`ExportError`."""
+    if names is None:
+        for value, name in zip(outputs, default_output_names(len(outputs))):
+            value.name = name
+    elif len(names) != len(outputs):
+        raise ExportError(
+            f"the model gives {len(outputs)} outputs but output_names names {len(names)} ({', '.join(names)}); "
+            "name each output once"
+        )
+
+
 def to_onnx(
     model: torch.nn.Module,
     example_inputs: Sequence[torch.Tensor],
     specs: Sequence[InputSpec],
     *,
-    output_names: Sequence[str] = ("output",),
+    output_names: Sequence[str] | None = None,
     opset: int = DEFAULT_OPSET,
     max_seq: int | None = None,
     custom: bool = True,
@@ -247,7 +261,7 @@ def to_onnx(
                 dynamo=True,
                 opset_version=opset,
                 input_names=[s.name for s in specs],
-                output_names=list(output_names),
+                output_names=list(output_names) if output_names else None,
                 dynamic_shapes=(derived if dynamic_shapes is None else dynamic_shapes) if custom else None,
                 custom_translation_table=custom_ops.translation_table() if custom else None,
                 optimize=True,
@@ -257,6 +271,7 @@ def to_onnx(
         if os.environ.get("ATTN2ONNX_DEBUG"):
             raise
         raise (_shape_error(err, model, specs) or _trace_error(err)) from None
+    _name_outputs(program.model.graph.outputs, output_names)
     legalize(program.model)
     proto = program.model_proto
     _check_dynamic_dims(proto, specs)
@@ -273,7 +288,7 @@ def export(
     path: str | os.PathLike,
     *,
     specs: Sequence[InputSpec] | None = None,
-    output_names: Sequence[str] = ("output",),
+    output_names: Sequence[str] | None = None,
     opset: int = DEFAULT_OPSET,
     dynamic: bool = True,
     max_seq: int | None = None,

@@ -231,7 +231,12 @@ def _output_names(out_spec: torch.utils._pytree.TreeSpec) -> list[str]:
     paths = [path for path, _ in pytree.tree_flatten_with_path(outputs, is_leaf=lambda x: x is None)[0]]
     if paths and all(path and isinstance(path[0], (pytree.MappingKey, pytree.GetAttrKey)) for path in paths):
         return [".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p) for p in paths]
-    return ["output"] if len(paths) == 1 else [f"output_{i}" for i in range(len(paths))]
+    return default_output_names(len(paths))
+
+
+def default_output_names(count: int) -> list[str]:
+    """Names for ``count`` outputs that have none of their own: ``output``, or ``output_0``.."""
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
 def _input_kind(name: str, dtype: torch.dtype) -> str:

@@ -134,3 +134,15 @@ def test_export_refuses_a_size_outside_the_dim_ranges(ranged, capsys, tmp_path):
     assert status == 2, (out, err)
     assert_one_line_error(err, "batch 40")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_names_several_outputs_and_refuses_names_that_do_not_count_them(tmp_path):
+    import attn2onnx
+    from attn2onnx.exporter import ExportError
+
+    x = torch.randn(2, 5, 8)
+    result = attn2onnx.export(TwoOutputs().eval(), (x,), tmp_path / "two.onnx")
+    assert result.output_names == ["output_0", "output_1"]
+    with pytest.raises(ExportError, match="gives 2 outputs but output_names names 1"):
+        attn2onnx.export(TwoOutputs().eval(), (x,), tmp_path / "one.onnx", output_names=["y"])
+    assert not (tmp_path / "one.onnx").exists()
