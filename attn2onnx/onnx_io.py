@@ -13,6 +13,7 @@ import onnx_ir as ir
 from . import custom_ops
 from .fileio import atomic_output, regular_file
 from .lean_proto import save_inline
+from .ort_schemas import node_problem, recheck
 
 # The one external-data threshold, in tensor bytes: a model whose initializers hold more keeps
 # them in <name>.data beside it. Protobuf cannot serialise a message of 2 GiB or more; the
@@ -146,7 +147,9 @@ def load_onnx(path: str | os.PathLike, *, load_weights: bool = False) -> onnx.Mo
     """Read an ONNX file with one-line errors for a missing, non-regular or non-ONNX file, or
     one that is no valid model. Weights in external data are not loaded unless asked (metadata
     and graph are enough for checks), and every external-data reference is checked to stay
-    inside the model's folder before any weight is read (:mod:`attn2onnx.external_data`)."""
+    inside the model's folder before any weight is read (:mod:`attn2onnx.external_data`). Ops
+    ONNX Runtime runs that onnx.checker does not know (the fused ops of ``optimize --target ort``)
+    are checked against ORT's own schemas instead (:mod:`attn2onnx.ort_schemas`)."""
     from .errors import UsageError
     from .external_data import check_external_data
 
@@ -161,6 +164,10 @@ def load_onnx(path: str | os.PathLike, *, load_weights: bool = False) -> onnx.Mo
     if not model.graph.node and not model.graph.output:
         raise UsageError(f"{path} is not a readable ONNX model (empty graph)")
     check_external_data(model, path)
+    if problem is not None:  # ops ORT runs that the checker does not know are ORT's to check
+        problem = recheck(model, problem)
+    if problem is None:
+        problem = node_problem(model)
     if problem is not None:
         _refuse_structure(model, path, problem)
     if load_weights:
@@ -194,8 +201,9 @@ def _structure_problem(path: Path) -> Exception | None:
     return None
 
 
-def _refuse_structure(model: onnx.ModelProto, path: Path, problem: Exception) -> None:
-    """Raise the one-line error for ``problem`` (:func:`_structure_problem`). A broken
+def _refuse_structure(model: onnx.ModelProto, path: Path, problem: Exception | str) -> None:
+    """Raise the one-line error for ``problem`` (:func:`_structure_problem`, or a node that breaks
+    ONNX Runtime's schema: :func:`attn2onnx.ort_schemas.node_problem`). A broken
     ai.attn2onnx node is reported by the op validator first, whose message names the node and
     the rule."""
     from .custom_ops import check_model as check_nodes
