@@ -4,8 +4,9 @@ Each subcommand lives in its own module ``attn2onnx.commands.<name>`` with
     HELP: str                          one line for ``attn2onnx --help``
     configure(parser) -> None          adds its arguments to its argparse sub-parser
     run(args) -> int | None            does the work (exit status; None means 0)
-and is listed in ``COMMANDS``. Modules import heavy dependencies (torch, onnx) inside ``run``
-so that ``--help`` stays fast.
+and is listed in ``COMMANDS``. Modules import heavy dependencies (torch, onnx, the op set) inside
+``run``, after checking their arguments and files, so that ``--help``, a usage error or a missing
+file answer without importing torch (tests/test_cli_startup.py, benchmarks/cli_startup.py).
 
 Errors a user can fix (UsageError, VariantError, OSError such as a missing file, MemoryError
 for sizes past the machine) are printed as one line ``attn2onnx: error: ...`` on stderr with
@@ -25,6 +26,7 @@ from typing import Sequence
 from . import __version__
 from .errors import UsageError
 from .utf8 import check_utf8, printable
+from .variants import VariantError
 
 PROG = "attn2onnx"
 # Subcommands in help order: name -> module under attn2onnx.commands.
@@ -85,10 +87,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def is_user_error(error: BaseException) -> bool:
     """Errors that get one line and exit 2 instead of a traceback."""
-    if isinstance(error, (UsageError, OSError, MemoryError)):
-        return True
-    base = sys.modules.get("attn2onnx.variants.base")
-    return base is not None and isinstance(error, base.VariantError)
+    return isinstance(error, (UsageError, VariantError, OSError, MemoryError))
 
 
 def error_line(error: BaseException) -> str:

@@ -7,12 +7,14 @@ symbols ``"batch"`` and ``"seq"``: the dynamic dims of the exported graph (its d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, Literal, Sequence
+from typing import TYPE_CHECKING, Collection, Literal, Sequence
 
 import numpy as np
-import torch
 
 from .errors import UsageError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: run / generate / validate of a graph go without it
+    import torch
 
 Dim = int | Literal["batch", "seq"]
 DYNAMIC_DIMS = ("batch", "seq")
@@ -73,6 +75,8 @@ def specs_from_examples(
     Without ``dynamic`` every dim is static. ``marked`` (the dim indices per input that a
     user's ``dynamic_shapes`` makes dynamic) replaces the inference of which dims are dynamic;
     they are named by the same rule, and one that is neither batch nor seq is an error."""
+    import torch
+
     ref, batch, seq = reference_sizes(examples)
     specs = []
     for i, (name, t) in enumerate(zip(names, examples)):
@@ -101,6 +105,8 @@ def specs_from_examples(
 def reference_sizes(examples: Sequence[torch.Tensor]) -> tuple[int | None, int | None, int | None]:
     """(index, batch, sequence length) of the input that sets them (see :func:`specs_from_examples`);
     works on fake tensors too (a torch.export program's inputs, whose sizes are symbols)."""
+    import torch
+
     for i, t in enumerate(examples):
         if t.is_floating_point() and t.dim() == 3:
             return i, t.shape[0], t.shape[1]

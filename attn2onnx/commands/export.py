@@ -106,29 +106,42 @@ def opset_errors(opset: int) -> Iterator[None]:
         ) from None
 
 
-def run(args: argparse.Namespace) -> int:
-    import copy
-
-    import torch
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse, before torch and the exporter are imported (seconds), an output that is no .onnx
+    file or that export could not write or read back, and a model path that does not exist."""
+    from pathlib import Path
 
     from ..errors import UsageError
-    from ..exporter import export
-    from ..fileio import refuse_overwriting_inputs, written_through
-    from ..io_spec import random_inputs, with_precision
-    from ..onnx_io import output_files
-    from ..sources import load_source
-    from ..validate import check_parity, fixed_sizes, runnable_shapes
+    from ..fileio import written_through
 
-    check_opset(args.opset)
     if not args.output.endswith(".onnx"):
         raise UsageError(f"output {args.output!r} should end in .onnx")
-    refuse_overwriting_inputs(output_files(args.output), [args.model])
+    if not Path(args.model).exists():  # load_source reads what is there (file or release folder)
+        raise FileNotFoundError(f"no such file: {args.model}")
     # a missing or mistyped folder fails before the export, not after; so does a pipe or device
     # the model could not be read back from
     if written_through(args.output) and (args.optimize or not args.no_check):
         raise UsageError(
             f"{args.output} is a pipe or device, which export cannot read back to check or optimize; add --no-check"
         )
+
+
+def run(args: argparse.Namespace) -> int:
+    check_paths(args)
+    import copy
+
+    import torch
+
+    from ..errors import UsageError
+    from ..exporter import export
+    from ..fileio import refuse_overwriting_inputs
+    from ..io_spec import random_inputs, with_precision
+    from ..onnx_io import output_files
+    from ..sources import load_source
+    from ..validate import check_parity, fixed_sizes, runnable_shapes
+
+    check_opset(args.opset)
+    refuse_overwriting_inputs(output_files(args.output), [args.model])
     check_flags(args)
     if args.decode:
         return run_decode(args)

@@ -64,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
+    from ..fileio import regular_file
     from ..generate import DecodeSession, check_request, generate
+
+    regular_file(args.model)  # a missing model in one line, before onnx and the op set load
 
     session = DecodeSession(args.model, threads=args.threads)
     ids, as_bytes = prompt_ids(args, session.vocab_size)

@@ -93,6 +93,11 @@ def parse_schedule(text: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..fileio import check_destination
+    from ..variants import check_name
+
+    check_name(args.variant)  # an unknown name or output folder in one line, before torch is imported
+    check_destination(args.output)
     from ..checkpoint import save
     from ..models import ModelConfig, build_model
     from ..variants import get_variant

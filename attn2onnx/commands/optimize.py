@@ -62,7 +62,10 @@ def explanation(outcomes: list) -> dict:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..fileio import refuse_overwriting_inputs
+    from ..fileio import check_destination, refuse_overwriting_inputs, regular_file
+
+    regular_file(args.model)  # a missing model or output folder in one line, before onnx and the passes load
+    check_destination(args.output)
     from ..onnx_io import load_onnx, model_files, output_files
     from ..passes import optimize
 

@@ -145,6 +145,11 @@ def plain_random_feeds(specs: list, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..fileio import regular_file
+
+    for path in (args.model, args.inputs):  # a missing file in one line, before onnx and the op set load
+        if path:
+            regular_file(path)
     import time
 
     import numpy as np

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
-class VariantError(ValueError):
-    """A variant was asked for something it cannot do (unknown name, unsupported option)."""
+from . import VariantError  # defined torch-free, for `attn2onnx new`'s early name check
 
 
 @dataclass
