@@ -1,7 +1,7 @@
 """Errors a user can cause and fix: the CLI prints them as one line (``attn2onnx: error: ...``)
 and exits 2, never with a traceback.
 
-``VariantError`` (attn2onnx.variants.base) is the variant-level sibling of these; both are
+``VariantError`` (attn2onnx.variants) is the variant-level sibling of these; both are
 ``ValueError`` subclasses. Anything else escaping a command is a bug and keeps its traceback.
 """
 
