@@ -179,12 +179,13 @@ def test_cli_specialised_dim_exits_2_with_one_line(capsys, tmp_path, monkeypatch
     one line and exit 2, and --static exports it."""
     source = ModelSource(FixedLengthMix().eval(), [InputSpec("x", ("batch", "seq", D), "float")], ["y"])
     monkeypatch.setattr(attn2onnx.sources, "load_source", lambda *args, **kwargs: source)
-    out = tmp_path / "mix.onnx"
-    status, _, err = call(capsys, "export", "model.pt", "-o", str(out), "--seq-len", "6")
+    out, model = tmp_path / "mix.onnx", tmp_path / "model.pt"
+    model.touch()  # export checks the path exists before it loads (the stub above) anything
+    status, _, err = call(capsys, "export", str(model), "-o", str(out), "--seq-len", "6")
     assert status == 2
     assert_one_line_error(err, "input 'x' dim 1 cannot stay dynamic")
     assert not out.exists()
-    status, _, err = call(capsys, "export", "model.pt", "-o", str(out), "--seq-len", "6", "--static")
+    status, _, err = call(capsys, "export", str(model), "-o", str(out), "--seq-len", "6", "--static")
     assert status == 0, err
 
 
