@@ -151,3 +151,11 @@ def assert_real_rows_close(
         actual, expected = actual[key_padding_mask], expected[key_padding_mask]
     assert np.isfinite(expected).all() and np.isfinite(actual).all(), f"non-finite output {what}"
     np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=what)
+
+
+@pytest.fixture
+def umask_022():
+    """The process umask 022 for the test (a new file's mode is then what open() gives: 0644)."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)

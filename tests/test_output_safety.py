@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import random
 import resource
-import select
 import signal
 import socket
 import stat
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +29,7 @@ import pytest
 
 from attn2onnx.errors import UsageError
 from attn2onnx.fileio import atomic_output, check_destination
+from special_files import FifoReader, mknod, slow_renames
 
 DATA = ".data"
 
@@ -48,53 +46,15 @@ def _write(path: Path, data: bytes, companion: bytes | None = None) -> None:
             Path(f"{tmp}{DATA}").write_bytes(companion)
 
 
-def _mknod(path: Path, kind: int, major: int, minor: int) -> Path:
-    try:
-        os.mknod(path, kind | 0o666, os.makedev(major, minor))
-    except PermissionError:
-        pytest.skip("making a device node needs root (CAP_MKNOD)")
-    return path
-
-
 def _null_device(path: Path) -> Path:
     """A node of the null device (1, 3): what `-o /dev/null` writes to."""
-    return _mknod(path, stat.S_IFCHR, 1, 3)
+    return mknod(path, stat.S_IFCHR, 1, 3)
 
 
 def _bound_socket(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(path))
     return sock
-
-
-class _FifoReader:
-    """Reads a FIFO to its end in a thread. Opened (non-blocking) before any writer, so a writer
-    that checks for a reader finds one; select waits for the first writer (Linux reports no
-    hang-up on a FIFO before a writer came)."""
-
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        self.data = bytearray()
-        self.ended = False
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while select.select([self.fd], [], [], 60)[0]:
-            try:
-                chunk = os.read(self.fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                self.ended = True
-                return
-            self.data += chunk
-
-    def result(self) -> bytes:
-        self.thread.join(timeout=60)
-        os.close(self.fd)
-        assert self.ended, "the writer never closed the pipe"
-        return bytes(self.data)
 
 
 def _in_a_thread(write: Callable[[], None], release: Path) -> BaseException | None:
@@ -123,7 +83,7 @@ def _in_a_thread(write: Callable[[], None], release: Path) -> BaseException | No
 def test_a_fifo_with_a_reader_gets_the_bytes_and_stays_a_fifo(tmp_path):
     fifo = tmp_path / "out.npz"
     os.mkfifo(fifo)
-    reader = _FifoReader(fifo)
+    reader = FifoReader(fifo)
     payload = os.urandom(300_000)  # more than a pipe buffer
     _write(fifo, payload)
     assert reader.result() == payload
@@ -163,7 +123,7 @@ def test_a_socket_or_block_device_is_refused_in_one_line(tmp_path, kind):
     if kind == "socket":
         keep = _bound_socket(out)
     else:
-        keep = _mknod(out, stat.S_IFBLK, 7, 0)  # a loop device: never opened here
+        keep = mknod(out, stat.S_IFBLK, 7, 0)  # a loop device: never opened here
     is_kind = stat.S_ISSOCK if kind == "socket" else stat.S_ISBLK
     with pytest.raises(UsageError, match="socket|block device") as raised:
         check_destination(out)
@@ -193,13 +153,6 @@ def test_a_model_with_data_cannot_go_to_a_device_alone(tmp_path):
 
 
 # --- item 3: a rewrite keeps mode, owner, extended attributes ---------------------------------
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
-
-
 @pytest.mark.parametrize("mode", [0o600, 0o640, 0o755, 0o444])
 def test_a_rewrite_keeps_the_mode(tmp_path, umask_022, mode):
     """A 0600 file came back 0644 (0666 & ~umask)."""
@@ -263,14 +216,7 @@ def test_a_rewrite_keeps_extended_attributes(tmp_path):
 def _pair_writer(folder: Path, tag: str, rounds: int, start, done) -> None:  # noqa: ANN001 - barriers
     """Child: each round, write "<tag><round>" as model and companion. Renames are slowed by a
     random pause (a slow or busy file system) so two writers' renames interleave."""
-    rng = random.Random(tag)
-    rename = os.replace
-
-    def slow_rename(src, dst) -> None:  # noqa: ANN001 - os.replace's signature
-        rename(src, dst)
-        time.sleep(rng.uniform(0, 0.004))
-
-    os.replace = slow_rename
+    slow_renames(tag)
     for r in range(rounds):
         start.wait(timeout=60)
         _write(folder / "m.onnx", f"{tag}{r}".encode(), companion=f"{tag}{r}".encode())

@@ -18,13 +18,9 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
-import random
-import select
 import signal
 import socket
 import stat
-import threading
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -34,8 +30,8 @@ import pytest
 
 from . import generators as gen
 from .harness import contract_problems, run_forked, snapshot
+from special_files import TIMEOUT_S, FifoReader, mknod, slow_renames
 
-TIMEOUT_S = 60.0
 WRITERS = ("new", "export", "optimize", "run")  # build-engine needs TensorRT before it writes
 
 
@@ -59,16 +55,9 @@ def _socket(path: Path) -> None:
         sock.bind(str(path))
 
 
-def _mknod(path: Path, kind: int, major: int, minor: int) -> None:
-    try:
-        os.mknod(path, kind | 0o666, os.makedev(major, minor))
-    except PermissionError:
-        pytest.skip("making a device node needs root (CAP_MKNOD)")
-
-
 REFUSED: dict[str, Callable[[Path], None]] = {
     "socket": _socket,
-    "block-device": lambda p: _mknod(p, stat.S_IFBLK, 7, 0),  # a loop device, never opened
+    "block-device": lambda p: mknod(p, stat.S_IFBLK, 7, 0),  # a loop device, never opened
     "fifo-no-reader": os.mkfifo,
 }
 
@@ -94,31 +83,6 @@ def test_a_special_destination_is_refused(command, kind, sources, tmp_path):
     assert not problems, f"{'; '.join(problems)}\n  argv: {argv}\n  observed: {outcome.describe()}"
 
 
-class _FifoReader:
-    """Reads a FIFO to its end in a thread; opened (non-blocking) before the writer starts."""
-
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        self.data = bytearray()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while select.select([self.fd], [], [], TIMEOUT_S)[0]:
-            try:
-                chunk = os.read(self.fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                return
-            self.data += chunk
-
-    def result(self) -> bytes:
-        self.thread.join(timeout=TIMEOUT_S)
-        os.close(self.fd)
-        return bytes(self.data)
-
-
 def _parses(command: str, data: bytes) -> bool:
     """Whether ``data`` is a whole output of ``command`` (npz, ONNX model, checkpoint zip)."""
     if command == "run":
@@ -135,11 +99,11 @@ def test_a_fifo_or_character_device_is_written_through(command, kind, sources, t
     ws = _workspace(sources, tmp_path)
     out = _output(ws, command)
     if kind == "char-device":
-        _mknod(out, stat.S_IFCHR, 1, 3)
+        mknod(out, stat.S_IFCHR, 1, 3)
         reader = None
     else:
         os.mkfifo(out)
-        reader = _FifoReader(out)
+        reader = FifoReader(out)
     outcome = run_forked(gen.WRITERS[command](ws, str(out)), ws.root, TIMEOUT_S)
     data = reader.result() if reader else b""
     assert outcome.status == 0, outcome.describe()
@@ -163,7 +127,7 @@ def test_export_refuses_a_device_it_must_read_back_before_exporting(kind, flags,
     ws = _workspace(sources, tmp_path)
     out = ws.root / "out.onnx"
     if kind == "char-device":
-        _mknod(out, stat.S_IFCHR, 1, 3)
+        mknod(out, stat.S_IFCHR, 1, 3)
     else:
         os.mkfifo(out)
     argv = ["export", ws.copy(ws.sources.checkpoint), "-o", str(out), *flags]
@@ -171,13 +135,6 @@ def test_export_refuses_a_device_it_must_read_back_before_exporting(kind, flags,
     outcome = run_forked(argv, ws.root, TIMEOUT_S)
     problems = contract_problems(outcome, before, snapshot(ws.root), ws.marker)
     assert not problems and "--no-check" in outcome.stderr, f"{'; '.join(problems)}\n  observed: {outcome.describe()}"
-
-
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
 
 
 @pytest.mark.parametrize("command", _cases("output-mode", "0600"))
@@ -252,14 +209,7 @@ def _model_writer(out: Path, tag: str, rounds: int, start, done) -> None:  # noq
     from attn2onnx import onnx_io
 
     onnx_io.PROTOBUF_LIMIT = 0  # weights to <out>.data
-    rng = random.Random(tag)
-    rename = os.replace
-
-    def slow_rename(src, dst) -> None:  # noqa: ANN001 - os.replace's signature
-        rename(src, dst)
-        time.sleep(rng.uniform(0, 0.004))
-
-    os.replace = slow_rename
+    slow_renames(tag)
     for r in range(rounds):
         start.wait(timeout=TIMEOUT_S)
         onnx_io.save_model(_weights_model(tag, float(r) + (0.25 if tag == "A" else 0.75)), out)
