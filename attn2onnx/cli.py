@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "convert": "convert",
     "export": "export",
     "optimize": "optimize",
+    "quantize": "quantize",
     "run": "run",
     "generate": "generate",
     "validate": "validate",
