@@ -15,6 +15,10 @@ output shares that type variable (the Cast changes nothing downstream). That cov
 inputs of GatherND, Gather, GatherElements, ScatterND, ScatterElements and Slice, and any other
 op with an index-like input. Any other type error cannot be repaired: :class:`LegalizeError`
 names the node. Values of unknown type (e.g. in generic function bodies) are left alone.
+
+:func:`legalize` also repairs a shape error the exporter's own optimiser makes: at opset 23 it fuses
+Hugging Face's rotary embedding into ``RotaryEmbedding`` with caches of batch 1, which fails at
+batch 2 (:mod:`.rotary_batch` expands them to the batch).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import onnx
 import onnx_ir as ir
 
 from attn2onnx.errors import UsageError
+
+from .rotary_batch import broadcast_rotary_batch
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 INT64 = "tensor(int64)"
@@ -130,8 +136,9 @@ def _int64(node: ir.Node, index: int, value: ir.Value, casts: dict[tuple[int, in
 
 
 def legalize(model: ir.Model) -> ir.Model:
-    """Run :class:`LegalizePass` in place and return the model."""
+    """Run :class:`LegalizePass` and :func:`.rotary_batch.broadcast_rotary_batch` in place; the model."""
     LegalizePass()(model)
+    broadcast_rotary_batch(model)
     return model
 
 

@@ -9,6 +9,8 @@ two guards:
   bodies of our ``ai.attn2onnx`` ops (and the native kernels would no longer be called). The
   stage detaches those bodies from the model while it runs (our nodes are then opaque nodes of an
   unknown domain to it) and attaches them again after, untouched.
+* Its rotary fusion assumes position_ids of the batch's size; :mod:`.rotary_batch` expands the
+  [1, T] operands Hugging Face models compute to the batch, so the graph runs at every batch size.
 * It runs on an independent copy; a model it cannot handle (it raises) keeps the pipeline's result, and the
   stage reports no change. A stage that fused nothing also leaves the model as it was (the
   optimizer's constant folding and renaming alone are not worth a different graph).
@@ -23,6 +25,7 @@ import onnx_ir as ir
 from attn2onnx.lean_proto import independent_copy
 
 from ._ir_utils import DOMAIN
+from .rotary_batch import broadcast_rotary_batch
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ def _run_fusions(model: ir.Model) -> dict[str, int]:
         del model.functions[key]
     try:
         _, counts = optimize_for_ort(model)
+        broadcast_rotary_batch(model)
     finally:
         model.functions.update(ours)
     model.opset_imports.setdefault(DOMAIN, 1)
