@@ -1,5 +1,7 @@
-"""Where models come from: attn2onnx checkpoints, torch.export programs (.pt2), and, only
-behind an explicit opt-in, pickled modules (unpickling runs the file's code).
+"""Where models come from: attn2onnx checkpoints, torch.export programs (.pt2), folders (a
+DCFormer release, a Hugging Face transformers ``save_pretrained`` folder), and, only behind an
+explicit opt-in, pickled modules (unpickling runs the file's code) and a transformers folder's
+own modeling code.
 
 Every source becomes a :class:`ModelSource`: the module, its input specs (names, dynamic
 dims, kinds) and output names, which export, validate and the demo all share.
@@ -305,9 +307,25 @@ def _release_folder_source(path: Path) -> ModelSource:
     return from_module(import_dcformer(path))
 
 
-def load_source(path: str | os.PathLike, *, trust_pickle: bool = False) -> ModelSource:
-    """Load a model file: an attn2onnx checkpoint (.pt), a torch.export program (.pt2), or a
-    pickled nn.Module when ``trust_pickle`` (never by default: unpickling runs code)."""
+def transformers_folder_source(
+    path: Path, *, trust_remote_code: bool = False, attn_implementation: str | None = None
+) -> ModelSource:
+    """A Hugging Face transformers folder (:mod:`attn2onnx.importers.transformers_folder`):
+    the model the installed transformers builds from it, weights from safetensors only, its own
+    code only with ``trust_remote_code``; ``attn_implementation`` eager / sdpa (None:
+    transformers' default)."""
+    from .importers.transformers_folder import folder_inputs, load_model
+
+    model = load_model(path, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    found = folder_inputs(model)
+    return ModelSource(found.call, found.specs, found.output_names, found.max_seq)
+
+
+def load_source(path: str | os.PathLike, *, trust_pickle: bool = False, trust_remote_code: bool = False) -> ModelSource:
+    """Load a model file: an attn2onnx checkpoint (.pt), a torch.export program (.pt2), a
+    DCFormer release or transformers folder, or a pickled nn.Module when ``trust_pickle`` (never
+    by default: unpickling runs code); a transformers folder's own code runs only with
+    ``trust_remote_code``."""
     from .checkpoint import load, read_checkpoint
     from .errors import CheckpointError
 
@@ -315,6 +333,10 @@ def load_source(path: str | os.PathLike, *, trust_pickle: bool = False) -> Model
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     if path.is_dir():
+        from .importers.transformers_folder import is_transformers_folder
+
+        if is_transformers_folder(path):
+            return transformers_folder_source(path, trust_remote_code=trust_remote_code)
         return _release_folder_source(path)
     if not path.is_file():
         raise UsageError(f"{path} is not a file")

@@ -1,0 +1,165 @@
+"""Hugging Face transformers folders (issue 20 item 1): ``attn2onnx export DIR``.
+
+Tiny random-weight models of 14 architectures (tests/hf_configs.py), saved locally with
+save_pretrained, are read as model sources (the installed transformers builds them; weights
+from safetensors only), exported with dynamic batch and sequence and checked against the
+transformers model on padded batches. By default each architecture runs with one attention
+implementation (eager and sdpa alternate, so both are covered on decoders and encoders);
+ATTN2ONNX_HF_FULL=1 runs both for every architecture (the whole matrix). The command line
+runs end to end (export, optimize for ort / trt / portable, run, validate against the folder)
+on one model; pickled weights, a folder's own code without opt-in and a missing transformers
+are refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from attn2onnx.errors import UsageError
+from attn2onnx.exporter import export
+from attn2onnx.sources import load_source, transformers_folder_source
+from attn2onnx.validate import check_parity
+from hf_configs import ARCHITECTURES, save_tiny
+from test_cli_basic import assert_one_line_error, call
+
+pytest.importorskip("transformers")
+
+FULL = bool(os.environ.get("ATTN2ONNX_HF_FULL"))
+# One implementation per architecture by default, alternating down the list.
+DEFAULT_IMPL = {name: ("eager", "sdpa")[i % 2] for i, name in enumerate(ARCHITECTURES)}
+CASES = [(name, impl) for name in ARCHITECTURES for impl in ("eager", "sdpa") if FULL or DEFAULT_IMPL[name] == impl]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A function saving architecture ``name``'s tiny model once per module: its folder."""
+    made = {}
+
+    def folder(name: str):
+        if name not in made:
+            made[name] = save_tiny(name, tmp_path_factory.mktemp(name) / name)
+        return made[name]
+
+    return folder
+
+
+@pytest.mark.parametrize("name,impl", CASES, ids=[f"{n}-{i}" for n, i in CASES])
+def test_folder_exports_with_parity_on_padded_batches(name, impl, folders, tmp_path):
+    source = transformers_folder_source(folders(name), attn_implementation=impl)
+    assert source.module.model.config._attn_implementation == impl
+    out = tmp_path / "m.onnx"
+    export(
+        source.module,
+        source.example_inputs(2, 16),
+        out,
+        specs=source.specs,
+        output_names=source.output_names,
+        max_seq=source.max_seq,
+    )
+    report = check_parity(out, source)
+    assert report.passed, [(c.shape, c.max_abs_err) for c in report.comparisons]
+    assert any("padding mask" in line for line in report.inputs) or source.specs[0].name == "pixel_values"
+
+
+def test_inputs_follow_the_architecture(folders):
+    llama = transformers_folder_source(folders("llama"))
+    assert [(s.name, s.kind) for s in llama.specs] == [
+        ("input_ids", "ids"),
+        ("attention_mask", "int_mask"),
+        ("position_ids", "positions"),
+    ]
+    assert llama.specs[0].high == 97 and llama.output_names == ["logits"] and llama.max_seq is None
+    assert transformers_folder_source(folders("gpt2")).max_seq == 128  # learned positions bound the length
+    roberta = transformers_folder_source(folders("roberta"))
+    assert [s.name for s in roberta.specs] == ["input_ids", "attention_mask"]
+    assert roberta.output_names == ["last_hidden_state"] and roberta.max_seq == 128 - 2  # padding_idx + 1 offset
+    vit = transformers_folder_source(folders("vit"))
+    assert [(s.name, s.dims) for s in vit.specs] == [("pixel_values", ("batch", 3, 16, 16))]
+
+
+def test_command_line_end_to_end(folders, capsys, tmp_path):
+    """export DIR, optimize for every target, run, validate --reference DIR: all exit 0 with parity."""
+    folder = str(folders("llama"))
+    stock = str(tmp_path / "m.onnx")
+    status, out, err = call(capsys, "export", folder, "-o", stock)
+    assert status == 0, err
+    assert "MISMATCH" not in out and "ok" in out
+    for target in ("ort", "trt", "portable"):
+        optimized = str(tmp_path / f"{target}.onnx")
+        status, out, err = call(capsys, "optimize", stock, "-o", optimized, "--target", target)
+        assert status == 0, err
+        status, out, err = call(capsys, "run", optimized)
+        assert status == 0, err
+        status, out, err = call(capsys, "validate", optimized, "--reference", folder, "--json")
+        assert status == 0, (target, err, out)
+        assert json.loads(out)["passed"]
+
+
+def test_sharded_safetensors_load(tmp_path):
+    import transformers
+
+    from hf_configs import MODELS
+
+    config_class, kwargs, model_class, _ = MODELS["llama"]
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs)).eval()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    source = load_source(tmp_path)
+    ids = torch.randint(0, 97, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.int64)
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = source.module(ids, mask, torch.arange(6).expand(2, 6))
+    torch.testing.assert_close(got, want)
+
+
+def test_pickled_weights_are_refused_in_one_line(folders, tmp_path, capsys):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((folders("gpt2") / "config.json").read_text())
+    (folder / "pytorch_model.bin").write_bytes(b"not read")
+    status, _, err = call(capsys, "export", str(folder), "-o", str(tmp_path / "m.onnx"))
+    assert status == 2
+    assert_one_line_error(err, "pytorch_model.bin")
+    assert "safetensors" in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_own_code_needs_the_opt_in(folders, tmp_path, capsys):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    config = json.loads((folders("gpt2") / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes((folders("gpt2") / "model.safetensors").read_bytes())
+    (folder / "modeling_custom.py").write_text("raise SystemExit('the folder code ran')\n")
+    status, _, err = call(capsys, "export", str(folder), "-o", str(tmp_path / "m.onnx"))
+    assert status == 2
+    assert_one_line_error(err, "--trust-remote-code")
+    with pytest.raises(UsageError, match="auto_map"):
+        load_source(folder, trust_remote_code=False)
+
+
+def test_encoder_decoder_is_refused_in_one_line(tmp_path):
+    import transformers
+
+    config = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="T5EncoderModel"):
+        load_source(tmp_path)
+
+
+def test_missing_transformers_names_the_extra(folders, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    with pytest.raises(UsageError, match=r"pip install attn2onnx\[hf\]"):
+        load_source(folders("gpt2"))
+
+
+def test_dcformer_release_folders_still_take_their_importer(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "dcformer"}))
+    with pytest.raises(UsageError, match="no weights"):  # the DCFormer importer's own message
+        load_source(tmp_path)
