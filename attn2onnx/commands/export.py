@@ -60,6 +60,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="precision of the exported graph (fp16: weights and float inputs in half)",
     )
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled nn.Module (unpickling runs code)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run a transformers folder's own model code")
     parser.add_argument("--optimize", action="store_true", help="run the graph passes after export")
     parser.add_argument(
         "--target", choices=("ort", "trt", "portable"), default="ort", help="pass pipeline (with --optimize)"
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     check_flags(args)
     if args.decode:
         return run_decode(args)
-    source = load_source(args.model, trust_pickle=args.trust_pickle)
+    source = load_source(args.model, trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code)
     specs = with_precision(source.specs, args.dtype)
     fixed = fixed_sizes(specs)  # a static program's own sizes
     batch, seq = source.fit(fixed.get("batch", 2), fixed.get("seq", 16))  # defaults inside the model's ranges
