@@ -27,12 +27,12 @@ import torch
 
 from . import custom_ops
 from .errors import UsageError
+from .graph_format import MAX_SEQ_KEY
 from .io_spec import METADATA_KEY, DynamicShapeError, InputSpec, specs_to_json
 from .onnx_io import attach_functions, check_model, save_model
 from .sources import default_output_names, eval_mode
 
 DEFAULT_OPSET = 23
-MAX_SEQ_KEY = "attn2onnx.max_seq"  # metadata: the longest sequence the model takes (run checks inputs against it)
 
 
 @dataclass
@@ -231,7 +231,47 @@ def to_onnx(
     custom: bool = True,
     dynamic_shapes: Any = None,
 ) -> onnx.ModelProto:
-    """Export ``model`` to an in-memory ModelProto with bare ai.attn2onnx nodes and their bodies.
+    """Export ``model`` to an in-memory ModelProto with bare ai.attn2onnx nodes and their bodies
+    (:func:`trace`, then :func:`finish_proto`)."""
+    program = trace(
+        model,
+        example_inputs,
+        specs,
+        output_names=output_names,
+        opset=opset,
+        max_seq=max_seq,
+        custom=custom,
+        dynamic_shapes=dynamic_shapes,
+    )
+    return finish_proto(program.model_proto, specs, custom=custom, max_seq=max_seq)
+
+
+def finish_proto(
+    proto: onnx.ModelProto, specs: Sequence[InputSpec], *, custom: bool = True, max_seq: int | None = None
+) -> onnx.ModelProto:
+    """The exported graph's last steps on its proto: dynamic dims checked, op bodies attached,
+    the input specs (and ``max_seq``) as metadata."""
+    _check_dynamic_dims(proto, specs)
+    if custom:
+        attach_functions(proto)
+    props = {METADATA_KEY: specs_to_json(specs), "attn2onnx.version": package_version("attn2onnx")}
+    onnx.helper.set_model_props(proto, {**props, MAX_SEQ_KEY: str(max_seq)} if max_seq else props)
+    return proto
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    specs: Sequence[InputSpec],
+    *,
+    output_names: Sequence[str] | None = None,
+    opset: int = DEFAULT_OPSET,
+    max_seq: int | None = None,
+    custom: bool = True,
+    dynamic_shapes: Any = None,
+    optimize: bool = True,
+) -> Any:
+    """Export ``model`` with torch's dynamo exporter; the ONNXProgram (``.model``: onnx_ir).
 
     ``custom=False`` is the stock path: our ops are decomposed into the aten ops of their
     references first, which is what plain ``torch.onnx.export`` makes of the same model
@@ -239,6 +279,9 @@ def to_onnx(
     as given; without it the dynamic dims are those of ``specs``. A dim that torch specialises
     is a one-line :class:`DynamicShapeError`. The graph is legalised right after export
     (:mod:`attn2onnx.passes.legalize`: int32 indices cast to int64), so ONNX Runtime loads it.
+    ``optimize=False`` skips torch's constant folding and fusions (and the legalisation): the
+    streaming export (:mod:`attn2onnx.streaming.export`) traces a model on the ``meta`` device,
+    whose weights cannot be folded until they are read, and runs both itself.
     """
     from .passes.legalize import legalize
 
@@ -264,7 +307,7 @@ def to_onnx(
                 output_names=list(output_names) if output_names else None,
                 dynamic_shapes=(derived if dynamic_shapes is None else dynamic_shapes) if custom else None,
                 custom_translation_table=custom_ops.translation_table() if custom else None,
-                optimize=True,
+                optimize=optimize,
                 verbose=False,
             )
     except Exception as err:  # noqa: BLE001 - torch wraps its dim errors in several types
@@ -272,14 +315,9 @@ def to_onnx(
             raise
         raise (_shape_error(err, model, specs) or _trace_error(err)) from None
     _name_outputs(program.model.graph.outputs, output_names)
-    legalize(program.model)
-    proto = program.model_proto
-    _check_dynamic_dims(proto, specs)
-    if custom:
-        attach_functions(proto)
-    props = {METADATA_KEY: specs_to_json(specs), "attn2onnx.version": package_version("attn2onnx")}
-    onnx.helper.set_model_props(proto, {**props, MAX_SEQ_KEY: str(max_seq)} if max_seq else props)
-    return proto
+    if optimize:
+        legalize(program.model)
+    return program
 
 
 def export(

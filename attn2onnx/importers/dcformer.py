@@ -38,7 +38,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -290,11 +290,16 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 class _Weights:
     """The release's tensors, taken one by one (shape-checked, as float32); what is never taken
-    is an unknown key."""
+    is an unknown key. ``tensors`` may be ``meta`` tensors (shapes and dtypes only: the checks
+    that read values are then left to the real load); ``load`` (key -> tensor) then reads each
+    one as it is taken, after its shape is checked (:mod:`attn2onnx.streaming.release`)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], folder: Path, load: Callable[[str], torch.Tensor] | None = None
+    ) -> None:
         self.tensors = dict(tensors)
         self.folder = folder
+        self.load = load
 
     def has(self, key: str) -> bool:
         return key in self.tensors
@@ -309,6 +314,8 @@ class _Weights:
             )
         if not tensor.is_floating_point():
             raise UsageError(f"{self.folder}: weight {key!r} is {tensor.dtype}, not floating point")
+        if self.load is not None:
+            tensor = self.load(key)
         return tensor.to(torch.float32)
 
     def finish(self) -> None:
@@ -340,7 +347,7 @@ def _static_mix(w: _Weights, prefix: str, spec: DcformerSpec, layer: int) -> tor
             mixes.append(w.take(key, (1, N, N))[0])
     if spec.use_sw:
         return torch.stack(mixes)
-    if any(not torch.equal(m, torch.eye(N)) for m in mixes):
+    if any(not m.is_meta and not torch.equal(m, torch.eye(N)) for m in mixes):
         raise UsageError(
             f"{w.folder}: layer {layer} holds a static head mix ({prefix}pre_proj.w / post_proj.w "
             "not the identity) but config.json does not set use_sw"
@@ -358,7 +365,7 @@ def _dynamic(w: _Weights, prefix: str, spec: DcformerSpec, layer: int) -> dict[s
         if w.has(prefix + name):  # a merged copy the release recomputes from dw1 / qkw / dd
             w.take(prefix + name, shape)
     key_side = [PRE_KEY, POST_KEY]
-    if spec.query_wise and (qkw[key_side].any() or dd.unflatten(-1, (4, N))[:, key_side].any()):
+    if spec.query_wise and not qkw.is_meta and (qkw[key_side].any() or dd.unflatten(-1, (4, N))[:, key_side].any()):
         raise UsageError(
             f"{w.folder}: layer {layer} is query_wise but its key-side dynamic weights ({prefix}qkw / dd "
             "slots 1 and 3) are not zero: the release's forward uses them and its decode does not"
@@ -366,7 +373,8 @@ def _dynamic(w: _Weights, prefix: str, spec: DcformerSpec, layer: int) -> dict[s
     return {"dw1": dw1, "qkw": qkw, "dd": dd}
 
 
-def _layer_state(w: _Weights, spec: DcformerSpec, layer: int) -> dict[str, torch.Tensor]:
+def layer_state(w: _Weights, spec: DcformerSpec, layer: int) -> dict[str, torch.Tensor]:
+    """Layer ``layer``'s tensors, under the CausalLM's names (``trunk.blocks.{layer}.*``)."""
     D, H, d = spec.dim, spec.intermediate_size, spec.head_dim
     src, dst = f"layers.{layer}.", f"trunk.blocks.{layer}."
     att = src + "attention."
@@ -395,16 +403,21 @@ def _layer_state(w: _Weights, spec: DcformerSpec, layer: int) -> dict[str, torch
 def map_weights(tensors: dict[str, torch.Tensor], spec: DcformerSpec, folder: Path) -> dict[str, torch.Tensor]:
     """The release's state dict -> the state dict of ``spec.model_config()``'s CausalLM."""
     w = _Weights(tensors, folder)
+    state = outer_state(w, spec)
+    for layer in range(spec.n_layer):
+        state.update(layer_state(w, spec, layer))
+    w.finish()
+    return state
+
+
+def outer_state(w: _Weights, spec: DcformerSpec) -> dict[str, torch.Tensor]:
+    """The tensors outside the layers: embedding, final norm, output head."""
     V, D = spec.vocab_size, spec.dim
-    state = {
+    return {
         "embed.weight": w.take("tok_embeddings.weight", (V, D)),
         "norm.weight": w.take("norm.weight", (D,)),
         "head.weight": w.take("output.weight", (V, D)),
     }
-    for layer in range(spec.n_layer):
-        state.update(_layer_state(w, spec, layer))
-    w.finish()
-    return state
 
 
 def import_dcformer(folder: str | Path) -> nn.Module:
@@ -419,4 +432,12 @@ def import_dcformer(folder: str | Path) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["DcformerSpec", "import_dcformer", "map_weights", "read_config", "read_weights"]
+__all__ = [
+    "DcformerSpec",
+    "import_dcformer",
+    "layer_state",
+    "map_weights",
+    "outer_state",
+    "read_config",
+    "read_weights",
+]
