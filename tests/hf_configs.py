@@ -115,5 +115,18 @@ def save_tiny(name: str, folder: Path, seed: int = 0) -> Path:
     config_class, kwargs, model_class, _ = MODELS[name]
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs))
-    model.save_pretrained(folder)
+    save_quietly(model, folder)
     return folder
+
+
+def save_quietly(model: Any, folder: Path, **options: Any) -> None:
+    """model.save_pretrained(folder, **options) without its progress bar on stderr (tests read stderr)."""
+    from transformers.utils import logging
+
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, **options)
+    finally:
+        if bars:
+            logging.enable_progress_bar()

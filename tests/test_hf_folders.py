@@ -24,7 +24,7 @@ from attn2onnx.errors import UsageError
 from attn2onnx.exporter import export
 from attn2onnx.sources import load_source, transformers_folder_source
 from attn2onnx.validate import check_parity
-from hf_configs import ARCHITECTURES, save_tiny
+from hf_configs import ARCHITECTURES, save_quietly, save_tiny
 from test_cli_basic import assert_one_line_error, call
 
 pytest.importorskip("transformers")
@@ -107,7 +107,7 @@ def test_sharded_safetensors_load(tmp_path):
 
     config_class, kwargs, model_class, _ = MODELS["llama"]
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs)).eval()
-    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    save_quietly(model, tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     source = load_source(tmp_path)
     ids = torch.randint(0, 97, (2, 6))
@@ -148,7 +148,7 @@ def test_encoder_decoder_is_refused_in_one_line(tmp_path):
     import transformers
 
     config = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
-    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path)
+    save_quietly(transformers.T5ForConditionalGeneration(config), tmp_path)
     with pytest.raises(UsageError, match="T5EncoderModel"):
         load_source(tmp_path)
 
@@ -163,3 +163,44 @@ def test_dcformer_release_folders_still_take_their_importer(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "dcformer"}))
     with pytest.raises(UsageError, match="no weights"):  # the DCFormer importer's own message
         load_source(tmp_path)
+
+
+CUSTOM_CONFIG = """from transformers import LlamaConfig
+
+
+class TinyConfig(LlamaConfig):
+    model_type = "tiny_custom"
+"""
+CUSTOM_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyForCausalLM(LlamaForCausalLM):
+    config_class = TinyConfig
+"""
+
+
+def test_own_code_runs_with_the_opt_in(folders, tmp_path, monkeypatch):
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # the code is copied there
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    config = json.loads((folders("llama") / "config.json").read_text())
+    config.update(model_type="tiny_custom", architectures=["TinyForCausalLM"])
+    config["auto_map"] = {
+        "AutoConfig": "configuration_tiny.TinyConfig",
+        "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes((folders("llama") / "model.safetensors").read_bytes())
+    (folder / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_tiny.py").write_text(CUSTOM_MODEL)
+    source = load_source(folder, trust_remote_code=True)
+    assert type(source.module.model).__name__ == "TinyForCausalLM"
+    assert [s.name for s in source.specs] == ["input_ids", "attention_mask", "position_ids"]
+    reference = load_source(folders("llama"))
+    inputs = source.example_inputs(2, 6)
+    with torch.inference_mode():
+        torch.testing.assert_close(source.module(*inputs), reference.module(*inputs))
