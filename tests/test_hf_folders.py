@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from attn2onnx.errors import UsageError
-from attn2onnx.exporter import export
+from attn2onnx.exporter import ExportError, export
 from attn2onnx.sources import load_source, transformers_folder_source
 from attn2onnx.validate import check_parity
 from hf_configs import ARCHITECTURES, save_quietly, save_tiny
@@ -30,9 +30,31 @@ from test_cli_basic import assert_one_line_error, call
 pytest.importorskip("transformers")
 
 FULL = bool(os.environ.get("ATTN2ONNX_HF_FULL"))
-# One implementation per architecture by default, alternating down the list.
-DEFAULT_IMPL = {name: ("eager", "sdpa")[i % 2] for i, name in enumerate(ARCHITECTURES)}
-CASES = [(name, impl) for name in ARCHITECTURES for impl in ("eager", "sdpa") if FULL or DEFAULT_IMPL[name] == impl]
+
+
+def _known_failure(name: str, impl: str) -> list:
+    if (name, impl) not in KNOWN_FAILURES:
+        return []
+    raises, reason = KNOWN_FAILURES[name, impl]
+    return [pytest.mark.xfail(raises=raises, strict=True, reason=reason)]
+
+
+# One implementation per architecture by default, both kinds on decoders and encoders.
+SDPA_BY_DEFAULT = {"llama", "qwen2", "phi3", "falcon", "opt", "roberta", "vit"}
+# What transformers itself does not do (each case checks that it still fails so).
+KNOWN_FAILURES = {
+    ("bloom", "sdpa"): (UsageError, "transformers has no sdpa attention for BLOOM: refused in one line"),
+    ("t5_encoder", "sdpa"): (
+        ExportError,
+        "transformers' T5 sdpa path views the attention output without .contiguous(); torch.export refuses it",
+    ),
+}
+CASES = [
+    pytest.param(name, impl, id=f"{name}-{impl}", marks=_known_failure(name, impl))
+    for name in ARCHITECTURES
+    for impl in ("eager", "sdpa")
+    if FULL or (impl == "sdpa") == (name in SDPA_BY_DEFAULT)
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +70,7 @@ def folders(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("name,impl", CASES, ids=[f"{n}-{i}" for n, i in CASES])
+@pytest.mark.parametrize("name,impl", CASES)
 def test_folder_exports_with_parity_on_padded_batches(name, impl, folders, tmp_path):
     source = transformers_folder_source(folders(name), attn_implementation=impl)
     assert source.module.model.config._attn_implementation == impl
