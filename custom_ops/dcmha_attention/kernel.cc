@@ -63,7 +63,7 @@ constexpr int kMR = 8;  // micro-tile rows; 2 * kMR accumulators + 3 live regist
 constexpr int kMR = 6;  // 12 accumulators + 3 out of 16
 #endif
 constexpr int kCB = 2 * kVL;     // micro-tile columns (keys for QK^T, head dims for PV)
-constexpr int kTq = 4 * kMR;     // query rows per work item, at most
+constexpr int kTq = 8 * kMR;     // query rows per work item, at most
 constexpr int kChunk = 4 * kCB;  // keys per chunk: a chunk's scores, all heads, stay in L2
 constexpr int kMaxR = 16;
 constexpr int64_t kDirectMaxT = 8;   // T <= this: the direct path (no packing, key range split)
@@ -271,7 +271,7 @@ struct BlockPlan {
 // Floats of per-thread scratch for `rows` query rows, `cols` panel columns and `nch` key chunks
 // (the layout of run_block: panel, chunk max vectors, held vectors and alignment, chunk stats).
 size_t block_scratch_floats(int64_t rows, int64_t N, int64_t cols, int64_t nch) {
-  return static_cast<size_t>(rows * N * (cols + kVL) + (N * rows + N + 1) * kVL + 2 * nch * rows * N);
+  return static_cast<size_t>(rows * N * (cols + kVL) + (2 * N + 1) * kVL + 2 * nch * rows * N);
 }
 
 BlockPlan plan_blocks(int64_t S, int64_t N, size_t budget) {
@@ -279,7 +279,7 @@ BlockPlan plan_blocks(int64_t S, int64_t N, size_t budget) {
   auto most_rows = [&](bool tiled) {
     const int64_t cols = tiled ? kChunk : Wp;
     BlockPlan plan{1, tiled, 0};
-    for (int64_t rows = kTq; rows >= 1; --rows) {
+    for (int64_t rows = kTq; rows >= 1; rows -= rows > kMR ? kMR : 1) {  // whole micro-tiles down to kMR
       plan = {rows, tiled, sizeof(float) * block_scratch_floats(rows, N, cols, nch)};
       if (plan.bytes <= budget) break;
     }
@@ -345,9 +345,9 @@ void run_block(const Problem& p, int64_t item) {
   s_lo = s_lo / kCB * kCB;  // so that s_lo + Wp <= Sp
   const int64_t W = s_hi - s_lo, Wp = round_up(W, kCB);
 
-  // Scratch: scores [tq, N, Wld] | chunk max vectors [tq*N] | held [N] vectors |
-  // per-chunk row max and sum, then scale [nch, tq, N] each. The panel holds every key of the
-  // range, or (tiled) one chunk: key column c of chunk ci sits at column c - off(ci).
+  // Scratch: scores [tq, N, Wld] | chunk max vectors [N] | held [N] vectors | per-chunk row
+  // max and sum, then scale [nch, tq, N] each. The panel holds every key of the range, or
+  // (tiled) one chunk: key column c of chunk ci sits at column c - off(ci).
   // Wld = cols + kVL: consecutive heads' rows never sit a multiple of 4 KiB apart.
   const int64_t nch = (Wp + kChunk - 1) / kChunk, cols = p.tiled ? kChunk : Wp, Wld = cols + kVL;
   const size_t panel = static_cast<size_t>(N * tq * Wld);
@@ -356,7 +356,7 @@ void run_block(const Problem& p, int64_t item) {
   uintptr_t base = reinterpret_cast<uintptr_t>(scratch + panel);  // vf-aligned vector arrays
   base = (base + sizeof(vf) - 1) / sizeof(vf) * sizeof(vf);
   vf* maxv = reinterpret_cast<vf*>(base);
-  vf* held = maxv + N * tq;
+  vf* held = maxv + N;
   float* chunk_max = reinterpret_cast<float*>(held + N);  // [nch, tq, N]
   float* chunk_scale = chunk_max + nch * tq * N;         // [nch, tq, N]: sums, then exp(m_c - m) / l
   auto row = [&](int64_t n, int64_t i) { return L + (i * N + n) * Wld; };
@@ -369,6 +369,12 @@ void run_block(const Problem& p, int64_t item) {
   const float* kf_pre = p.kf + ((b * 2 + 0) * (Sp / kVL) + s_lo / kVL) * F * N * kVL;
   const float* kf_post = p.kf + ((b * 2 + 1) * (Sp / kVL) + s_lo / kVL) * F * N * kVL;
   const vi iota = viota();
+  // The block's query rows, head by head ([N, tn, d]): the micro-kernel's rows then sit d floats
+  // apart, not N * d (rows 2 KiB apart fall into two L1 sets and evict each other).
+  float* qpack = thread_scratch(static_cast<size_t>(N * tn * d), 1);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < tn; ++i)
+      std::memcpy(qpack + (n * tn + i) * d, p.q + ((b * T + t0 + i) * N + n) * d, sizeof(float) * d);
 
   // Steps 1-3 on one chunk of kChunk keys (its scores stay in L2 throughout): scores,
   // pre-compose, mask, chunk max, exp(L - chunk max) and (keep_stats) chunk max and sum.
@@ -377,14 +383,17 @@ void run_block(const Problem& p, int64_t item) {
     // 1. scores = scale * q k^T, every head.
     for (int64_t n = 0; n < N; ++n) {
       const float* kb = p.kt + ((b * N + n) * (Sp / kCB) + s_lo / kCB) * d * kCB;
-      const float* qa = p.q + ((b * T + t0) * N + n) * d;
+      const float* qa = qpack + n * tn * d;
       for (int64_t j = c0; j < c1; j += kCB)
         for (int64_t i = 0; i < tn; i += kMR)
-          qk_rows<kMR>(tn - i, qa + i * N * d, N * d, kb + j * d, kCB, d, row(n, i) + j - o, N * Wld, p.scale);
+          qk_rows<kMR>(tn - i, qa + i * d, d, kb + j * d, kCB, d, row(n, i) + j - o, N * Wld, p.scale);
     }
-    // 2. pre-compose (slot 0) on the unmasked logits, then mask, tracking the max.
-    for (int64_t x = 0; x < N * tq; ++x) maxv[x] = vset1(kNeg);
+    // 2-3, row by row (the row's chunk, all heads, stays in L1 between the steps):
+    // 2. pre-compose (slot 0) on the unmasked logits, then mask, tracking the max;
+    // 3. exp(L - chunk max) and chunk sums over the W real columns; padded columns become 0.
+    const int64_t c_full = std::min(c1, W / kVL * kVL);  // groups below it hold no padded column
     for (int64_t i = 0; i < tn; ++i) {
+      for (int64_t n = 0; n < N; ++n) maxv[n] = vset1(kNeg);
       const float* qfs = p.qf + ((b * T + t0 + i) * 2 + 0) * F * N;
       for (int64_t c = c0; c < c1; c += kVL) {
         const vi s = iota + static_cast<int32_t>(s_lo + c);
@@ -396,18 +405,21 @@ void run_block(const Problem& p, int64_t item) {
         compose_group<RT>(a, Wld, N, R, qfs, kf_pre + c * F * N, kVL, wb_pre, nullptr, held, [&](int64_t n, vf x) {
           x = head_allowed(p, allowed, b, n, t0 + i, s_lo + c) ? x : vset1(kNeg);
           vstore(a + n * Wld, x);
-          maxv[i * N + n] = vmax(maxv[i * N + n], x);
+          maxv[n] = vmax(maxv[n], x);
         });
       }
-    }
-    // 3. exp(L - chunk max) and chunk sums over the W real columns; padded columns become 0.
-    for (int64_t i = 0; i < tn; ++i) {
       for (int64_t n = 0; n < N; ++n) {
         float* r = row(n, i) - o;
-        const float m = hmax(maxv[i * N + n]);
+        const float m = hmax(maxv[n]);
         const vf mv = vset1(m);
         vf sum = vf{};
-        for (int64_t c = c0; c < c1; c += kVL) {
+        int64_t c = c0;
+        for (; c < c_full; c += kVL) {
+          const vf e = vexp_nonpos(vload(r + c) - mv);
+          vstore(r + c, e);
+          sum += e;
+        }
+        for (; c < c1; c += kVL) {
           vf e = vexp_nonpos(vload(r + c) - mv);
           e = (iota + static_cast<int32_t>(c)) < static_cast<int32_t>(W) ? e : vf{};
           vstore(r + c, e);

@@ -68,7 +68,10 @@ inline vf vload(const float* p) {
   return v;
 }
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf vset1(float x) { return vf{} + x; }
+// x in every lane. Written x - 0, which IEEE lets the compiler fold to a plain broadcast (an
+// FMA's embedded {1to16} operand), where `vf{} + x` costs an add per broadcast (0 + x is not x
+// for x = -0): one extra operation per two FMAs in the micro-kernels.
+inline vf vset1(float x) { return x - vf{}; }
 inline vi viota() {
   vi v;
   for (int i = 0; i < kVL; ++i) v[i] = i;
@@ -252,8 +255,10 @@ Ort::Status read_attr(const OrtApi* api, const OrtKernelInfo* info, const char* 
 // ---------------------------------------------------------------- per-thread scratch
 // Reused across calls by the same thread (ORT's intra-op pool threads live as long as the
 // session), grown on demand; no call allocates in the hot loop.
-inline float* thread_scratch(size_t count) {
-  thread_local std::vector<float> buffer;
+// `slot` picks one of a few independent buffers (a kernel's panel and its packed inputs).
+inline float* thread_scratch(size_t count, int slot = 0) {
+  thread_local std::vector<float> buffers[2];
+  std::vector<float>& buffer = buffers[slot];
   if (buffer.size() < count) buffer.resize(count);
   return buffer.data();
 }
