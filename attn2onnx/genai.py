@@ -43,14 +43,18 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .errors import UsageError
-from .models.decode import CacheSpec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .models.decode import CacheSpec
 
 GENAI_KEY = "attn2onnx.genai"  # metadata of the copy: how each layer's caches map to GenAI's pairs
 MODEL_FILE, CONFIG_FILE = "model.onnx", "genai_config.json"
@@ -148,14 +152,6 @@ def _is_pair(layer: int, specs: Sequence[CacheSpec]) -> bool:
     return names == want and key.dims == value.dims and len(key.dims) == 4 and _past_axis(key) == 2
 
 
-def _ordered(parts: list[Part], axis: int) -> tuple[Part, ...]:
-    """The largest part first and the second largest last, so the cut in the middle falls in
-    the smaller ones (dcmha: K, key factors, V: the cut splits the factors, pre from post)."""
-    size = (lambda p: p.heads) if axis == 1 else (lambda p: p.width)
-    ranked = sorted(parts, key=size, reverse=True)
-    return tuple(ranked[:1] + ranked[2:] + ranked[1:2])
-
-
 def _plan_layer(layer: int, specs: Sequence[CacheSpec]) -> LayerPlan:
     if _is_pair(layer, specs):
         part = _part(specs[0], False)
@@ -179,7 +175,7 @@ def _plan_layer(layer: int, specs: Sequence[CacheSpec]) -> LayerPlan:
             )
     heads = parts[0].heads if axis == 3 else sum(p.heads for p in parts) // 2
     width = sum(p.width for p in parts) // 2 if axis == 3 else parts[0].width
-    return LayerPlan(layer, False, _ordered(parts, axis), axis, heads, width)
+    return LayerPlan(layer, False, tuple(parts), axis, heads, width)
 
 
 def plan_caches(caches: Sequence[CacheSpec]) -> list[LayerPlan]:
@@ -488,6 +484,15 @@ def check_folder(path: str | Path) -> Path:
     return path
 
 
+def check_export(model: nn.Module, folder: str | Path) -> None:
+    """What ``export --decode --genai FOLDER`` checks before it exports (seconds): the folder
+    can be written and GenAI can hold every layer's cache (one-line UsageErrors)."""
+    from .models.decode import cache_specs, check_decodable
+
+    check_folder(folder)
+    plan_caches(cache_specs(check_decodable(model)))
+
+
 def write_genai_folder(
     decode_path: str | Path, folder: str | Path, *, eos_id: int | None = None, native: bool = True
 ) -> GenAIFolder:
@@ -524,6 +529,7 @@ __all__ = [
     "LayerPlan",
     "Part",
     "adapt_graph",
+    "check_export",
     "check_folder",
     "genai_config",
     "plan_caches",
