@@ -1,0 +1,109 @@
+"""Wall time, peak memory and disk of each step on a release folder of a published size (issue 24).
+
+    python scripts/make_release_checkpoint.py out/dcformer-2.8b --size 2.8b
+    python benchmarks/real_sizes.py out/dcformer-2.8b --out out/rs28 --steps export-fp16 export-fp32
+    python benchmarks/real_sizes.py out/dcformer-100m --out out/rs100m --steps in-memory-fp32 export-fp32
+
+Each step runs in a child process that reports its own peak resident set size (VmHWM: a
+child's ru_maxrss would count this process's size at the fork). Steps:
+
+* ``export-fp16`` / ``export-fp32`` / ``decode-fp16`` / ``decode-fp32``: the streaming export
+  (:func:`attn2onnx.streaming.export.export_streamed`), weights to external data;
+* ``in-memory-fp32``: the in-memory path (import the folder in float32, ``attn2onnx.export``),
+  for comparison on folders that fit;
+* ``optimize-fp16``: ``attn2onnx optimize --target ort`` on the fp16 export (weights stay on
+  disk, memory-mapped).
+
+Printed per step: wall s, peak RSS GiB, peak / output weight bytes, GB written. ``--json``
+appends the rows to a file; ``--write-results`` puts them in RESULTS.md's "Real sizes" table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STEPS = ("export-fp16", "export-fp32", "decode-fp16", "decode-fp32", "in-memory-fp32", "optimize-fp16")
+
+
+def _outputs(out: Path, step: str) -> Path:
+    name = {"optimize-fp16": "fp16.opt", "in-memory-fp32": "in-memory-fp32"}.get(step, step)
+    return out / f"{name}.onnx"
+
+
+def run_step(step: str, folder: Path, out: Path) -> None:
+    """One step, in this process (the child)."""
+    target = _outputs(out, step)
+    if step.startswith(("export-", "decode-")):
+        from attn2onnx.streaming.export import export_streamed
+
+        export_streamed(folder, target, dtype=step.split("-")[1], decode=step.startswith("decode"))
+    elif step == "in-memory-fp32":
+        from attn2onnx.cli import main
+
+        assert main(["export", str(folder), "-o", str(target), "--no-check"]) == 0
+    elif step == "optimize-fp16":
+        from attn2onnx.cli import main
+
+        assert main(["optimize", str(_outputs(out, "export-fp16")), "-o", str(target), "--target", "ort"]) == 0
+
+
+def measure(step: str, folder: Path, out: Path) -> dict:
+    """Run ``step`` in a child; wall s, peak RSS bytes, bytes of the output's weights (.data)."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", step, str(folder), "--out", str(out)], capture_output=True, text=True
+    )
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{step} failed:\n{done.stderr[-3000:]}")
+    peak = int(done.stdout.split()[-1])
+    target = _outputs(out, step)
+    files = [target, Path(f"{target}.data")]
+    written = sum(f.stat().st_size for f in files if f.exists())
+    data = Path(f"{target}.data")
+    weights = data.stat().st_size if data.exists() else target.stat().st_size
+    return {"step": step, "wall_s": round(wall, 1), "peak_rss": peak, "weight_bytes": weights, "written": written}
+
+
+def row(r: dict) -> str:
+    gib = 2**30
+    return (
+        f"| {r['folder']} | {r['step']} | {r['wall_s']:.0f} | {r['peak_rss'] / gib:.2f} | "
+        f"{r['peak_rss'] / r['weight_bytes']:.2f} | {r['written'] / 1e9:.2f} |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the outputs")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=["export-fp16", "export-fp32"])
+    parser.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="append the rows to this JSON-lines file")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        run_step(args.child, args.folder, args.out)
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        print(int(hwm.split()[1]) * 1024)
+        return 0
+    print("| folder | step | wall s | peak RSS GiB | peak / weight bytes | GB written |")
+    print("|---|---|---:|---:|---:|---:|")
+    for step in args.steps:
+        result = {"folder": args.folder.name, **measure(step, args.folder, args.out)}
+        result["load"] = os.getloadavg()[0]
+        print(row(result), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
