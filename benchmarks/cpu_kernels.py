@@ -313,26 +313,31 @@ def table(results: dict, lengths: list[int], rates: dict) -> str:
 
 
 SUBSECTION = "### Candidate ops for native kernels"
+CORE_SUBSECTION = "### Attention core against SDPA and MultiHeadAttention (issue 25)"
+SUBSECTIONS = (SUBSECTION, CORE_SUBSECTION)
 
 
 def _block(text: str, header: str, stop: str) -> re.Pattern:
     return re.compile(rf"^{re.escape(header)}\n.*?(?={stop}|\Z)", re.S | re.M)
 
 
-def write_section(text: str, candidates: bool = False) -> None:
+def write_section(text: str, sub: str | None = None) -> None:
     """Put ``text`` into RESULTS.md's CPU-kernels section (other sections untouched): the main
-    table replaces the section but keeps its candidate-ops subsection, and vice versa."""
+    table (``sub`` None) replaces the section's text before its ``###`` subsections and keeps them;
+    a subsection (``sub``, one of SUBSECTIONS) replaces only itself, or is appended."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     section_re = _block(old, SECTION, "^## ")
     match = section_re.search(old)
     section = match.group(0) if match else SECTION + "\n"
-    sub_re = _block(section, SUBSECTION, "^##")
-    sub = sub_re.search(section)
-    if candidates:
-        main_part = sub_re.sub("", section) if sub else section
-        section = main_part.rstrip() + "\n\n" + text.rstrip() + "\n\n"
+    parts = {h: m.group(0).rstrip() for h in SUBSECTIONS if (m := _block(section, h, "^##").search(section))}
+    main_part = section
+    for h in parts:
+        main_part = _block(main_part, h, "^##").sub("", main_part)
+    if sub is None:
+        main_part = text
     else:
-        section = text.rstrip() + "\n\n" + (sub.group(0).rstrip() + "\n\n" if sub else "")
+        parts[sub] = text.rstrip()
+    section = main_part.rstrip() + "\n\n" + "".join(parts[h] + "\n\n" for h in SUBSECTIONS if h in parts)
     new = section_re.sub(lambda _: section, old) if match else old.rstrip() + "\n\n" + section
     RESULTS.write_text(new)
 
@@ -390,7 +395,216 @@ def candidates(args, argv) -> int:
     )
     print(text)
     if not args.no_write:
-        write_section(text, candidates=True)
+        write_section(text, SUBSECTION)
+    return 0
+
+
+# ---------------------------------------------------------------- attention core (issue 25)
+CORE_SHAPES = {"D=512 N=8": (8, 64), "D=2560 N=32": (32, 80)}  # name: (heads, head dim)
+CORE_IMPLS = ("ours", "ort_mha", "sdpa", "sdpa_compiled")
+PAD_FRACTION = 0.25  # padded mode: the last quarter of the keys is padding
+
+
+def core_model(op: str, n: int, d: int, mode: str):
+    """One attention node with dynamic B, T, S: DcmhaAttention (R=2, the DCMHA core: composes
+    included) or com.microsoft.MultiHeadAttention (plain attention, [B,T,N*d] inputs)."""
+    from onnx import TensorProto, helper
+
+    import attn2onnx.custom_ops as ops
+
+    causal = int(mode == "causal")
+    if op == "ours":
+        dims = {"q": ["B", "T", n, d], "k": ["B", "S", n, d], "v": ["B", "S", n, d], "q_factors": ["B", "T", 2, 5, n]}
+        dims |= {"k_factors": ["B", "S", 2, 5, n], "key_padding_mask": ["B", "S"], "static_mix": [2, n, n]}
+        inputs = [
+            helper.make_tensor_value_info(k, TensorProto.BOOL if k == "key_padding_mask" else TensorProto.FLOAT, v)
+            for k, v in dims.items()
+        ]
+        node = helper.make_node(
+            "DcmhaAttention", list(dims), ["o"], domain=ops.DOMAIN, scale=0.0, causal=causal, window=0, use_static_mix=0
+        )
+        domain = helper.make_opsetid(ops.DOMAIN, 1)
+    else:
+        inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["B", x.upper(), n * d]) for x in "qks"]
+        inputs[2].name = "v"
+        names = ["q", "k", "v"]
+        if mode == "padded":
+            inputs.append(helper.make_tensor_value_info("key_padding_mask", TensorProto.INT32, ["B", "K"]))
+            names += ["", "key_padding_mask"]
+        node = helper.make_node(
+            "MultiHeadAttention", names, ["o"], domain="com.microsoft", num_heads=n, unidirectional=causal
+        )
+        domain = helper.make_opsetid("com.microsoft", 1)
+    graph = helper.make_graph([node], "core", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 23), domain])
+
+
+def core_pairs(t: int, mode: str) -> float:
+    """(query, key) pairs attended: T(T+1)/2 causal, T x real keys padded."""
+    return t * (t + 1) / 2 if mode == "causal" else t * (t - int(PAD_FRACTION * t))
+
+
+def core_calls(t: int, n: int, d: int, mode: str, threads: int, impls: tuple[str, ...]) -> dict:
+    """A zero-argument call per implementation, on the same q, k, v (B=1, T=S)."""
+    import numpy as np
+    import torch
+
+    from attn2onnx.runtime import session
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, t, n, d)).astype(np.float32) for _ in range(3))
+    real = np.arange(t) < t - int(PAD_FRACTION * t) if mode == "padded" else np.ones(t, bool)
+    calls = {}
+    if "ours" in impls:
+        factors = lambda length: (0.3 * rng.standard_normal((1, length, 2, 5, n))).astype(np.float32)  # noqa: E731
+        feeds = {"q": q, "k": k, "v": v, "q_factors": factors(t), "k_factors": factors(t)}
+        feeds |= {"key_padding_mask": real[None], "static_mix": np.zeros((2, n, n), np.float32)}
+        ours = session(core_model("ours", n, d, mode), native=True, threads=threads)
+        calls["ours"] = lambda: ours.run(None, feeds)
+    if "ort_mha" in impls:
+        mfeeds = {"q": q.reshape(1, t, n * d), "k": k.reshape(1, t, n * d), "v": v.reshape(1, t, n * d)}
+        if mode == "padded":
+            mfeeds["key_padding_mask"] = real[None].astype(np.int32)
+        mha = session(core_model("ort_mha", n, d, mode), native=False, threads=threads)
+        calls["ort_mha"] = lambda: mha.run(None, mfeeds)
+    qt, kt, vt = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in (q, k, v))
+    mask = None if mode == "causal" else torch.from_numpy(real)[None, None, None, :]
+
+    def sdpa(qt, kt, vt, mask):
+        f = torch.nn.functional.scaled_dot_product_attention
+        return f(qt, kt, vt, is_causal=True) if mask is None else f(qt, kt, vt, attn_mask=mask)
+
+    if "sdpa" in impls:
+        calls["sdpa"] = lambda: sdpa(qt, kt, vt, mask)
+    if "sdpa_compiled" in impls:
+        compiled = torch.compile(sdpa, dynamic=False)
+        calls["sdpa_compiled"] = lambda: compiled(qt, kt, vt, mask)
+    return calls
+
+
+def core_measure(args) -> list[dict]:
+    """Every (shape, mode, T): the implementations and ORT's 2048^3 MatMul, interleaved round by
+    round in this process, median time of `repeats` rounds after a warm-up: wall time, or with
+    ``--clock cpu`` (one thread) the CPU time of this process, which other processes' load on a
+    shared machine disturbs far less than wall time."""
+    import numpy as np
+    import torch
+    from onnx import TensorProto, helper
+
+    from attn2onnx.runtime import session
+
+    torch.set_num_threads(args.threads)
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [2048, 2048])
+    mm_graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "a"], ["o"])], "mm", [a], [helper.make_tensor_value_info("o", 1, None)]
+    )
+    mm = session(
+        helper.make_model(mm_graph, ir_version=10, opset_imports=[helper.make_opsetid("", 23)]), threads=args.threads
+    )
+    mm_feed = {"a": np.random.default_rng(1).standard_normal((2048, 2048)).astype(np.float32)}
+    rows = []
+    for shape in args.shapes:
+        n, d = CORE_SHAPES[shape]
+        for mode in args.modes:
+            for t in args.lengths:
+                calls = core_calls(t, n, d, mode, args.threads, tuple(args.core_impls))
+                calls["matmul"] = lambda: mm.run(None, mm_feed)
+                for call in calls.values():
+                    call()
+                times = {name: [] for name in calls}
+                clock = time.process_time if args.clock == "cpu" else time.perf_counter
+                for _ in range(args.repeats if t <= 2048 else min(args.repeats, 3)):
+                    for name, call in calls.items():
+                        start = clock()
+                        call()
+                        times[name].append(clock() - start)
+                row = {"shape": shape, "mode": mode, "T": t, "n": n, "d": d, "load": os.getloadavg()[0]}
+                row |= {name: statistics.median(ts) for name, ts in times.items()}
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def core_table(rows: list[dict], impls: tuple[str, ...]) -> str:
+    lines = [
+        "| shape | mask | T | " + " | ".join(f"{i} ms" for i in impls) + " | ours / sdpa | ours / ort_mha | "
+        "ours GFLOP/s (% MatMul) | sdpa GFLOP/s (% MatMul) | MatMul GFLOP/s | load |",
+        "|---|---|---:|" + "---:|" * len(impls) + "---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        flops = 4 * r["n"] * r["d"] * core_pairs(r["T"], r["mode"])
+        peak = 2 * 2048**3 / r["matmul"] / 1e9
+        rate = lambda name: f"{flops / r[name] / 1e9:.0f} ({100 * flops / r[name] / 1e9 / peak:.0f}%)"  # noqa: E731
+        ratio = lambda a, b: f"{r[a] / r[b]:.2f}x" if a in r and b in r else ""  # noqa: E731
+        lines.append(
+            f"| {r['shape']} | {r['mode']} | {r['T']} | "
+            + " | ".join(f"{r[i] * 1e3:.1f}" if i in r else "" for i in impls)
+            + f" | {ratio('ours', 'sdpa')} | {ratio('ours', 'ort_mha')} | {rate('ours') if 'ours' in r else ''} | "
+            f"{rate('sdpa') if 'sdpa' in r else ''} | {peak:.0f} | {r['load']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def core_plot(rows: list[dict], impls: tuple[str, ...], path: Path) -> bool:
+    """Median ms against T (log-log), one panel per shape and mask; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = sorted({(r["shape"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (shape, mode) in zip(axes[0], panels):
+        sel = [r for r in rows if (r["shape"], r["mode"]) == (shape, mode)]
+        for impl in impls:
+            if all(impl in r for r in sel):
+                ax.plot([r["T"] for r in sel], [r[impl] * 1e3 for r in sel], marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel="T (= S)", ylabel="median ms", title=f"{shape}, {mode}")
+        ax.set_xticks([r["T"] for r in sel], [str(r["T"]) for r in sel])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def core(args, argv) -> int:
+    from attn2onnx.runtime import native
+
+    if "ours" in args.core_impls and not native.available():
+        print(f"error: native kernel library unavailable: {native.unavailable_reason()}", file=sys.stderr)
+        return 1
+    impls = tuple(i for i in CORE_IMPLS if i in args.core_impls)
+    rows = core_measure(args)
+    plot = Path(__file__).with_name("cpu_attention_core.png")
+    plotted = not args.no_write and core_plot(rows, impls, plot)
+    cmd = "python benchmarks/cpu_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join(
+        [
+            CORE_SUBSECTION,
+            "",
+            f"One attention node, B=1, T=S, {args.threads} thread(s), fp32, in one process: for each row the "
+            "implementations and ORT's 2048^3 MatMul run interleaved, round by round, and the table gives "
+            + ("median wall times. " if args.clock == "wall" else "median CPU times of the process (--clock cpu). ")
+            + "ours = DcmhaAttention (native kernel, R=2: both composes included, "
+            "so it does more work than the others); ort_mha = com.microsoft.MultiHeadAttention; sdpa / "
+            "sdpa_compiled = torch's scaled_dot_product_attention, eager / torch.compile, on contiguous "
+            "[B,N,T,d]. causal: every key real; padded: non-causal, the last quarter of the keys padding. "
+            "GFLOP/s: 4 N d x the attended (query, key) pairs, against the MatMul of the same row. "
+            "The machine is shared with other sessions (load average per row): read the ratios.",
+            "",
+            f"- command: `{cmd.strip()}`",
+            f"- machine: {cpu_model()}, {os.cpu_count()} CPUs",
+            *([f"- plot: `benchmarks/{plot.name}` (median ms against T)"] if plotted else []),
+            "",
+            core_table(rows, impls),
+        ]
+    )
+    print(text)
+    if not args.no_write:
+        write_section(text, CORE_SUBSECTION)
     return 0
 
 
@@ -403,6 +617,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     parser.add_argument("--candidates", action="store_true", help="profile the other ops' function bodies instead")
+    parser.add_argument("--core", action="store_true", help="the attention core against SDPA and ORT MHA instead")
+    parser.add_argument("--shapes", nargs="+", default=list(CORE_SHAPES), choices=list(CORE_SHAPES))
+    parser.add_argument("--modes", nargs="+", default=["causal", "padded"], choices=["causal", "padded"])
+    parser.add_argument("--core-impls", nargs="+", default=list(CORE_IMPLS), choices=CORE_IMPLS)
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="--core: cpu = process CPU time (1 thread)"
+    )
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -412,6 +633,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.candidates:
         return candidates(args, argv)
+    if args.core:
+        if args.clock == "cpu" and args.threads != 1:
+            parser.error("--clock cpu measures one thread: give --threads 1")
+        return core(args, argv)
     from attn2onnx.runtime import native
 
     if "ours" in args.impls and not native.available():
