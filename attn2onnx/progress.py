@@ -24,7 +24,7 @@ nothing), so ``update``, ``set_postfix_str`` and ``set_description`` all work ei
 from __future__ import annotations
 
 import sys
-from typing import IO, Collection, Iterator, TypeVar
+from typing import IO, Callable, Collection, Iterator, TypeVar
 
 from tqdm import tqdm
 
@@ -72,12 +72,15 @@ class Progress:
             dynamic_ncols=True,
         )
 
-    def iterate(self, items: Collection[T], desc: str, *, unit: str = "it") -> Iterator[T]:
-        """``items`` with a bar that advances as each is done (its name as the postfix when
-        it is a string)."""
+    def iterate(
+        self, items: Collection[T], desc: str, *, unit: str = "it", label: Callable[[T], str] | None = None
+    ) -> Iterator[T]:
+        """``items`` with a bar that advances as each is done, naming the current one:
+        ``label(item)``, or the item itself when it is a string."""
         with self.bar(len(items), desc, unit=unit) as bar:
             for item in items:
-                if isinstance(item, str):
-                    bar.set_postfix_str(item)
+                text = label(item) if label is not None else item if isinstance(item, str) else None
+                if text is not None:
+                    bar.set_postfix_str(text)
                 yield item
                 bar.update()

@@ -35,6 +35,7 @@ import onnx_ir as ir
 from attn2onnx.errors import UsageError
 from attn2onnx.lean_proto import structure_proto
 from attn2onnx.onnx_io import save_model
+from attn2onnx.progress import Progress
 from ._ir_utils import to_ir
 from .cleanup import CleanupPass
 from .fuse_dcmha import FuseDcmhaPass
@@ -99,10 +100,14 @@ def default_sizes(model: ir.Model) -> dict[str, int]:
 
 
 def optimize_model(
-    model: onnx.ModelProto | ir.Model, target: str = "ort", sizes: dict[str, int] | None = None
+    model: onnx.ModelProto | ir.Model,
+    target: str = "ort",
+    sizes: dict[str, int] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Run the ``target`` pipeline. An ``onnx_ir.Model`` is changed in place and returned; a
-    ModelProto gives a new ModelProto. ``sizes`` (symbol -> int) sets where MACs are counted."""
+    ModelProto gives a new ModelProto. ``sizes`` (symbol -> int) sets where MACs are counted;
+    ``progress`` shows a bar over the passes (attn2onnx.progress; none by default)."""
     from attn2onnx.custom_ops import check_model  # imports the op set (torch) only when optimising
 
     passes = build_passes(target)
@@ -113,7 +118,7 @@ def optimize_model(
     check_model(structure_proto(irm))
     sizes = sizes or default_sizes(irm)
     report = Report(target=target, sizes=sizes, before=Snapshot.of(irm, sizes))
-    for name, p in passes:
+    for name, p in (progress or Progress(False)).iterate(passes, "optimize", unit="pass", label=lambda named: named[0]):
         result = p(irm)
         report.add(name, dict(getattr(p, "counts", {})), result.modified)
     report.after = Snapshot.of(irm, sizes)
@@ -121,7 +126,11 @@ def optimize_model(
 
 
 def optimize(
-    in_path: str | os.PathLike, out_path: str | os.PathLike, target: str = "ort", sizes: dict[str, int] | None = None
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    target: str = "ort",
+    sizes: dict[str, int] | None = None,
+    progress: Progress | None = None,
 ) -> Report:
     """Optimize the model at ``in_path`` and write it to ``out_path`` with
     :func:`attn2onnx.onnx_io.save_model` (atomic; weights in ``<out>.data`` past its one
@@ -133,6 +142,6 @@ def optimize(
     from attn2onnx.onnx_io import load_ir
 
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
-    model, report = optimize_model(load_ir(in_path), target, sizes)
+    model, report = optimize_model(load_ir(in_path), target, sizes, progress)
     save_model(model, out_path)
     return report

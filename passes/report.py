@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from attn2onnx.tables import format_table
+
 from ._ir_utils import DOMAIN, count_ops, dims
 
 
@@ -169,22 +171,66 @@ class Report:
             "passes": self.passes,
         }
 
+    def fusions(self) -> dict[str, int]:
+        """Fusions over all passes: fused op (or packed MatMul) -> count."""
+        return self._totals(fusion=True)
+
+    def other_changes(self) -> dict[str, int]:
+        """What passes counted that are not fusions (:data:`NOT_FUSIONS`) -> count."""
+        return self._totals(fusion=False)
+
+    def _totals(self, fusion: bool) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for entry in self.passes:
+            for key, count in entry["fused"].items():
+                if (key not in NOT_FUSIONS) == fusion:
+                    totals[key] = totals.get(key, 0) + count
+        return totals
+
     def __str__(self) -> str:
-        lines = [f"optimize (target {self.target}, MACs at {', '.join(f'{k}={v}' for k, v in self.sizes.items())})"]
+        sizes = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+        lines = [f"optimize for {self.target} (MACs counted at {sizes or 'the fixed sizes'})"]
         b, a = self.before, self.after
         if b and a:
-            lines.append(f"  nodes        {b.nodes:>14} -> {a.nodes}")
-            lines.append(f"  MACs         {_fmt(b.macs):>14} -> {_fmt(a.macs)}")
-            lines.append(f"  param bytes  {b.param_bytes:>14,} -> {a.param_bytes:,}")
-            lines.append("  op type                before  after")
-            for op in sorted(set(b.ops) | set(a.ops)):
-                if b.ops.get(op, 0) != a.ops.get(op, 0):
-                    lines.append(f"    {op:<24}{b.ops.get(op, 0):>6} {a.ops.get(op, 0):>6}")
-        for p in self.passes:
-            fused = ", ".join(f"{k} x{v}" for k, v in p["fused"].items())
-            fused = fused or ("changed" if p["changed"] else "no change")
-            lines.append(f"  pass {p['pass']:<18} {fused}")
+            totals = [
+                ("nodes", f"{b.nodes:,}", f"{a.nodes:,}"),
+                ("MACs", _fmt(b.macs), _fmt(a.macs)),
+                ("weight bytes", f"{b.param_bytes:,}", f"{a.param_bytes:,}"),
+            ]
+            lines += ["", format_table(("", "before", "after"), totals, indent="  ")]
+            changed = [
+                (op, str(b.ops.get(op, 0)), str(a.ops.get(op, 0)))
+                for op in sorted(set(b.ops) | set(a.ops))
+                if b.ops.get(op, 0) != a.ops.get(op, 0)
+            ]
+            if changed:
+                lines += ["", format_table(("op type", "nodes before", "after"), changed, indent="  ")]
+        rows = [
+            (p["pass"], describe_counts(p["fused"]) or ("changed" if p["changed"] else "no change"))
+            for p in self.passes
+        ]
+        lines += ["", format_table(("pass", "what it did"), rows, indent="  ")]
         return "\n".join(lines)
+
+
+# Counts passes report that are not fusions, and what each is (a count goes before the text).
+NOT_FUSIONS: dict[str, str] = {
+    "casts": "integer inputs cast to int64 (types the op's schema allows)",
+    "Attention mask expanded": "attention masks expanded over the query axis",
+    "batched head loop (softmax over keys)": "per-head loops batched into one attention (softmax over keys)",
+    "batched head loop (softmax over queries)": "per-head loops batched into one attention (softmax over queries)",
+    "tagged": "custom nodes tagged to run as a TensorRT plugin",
+    "function_body": "custom nodes with no TensorRT plugin (TensorRT builds their function body)",
+}
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """A pass's counts in words: ``fused DcmhaAttention x2, packed MatMul x3; 2 custom nodes
+    tagged to run as a TensorRT plugin`` (fusions first, other changes said as what they are)."""
+    fused = [f"{key} x{n}" for key, n in counts.items() if n and key not in NOT_FUSIONS]
+    other = [f"{n} {NOT_FUSIONS[key]}" for key, n in counts.items() if n and key in NOT_FUSIONS]
+    parts = ([f"fused {', '.join(fused)}"] if fused else []) + other
+    return "; ".join(parts)
 
 
 def _fmt(x: int | None) -> str:

@@ -8,7 +8,10 @@
 
 Targets: ort (may use com.microsoft contrib ops), trt (standard ops + plugin nodes),
 portable (standard ops + ai.attn2onnx nodes with their bodies). --json prints
-{"nodes_before", "nodes_after", "fused": {op: count}, "macs_before", "macs_after"}; with --explain
+{"nodes_before", "nodes_after", "fused": {op: count}, "other_changes": {what: count}, "macs_before",
+"macs_after"}: "fused" holds fusions only; "other_changes" what passes did that is not a fusion
+(trt's "tagged": nodes tagged to run as a TensorRT plugin, "function_body": custom nodes TensorRT
+builds from their function body; "casts": integer inputs cast to int64; ...). With --explain
 the same one object holds "explain": {"attention_cores", "fused", "cores": [{"core", "fused",
 "reason", "op"}]}. A core that already is a fused attention op (ai.attn2onnx's DcmhaAttention,
 PooledNormAttention, ...; com.microsoft's MultiHeadAttention) is listed as fused, naming the op."""
@@ -35,14 +38,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def summary(report) -> dict:
     """The ``--json`` object of a passes Report."""
-    fused: dict[str, int] = {}
-    for entry in report.passes:
-        for op, count in entry["fused"].items():
-            fused[op] = fused.get(op, 0) + count
     return {
         "nodes_before": report.before.nodes,
         "nodes_after": report.after.nodes,
-        "fused": fused,
+        "fused": report.fusions(),
+        "other_changes": report.other_changes(),
         "macs_before": report.before.macs,
         "macs_after": report.after.macs,
     }
@@ -68,10 +68,11 @@ def run(args: argparse.Namespace) -> int:
     check_destination(args.output)
     from ..onnx_io import load_onnx, model_files, output_files
     from ..passes import optimize
+    from ..progress import Progress
 
     inputs = model_files(args.model, load_onnx(args.model))  # one-line error for a missing / non-ONNX file
     refuse_overwriting_inputs(output_files(args.output), inputs)  # (that proto is not kept: its weights)
-    report = optimize(args.model, args.output, target=args.target)
+    report = optimize(args.model, args.output, target=args.target, progress=Progress.for_command(json_output=args.json))
     outcomes = None
     if args.explain:
         import onnx_ir as ir
@@ -87,9 +88,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.report:
         print(report)
+        print(f"wrote {args.output}")
     else:
-        s = summary(report)
-        print(f"wrote {args.output}: {s['nodes_before']} -> {s['nodes_after']} nodes, fused {s['fused'] or 'nothing'}")
+        from ..passes.report import describe_counts
+
+        fused = report.fusions()
+        print(f"wrote {args.output}: {report.before.nodes} -> {report.after.nodes} nodes")
+        print(f"  {describe_counts(fused) if fused else 'fused nothing'}")
+        other = report.other_changes()
+        if other:
+            print(f"  also: {describe_counts(other)}")
     if outcomes is not None:
         print(f"attention cores: {len(outcomes)}, fused {sum(o.fused for o in outcomes)}")
         for outcome in outcomes:
