@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -226,3 +228,75 @@ def test_own_code_runs_with_the_opt_in(folders, tmp_path, monkeypatch):
     inputs = source.example_inputs(2, 6)
     with torch.inference_mode():
         torch.testing.assert_close(source.module(*inputs), reference.module(*inputs))
+
+
+def hf_greedy(model, ids: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
+    """transformers' own greedy generate with its KV cache: the ``steps`` new tokens per row."""
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            do_sample=False,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :].numpy()
+
+
+def session_greedy(path, ids: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
+    """Greedy tokens of the decode graph at ``path`` for a left-padded batch, positions counted
+    per row over the real tokens (as transformers' generate counts them)."""
+    from attn2onnx.generate import DecodeSession
+
+    session = DecodeSession(str(path))
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    logits = session.prefill(ids, mask, positions)[:, -1]
+    tokens = []
+    for _ in range(steps):
+        tokens.append(logits.argmax(-1))
+        mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+        logits = session.step(tokens[-1][:, None], mask, positions)[:, -1]
+    return np.stack(tokens, axis=1)
+
+
+def left_padded_prompts(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two prompts of 7 and 4 tokens, the second padded on the left (pad id 0)."""
+    ids = rng.integers(3, 97, size=(2, 7))
+    mask = np.ones((2, 7), dtype=np.int64)
+    ids[1, :3], mask[1, :3] = 0, 0
+    return ids, mask
+
+
+def test_decode_command_line_matches_transformers_generate(folders, capsys, tmp_path, rng):
+    """export DIR --decode (its decode check), generate (batch 1) and the graph's greedy tokens
+    on a left-padded batch of 2 equal transformers' generate; validate --decode passes."""
+    folder = str(folders("llama"))
+    path = str(tmp_path / "decode.onnx")
+    status, out, err = call(capsys, "export", folder, "-o", path, "--decode")
+    assert status == 0, err
+    assert "MISMATCH" not in out
+    graph = onnx.load(path)
+    assert [i.name for i in graph.graph.input][:5] == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+    ]
+    cache = graph.graph.input[3].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in cache] == ["batch", 2, "past", 8]  # [B, kv_heads, past, head_dim]
+    assert [o.name for o in graph.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    model = load_source(folder).module.model
+    prompt = [5, 17, 42, 8, 64]
+    status, out, err = call(
+        capsys, "generate", path, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "6", "--json"
+    )
+    assert status == 0, err
+    want = hf_greedy(model, np.array([prompt]), np.ones((1, 5), np.int64), 6)[0]
+    assert json.loads(out)["tokens"] == want.tolist()
+    ids, mask = left_padded_prompts(rng)
+    np.testing.assert_array_equal(session_greedy(path, ids, mask, 6), hf_greedy(model, ids, mask, 6))
+    status, out, err = call(capsys, "validate", path, "--reference", folder, "--decode")
+    assert status == 0, err

@@ -170,6 +170,15 @@ class TransformersCall(nn.Module):
         self.names = names
         self.no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
+    def decode_lm(self) -> nn.Module:
+        """The model as :mod:`attn2onnx.importers.transformers_decode` exports decode graphs of
+        it (what ``--decode`` takes); a one-line UsageError for a model that is no causal LM."""
+        from .transformers_decode import TransformersLM
+
+        if not is_causal(self.model):
+            raise UsageError(f"--decode needs a causal LM; this folder holds a {type(self.model).__name__}")
+        return TransformersLM(self.model)
+
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         out = self.model(**dict(zip(self.names, inputs)), **self.no_cache, return_dict=True)
         return out.logits if "logits" in out else out[0]

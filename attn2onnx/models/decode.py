@@ -70,6 +70,8 @@ def past_dim(limit: int | None) -> str:
 
 def check_decodable(model: nn.Module) -> CausalLM:
     """The model as a CausalLM whose every layer has a decode step; a one-line UsageError otherwise."""
+    if hasattr(model, "decode_lm"):  # a transformers causal LM (attn2onnx.importers.transformers_decode)
+        return model.decode_lm()
     if not isinstance(model, CausalLM):
         raise UsageError("--decode needs an attn2onnx causal LM checkpoint (family lm)")
     for block in model.trunk.blocks:
@@ -212,6 +214,8 @@ def example_inputs(wrapper: DecodeLM) -> tuple[torch.Tensor, ...]:
 def export_decode(model: nn.Module, path: str | os.PathLike, opset: int = 23):
     """Export ``model`` (a CausalLM) as a decode graph at ``path`` (checked and written
     atomically, as :func:`attn2onnx.exporter.export`); returns the ExportResult."""
+    if hasattr(model, "export_decode"):  # a transformers causal LM: its own cache in Optimum's layout
+        return model.export_decode(path, opset)
     from ..exporter import ExportResult, to_onnx
     from ..onnx_io import check_model, save_model
 
