@@ -32,7 +32,7 @@ import onnx_ir as ir
 import torch
 
 from ..errors import UsageError
-from .fold import StreamedTensor, fold_weight_nodes, skip_lazy
+from .fold import StreamedTensor, fold_weight_nodes, order_by_source, skip_lazy
 from .release import ReleaseCheckpoint
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -66,6 +66,7 @@ def attach_weights(graph: ir.Graph, checkpoint: ReleaseCheckpoint, dtype: str, p
             value.const_value.dtype,
             tuple(raw.shape),
             name,
+            key,
         )
         count += 1
     return count
@@ -82,7 +83,15 @@ def optimize_streamed(model: ir.Model) -> None:
     fold_weight_nodes(model.graph)
     onnxscript.optimizer.optimize_ir(model, should_fold=skip_lazy)
     onnxscript.rewriter.onnx_fusions.fuse(model)
+    fold_weight_nodes(model.graph)  # Reshapes whose shape the optimizer has just made constant
     legalize(model)
+    order_by_source(model.graph, _layer_rank)
+
+
+def _layer_rank(key: str) -> tuple[int, str]:
+    """Layer tensors by layer number, the rest (embedding, norm, head) after them."""
+    parts = key.split(".")
+    return (int(parts[2]), key) if key.startswith("trunk.blocks.") else (1 << 30, key)
 
 
 @contextlib.contextmanager
@@ -138,6 +147,11 @@ def export_streamed(
     from ..models import decode as dec
     from ..sources import from_module
 
+    if dtype not in ("fp32", "fp16"):
+        raise UsageError(
+            f"a {dtype} graph is not valid ONNX for this model (opset 23's Einsum takes no bfloat16); "
+            "export fp16 or fp32 (the bf16 checkpoint converts exactly to fp32)"
+        )
     checkpoint = checkpoint or ReleaseCheckpoint(folder)
     model = meta_model(checkpoint, dtype)
     start = time.perf_counter()

@@ -21,13 +21,15 @@ Source = Callable[[], torch.Tensor]
 
 class StreamedTensor(ir.LazyTensor):
     """A weight computed by ``source`` (a torch tensor of this dtype and shape) each time its
-    bytes are needed, never cached: the writer holds one at a time."""
+    bytes are needed, never cached: the writer holds one at a time. ``key`` names the
+    parameter it comes from (kept through folds), for writing a layer's weights together."""
 
-    def __init__(self, source: Source, dtype: ir.DataType, shape: tuple[int, ...], name: str) -> None:
+    def __init__(self, source: Source, dtype: ir.DataType, shape: tuple[int, ...], name: str, key: str) -> None:
         from torch.onnx._internal.exporter._core import TorchTensor
 
         super().__init__(lambda: TorchTensor(source(), name=name), dtype, ir.Shape(shape), name=name)
         self.source = source
+        self.key = key
 
 
 def is_streamed(value: ir.Value | None) -> bool:
@@ -56,10 +58,11 @@ def _folded(node: ir.Node, shape: tuple[int, ...], source: Source) -> tuple[tupl
         return tuple(shape[p] for p in perm), lambda: source().permute(perm).contiguous()
     if node.op_type == "Reshape":
         target = _const_ints(node.inputs[1] if len(node.inputs) > 1 else None)
-        attr = node.attributes.get("allowzero")
-        if target is None or (attr is not None and attr.as_int()):
+        if target is None:
             return None
-        dims = [shape[i] if d == 0 else d for i, d in enumerate(target)]
+        attr = node.attributes.get("allowzero")
+        literal = attr is not None and attr.as_int()  # torch writes allowzero=1: a 0 is a 0
+        dims = target if literal else [shape[i] if d == 0 else d for i, d in enumerate(target)]
         new = tuple(torch.empty(shape, device="meta").reshape(dims).shape)
         return new, lambda: source().reshape(new)
     return None
@@ -88,7 +91,7 @@ def fold_weight_nodes(graph: ir.Graph) -> int:
             name=None,
             shape=ir.Shape(shape),
             type=ir.TensorType(tensor.dtype),
-            const_value=StreamedTensor(source, tensor.dtype, shape, name),
+            const_value=StreamedTensor(source, tensor.dtype, shape, name, tensor.key),
         )
         ir.convenience.replace_all_uses_with(out, new)
         graph.remove(node, safe=True)
@@ -101,4 +104,15 @@ def fold_weight_nodes(graph: ir.Graph) -> int:
     return folded
 
 
-__all__ = ["StreamedTensor", "fold_weight_nodes", "is_streamed", "skip_lazy"]
+def order_by_source(graph: ir.Graph, rank: Callable[[str], tuple]) -> None:
+    """Reorder ``graph``'s initializers so that the streamed ones come in the order ``rank``
+    gives their source keys (folds appended theirs at the end, last layer first): the writer
+    then reads each layer of the checkpoint once."""
+    values = list(graph.initializers.values())
+    streamed = sorted((v for v in values if is_streamed(v)), key=lambda v: rank(v.const_value.key))
+    graph.initializers.clear()
+    for value in [v for v in values if not is_streamed(v)] + streamed:
+        graph.register_initializer(value)
+
+
+__all__ = ["StreamedTensor", "fold_weight_nodes", "is_streamed", "order_by_source", "skip_lazy"]
