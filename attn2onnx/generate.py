@@ -20,7 +20,7 @@ import numpy as np
 from .errors import UsageError
 
 if TYPE_CHECKING:
-    from .models.decode import CacheSpec
+    from .graph_format import CacheSpec
 
 
 @dataclass

@@ -1,8 +1,13 @@
 """The ``ai.attn2onnx`` op set (version 1): one folder per op, every backend side by side.
 
-Importing this package registers every op with torch (``torch.ops.attn2onnx.*``) and its
-schema with onnx. :func:`translation_table` feeds ``torch.onnx.export`` and
-:func:`function_protos` gives the standard-op bodies to attach to exported models.
+Importing this package registers every op's schema with onnx and its standard-op function body,
+rules and backends in :data:`REGISTRY`: all that loading, checking, optimising and running a graph
+needs, with onnx and onnxscript and no torch. :func:`function_protos` gives the bodies to attach
+to exported models.
+
+The torch side (``torch.ops.attn2onnx.*``, each op's PyTorch reference as its eager body) is
+imported on first use: importing :mod:`.torch_ops` registers every op with torch, and
+:func:`translation_table` (for ``torch.onnx.export``) and :func:`decompositions` load it.
 """
 
 from __future__ import annotations
@@ -20,14 +25,15 @@ from ._validation import InvalidModelError, check_model
 
 
 def translation_table() -> dict:
-    """``custom_translation_table`` for ``torch.onnx.export``: torch overload -> translation."""
+    """``custom_translation_table`` for ``torch.onnx.export``: torch overload -> translation
+    (registers the ops with torch)."""
     return {opdef.overload_packet: opdef.translation for opdef in REGISTRY.values()}
 
 
 def decompositions() -> dict:
     """torch overload -> reference implementation: ``ExportedProgram.run_decompositions``
     with this table turns every attn2onnx op into the plain aten ops of its reference (what
-    a stock exporter sees in a model written without attn2onnx)."""
+    a stock exporter sees in a model written without attn2onnx). Registers the ops with torch."""
     return {opdef.overload_packet: REFERENCES[opdef.torch_op._qualname] for opdef in REGISTRY.values()}
 
 

@@ -2,17 +2,23 @@
 
 Every op folder defines these things and hands them to :func:`register_op` as one :class:`OpDef`:
 
-* a ``torch.library.custom_op`` made by :func:`define_op` from the op's pure-PyTorch *reference*
-  (the numerical contract of variants.md) itself: torch infers the schema from the reference's
-  type hints, so the op's signature is written once; plus a fake (shape) function;
 * an ``onnx.defs.OpSchema`` so that exporters and checkers know the node's signature;
 * an onnxscript function body built from standard ONNX ops (opset 23), attached to every
   exported model so that stock runtimes can run the node when no native kernel is registered,
   plus the onnxscript *translation* used by ``torch.onnx.export(custom_translation_table=...)``
   that emits one bare ``ai.attn2onnx`` node (the body is attached after export, never inlined);
+* in its ``reference.py``, a ``torch.library.custom_op`` named like the folder, made by
+  :func:`define_op` from the op's pure-PyTorch *reference* (the numerical contract of
+  variants.md) itself: torch infers the schema from the reference's type hints, so the op's
+  signature is written once; plus a fake (shape) function;
 * optionally its :class:`Backends` (C++ ORT kernel, Triton kernel, TensorRT plugin), declared in
   the op folder's ``backends.py``. The native build, the TensorRT plugin registration, the trt
   target and ``attn2onnx doctor`` all find an op's backends there, through :data:`REGISTRY`.
+
+This module and the registry import onnx only: loading, checking, optimising and running a graph
+need no torch (it takes seconds to import). The torch side of an op (its ``reference.py`` and
+Triton kernel) is imported on first use, by :meth:`OpDef.load_torch`; the functions below that
+build it import torch themselves.
 
 Training through the ops works because :func:`register_autograd_from_reference` gives each op
 a backward that differentiates its reference implementation.
@@ -24,11 +30,14 @@ import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
 import onnx
 import onnx.defs
-import torch
+
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: torch is imported where the torch side is built)
+    import torch
 
 DOMAIN = "ai.attn2onnx"
 OPSET_VERSION = 1
@@ -95,7 +104,7 @@ class Backends:
     An op folder declares them in its ``backends.py``: plain constants (``KERNEL_SOURCE``,
     ``TRITON_MODULE``, ``TRT_PLUGIN_MODULE``) and no imports, because the native build
     (:func:`attn2onnx.runtime.native.kernel_sources`) reads that file by path: importing the op
-    set needs torch, and ``python -m attn2onnx.runtime.native`` must work without it."""
+    set loads onnx and onnxscript, which ``python -m attn2onnx.runtime.native`` does not need."""
 
     kernel_source: Path | None = None  # C++ ONNX Runtime CPU kernel, compiled into the native library
     triton_module: str | None = None  # imported where triton is: registers the torch op's CUDA kernel
@@ -133,10 +142,12 @@ class Overload:
 
 @dataclass(frozen=True)
 class OpDef:
-    """Everything the exporter and the runtimes need to know about one op."""
+    """Everything the exporter and the runtimes need to know about one op. ``package`` is the op
+    folder's module name; its torch op (``torch.ops.attn2onnx.<folder name>``) is not held here
+    but imported on first use (:meth:`load_torch`), so the registry needs no torch."""
 
     onnx_name: str
-    torch_op: Any  # torch._library.custom_ops.CustomOpDef
+    package: str  # "attn2onnx.custom_ops.super_mix": reference.py there defines torch op "super_mix"
     schema: onnx.defs.OpSchema
     translation: Any  # onnxscript OnnxFunction emitting the bare custom node
     body: Any  # onnxscript OnnxFunction made of standard ops
@@ -145,8 +156,29 @@ class OpDef:
     overloads: tuple[Overload, ...] = field(default=(), compare=False)
 
     @property
+    def torch_name(self) -> str:
+        """The torch op's name in the ``attn2onnx`` namespace: the folder's name."""
+        return self.package.rpartition(".")[2]
+
+    def load_torch(self) -> ModuleType:
+        """The op's ``reference.py`` module, imported on first call (with torch): importing it
+        registers ``torch.ops.attn2onnx.<torch_name>``; where triton is installed, the op's Triton
+        kernel is imported after it, which registers the torch op's CUDA kernel."""
+        module = importlib.import_module(f"{self.package}.reference")
+        if self.backends.triton_module and importlib.util.find_spec("triton") is not None:
+            importlib.import_module(self.backends.triton_module)
+        return module
+
+    @property
+    def torch_op(self) -> Any:
+        """The torch custom op (``torch._library.custom_ops.CustomOpDef``), loaded by :meth:`load_torch`."""
+        return getattr(self.load_torch(), self.torch_name)
+
+    @property
     def overload_packet(self) -> Any:
         """The ``torch.ops.attn2onnx.<name>`` overload the exporter sees in the graph."""
+        import torch
+
         namespace, name = self.torch_op._qualname.split("::")
         return getattr(getattr(torch.ops, namespace), name).default
 
@@ -212,14 +244,26 @@ def make_schema(
 
 
 def register_op(opdef: OpDef) -> OpDef:
-    """Register the schema with onnx (once per process) and the op in :data:`REGISTRY`; where
-    triton is installed, import the op's Triton kernel (it registers the torch op's CUDA kernel)."""
+    """Register the schema with onnx (once per process) and the op in :data:`REGISTRY`. The torch
+    side is left for :meth:`OpDef.load_torch`."""
     if not onnx.defs.has(opdef.onnx_name, DOMAIN):
         onnx.defs.register_schema(opdef.schema)
     REGISTRY[opdef.onnx_name] = opdef
-    if opdef.backends.triton_module and importlib.util.find_spec("triton") is not None:
-        importlib.import_module(opdef.backends.triton_module)
     return opdef
+
+
+def torch_attributes(opdef: OpDef) -> Callable[[str], Any]:
+    """The module ``__getattr__`` (PEP 562) of an op folder: its torch op and reference
+    (``<torch_name>``, ``<torch_name>_reference``) are read from its ``reference.py``, imported
+    on first use, so that importing the folder (schema, body, rules) needs no torch."""
+    names = (opdef.torch_name, f"{opdef.torch_name}_reference")
+
+    def __getattr__(name: str) -> Any:
+        if name not in names:
+            raise AttributeError(f"module {opdef.package!r} has no attribute {name!r}")
+        return getattr(opdef.load_torch(), name)
+
+    return __getattr__
 
 
 def check_attention_inputs(
@@ -238,6 +282,8 @@ def check_attention_inputs(
 
 def empty_like_first(x: torch.Tensor, *_: object) -> torch.Tensor:
     """Fake function of an op whose one output is shaped like its first input."""
+    import torch
+
     return torch.empty_like(x)
 
 
@@ -247,6 +293,8 @@ def define_op(name: str, reference: Callable[..., Any], fake: Callable[..., Any]
     gives the output shapes (it may take ``*args``); the backward differentiates the reference
     (:func:`register_autograd_from_reference`). The reference must return fresh tensors laid out
     as ``fake`` says (contiguous), since it is what the op returns."""
+    import torch
+
     torch_op = torch.library.custom_op(f"{TORCH_NAMESPACE}::{name}", reference, mutates_args=())
     torch_op.register_fake(fake)
     register_autograd_from_reference(torch_op, reference)
@@ -261,6 +309,8 @@ def register_autograd_from_reference(torch_op: Any, reference: Callable[..., Any
     It is also recorded in :data:`REFERENCES`, where the stock-export path finds it to
     decompose the op into plain aten ops.
     """
+    import torch
+
     REFERENCES[torch_op._qualname] = reference
 
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:

@@ -111,7 +111,7 @@ def run_worker(out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from attn2onnx.custom_ops.dcmha_attention.triton_kernel import dcmha_attention_triton
 
-    import attn2onnx.custom_ops  # noqa: F401  (registers torch.ops.attn2onnx.*)
+    import attn2onnx.custom_ops.torch_ops  # noqa: F401  (registers torch.ops.attn2onnx.*)
 
     op = torch.ops.attn2onnx.dcmha_attention
     results = {}

@@ -24,15 +24,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..checkpoint import save
     from ..errors import UsageError
     from ..fileio import refuse_overwriting_inputs
-    from ..importers.dcformer import import_dcformer
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder (convert takes a release folder: config.json + weights)")
     refuse_overwriting_inputs([args.output], [folder])
+    from ..checkpoint import save  # torch: after the checks
+    from ..importers.dcformer import import_dcformer
     model = import_dcformer(folder)
     path = save(model, args.output)
     c = model.config

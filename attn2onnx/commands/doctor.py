@@ -4,7 +4,8 @@ op of the registry which backends it has besides its function body and which of 
   attn2onnx doctor
   attn2onnx doctor --json
 
-Exit 0 always (it reports; missing optional parts are not errors)."""
+Exit 0 always (it reports; missing optional parts are not errors). It imports no torch: the GPU
+is asked of the CUDA driver, the op registry is torch-free."""
 
 from __future__ import annotations
 
@@ -24,12 +25,29 @@ def _native() -> tuple[bool, str]:
     return (True, str(native.library_path())) if reason is None else (False, reason.splitlines()[0])
 
 
-def _gpu() -> tuple[bool, str]:
-    import torch
+# Where the CUDA driver library is: Linux, then Windows (macOS has none).
+CUDA_DRIVERS = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")
 
-    if torch.cuda.is_available():
-        return True, torch.cuda.get_device_name(0)
-    return False, "no CUDA device (torch.cuda.is_available() is False)"
+
+def _gpu() -> tuple[bool, str]:
+    """The first CUDA device, asked of the CUDA driver API (libcuda) through ctypes: what
+    ``torch.cuda.is_available()`` asks too, without the seconds of importing torch."""
+    import ctypes
+
+    for library in CUDA_DRIVERS:
+        try:
+            cuda = ctypes.CDLL(library)
+            break
+        except OSError:
+            continue
+    else:
+        return False, "no CUDA device (no CUDA driver: libcuda not found)"
+    count, device, name = ctypes.c_int(0), ctypes.c_int(0), ctypes.create_string_buffer(256)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return False, "no CUDA device (the CUDA driver finds none)"
+    if cuda.cuDeviceGet(ctypes.byref(device), 0) != 0 or cuda.cuDeviceGetName(name, len(name), device) != 0:
+        return True, f"{count.value} CUDA device(s)"
+    return True, name.value.decode(errors="replace")
 
 
 def _triton() -> tuple[bool, str]:

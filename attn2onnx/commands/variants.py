@@ -1,5 +1,6 @@
 """List the attention variants attn2onnx supports: the paper each comes from, whether it can
-be causal, its parameter count per layer (biases excluded) and the model families it fits."""
+be causal, its parameter count per layer (biases excluded) and the model families it fits.
+Read from the variants' torch-free listing (attn2onnx.variants.LISTINGS): no torch import."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ def table(rows: list[tuple[str, ...]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..variants import VARIANTS
+    from ..variants import LISTINGS
 
     rows = [("variant", "paper", "causal", "params / layer (no biases)", "families")]
-    for info in VARIANTS.values():
-        rows.append((info.name, info.paper, "yes" if info.causal else "no", info.params, ", ".join(info.families)))
+    for name, info in LISTINGS.items():
+        rows.append((name, info.paper, "yes" if info.causal else "no", info.params, ", ".join(info.families)))
     print(table(rows))
     return 0

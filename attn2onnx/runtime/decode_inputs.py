@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UsageError
+from ..graph_format import CacheSpec
 from ..io_spec import InputSpec, random_inputs
-from ..models.decode import CacheSpec
 from .metadata import DecodeMeta
 
 DEFAULT_PAST = 8  # cached positions of random inputs when the user does not choose (fewer if max_len is short)

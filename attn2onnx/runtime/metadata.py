@@ -22,10 +22,9 @@ from typing import Any, Collection, NoReturn, Sequence, get_args
 import onnx
 
 from ..errors import UsageError
+from ..graph_format import DECODE_KEY, INPUTS, MAX_SEQ_KEY, CacheSpec, past_dim
 from ..io_spec import METADATA_KEY as INPUTS_KEY
 from ..io_spec import InputSpec, Kind
-from ..exporter import MAX_SEQ_KEY
-from ..models.decode import DECODE_KEY, INPUTS, CacheSpec, past_dim
 
 MAX_CHARS = 1 << 20  # far beyond any real description (a 100-layer decode graph's is ~40 KB)
 MAX_DEPTH = 8  # the decode description nests 4 deep ({"caches": [{"dims": [...]}]})

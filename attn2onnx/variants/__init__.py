@@ -1,34 +1,76 @@
 """One PyTorch module per attention variant (variants.md), and the registry of them.
 
-The registry's names are in :data:`NAMES`, readable without torch, so that ``attn2onnx new``
-refuses an unknown variant at once; the registry itself (:mod:`attn2onnx.variants.base`, every
-variant module registered) is imported on first use of a name below (PEP 562).
+What ``attn2onnx variants`` lists about each variant and the module that registers it are in
+:data:`LISTINGS`, readable without torch, so that ``attn2onnx variants`` answers without it and
+``attn2onnx new`` refuses an unknown variant at once; the registry itself
+(:mod:`attn2onnx.variants.base`, every variant module registered) is imported on first use of a
+name below (PEP 562). A test holds the two equal.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-# Variant name -> module that registers it, in registration (variants.md) order; a test holds
-# it equal to the registry.
-NAMES: dict[str, str] = {
-    "mha": "mha",
-    "optimised": "hosseini",
-    "efficient": "hosseini",
-    "super": "hosseini",
-    "dcmha": "dcmha",
-    "imhsa": "imhsa",
-    "reuse": "reuse",
-    "bn": "bn_sh",
-    "sh": "bn_sh",
-    "bn-sh": "bn_sh",
+
+@dataclass(frozen=True)
+class Listing:
+    """A variant as ``attn2onnx variants`` lists it: the fields of its registry entry
+    (:class:`~attn2onnx.variants.base.VariantInfo`) that need no torch, and its module."""
+
+    module: str  # the module under attn2onnx.variants that registers it
+    paper: str
+    causal: bool  # supports causal attention
+    params: str  # parameter-count formula (biases excluded)
+    families: tuple[str, ...]  # families it fits: lm, encoder, layer
+
+
+_ALL_FAMILIES = ("lm", "encoder", "layer")
+_NOT_CAUSAL = ("encoder", "layer")
+_HOSSEINI = "Hosseini & Hosseini, You Need to Pay Better Attention (arXiv 2403.01643, 2024)"
+_NGUYEN = "Nguyen et al., A Primal-Dual Framework for Transformers and Neural Networks (ICLR 2023)"
+
+# Variant name -> its listing, in registration (variants.md) order.
+LISTINGS: dict[str, Listing] = {
+    "mha": Listing("mha", "Vaswani et al., Attention Is All You Need (NeurIPS 2017)", True, "4D^2", _ALL_FAMILIES),
+    "optimised": Listing("hosseini", _HOSSEINI, True, "3D^2", _ALL_FAMILIES),
+    "efficient": Listing("hosseini", _HOSSEINI, True, "2D^2", _ALL_FAMILIES),
+    "super": Listing("hosseini", _HOSSEINI, True, "2D^2 + Lmax^2", _ALL_FAMILIES),
+    "dcmha": Listing(
+        "dcmha",
+        "Xiao et al., DCFormer (ICML 2024)",
+        True,
+        "4D^2 + 4DK + 8KRN + 4DN (+2d QK-norm, +2N^2 static mix)",
+        _ALL_FAMILIES,
+    ),
+    "imhsa": Listing(
+        "imhsa",
+        "Kang, Yang & Ryu, Interactive Multi-Head Self-Attention with Linear Complexity (2024)",
+        False,
+        "4D^2 + 2N^2 (mix pre or post), 4D^2 + 4N^2 (both)",
+        _NOT_CAUSAL,
+    ),
+    "reuse": Listing(
+        "reuse",
+        "Bhojanapalli et al., Leveraging Redundancy in Attention with Reuse Transformers (2021)",
+        True,
+        "2D^2 + 2D(N-P)d",
+        _ALL_FAMILIES,
+    ),
+    "bn": Listing("bn_sh", _NGUYEN, False, "4D^2", _NOT_CAUSAL),
+    "sh": Listing("bn_sh", _NGUYEN, False, "4D^2", _NOT_CAUSAL),
+    "bn-sh": Listing("bn_sh", _NGUYEN, False, "4D^2", _NOT_CAUSAL),
 }
+# Variant name -> module that registers it.
+NAMES: dict[str, str] = {name: listing.module for name, listing in LISTINGS.items()}
 
 __all__ = [
+    "LISTINGS",
     "NAMES",
     "VARIANTS",
     "AttentionConfig",
+    "Listing",
     "VariantError",
     "VariantInfo",
     "build_attention",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import custom_ops  # noqa: F401  (registers torch.ops.attn2onnx.pooled_norm_attention)
+from ..custom_ops import torch_ops  # noqa: F401  (registers torch.ops.attn2onnx.pooled_norm_attention)
 from .base import AttentionConfig, VariantError, VariantInfo, check_input, register_variant, split_heads
 
 PAPER = "Nguyen et al., A Primal-Dual Framework for Transformers and Neural Networks (ICLR 2023)"

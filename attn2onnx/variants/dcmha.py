@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import custom_ops  # noqa: F401  (registers torch.ops.attn2onnx.dcmha_attention)
+from ..custom_ops import torch_ops  # noqa: F401  (registers torch.ops.attn2onnx.dcmha_attention)
 from .base import AttentionConfig, VariantError, VariantInfo, check_input, register_variant, split_heads
 from .mha import CacheEntry
 

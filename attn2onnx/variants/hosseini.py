@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .. import custom_ops  # noqa: F401  (registers torch.ops.attn2onnx.super_mix)
+from ..custom_ops import torch_ops  # noqa: F401  (registers torch.ops.attn2onnx.super_mix)
 from ..custom_ops._attention_math import attention
 from .base import AttentionConfig, VariantError, VariantInfo, check_input, register_variant, split_heads
 from .mha import CacheEntry, cache_layout, extend_cache

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import custom_ops  # noqa: F401  (registers torch.ops.attn2onnx.landmark_attention)
+from ..custom_ops import torch_ops  # noqa: F401  (registers torch.ops.attn2onnx.landmark_attention)
 from .base import AttentionConfig, VariantError, VariantInfo, check_input, register_variant, split_heads
 
 MIX_MODES = {"pre": ("pre",), "post": ("post",), "both": ("pre", "post")}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import custom_ops  # noqa: F401  (registers torch.ops.attn2onnx.prob_attention)
+from ..custom_ops import torch_ops  # noqa: F401  (registers torch.ops.attn2onnx.prob_attention)
 from .base import AttentionConfig, VariantError, VariantInfo, check_input, register_variant, split_heads
 from .mha import CacheEntry, cache_layout, extend_cache
 

@@ -1,18 +1,23 @@
-"""PooledNormAttention op: Attention-BN / SH / BN+SH, every backend side by side."""
+"""PooledNormAttention op: Attention-BN / SH / BN+SH, every backend side by side.
 
-from .._common import OpDef, register_op
+Importing the folder registers the op's schema (onnx only); its torch op and reference
+(``pooled_norm_attention``, ``pooled_norm_attention_reference``, from reference.py) are imported
+on first use (with torch).
+"""
+
+from .._common import OpDef, register_op, torch_attributes
 from .onnx_function import RULES, SCHEMA, PooledNormAttention, translate_pooled_norm_attention
-from .reference import pooled_norm_attention, pooled_norm_attention_reference
 
 OP = register_op(
     OpDef(
         "PooledNormAttention",
-        pooled_norm_attention,
+        __name__,
         SCHEMA,
         translate_pooled_norm_attention,
         PooledNormAttention,
         RULES,
     )
 )
+__getattr__ = torch_attributes(OP)
 
 __all__ = ["OP", "pooled_norm_attention", "pooled_norm_attention_reference"]
