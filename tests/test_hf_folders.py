@@ -26,7 +26,7 @@ from attn2onnx.errors import UsageError
 from attn2onnx.exporter import ExportError, export
 from attn2onnx.sources import load_source, transformers_folder_source
 from attn2onnx.validate import check_parity
-from hf_configs import ARCHITECTURES, save_quietly, save_tiny
+from hf_configs import ARCHITECTURES, DECODERS, save_quietly, save_tiny
 from test_cli_basic import assert_one_line_error, call
 
 pytest.importorskip("transformers")
@@ -300,3 +300,25 @@ def test_decode_command_line_matches_transformers_generate(folders, capsys, tmp_
     np.testing.assert_array_equal(session_greedy(path, ids, mask, 6), hf_greedy(model, ids, mask, 6))
     status, out, err = call(capsys, "validate", path, "--reference", folder, "--decode")
     assert status == 0, err
+
+
+DECODE_CASES = [
+    pytest.param(name, impl, id=f"{name}-{impl}", marks=_known_failure(name, impl))
+    for name in DECODERS
+    for impl in ("eager", "sdpa")
+]
+
+
+@pytest.mark.skipif(not FULL, reason="the whole decode matrix runs with ATTN2ONNX_HF_FULL=1 (llama runs always, above)")
+@pytest.mark.parametrize("name,impl", DECODE_CASES)
+def test_decode_graph_matches_transformers_generate(name, impl, folders, tmp_path, rng):
+    source = transformers_folder_source(folders(name), attn_implementation=impl)
+    lm = source.module.decode_lm()
+    path = tmp_path / "decode.onnx"
+    lm.export_decode(path)
+    assert check_parity(path, lm, decode=True, steps=4).passed
+    ids, mask = left_padded_prompts(rng)
+    for rows in (slice(0, 1), slice(0, 2)):  # batch 1, then batch 2 with left padding
+        np.testing.assert_array_equal(
+            session_greedy(path, ids[rows], mask[rows], 6), hf_greedy(lm.model, ids[rows], mask[rows], 6)
+        )
