@@ -206,11 +206,12 @@ def check_feeds(specs: Sequence[InputSpec], feeds: dict[str, np.ndarray]) -> Non
     """Raise a one-line UsageError when ``feeds`` do not fit ``specs`` (names, rank, fixed dims,
     dtype, consistent batch/seq sizes)."""
     missing = [s.name for s in specs if s.name not in feeds]
-    if missing:
-        raise UsageError(f"missing input(s): {', '.join(missing)}")
     extra = sorted(set(feeds) - {s.name for s in specs})
-    if extra:
-        raise UsageError(f"unexpected input(s): {', '.join(extra)}; the model takes {', '.join(s.name for s in specs)}")
+    if missing or extra:  # both named at once: a renamed input (attention_mask for key_padding_mask) is plain
+        problems = [f"missing input(s): {', '.join(missing)}"] if missing else []
+        problems += [f"unexpected input(s): {', '.join(extra)}"] if extra else []
+        takes = ", ".join(f"{s.name} [{', '.join(str(d) for d in s.dims)}] {s.numpy_dtype}" for s in specs)
+        raise UsageError(f"{'; '.join(problems)}; the model takes {takes}")
     bound: dict[str, int] = {}
     for spec in specs:
         value = feeds[spec.name]

@@ -149,11 +149,15 @@ def load_onnx(path: str | os.PathLike, *, load_weights: bool = False) -> onnx.Mo
     and graph are enough for checks), and every external-data reference is checked to stay
     inside the model's folder before any weight is read (:mod:`attn2onnx.external_data`). Ops
     ONNX Runtime runs that onnx.checker does not know (the fused ops of ``optimize --target ort``)
-    are checked against ORT's own schemas instead (:mod:`attn2onnx.ort_schemas`)."""
+    are checked against ORT's own schemas instead (:mod:`attn2onnx.ort_schemas`). A PyTorch
+    file (told by its first bytes: :mod:`attn2onnx.file_kinds`) is refused saying to export it."""
     from .errors import UsageError
     from .external_data import check_external_data
+    from .file_kinds import is_torch_file, torch_file_error
 
     path = regular_file(path)
+    if is_torch_file(path):  # before any parse: a large checkpoint is not read at all
+        raise torch_file_error(path)
     # the checker parses a copy of its own: done before ours, the two never coexist (an inline
     # model's weights were held three times at once)
     problem = _structure_problem(path)

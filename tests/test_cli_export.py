@@ -167,8 +167,8 @@ def test_trusted_pickle_exports(capsys, tmp_path):
         (["validate", "MODEL", "--reference", "CKPT", "--shapes", "2by3"], "bad shape"),
         (["validate", "MODEL", "--reference", "CKPT", "--shapes", "1x500"], "exceeds"),
         (["validate", "MODEL", "--reference", "CKPT", "--backends", "tpu"], "unknown backend"),
-        (["validate", "CKPT", "--reference", "CKPT"], "not a readable ONNX model"),
-        (["run", "CKPT"], "not a readable ONNX model"),
+        (["validate", "CKPT", "--reference", "CKPT"], "is a PyTorch file, not an ONNX model: export it first"),
+        (["run", "CKPT"], "is a PyTorch file, not an ONNX model: export it first"),
     ],
 )
 def test_validate_and_run_bad_input(exported, capsys, args, match):

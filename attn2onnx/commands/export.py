@@ -14,7 +14,13 @@ max abs / rel error against the PyTorch model (in fp32) is printed; exit 1 when 
 every layer's cache (past_key_values.{i}.*) and gives logits and the updated caches (present.{i}.*);
 the check then runs prefill + decode steps against PyTorch's full forward (validate --decode).
 --atol / --rtol / --check-error-stat set the check's rule as for validate (each line prints it);
---save-inputs writes the inputs it fed, for validate --load-inputs to replay."""
+--save-inputs writes the inputs it fed, for validate --load-inputs to replay. --optimize runs
+optimize's passes on the written graph (a decode graph too) before the check, which then checks
+the optimised graph.
+
+A model of your own (a state_dict, a pickled module) exports as a torch.export program:
+  torch.export.save(torch.export.export(model, (example_input,)), "model.pt2")
+then attn2onnx export model.pt2 -o model.onnx. On a terminal, stderr names each stage."""
 
 from __future__ import annotations
 
@@ -109,16 +115,19 @@ def opset_errors(opset: int) -> Iterator[None]:
 
 def check_paths(args: argparse.Namespace) -> None:
     """Refuse, before torch and the exporter are imported (seconds), an output that is no .onnx
-    file or that export could not write or read back, and a model path that does not exist."""
+    file or that export could not write or read back, a model path that does not exist, and an
+    ONNX model (it needs no export: optimize or run it)."""
     from pathlib import Path
 
     from ..errors import UsageError
+    from ..file_kinds import is_onnx_model, onnx_model_error, require_onnx_name
     from ..fileio import written_through
 
-    if not args.output.endswith(".onnx"):
-        raise UsageError(f"output {args.output!r} should end in .onnx")
+    require_onnx_name(args.output)
     if not Path(args.model).exists():  # load_source reads what is there (file or release folder)
         raise FileNotFoundError(f"no such file: {args.model}")
+    if is_onnx_model(args.model):
+        raise onnx_model_error(args.model)
     # a missing or mistyped folder fails before the export, not after; so does a pipe or device
     # the model could not be read back from
     if written_through(args.output) and (args.optimize or not args.no_check):
@@ -127,8 +136,59 @@ def check_paths(args: argparse.Namespace) -> None:
         )
 
 
+# How to export a model attn2onnx cannot load itself (a state_dict, a pickled module).
+PT2_RECIPE = "torch.export.save(torch.export.export(model, (example_input,)), 'model.pt2')"
+
+
+def foreign_torch_file(path: str) -> bool:
+    """Whether ``path`` is a PyTorch file holding some other model than an attn2onnx checkpoint:
+    weights (a state_dict, a training checkpoint's dict) or pickled objects (a module), which
+    export takes as a torch.export program instead. A second, weights-only look at the file, on
+    the error path only; a damaged file, a program or an attn2onnx checkpoint is not one."""
+    import pickle
+    from pathlib import Path
+
+    from ..checkpoint import FORMAT
+    from ..file_kinds import is_pickle, is_torch_file
+    from ..torch_files import load_weights_only
+
+    if Path(path).suffix == ".pt2" or not is_torch_file(path):
+        return False
+    if is_pickle(path):  # a legacy torch.save or pickle.dump: never an attn2onnx checkpoint
+        return True
+    try:
+        payload = load_weights_only(path)
+    except pickle.UnpicklingError:  # objects the weights-only unpickler refuses: a pickled module
+        return True
+    except Exception:  # noqa: BLE001 - a damaged file: the loader's own error says so
+        return False
+    return not (isinstance(payload, dict) and payload.get("format") == FORMAT)
+
+
+@contextlib.contextmanager
+def pt2_hint(args: argparse.Namespace) -> Iterator[None]:
+    """A model file that does not load because it is some other model than attn2onnx's
+    (:func:`foreign_torch_file`): its one-line error also gives the torch.export route."""
+    from ..errors import UsageError
+    from ..file_kinds import quoted
+
+    try:
+        yield
+    except UsageError as e:
+        if not foreign_torch_file(args.model):
+            raise
+        raise UsageError(
+            f"{e}; to export a model of your own, save it as a torch.export program: {PT2_RECIPE}, "
+            f"then attn2onnx export model.pt2 -o {quoted(args.output)}"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     check_paths(args)
+    from ..progress import Progress
+
+    progress = Progress.for_command()
+    progress.stage("loading PyTorch and the exporter")
     import copy
 
     import torch
@@ -145,8 +205,10 @@ def run(args: argparse.Namespace) -> int:
     refuse_overwriting_inputs(output_files(args.output), [args.model])
     check_flags(args)
     if args.decode:
-        return run_decode(args)
-    source = load_source(args.model, trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code)
+        return run_decode(args, progress)
+    progress.stage(f"loading {args.model}")
+    with pt2_hint(args):
+        source = load_source(args.model, trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code)
     specs = with_precision(source.specs, args.dtype)
     fixed = fixed_sizes(specs)  # a static program's own sizes
     batch, seq = source.fit(fixed.get("batch", 2), fixed.get("seq", 16))  # defaults inside the model's ranges
@@ -158,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
     check_input_memory(specs, [(batch, seq)])
     module = copy.deepcopy(source.module).half() if args.dtype == "fp16" else source.module
     example = [torch.from_numpy(a) for a in random_inputs(specs, batch, seq, pad=False).values()]
+    progress.stage(f"exporting to ONNX (torch.onnx, opset {args.opset})")
     with opset_errors(args.opset):
         result = export(
             module,
@@ -173,18 +236,27 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, "
         f"exported in {result.seconds:.1f} s"
     )
-    if args.optimize:
-        from ..passes import optimize
-
-        report = optimize(args.output, args.output, target=args.target)
-        print(f"optimized for {args.target}: {report.before.nodes} -> {report.after.nodes} nodes")
+    optimize_written(args, progress)
     if args.no_check:
         return 0
     shapes = [(batch, seq)]
     if not args.static:
         shapes.append(source.fit(batch + 1, max(1, seq // 2 + 1)))
     shapes, _ = runnable_shapes(specs, shapes, requested=False)  # once each, as a static program takes them
+    progress.stage("checking against PyTorch in ONNX Runtime")
     return finish_check(args, check_parity(result.path, source, shapes, dtype=args.dtype, **check_options(args)))
+
+
+def optimize_written(args: argparse.Namespace, progress) -> None:
+    """With --optimize, run the target's passes on the written graph in place (the check that
+    follows checks the optimised graph)."""
+    if not args.optimize:
+        return
+    from ..passes import optimize
+
+    progress.stage(f"optimizing for {args.target}")
+    report = optimize(args.output, args.output, target=args.target)
+    print(f"optimized for {args.target}: {report.before.nodes} -> {report.after.nodes} nodes")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -235,9 +307,9 @@ def print_check(report) -> int:
 DECODE_STEPS = 4  # decode steps of the check after a --decode export
 
 
-def run_decode(args: argparse.Namespace) -> int:
-    """export --decode: the decode graph (attn2onnx.models.decode), then prefill + decode steps
-    in ORT checked against the PyTorch full forward."""
+def run_decode(args: argparse.Namespace, progress) -> int:
+    """export --decode: the decode graph (attn2onnx.models.decode), optimised with --optimize,
+    then prefill + decode steps in ORT checked against the PyTorch full forward."""
     from ..errors import UsageError
     from ..fileio import refuse_overwriting_inputs
     from ..models.decode import check_decodable, export_decode
@@ -245,18 +317,23 @@ def run_decode(args: argparse.Namespace) -> int:
     from ..sources import load_source
     from ..validate import check_parity
 
-    refused = (("--static", args.static), ("--dtype fp16", args.dtype == "fp16"), ("--optimize", args.optimize))
-    for flag, given in refused:
+    for flag, given in (("--static", args.static), ("--dtype fp16", args.dtype == "fp16")):
         if given:
             raise UsageError(f"{flag} is not supported with --decode yet")
     refuse_overwriting_inputs(output_files(args.output), [args.model])
-    lm = check_decodable(load_source(args.model, trust_pickle=args.trust_pickle).module)
+    progress.stage(f"loading {args.model}")
+    with pt2_hint(args):
+        source = load_source(args.model, trust_pickle=args.trust_pickle)
+    lm = check_decodable(source.module)
+    progress.stage(f"exporting the decode graph to ONNX (torch.onnx, opset {args.opset})")
     with opset_errors(args.opset):
         result = export_decode(lm, args.output, opset=args.opset)
     print(
         f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, {len(result.inputs) - 3} "
         f"cache inputs, exported in {result.seconds:.1f} s"
     )
+    optimize_written(args, progress)
     if args.no_check:
         return 0
+    progress.stage("checking prefill + decode steps against PyTorch in ONNX Runtime")
     return finish_check(args, check_parity(result.path, lm, decode=True, steps=DECODE_STEPS, **check_options(args)))

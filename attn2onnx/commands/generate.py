@@ -5,10 +5,12 @@
   attn2onnx generate lm.onnx --prompt "Hi" --json
 
 The prompt runs once (prefill), then one decode step per token with the caches carried in ORT
-values; greedy unless --temperature > 0. A text prompt is encoded as UTF-8 bytes, for models
-whose vocabulary holds the 256 byte values; any other model takes --prompt-ids. A last line on
-stderr gives the speed in tokens/s. --json prints one object: prompt_ids, tokens, text (byte
-vocabularies), stopped (eos or max_new_tokens), prefill_seconds, decode_seconds, tokens_per_s."""
+values; greedy unless --temperature > 0 or --top-k is given: --top-k alone samples at temperature
+1 (a top-k with greedy picking would do nothing; stderr says so), and --top-k with --temperature 0
+is refused. A text prompt is encoded as UTF-8 bytes, for models whose vocabulary holds the 256
+byte values; any other model takes --prompt-ids. A last line on stderr gives the speed in
+tokens/s. --json prints one object: prompt_ids, tokens, text (byte vocabularies), stopped (eos or
+max_new_tokens), prefill_seconds, decode_seconds, tokens_per_s."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from .run import add_threads_option
 
 HELP = "generate tokens with a decode graph (prefill once, then one step per token)"
 BYTE_VOCAB = 256
+SAMPLING_TEMPERATURE = 1.0  # --top-k without --temperature samples at this one
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +30,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--prompt", help="text, encoded as UTF-8 bytes (models with a 256-byte vocabulary)")
     prompt.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
-    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k likeliest (0 = all)")
+    parser.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        help=f"0 = greedy (the default; {SAMPLING_TEMPERATURE:g} with --top-k)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=non_negative_int,
+        default=0,
+        help=f"sample among the k likeliest (0 = all); alone, at temperature {SAMPLING_TEMPERATURE:g}",
+    )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--eos-id", type=non_negative_int, help="stop after this token")
     add_threads_option(parser)
@@ -59,21 +71,46 @@ def prompt_ids(args: argparse.Namespace, vocab_size: int) -> tuple[list[int], bo
     return list(args.prompt.encode("utf-8")), vocab_size == BYTE_VOCAB
 
 
+def temperature(args: argparse.Namespace) -> float:
+    """The sampling temperature asked for: --temperature, else greedy (0), except that --top-k
+    alone samples at :data:`SAMPLING_TEMPERATURE` (greedy picking ignores a top-k, so it was
+    silently greedy). A --top-k with --temperature 0 is a UsageError: it would do nothing."""
+    from ..errors import UsageError
+
+    if args.temperature is None:
+        return SAMPLING_TEMPERATURE if args.top_k else 0.0
+    if args.temperature == 0 and args.top_k:
+        raise UsageError(
+            f"--top-k {args.top_k} samples, which --temperature 0 (greedy) does not: drop one of them "
+            f"(--top-k alone samples at temperature {SAMPLING_TEMPERATURE:g})"
+        )
+    return args.temperature
+
+
 def run(args: argparse.Namespace) -> int:
     import codecs
     import json
     import sys
 
+    from ..file_kinds import is_torch_file, torch_file_error
     from ..fileio import regular_file
     from ..generate import DecodeSession, check_request, generate
 
+    sampling = temperature(args)
     regular_file(args.model)  # a missing model in one line, before onnx and the op set load
+    if is_torch_file(args.model):
+        raise torch_file_error(args.model, "--decode")
 
     session = DecodeSession(args.model, threads=args.threads)
     ids, as_bytes = prompt_ids(args, session.vocab_size)
     check_request(session, ids, args.max_new_tokens)  # before the prompt is echoed
     if args.prompt is not None:
         print(f"prompt encoded as UTF-8 bytes (vocabulary {session.vocab_size})", file=sys.stderr)
+    if args.temperature is None and args.top_k:
+        print(
+            f"sampling among the top {args.top_k} at temperature {sampling:g} (--top-k without --temperature)",
+            file=sys.stderr,
+        )
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def show(token: int) -> None:
@@ -88,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         session,
         ids,
         args.max_new_tokens,
-        temperature=args.temperature,
+        temperature=sampling,
         top_k=args.top_k,
         seed=args.seed,
         eos_id=args.eos_id,

@@ -24,7 +24,9 @@ replays exactly (attn2onnx.input_cases).
 --decode checks a decode graph: prefill of a prompt, then --steps one-token decode steps in ORT,
 against PyTorch's full-sequence forward row by row, for left-padded batches whose rows start at
 different points (shapes are BATCHxPROMPT; the default adds prompts around every local window so
-the steps cross it). Its comparisons' shape is [batch, prompt, steps]."""
+the steps cross it). Its comparisons' shape is [batch, prompt, steps]. A graph exported with
+--decode says so in its metadata and is checked this way without the flag; --dtype defaults to
+the graph's own precision (fp16 for an --dtype fp16 export)."""
 
 from __future__ import annotations
 
@@ -40,11 +42,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", required=True, metavar="MODEL.pt", help="the PyTorch model it was exported from")
     parser.add_argument("--backends", default="ort", help="comma-separated: ort, trt (default ort)")
     parser.add_argument("--shapes", help="comma-separated BATCHxSEQ (default 1x5,2x16,3x33)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="tolerances (and input dtype) to use")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        help="tolerances (and input dtype) to use (default: the graph's own precision, fp32 where it has none)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled reference module (runs code)")
     parser.add_argument("--seed", type=seed_int, default=0, help="random input seed, 0 .. 2**64 - 1 (default 0)")
-    parser.add_argument("--decode", action="store_true", help="check a decode graph: prefill + decode steps")
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="check a decode graph: prefill + decode steps (the default for a graph exported with --decode)",
+    )
     parser.add_argument("--steps", type=positive_int, help="with --decode: decode steps (default 4)")
     add_check_options(parser)
     parser.add_argument(
@@ -117,15 +127,18 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--load-inputs replays the saved cases at their shapes and steps: drop --shapes / --steps")
         inputs = cases_from_arrays(load_npz(args.load_inputs), args.load_inputs)
     check_save_inputs(args, args.model, args.reference, args.load_inputs)
+    precision, decode = graph_kind(args.model)
+    if decode and not args.decode and not args.json:
+        print(f"{args.model} is a decode graph (its metadata says so): checking prefill + decode steps")
     report = check_parity(
         args.model,
         args.reference,
         shapes,
         backends,
-        args.dtype,
+        args.dtype or precision or "fp32",
         seed=args.seed,
         trust_pickle=args.trust_pickle,
-        decode=args.decode,
+        decode=args.decode or decode,
         steps=args.steps or 4,
         inputs=inputs,
         **check_options(args),
@@ -144,6 +157,26 @@ def run(args: argparse.Namespace) -> int:
         if args.save_inputs:
             print(f"saved the inputs of {len(report.fed)} cases to {args.save_inputs}")
     return 0 if report.passed else 1
+
+
+def graph_kind(path: str) -> tuple[str | None, bool]:
+    """What the ONNX model at ``path`` says of itself: its precision (validate.float_precision:
+    fp32 / fp16, None without float values) and whether it is a decode graph (export --decode's
+    metadata), so that validate needs no --dtype / --decode the file already answers. A file
+    that does not parse gives (None, False): the check's loader then says what is wrong with it."""
+    import onnx
+
+    from ..file_kinds import is_onnx_model
+    from ..models.decode import DECODE_KEY
+    from ..validate import float_precision
+
+    if not is_onnx_model(path):  # no parse of a PyTorch file, a FIFO, ...
+        return None, False
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - protobuf raises several unrelated types; load_onnx words them
+        return None, False
+    return float_precision(model), any(p.key == DECODE_KEY for p in model.metadata_props)
 
 
 def describe_output(o, rule) -> str:
