@@ -62,9 +62,11 @@ def explanation(outcomes: list) -> dict:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from ..file_kinds import require_onnx_name
     from ..fileio import check_destination, refuse_overwriting_inputs, regular_file
 
     regular_file(args.model)  # a missing model or output folder in one line, before onnx and the passes load
+    require_onnx_name(args.output)  # as export: an ONNX model goes to a .onnx file
     check_destination(args.output)
     from ..onnx_io import load_onnx, model_files, output_files
     from ..passes import optimize
