@@ -67,7 +67,7 @@ class NativeBuildError(RuntimeError):
 
 
 def custom_ops_dir() -> Path:
-    """The folder of the ``attn2onnx.custom_ops`` package (without importing it: no torch)."""
+    """The folder of the ``attn2onnx.custom_ops`` package (without importing it: no onnx, onnxscript)."""
     spec = importlib.util.find_spec("attn2onnx.custom_ops")
     if spec is None or not spec.submodule_search_locations:
         raise NativeBuildError("attn2onnx.custom_ops is not installed")
@@ -77,7 +77,7 @@ def custom_ops_dir() -> Path:
 def kernel_sources() -> list[Path]:
     """Each op's C++ kernel, as ``KERNEL_SOURCE`` in its folder's ``backends.py`` declares it
     (``OpDef.backends.kernel_source``). The declarations are read by path, not imported: the op
-    set needs torch, this module must not."""
+    set loads onnx and onnxscript, which building a C++ library does not need."""
     found = []
     for declaration in sorted(custom_ops_dir().glob("*/backends.py")):
         source = runpy.run_path(str(declaration)).get("KERNEL_SOURCE")
