@@ -484,6 +484,18 @@ def check_folder(path: str | Path) -> Path:
     return path
 
 
+def check_request(folder: str | Path, *, decode: bool, output: str | Path) -> None:
+    """``export --genai FOLDER``'s arguments, before torch is imported: it needs --decode, a graph
+    it can read back (no pipe or device as the output) and a folder it can write."""
+    from .fileio import written_through
+
+    if not decode:
+        raise UsageError("--genai needs --decode (a GenAI folder holds a decode graph)")
+    if written_through(output):
+        raise UsageError(f"{output} is a pipe or device, which --genai cannot read back to write the folder")
+    check_folder(folder)
+
+
 def check_export(model: nn.Module, folder: str | Path) -> None:
     """What ``export --decode --genai FOLDER`` checks before it exports (seconds): the folder
     can be written and GenAI can hold every layer's cache (one-line UsageErrors)."""
@@ -531,6 +543,7 @@ __all__ = [
     "adapt_graph",
     "check_export",
     "check_folder",
+    "check_request",
     "genai_config",
     "plan_caches",
     "write_byte_tokenizer",

@@ -155,16 +155,18 @@ def test_greedy_tokens_equal_generate_and_pytorch(variant, exported, tmp_path, c
 @pytest.mark.parametrize("variant", ["mha", "dcmha"])
 def test_batch_tokens_equal_generate_and_pytorch(variant, exported, tmp_path) -> None:
     """Two prompts of different lengths (9 and 4: dcmha's window of 7 crossed in the prompt and
-    in the steps), padded on the right as GenAI pads them."""
+    in the steps), padded on the right as GenAI pads them; the graph after optimize --target ort."""
     model, decode = exported(variant)
-    folder = write_genai_folder(decode, tmp_path / "genai")
+    optimized = tmp_path / "lm.opt.onnx"  # as generate users run it: mha's attention on MultiHeadAttention
+    attn2onnx.optimize(decode, optimized, target="ort")
+    folder = write_genai_folder(optimized, tmp_path / "genai")
     new = MAX_LEN - max(map(len, BATCH_PROMPTS))
     got, genai_mask = genai_greedy(folder.path, list(BATCH_PROMPTS), MAX_LEN)
     want, margin, mask = right_padded_greedy(torch_step(model), BATCH_PROMPTS, new)
     assert margin > MARGIN, f"near-tied logits (margin {margin:.3g}): the comparison would hinge on rounding"
     assert genai_mask == mask  # GenAI fed what the references were fed
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(right_padded_greedy(ort_step(decode), BATCH_PROMPTS, new)[0], want)
+    np.testing.assert_array_equal(right_padded_greedy(ort_step(optimized), BATCH_PROMPTS, new)[0], want)
 
 
 def test_dcmha_without_native_library(exported, tmp_path) -> None:
@@ -234,3 +236,34 @@ def test_byte_tokenizer_ids_are_bytes(exported, tmp_path) -> None:
     assert tokenizer.encode(text).tolist() == list(text.encode("utf-8"))
     assert tokenizer.decode(np.array(list(text.encode("utf-8")), dtype=np.int32)) == text
     shutil.rmtree(folder)
+
+
+def export_has_genai() -> bool:
+    import argparse
+
+    from attn2onnx.commands import export
+
+    parser = argparse.ArgumentParser()
+    export.configure(parser)
+    return any("--genai" in action.option_strings for action in parser._actions)
+
+
+def test_export_genai_option(exported, tmp_path, capsys) -> None:
+    """``export --decode --genai DIR`` writes the folder after the export; bad requests are one
+    line, exit 2, before anything is written."""
+    if not export_has_genai():
+        pytest.skip("export has no --genai option in this checkout (the hook in attn2onnx/commands/export.py)")
+    checkpoint, out, folder = tmp_path / "lm.pt", tmp_path / "lm.decode.onnx", tmp_path / "genai"
+    attn2onnx.save(exported("mha")[0], str(checkpoint))
+    for argv, words in (
+        (["--genai", str(folder)], "--genai needs --decode"),
+        (["--decode", "--genai", str(tmp_path / "missing" / "genai")], "no such folder"),
+    ):
+        assert cli.main(["export", str(checkpoint), "-o", str(out), "--no-check", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("attn2onnx: error: ") and words in err and err.count("\n") == 1
+        assert not out.exists() and not folder.exists()
+    assert cli.main(["export", str(checkpoint), "-o", str(out), "--decode", "--genai", str(folder)]) == 0
+    assert f"wrote {folder}: genai_config.json" in capsys.readouterr().out
+    got, _ = genai_greedy(folder, [PROMPT], len(PROMPT) + NEW_TOKENS)
+    assert got[0].tolist() == (CYCLE * 2)[8 : 8 + NEW_TOKENS]
