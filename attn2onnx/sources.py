@@ -308,12 +308,13 @@ def _release_folder_source(path: Path) -> ModelSource:
 
 
 def transformers_folder_source(
-    path: Path, *, trust_remote_code: bool = False, attn_implementation: str | None = None
+    path: Path, *, trust_remote_code: bool = False, attn_implementation: str | None = "eager"
 ) -> ModelSource:
     """A Hugging Face transformers folder (:mod:`attn2onnx.importers.transformers_folder`):
     the model the installed transformers builds from it, weights from safetensors only, its own
-    code only with ``trust_remote_code``; ``attn_implementation`` eager / sdpa (None:
-    transformers' default)."""
+    code only with ``trust_remote_code``. ``attn_implementation``: eager (the default: every
+    architecture has it and exports it; BLOOM has no sdpa, T5's sdpa does not export), sdpa,
+    or None for transformers' own default."""
     from .importers.transformers_folder import folder_inputs, load_model
 
     model = load_model(path, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)

@@ -91,7 +91,8 @@ def test_folder_exports_with_parity_on_padded_batches(name, impl, folders, tmp_p
 
 
 def test_inputs_follow_the_architecture(folders):
-    llama = transformers_folder_source(folders("llama"))
+    llama = load_source(folders("llama"))
+    assert llama.module.model.config._attn_implementation == "eager"  # the default: every architecture has it
     assert [(s.name, s.kind) for s in llama.specs] == [
         ("input_ids", "ids"),
         ("attention_mask", "int_mask"),
