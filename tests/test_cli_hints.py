@@ -92,7 +92,7 @@ def test_validate_checks_a_decode_graph_as_one_without_decode(mha, capsys):
     status, out, err = call(capsys, "validate", decode, "--reference", ckpt, "--shapes", "2x3", "--steps", "2")
     assert status == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"{decode} is a decode graph (its metadata says so): checking prefill + decode steps"
+    assert lines[0] == f"{decode} is a decode graph (its metadata says so): checked as --decode, prefill + decode steps"
     assert lines[1].startswith("decode batch 2 prompt 3    +2 steps") and lines[-1].startswith("PASSED")
     status, out, err = call(capsys, "validate", decode, "--reference", ckpt, "--shapes", "2x3", "--json")
     assert status == 0, err
@@ -110,6 +110,35 @@ def test_validate_takes_the_precision_of_an_fp16_graph(here, capsys):
     status, _, err = call(capsys, "validate", "half.onnx", "--reference", "layer.pt", "--dtype", "fp32")
     assert status == 2
     assert_one_line_error(err, "half.onnx computes in fp16; --dtype fp32 does not match it")  # asked for: refused
+
+
+def test_validate_refuses_a_bf16_graph_by_its_precision(here, capsys):
+    """A bf16 layer graph from elsewhere (no attn2onnx metadata) against the layer it computes.
+    Before: no word of bf16, the check fed it fp32 inputs."""
+    layer = attn2onnx.build_model(attn2onnx.ModelConfig(family="layer", variant="mha", d_model=16, heads=2))
+    attn2onnx.save(layer, "layer.pt")
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["batch", "seq", 16])
+    mask = helper.make_tensor_value_info("key_padding_mask", TensorProto.BOOL, ["batch", "seq"])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["batch", "seq", 16])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x, mask], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]), "m.onnx")
+    status, out, err = call(capsys, "validate", "m.onnx", "--reference", "layer.pt")
+    assert (status, out, err) == (
+        2,
+        "",
+        "attn2onnx: error: m.onnx computes in bf16; validate checks fp32 and fp16 graphs\n",
+    )
+
+
+def test_validate_says_the_reference_is_the_pytorch_model(here, capsys):
+    """Before: 'm.onnx is not an attn2onnx checkpoint (not a PyTorch file (not a zip archive))'."""
+    save_graph("m.onnx")
+    status, out, err = call(capsys, "validate", "m.onnx", "--reference", "m.onnx")
+    assert (status, out) == (2, "")
+    assert err == (
+        "attn2onnx: error: --reference m.onnx is an ONNX model; give the PyTorch model m.onnx was exported "
+        "from (.pt checkpoint, .pt2 program)\n"
+    )
 
 
 # --- the other kind of model file -----------------------------------------------------------

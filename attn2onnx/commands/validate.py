@@ -112,6 +112,7 @@ def save_inputs(args: argparse.Namespace, report, *inputs: str | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
+    from ..file_kinds import is_onnx_model
     from ..validate import check_parity, parse_shapes
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -128,8 +129,13 @@ def run(args: argparse.Namespace) -> int:
         inputs = cases_from_arrays(load_npz(args.load_inputs), args.load_inputs)
     check_save_inputs(args, args.model, args.reference, args.load_inputs)
     precision, decode = graph_kind(args.model)
-    if decode and not args.decode and not args.json:
-        print(f"{args.model} is a decode graph (its metadata says so): checking prefill + decode steps")
+    if precision == "bf16":
+        raise UsageError(f"{args.model} computes in bf16; validate checks fp32 and fp16 graphs")
+    if is_onnx_model(args.reference):
+        raise UsageError(
+            f"--reference {args.reference} is an ONNX model; give the PyTorch model {args.model} was exported "
+            "from (.pt checkpoint, .pt2 program)"
+        )
     report = check_parity(
         args.model,
         args.reference,
@@ -147,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(report.to_json())
     else:
+        if decode and not args.decode:
+            print(f"{args.model} is a decode graph (its metadata says so): checked as --decode, prefill + decode steps")
         for line in header_lines(report):
             print(line)
         for c in report.comparisons:
@@ -161,9 +169,10 @@ def run(args: argparse.Namespace) -> int:
 
 def graph_kind(path: str) -> tuple[str | None, bool]:
     """What the ONNX model at ``path`` says of itself: its precision (validate.float_precision:
-    fp32 / fp16, None without float values) and whether it is a decode graph (export --decode's
-    metadata), so that validate needs no --dtype / --decode the file already answers. A file
-    that does not parse gives (None, False): the check's loader then says what is wrong with it."""
+    fp32 / fp16; bf16 for bf16 inputs or weights without those; None without float values) and
+    whether it is a decode graph (export --decode's metadata), so that validate needs no --dtype /
+    --decode the file already answers. A file that does not parse gives (None, False): the
+    check's loader then says what is wrong with it."""
     import onnx
 
     from ..file_kinds import is_onnx_model
@@ -176,7 +185,10 @@ def graph_kind(path: str) -> tuple[str | None, bool]:
         model = onnx.load(path, load_external_data=False)
     except Exception:  # noqa: BLE001 - protobuf raises several unrelated types; load_onnx words them
         return None, False
-    return float_precision(model), any(p.key == DECODE_KEY for p in model.metadata_props)
+    decode = any(p.key == DECODE_KEY for p in model.metadata_props)
+    types = [v.type.tensor_type.elem_type for v in model.graph.input] + [i.data_type for i in model.graph.initializer]
+    bf16 = onnx.TensorProto.BFLOAT16 in types
+    return float_precision(model) or ("bf16" if bf16 else None), decode
 
 
 def describe_output(o, rule) -> str:
