@@ -47,10 +47,11 @@ class Timing:
         }
 
     def __str__(self) -> str:
+        """``1.10 ms (median of 10 runs after 1 warm-up; min 1.02 ms, p90 1.31 ms)``."""
         runs = f"{self.iterations} run{'s' if self.iterations != 1 else ''}"
         return (
-            f"min {self.min_ms:.2f} ms, median {self.median_ms:.2f} ms, p90 {self.p90_ms:.2f} ms "
-            f"({runs} after {self.warmup} warm-up)"
+            f"{self.median_ms:.2f} ms (median of {runs} after {self.warmup} warm-up; "
+            f"min {self.min_ms:.2f} ms, p90 {self.p90_ms:.2f} ms)"
         )
 
 

@@ -9,7 +9,7 @@
   attn2onnx run model.onnx --json                           one JSON object: outputs, timing, provider, threads
 
 The model runs --warmup times untimed (default 1), then --iterations times timed (default 10);
-the timing line gives min / median / p90 in ms with the backend, its execution provider and
+the timing line gives median / min / p90 in ms with the backend, its execution provider and
 the intra-op thread count (as polygraphy --iterations and onnxruntime_perf_test do). Outputs
 are those of the last run.
 
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{out['name']}: shape {out['shape']} {out['dtype']} ({'finite' if out['finite'] else 'NON-FINITE'})")
     count = "default threads" if threads is None else f"{threads} thread{'s' if threads != 1 else ''}"
     where = provider if args.backend == "trt" else f"ORT {provider}, {count}"
-    print(f"timing on {where}: {timing}")
+    print(f"ran in {timing} on {where}")
     if args.output:
         print(f"wrote {args.output}")
     return 0
