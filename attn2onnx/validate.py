@@ -42,6 +42,7 @@ from .tolerances import (
     OutputError,
     Tolerance,
     judge,
+    quantized_tolerance,
     reference_error,
     tolerance,
     within_reference_error,
@@ -503,6 +504,23 @@ def comparison_specs(path: str, model, source: ModelSource, precision: str | Non
     return specs
 
 
+def check_rule(path: str, model, dtype: str, atol: float | None, rtol: float | None, error_stat: str) -> Tolerance:
+    """The rule to judge ``model`` by: ``dtype``'s tolerances on ``error_stat``, or for a graph
+    ``attn2onnx quantize`` wrote, its recorded mode's (tolerances.quantized_tolerance: the
+    relative RMS error), ``atol`` / ``rtol`` overriding either's defaults."""
+    from .quantize import recorded_mode
+
+    mode = recorded_mode(model)
+    if mode is None:
+        return tolerance(dtype, atol, rtol, error_stat)
+    if error_stat != "elemwise":
+        raise UsageError(
+            f"{path} is quantized ({mode}): it is judged by the RMS error of its mode's tolerance, "
+            "not by --check-error-stat"
+        )
+    return quantized_tolerance(mode, atol, rtol)
+
+
 def check_parity(
     onnx_path: str | os.PathLike,
     reference: Reference,
@@ -523,7 +541,8 @@ def check_parity(
     model or a ModelSource) on fresh random inputs at each (batch, seq) of ``shapes`` (default
     :data:`DEFAULT_SHAPES`, no longer than the model's maximum) in every backend (``ort``,
     ``trt``), judging every output by ``dtype``'s tolerances (``atol`` / ``rtol`` override
-    them) on Polygraphy's ``error_stat`` (:mod:`attn2onnx.tolerances`). ``inputs`` replays
+    them) on Polygraphy's ``error_stat`` (:mod:`attn2onnx.tolerances`), or a quantized graph
+    by its mode's tolerance (:func:`check_rule`). ``inputs`` replays
     saved cases (:mod:`attn2onnx.input_cases`, the report's ``fed``) instead of ``shapes``.
     A graph with fixed sizes runs at them (:func:`runnable_shapes`; the report's ``fixed``
     says so); a shape in ``shapes`` it cannot take is a UsageError.
@@ -540,7 +559,7 @@ def check_parity(
     precision = float_precision(model)
     if precision is not None and precision != dtype:
         raise UsageError(f"{path} computes in {precision}; --dtype {dtype} does not match it")
-    rule = tolerance(dtype, atol, rtol, error_stat)
+    rule = check_rule(path, model, dtype, atol, rtol, error_stat)
     if inputs is not None and shapes is not None:
         raise UsageError("saved inputs set the shapes they were saved at; give either inputs or shapes")
     source = reference_source(reference, trust_pickle)
@@ -606,6 +625,33 @@ def decode_parity(
     return ParityReport(compare_decode(path, lm, [], steps, rule=rule, feeds=fed), rule=rule, fed=fed)
 
 
+def greedy_agreement(
+    path: str | os.PathLike, baseline: str | os.PathLike, prompts: Sequence[Sequence[int]], new_tokens: int
+) -> float:
+    """The fraction of greedy decode steps at which the decode graph at ``path`` (a quantized
+    one) picks the token the decode graph ``baseline`` (its fp32 original) picks, over every
+    prompt of ``prompts`` and ``new_tokens`` steps each. Teacher-forced: both graphs are fed the
+    baseline's tokens, so one early disagreement counts once, not for every step after it.
+    A prompt the graphs cannot take is a UsageError (generate.check_request)."""
+    from .generate import DecodeSession, check_request
+
+    if not prompts:
+        raise UsageError("greedy agreement needs at least one prompt")
+    sessions = DecodeSession(os.fspath(path)), DecodeSession(os.fspath(baseline))
+    agreed = 0
+    for prompt in prompts:
+        for session in sessions:
+            check_request(session, prompt, new_tokens)
+        ids = np.asarray([prompt], dtype=np.int64)
+        got, want = (session.prefill(ids)[0, -1] for session in sessions)
+        for step in range(new_tokens):
+            token = int(want.argmax())
+            agreed += int(got.argmax()) == token
+            if step + 1 < new_tokens:
+                got, want = (session.step(np.asarray([[token]], dtype=np.int64))[0, -1] for session in sessions)
+    return agreed / (len(prompts) * new_tokens)
+
+
 __all__ = [
     "TorchRunner",
     "Comparison",
@@ -614,6 +660,7 @@ __all__ = [
     "compare",
     "compare_decode",
     "decode_cases",
+    "greedy_agreement",
     "ort_runner",
     "backend_runners",
     "parse_shapes",

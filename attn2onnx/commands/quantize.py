@@ -9,7 +9,7 @@ scale per --block-size weights along K, a zero point too with --asymmetric); the
 nodes, their function bodies and the metadata stay as they were, so a decode graph still runs in
 'attn2onnx generate', and prefill, decode and optimised (optimize --target ort) graphs all
 quantize. The mode is recorded in the metadata (attn2onnx.quantized, e.g. int4/block32) and
-'attn2onnx validate' judges the graph by that mode's tolerance (docs/ops.md "Quantized graphs")."""
+'attn2onnx validate' judges the graph by that mode's tolerance (docs/architecture.md "Quantized graphs")."""
 
 from __future__ import annotations
 
