@@ -127,10 +127,7 @@ def allowed_parts(value: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
     parts = [_allowed_leaf(leaf, b_dim, t_dim, s_dim) for leaf in tree_leaves(value, "And", lambda _: True)]
     if len(parts) == 1 or any(p is None for p in parts):
         return parts[0] if len(parts) == 1 else None
-    kpms = [p["kpm"] for p in parts if p.get("kpm")]
-    if len(kpms) > 1:
-        return None
-    return {"kpm": kpms[0] if kpms else None, "causal": int(any(p.get("causal", 0) for p in parts))}
+    return merge_parts(parts)
 
 
 def _allowed_leaf(value: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
@@ -176,8 +173,32 @@ def _unsqueezed_parts(node: ir.Node, src: ir.Value, b_dim, t_dim, s_dim) -> dict
 def negated_parts(disallowed: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
     """:func:`allowed_parts` of the allowed positions, read from a boolean mask of the disallowed
     ones (``masked_fill``'s condition): ``Not(allowed)``, an Unsqueeze of one (fairseq's
-    ``key_padding_mask.unsqueeze(1).unsqueeze(2)`` of a negated mask), or ``tril == 0`` (a causal
-    0/1 tril: nonzero = allowed; padding read so would be a float, so only causality counts)."""
+    ``key_padding_mask.unsqueeze(1).unsqueeze(2)`` of a negated mask), ``tril == 0`` (a causal
+    0/1 tril: nonzero = allowed; padding read so would be a float, so only causality counts), and
+    the "True = pad" forms: a [B,S] padding mask unsqueezed to [B,1,1,S] as it is (fairseq's and
+    ``nn.MultiheadAttention``'s ``key_padding_mask``: ``kpm_pads`` says the fused op needs its
+    negation) and ``triu(ones(T, T), 1)`` (the strictly upper triangle: causal). A tree of Ors is
+    read leaf by leaf, like :func:`allowed_parts`' Ands."""
+    leaves = tree_leaves(disallowed, "Or", lambda _: True)
+    parts = [_disallowed_leaf(leaf, b_dim, t_dim, s_dim) for leaf in leaves]
+    if len(parts) == 1 or any(p is None for p in parts):
+        return parts[0] if len(parts) == 1 else None
+    return merge_parts(parts)
+
+
+def merge_parts(parts: list[dict]) -> dict | None:
+    """Masks applied one after another (``And`` of allowed, ``Or`` of disallowed, a
+    ``masked_fill`` after another): at most one key padding mask, causal where any is; None otherwise."""
+    with_kpm = [p for p in parts if p.get("kpm") is not None]
+    if len(with_kpm) > 1:
+        return None
+    merged = dict(with_kpm[0]) if with_kpm else {"kpm": None}
+    merged["causal"] = int(any(p.get("causal", 0) for p in parts))
+    return merged
+
+
+def _disallowed_leaf(disallowed: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
+    """:func:`negated_parts` of a mask that is no Or."""
     node = disallowed.producer()
     if node is None or node.domain != "":
         return None
@@ -185,10 +206,34 @@ def negated_parts(disallowed: ir.Value, b_dim, t_dim, s_dim) -> dict | None:
         return allowed_parts(node.inputs[0], b_dim, t_dim, s_dim)
     if node.op_type == "Unsqueeze" and (inner := producer(node.inputs[0], "Not")) is not None:
         return _unsqueezed_parts(node, inner.inputs[0], b_dim, t_dim, s_dim)
+    if node.op_type == "Unsqueeze":
+        return _unsqueezed_disallowed(node, b_dim, t_dim, s_dim)
     if node.op_type == "Equal" and const_scalar(node.inputs[1]) == 0:
         parts = allowed_parts(node.inputs[0], b_dim, t_dim, s_dim)
         return parts if parts is not None and parts.get("kpm") is None else None
+    if node.op_type == "Trilu" and _strictly_upper(node) and _square(disallowed, t_dim, s_dim):
+        source = node.inputs[0]
+        if is_all_true(source) or uniform_const(source) not in (None, 0.0):
+            return {"kpm": None, "causal": 1}
     return None
+
+
+def _unsqueezed_disallowed(node: ir.Node, b_dim, t_dim, s_dim) -> dict | None:
+    """A "True = pad" mask: a boolean [B,S] unsqueezed to [B,1,1,S] (``kpm_pads``), or a
+    disallowed [T,S] unsqueezed to [1,1,T,S]."""
+    src, axes, d = node.inputs[0], axes_of(node), dims(node.inputs[0])
+    if axes is None or d is None or len(d) != 2 or src.dtype != ir.DataType.BOOL:
+        return None
+    axes = norm_axes(axes, 4)
+    if axes == [1, 2] and same_dim(d[0], b_dim) and same_dim(d[1], s_dim):
+        return {"kpm": src, "causal": 0, "kpm_pads": True}
+    return negated_parts(src, b_dim, t_dim, s_dim) if axes == [0, 1] else None
+
+
+def _square(value: ir.Value, t_dim, s_dim) -> bool:
+    """``value`` ends in [T, S] with T = S (a causal mask's shape)."""
+    d = dims(value)
+    return d is not None and len(d) >= 2 and same_dim(d[-1], d[-2]) and same_dim(t_dim, s_dim)
 
 
 def positions(value: ir.Value, axis: int) -> ir.Value | None:

@@ -11,8 +11,10 @@ so :mod:`.explain` can say why a core stayed unfused.
   ``bhqk,bkhd->bqhd``, ...: an Einsum is the MatMul form up to the perms :class:`Core` records;
   the mix must contract the probabilities' key axis), the scale on q, k or the logits (Mul or
   Div), Casts around the Softmax (fp16 autocast), and as mask: a ``Where`` filling <= -1e4
-  (either branch; ``masked_fill(bias[:, :, :T, :T] == 0, -inf)`` on a registered tril buffer is
-  recognised as causal), and / or an additive float bias (HF BERT / GPT-2 / Llama ``finfo.min``
+  (either branch; ``masked_fill(bias[:, :, :T, :T] == 0, -inf)`` on a registered tril buffer and
+  ``masked_fill(triu(ones(T, T), 1), -inf)`` are recognised as causal, ``masked_fill(kpm[:, None,
+  None, :], -inf)`` with the padding input itself as condition as a "True = pad" key padding mask;
+  two such masked_fills in a row are one mask), and / or an additive float bias (HF BERT / GPT-2 / Llama ``finfo.min``
   masks; Llama's ``triu(full(finfo.min), 1)`` is recognised as causal). Heads folded into the batch
   (logits [B*H,T,S]: fairseq, torch.bmm code) run as one head per folded row; their masks: a [T,S]
   causal one (boolean, or additive -inf / finfo.min) as causal mode, fairseq's key padding on a
@@ -66,6 +68,7 @@ from ._match import (
     einsum_qk,
     inverse_perm,
     merged_heads_target,
+    merge_parts,
     perm_of,
     permuted,
     repeated_heads,
@@ -167,9 +170,14 @@ def _mask_chain(value: ir.Value, logits_dims: tuple) -> tuple[ir.Value, dict]:
                 raise NoMatch(node, "one boolean mask", "a Where mask and a masked [B,H,T,S] view")
             value = _view_masks(node, found)
         elif node.op_type == "Where":
-            if "where" in found:
-                raise NoMatch(node, "one boolean mask", "two Where masks")
-            value, found["parts"], found["allowed"], found["negated"] = _bool_mask(node, logits_dims)
+            value, parts, allowed, negated = _bool_mask(node, logits_dims)
+            if "where" in found:  # masked_fill after masked_fill: one mask if both are recognised
+                merged = merge_parts([found["parts"], parts]) if found["parts"] and parts else None
+                if merged is None:
+                    raise NoMatch(node, "one boolean mask (or recognised ones: padding and causal)", "two Where masks")
+                found["parts"] = merged
+            else:
+                found["parts"], found["allowed"], found["negated"] = parts, allowed, negated
             found["where"] = node
         else:
             if "bias" in found:
@@ -419,6 +427,9 @@ def _folded_kpm(b: Builder, kpm: ir.Value, heads: int) -> ir.Value:
 def rewrite(core: Core, target: str) -> None:
     """Replace the core by one fused op on [B,X,H*d] tensors."""
     b = Builder(core.anchor, "std_attn")
+    if (core.parts or {}).get("kpm_pads"):  # a "True = pad" mask: the fused ops take True = real
+        real = b.op("Not", [core.parts["kpm"]], dtype=ir.DataType.BOOL, shape=dims(core.parts["kpm"]))
+        core.parts = {**core.parts, "kpm": real, "kpm_pads": False}
     dq, dv = core.canonical("q"), core.canonical("v")
     four = len(dq) == 4
     heads, kv_heads, d = (dq[1] if four else 1), (dv[1] if four else 1), dq[-1]

@@ -138,12 +138,17 @@ def test_soft_causal_penalty_stays_a_bias(optimised):
         ("bmm_causal_bias", 1, False),
         ("fairseq_decoder_causal", 1, False),
         ("fairseq_encoder_padding", 0, True),
+        ("fairseq_encoder_pad_true", 0, True),
+        ("masked_fill_pad_true", 0, True),
+        ("triu_masked_fill", 1, False),
     ],
 )
 def test_folded_heads_masks_become_modes(optimised, name, causal, padding):
     """Heads folded into the batch (logits [B*H,T,S]): a [T,S] causal mask (boolean or additive)
     is MultiHeadAttention's causal mode, and fairseq's key padding on the [B,H,T,S] view is its
-    key_padding_mask with each row repeated per head ([B*H,S]); never an attention_bias."""
+    key_padding_mask with each row repeated per head ([B*H,S]); never an attention_bias. The same
+    for "True = pad" masks (the padding input itself as masked_fill's condition, negated once for
+    the fused op) and ``triu(ones, 1)`` read as causal, on heads folded or not."""
     node = _fused_node(optimised(next(e for e in corpus.ENTRIES if e.name == name))[2])
     assert node.op_type == "MultiHeadAttention" and node.attributes["unidirectional"].value == causal, node
     assert (len(node.inputs) > 4 and node.inputs[4] is not None) == padding and len(node.inputs) <= 5, node

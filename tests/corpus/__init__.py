@@ -2,7 +2,8 @@
 the ``ort`` pipeline is expected to give it, and near misses that must stay unfused.
 
 ``ENTRIES`` lists :class:`Entry` rows; ``inputs(entry, batch, seq)`` draws the inputs (the key
-padding mask holds, by row, all real / right-padded / left-padded / all padded tokens).
+padding mask holds, by row, all real / right-padded / left-padded / all padded tokens; True = real,
+or True = pad for the entries whose module takes it so).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Entry:
     fused: int = 0  # fused ops expected where not one per core (a head loop batched by normalize_hosseini: 1)
     gap: str = ""  # a standard core the rules do not fuse yet: why (explain says it too)
     portable_gap: str = ""  # the same on targets trt / portable only
+    pads: bool = False  # its key_padding_mask is True = pad (fed negated)
 
 
 ENTRIES: list[Entry] = [
@@ -79,6 +81,11 @@ ENTRIES: list[Entry] = [
     Entry("bmm_causal_bias", st.BmmCausalBias, False, MHA),
     Entry("bmm_tril_masked_fill", st.BmmTrilMaskedFill, False, MHA),
     Entry("bmm_alibi_padding", st.BmmAlibiPadding, True, MHA),  # fuses, the per-row ALiBi as a bias
+    Entry("masked_fill_pad_true", st.MaskedFillPadTrue, True, MHA, pads=True),
+    Entry("torch_mha_pad_true", st.TorchMhaPadTrue, True, MHA, pads=True),
+    Entry("fairseq_encoder_pad_true", st.FairseqEncoderPadTrue, True, MHA, pads=True),
+    Entry("triu_masked_fill", st.TriuMaskedFill, False, MHA),
+    Entry("pad_true_then_triu", st.PadTrueThenTriu, True, MHA, pads=True),
     Entry("near_softmax_over_queries", nm.SoftmaxOverQueries, False, None),
     Entry("near_fill_with_zero", nm.FillWithZero, True, None),
     Entry("near_mix_over_queries", nm.MixOverQueries, False, None),
@@ -108,7 +115,8 @@ def inputs(entry: Entry, batch: int, seq: int, seed: int = 0) -> dict[str, np.nd
     dtype = np.float16 if entry.precision == "fp16" else np.float32
     feeds = {"x": rng.standard_normal((batch, seq, st.D)).astype(dtype)}
     if entry.mask:
-        feeds["key_padding_mask"] = padding_mask(batch, seq)
+        mask = padding_mask(batch, seq)
+        feeds["key_padding_mask"] = ~mask if entry.pads else mask
     return feeds
 
 

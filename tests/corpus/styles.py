@@ -219,6 +219,17 @@ class TorchMhaPadding(nn.Module):
         return self.attn(x, x, x, key_padding_mask=~key_padding_mask, need_weights=False)[0]
 
 
+class TorchMhaPadTrue(nn.Module):
+    """nn.MultiheadAttention(batch_first=True) given its key_padding_mask input as it is (True = pad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, H, batch_first=True)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+
 class TorchMhaCausal(nn.Module):
     """nn.MultiheadAttention with a boolean causal attn_mask (True = not allowed)."""
 
@@ -353,6 +364,40 @@ class CausalAndPadding(_Projections):
         allowed = torch.tril(torch.ones(t, t, dtype=torch.bool)) & key_padding_mask[:, None, None, :]
         s = (q @ k.transpose(-1, -2)) * HEAD**-0.5
         return self.merge(torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v)
+
+
+class MaskedFillPadTrue(_Projections):
+    """masked_fill(key_padding_mask[:, None, None, :], -inf) with the padding input itself as the
+    condition: a "True = pad" mask (fairseq's and nn.MultiheadAttention's convention)."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        s = q @ k.transpose(-1, -2) / math.sqrt(HEAD)
+        s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
+class TriuMaskedFill(_Projections):
+    """masked_fill(triu(ones(T, T, bool), 1), -inf): the strictly upper triangle is the future."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        future = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
+        s = (q @ k.transpose(-1, -2)) * HEAD**-0.5
+        return self.merge(torch.softmax(s.masked_fill(future, float("-inf")), dim=-1) @ v)
+
+
+class PadTrueThenTriu(_Projections):
+    """Two masked_fills one after the other: "True = pad" key padding, then the triu future."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        s = (q @ k.transpose(-1, -2)) * HEAD**-0.5
+        s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        s = s.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1), float("-inf"))
+        return self.merge(torch.softmax(s, dim=-1) @ v)
 
 
 class SoftmaxFp32Casts(_Projections):
@@ -512,6 +557,13 @@ class FairseqEncoderPadding(_FairseqAttention):
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
         return self.attend(x.transpose(0, 1), key_padding_mask=~key_padding_mask).transpose(0, 1)
+
+
+class FairseqEncoderPadTrue(_FairseqAttention):
+    """A fairseq encoder layer given its key_padding_mask (True = pad) as it is, as fairseq does."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        return self.attend(x.transpose(0, 1), key_padding_mask=key_padding_mask).transpose(0, 1)
 
 
 class FairseqDecoderCausal(_FairseqAttention):
