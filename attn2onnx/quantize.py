@@ -26,11 +26,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-import onnx
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import UsageError
+
+if TYPE_CHECKING:  # onnx loads in the functions: `attn2onnx --help` builds this command's parser
+    import onnx
 
 QUANTIZED_KEY = "attn2onnx.quantized"
 BITS = {"int4": 4, "int8": 8}
@@ -178,6 +179,8 @@ def quantize_file(source: str | os.PathLike, output: str | os.PathLike, mode: Qu
     external data checked), quantize it (:func:`quantize_model`) and write it to ``output``
     atomically, checked by onnx's checker before it replaces anything, its weights in
     ``<output>.data`` where they pass the writer's threshold (:func:`attn2onnx.onnx_io.save_model`)."""
+    import onnx
+
     from .fileio import check_destination, refuse_overwriting_inputs
     from .onnx_io import load_onnx, model_files, output_files, save_model
 
