@@ -323,3 +323,14 @@ def test_decode_graph_matches_transformers_generate(name, impl, folders, tmp_pat
         np.testing.assert_array_equal(
             session_greedy(path, ids[rows], mask[rows], 6), hf_greedy(lm.model, ids[rows], mask[rows], 6)
         )
+
+
+def test_decode_reference_counts_positions_by_padded_index(folders, rng):
+    """validate --decode feeds the decode graph the padded index as positions; the full-sequence
+    reference must use the same even where the model would count them from the mask (OPT)."""
+    lm = load_source(folders("opt")).module.decode_lm()
+    ids, mask = left_padded_prompts(rng)
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    with torch.inference_mode():
+        want = lm.model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(7).expand(2, 7)).logits
+        torch.testing.assert_close(lm(ids, mask.bool()), want)

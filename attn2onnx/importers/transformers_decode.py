@@ -56,7 +56,8 @@ def _max_len(config: Any) -> int:
 
 class TransformersLM(nn.Module):
     """A transformers causal LM as the decode commands take it: ``forward(ids, mask)`` the
-    full-sequence logits (mask: 1 / True = real token; positions the padded index)."""
+    full-sequence logits (mask: 1 / True = real token; positions the padded index, what
+    validate --decode feeds the decode graph)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -68,7 +69,13 @@ class TransformersLM(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False).logits
+        batch, seq = input_ids.shape
+        positions = (
+            {"position_ids": torch.arange(seq).expand(batch, seq)}  # OPT would count them from the mask
+            if "position_ids" in inspect.signature(self.model.forward).parameters
+            else {}
+        )
+        return self.model(input_ids=input_ids, attention_mask=mask.long(), **positions, use_cache=False).logits
 
     def export_decode(self, path: str | os.PathLike, opset: int = 23):
         """Write the decode graph to ``path`` (:func:`export_decode`)."""
