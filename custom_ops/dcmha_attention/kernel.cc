@@ -788,6 +788,9 @@ struct MaskView {
 
 // Per row (b, t) of an attn_mask problem: the first and last key any head may see (causal /
 // window / padding and the mask together) and whether some head sees none, for key_ranges.
+// Each head's row is searched from both ends of [lo, hi] for its first and last visible key, so
+// a mask that lets most keys through costs O(1) per row and head, not a scan of all S keys
+// (the one serial phase of a long-T call with a mask before).
 void mask_rows(Problem& p, int64_t heads, std::vector<int64_t>& first, std::vector<int64_t>& last,
                std::vector<uint8_t>& blind) {
   const int64_t B = p.B, T = p.T, S = p.S;
@@ -800,14 +803,17 @@ void mask_rows(Problem& p, int64_t heads, std::vector<int64_t>& first, std::vect
       const int64_t lo = (p.causal && p.window > 0) ? std::max<int64_t>(0, pos - p.window + 1) : 0;
       for (int64_t n = 0; n < heads; ++n) {
         const uint8_t* m = p.am + b * p.am_b + n * p.am_n + t * p.am_t;
-        bool sees = false;
-        for (int64_t s = std::max<int64_t>(lo, 0); s <= hi; ++s) {
-          if (!p.pad[b * p.Sp + s] || !m[s * p.am_s]) continue;
-          sees = true;
-          first[row] = std::min(first[row], s);
-          last[row] = std::max(last[row], s);
+        auto visible = [&](int64_t s) { return p.pad[b * p.Sp + s] && m[s * p.am_s]; };
+        int64_t f = lo;
+        while (f <= hi && !visible(f)) ++f;
+        if (f > hi) {  // this head sees no key of the row
+          blind[row] = 1;
+          continue;
         }
-        blind[row] = blind[row] || !sees;
+        int64_t l = hi;
+        while (!visible(l)) --l;  // stops at f at the latest
+        first[row] = std::min(first[row], f);
+        last[row] = std::max(last[row], l);
       }
     }
   p.mfirst = first.data(), p.mlast = last.data(), p.mblind = blind.data();
