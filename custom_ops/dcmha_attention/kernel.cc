@@ -9,18 +9,22 @@
 // its rows over the key range they can see (a [tq, N, W] panel in thread-local scratch, W <= S),
 // so every (t,s) has all its heads at hand for the head-mixing composes. Two sweeps over the
 // keys, chunk by chunk (a chunk's scores, all heads, stay in L2 between the steps):
-//   pass 1, per chunk: 1. QK^T for every head (register-blocked micro-kernel, keys packed);
-//     2. pre-compose in place on the unmasked logits, then mask (causal / local window / key
-//     padding) with NEG; 3. e = exp(L - chunk max) in place, chunk sums (fp32).
+//   pass 1, per chunk: 1. QK^T for every head (register-blocked micro-kernel, keys packed, the
+//     block's query rows packed head by head); then row by row (a row's chunk, all heads, stays
+//     in L1 between the two steps): 2. pre-compose in place on the unmasked logits, then mask
+//     (causal / local window / key padding) with NEG; 3. e = exp(L - chunk max) in place (a
+//     polynomial exp the vector units run), chunk sums (fp32).
 //   between: row max m and sum l over the chunks (exact online-softmax rescaling: chunk c's
 //     probabilities are e * exp(m_c - m) / l).
 //   pass 2, per chunk: 4. normalise and post-compose in place (the contract composes normalised
 //     probabilities); 5. o += P v for every head (register-blocked micro-kernel, values packed).
 // QK^T is computed once (a flash-style scheme that keeps no panel would compute it twice, because
-// the post-compose needs the final normalisers of every head); the panel costs O(N * tq * S) per
-// thread. Memory bound (plan_blocks, per call from S and N): tq = kTq rows while the panel fits
-// the per-thread budget (20 MiB; every S <= 4096 at N <= 32, with AVX-512's padding too), fewer rows when it does not, and
-// below kMR rows a tiled panel instead: one chunk wide, steps 1-3 run again in pass 2 (the
+// the post-compose needs the final normalisers of every head: one pass would need N * N * dv
+// accumulators per row); the panel costs O(N * tq * S) per thread. Memory bound (plan_blocks,
+// per call from S and N): tq = kTq (64 with AVX-512, 48 otherwise: K and V are streamed once per
+// block, so larger blocks read them less often) while the panel fits the per-thread budget
+// (20 MiB: every S <= 4096 at N = 8, S <= 2048 at N = 32), else fewer rows in whole micro-tiles
+// (32 at N = 32, S = 4096), and below kMR rows a tiled panel instead: one chunk wide, steps 1-3 run again in pass 2 (the
 // same operations, so the same bits), keeping the scratch O(N * tq * (kChunk + S / kChunk)).
 // ATTN2ONNX_DCMHA_SCRATCH_BYTES (bytes, read when a session creates the kernel) sets another
 // budget: the tests lower it to reach the small-block and tiled plans at small S.
@@ -259,9 +263,10 @@ inline void compose_group(const float* a, ptrdiff_t as, int64_t N, int64_t R_run
 // ------------------------------------------------------------------ work plan
 // Blocked path: how many query rows a work item takes and whether its panel holds the whole key
 // range or one recomputed chunk, chosen per call from S and N so that a thread's scratch stays
-// within the budget. The full panel with kTq rows is kept whenever it fits (every S <= 4096 at
-// N <= 32 under the default 20 MiB: 16.4 MiB with 16-float padding); then fewer rows; below kMR rows (where the micro-kernels
-// lose their register blocking) the tiled panel with as many rows as fit instead.
+// within the budget. The full panel with kTq rows is kept whenever it fits; then fewer rows, in
+// whole micro-tiles down to kMR (at N = 32, S = 4096 under the default 20 MiB: 32 rows, 16.4 MiB
+// with 16-float padding); below kMR rows (where the micro-kernels lose their register blocking)
+// the tiled panel with as many rows as fit instead.
 struct BlockPlan {
   int64_t rows;  // query rows per work item (<= kTq)
   bool tiled;    // panel of one key chunk, recomputed in pass 2 (steps 1-3 run twice)
