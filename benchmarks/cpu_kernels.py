@@ -546,28 +546,59 @@ def core_table(rows: list[dict], impls: tuple[str, ...]) -> str:
 
 
 def core_plot(rows: list[dict], impls: tuple[str, ...], path: Path) -> bool:
-    """Median ms against T (log-log), one panel per shape and mask; False without matplotlib."""
+    """Per shape and mask: median ms against T (log-log, top) and each time over SDPA's (bottom);
+    False without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return False
     panels = sorted({(r["shape"], r["mode"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (shape, mode) in zip(axes[0], panels):
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 7), squeeze=False, sharex="col")
+    for col, (shape, mode) in enumerate(panels):
         sel = [r for r in rows if (r["shape"], r["mode"]) == (shape, mode)]
+        ts = [r["T"] for r in sel]
+        top, bottom = axes[0][col], axes[1][col]
         for impl in impls:
             if all(impl in r for r in sel):
-                ax.plot([r["T"] for r in sel], [r[impl] * 1e3 for r in sel], marker="o", label=impl)
-        ax.set(xscale="log", yscale="log", xlabel="T (= S)", ylabel="median ms", title=f"{shape}, {mode}")
-        ax.set_xticks([r["T"] for r in sel], [str(r["T"]) for r in sel])
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+                top.plot(ts, [r[impl] * 1e3 for r in sel], marker="o", label=impl)
+                bottom.plot(ts, [r[impl] / r["sdpa"] for r in sel], marker="o", label=impl)
+        bottom.axhline(1.1, color="grey", linestyle="--", linewidth=1, label="1.1x (goal)")
+        top.set(xscale="log", yscale="log", ylabel="median ms", title=f"{shape}, {mode}")
+        bottom.set(xscale="log", xlabel="T (= S)", ylabel="time / sdpa")
+        for ax in (top, bottom):
+            ax.set_xticks(ts, [str(t) for t in ts])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.grid(True, which="major", alpha=0.3)
+        top.legend(fontsize=8)
+        bottom.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
     return True
+
+
+def core_goals(rows: list[dict]) -> list[str]:
+    """Issue 25's goals, each as a line saying whether these rows meet it (and where not)."""
+    misses = [r for r in rows if r["ours"] > 1.1 * r["sdpa"]]
+    low = [
+        r
+        for r in rows
+        if r["T"] >= 1024
+        and 4 * r["n"] * r["d"] * core_pairs(r["T"], r["mode"]) / r["ours"] * r["matmul"] / (2 * 2048**3) < 0.7
+    ]
+    where = lambda sel: ", ".join(f"{r['shape']} {r['mode']} T={r['T']}" for r in sel)  # noqa: E731
+    return [
+        "Goals (issue 25), judged on this table:",
+        "- DCMHA core within 1.1x of SDPA's plain attention at every T: "
+        + ("met." if not misses else f"not met at {where(misses)}."),
+        "- DCMHA core >= 70% of the MatMul rate at T >= 1024: " + ("met." if not low else f"not met at {where(low)}."),
+        "- plain attention through the ort target at least as fast as compiled SDPA: not measured (no plain "
+        "attention op yet, issue item 2).",
+    ]
 
 
 def core(args, argv) -> int:
@@ -577,10 +608,17 @@ def core(args, argv) -> int:
         print(f"error: native kernel library unavailable: {native.unavailable_reason()}", file=sys.stderr)
         return 1
     impls = tuple(i for i in CORE_IMPLS if i in args.core_impls)
-    rows = core_measure(args)
+    data = Path(__file__).with_name("cpu_attention_core.json")
+    cmd = "python benchmarks/cpu_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        cmd, rows = saved["command"], saved["rows"]
+    else:
+        rows = core_measure(args)
+        if not args.no_write:
+            data.write_text(json.dumps({"command": cmd.strip(), "rows": rows}, indent=1) + "\n")
     plot = Path(__file__).with_name("cpu_attention_core.png")
     plotted = not args.no_write and core_plot(rows, impls, plot)
-    cmd = "python benchmarks/cpu_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join(
         [
             CORE_SUBSECTION,
@@ -597,9 +635,15 @@ def core(args, argv) -> int:
             "",
             f"- command: `{cmd.strip()}`",
             f"- machine: {cpu_model()}, {os.cpu_count()} CPUs",
-            *([f"- plot: `benchmarks/{plot.name}` (median ms against T)"] if plotted else []),
+            *(
+                [f"- plot: `benchmarks/{plot.name}` (median ms against T); rows: `benchmarks/{data.name}`"]
+                if plotted
+                else []
+            ),
             "",
             core_table(rows, impls),
+            "",
+            *core_goals(rows),
         ]
     )
     print(text)
@@ -624,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clock", choices=["wall", "cpu"], default="wall", help="--core: cpu = process CPU time (1 thread)"
     )
+    parser.add_argument("--from-json", help="--core: render the table and plot from rows saved before, measure nothing")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
