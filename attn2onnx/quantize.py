@@ -6,9 +6,10 @@ weight is cut along K into blocks of ``block_size`` values, each block stored as
 integers with one fp32 scale (symmetric by default; asymmetric adds a zero point). Activations
 stay fp32 for int4 (true weight-only: the CPU kernel dequantizes blocks on the fly); int8 runs
 with ``accuracy_level`` 4, as MatMulNBits' 8-bit CPU kernel needs to be fast (it quantizes each
-activation block to int8 for the dot products; without it the step was 12x slower than fp32).
+activation block to int8 for the dot products; without it a D=512 decode step was ~6x slower
+than fp32).
 Int8 is MatMulNBits and not ORT's ``quantize_dynamic`` (MatMulInteger): on a D=512 decode step
-both ran at the same speed, MatMulNBits with a third of the error (block scales instead of one
+both ran at the same speed, MatMulNBits with about half the error (block scales instead of one
 scale per tensor) and one quantizer for both modes (benchmarks/RESULTS.md "Quantize").
 
 Everything else is left as exported: the ai.attn2onnx nodes, their ONNX function bodies, the

@@ -1,14 +1,14 @@
 """``attn2onnx quantize`` (issue 21 item 2): weight-only int4 / int8 through ONNX Runtime's
 MatMulNBits quantizer, on the prefill, decode and optimised (``optimize --target ort``) graphs of
-one small trained dcmha LM (its ai.attn2onnx nodes and function bodies must come through
-untouched, the native kernels still run them).
+one small trained dcmha LM: its ai.attn2onnx nodes and function bodies must come through
+untouched, and the sessions that check it register the native kernel library as every one does.
 
 What is checked: the graph's structure and metadata after quantization; ``validate`` judging a
 quantized graph by its mode's tolerance (tolerances.QUANTIZED_TOLERANCES) and passing, while a
 deliberately broken quantization (its block scales multiplied) fails; ``generate`` running the
 quantized decode graph and its greedy tokens agreeing with the fp32 graph's (a trained model, so
-that the greedy choice does not hinge on near ties); the writer (external data, atomic, one-line
-errors with nothing written)."""
+that the greedy choice does not hinge on near ties); the writer (external data; one-line errors
+with nothing written)."""
 
 from __future__ import annotations
 
