@@ -4,8 +4,10 @@
 values: each step writes its ``present.*`` outputs into buffers it reuses (two per cache,
 taken in turn) and binds the previous step's, as they are, to its ``past_key_values.*`` inputs
 (IO binding), so no cache goes through numpy between steps; only the last row of logits is read
-back. :func:`generate` is the loop: prefill once, then one step per token, greedy or sampled
-(temperature, top-k, seed), until EOS or ``max_new_tokens``.
+back. A graph with shared KV buffers (``export --decode --shared-kv``, metadata ``"cache":
+"shared"``) gets one buffer per cache instead, bound as both its past and its present and
+written in place (:class:`_SharedBuffer`). :func:`generate` is the loop: prefill once, then one
+step per token, greedy or sampled (temperature, top-k, seed), until EOS or ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -76,6 +78,43 @@ class _PingPong:
         return self.flats[target][:size].reshape(shape)
 
 
+class _SharedBuffer:
+    """One cache of a shared-buffer graph: a [.., capacity, ..] array bound as both the past
+    input and the present output, which the graph writes the new rows into in place.
+
+    It grows as :class:`_PingPong` does (twice the positions a step needs, at most max_len),
+    copying the valid positions over once per growth; ``capacity`` fixes its size up front."""
+
+    def __init__(self, spec: CacheSpec, dtype: type, batch: int, max_len: int, capacity: int | None) -> None:
+        import onnxruntime as ort
+
+        self.spec, self.dtype, self.batch, self.max_len, self._ort = spec, dtype, batch, max_len, ort
+        self.axis = next(i for i, d in enumerate(spec.dims) if isinstance(d, str) and d != "batch")
+        self.array = np.zeros(spec.shape(batch, capacity or 0), dtype)
+        self.value = ort.OrtValue.ortvalue_from_numpy(self.array)
+
+    def reserve(self, positions: int, keep: int) -> None:
+        """Room for ``positions`` positions, the first ``keep`` kept."""
+        if self.array.shape[self.axis] >= positions:
+            return
+        capacity = min(2 * positions, max(self.max_len, positions))
+        array = np.zeros(self.spec.shape(self.batch, capacity), self.dtype)
+        index = (slice(None),) * self.axis + (slice(0, keep),)
+        array[index] = self.array[index]
+        self.array, self.value = array, self._ort.OrtValue.ortvalue_from_numpy(array)
+
+    def load(self, past: Any, length: int) -> None:
+        """Copy the first ``length`` positions of ``past`` (an OrtValue or array, a cache from
+        elsewhere: growing-layout or another buffer) into this buffer."""
+        values = past.numpy() if hasattr(past, "numpy") else np.asarray(past)
+        index = (slice(None),) * self.axis + (slice(0, length),)
+        self.array[index] = values[index]
+
+    def valid(self, length: int) -> np.ndarray:
+        """A view of the first ``length`` positions."""
+        return self.array[(slice(None),) * self.axis + (slice(0, length),)]
+
+
 class DecodeSession:
     """An ONNX Runtime session of a decode graph and the caches of the sequences it runs.
 
@@ -86,9 +125,14 @@ class DecodeSession:
     ``past`` holds the last step's presents: views into two buffers per cache that the steps
     take in turn (:class:`_PingPong`), so a present is overwritten two steps later (copy it to
     keep it). ``past`` (and ``length``) may be assigned: caches from elsewhere are read as they
-    are, and the step writes into the session's buffers."""
+    are, and the step writes into the session's buffers.
 
-    def __init__(self, path: str, threads: int | None = None) -> None:
+    With a shared-buffer graph (``meta.shared``) ``past`` holds one buffer per cache, of
+    ``capacity`` positions (default: grown as needed, up to max_len), whose first ``length``
+    are valid; an assigned ``past`` (caches of ``length`` positions in any buffer) is copied in
+    before the step. :meth:`caches` reads the valid positions in either form."""
+
+    def __init__(self, path: str, threads: int | None = None, capacity: int | None = None) -> None:
         import onnxruntime as ort
 
         from .onnx_io import load_onnx
@@ -106,6 +150,8 @@ class DecodeSession:
         dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
         self._dtypes = [dtypes[types[spec.input]] for spec in self._specs]
         self._buffers: list[_PingPong] = []
+        self.capacity = capacity
+        self._shared: list[_SharedBuffer] = []
 
     @property
     def vocab_size(self) -> int:
@@ -129,16 +175,45 @@ class DecodeSession:
             ]
         return self._buffers
 
+    def caches(self) -> list[np.ndarray]:
+        """The valid positions of every cache (copies), in the growing graph's layout either way."""
+        if self.meta.shared:
+            return [buffer.valid(self.length).copy() for buffer in self._shared]
+        return [np.array(value.numpy(), copy=True) for value in self.past]
+
+    def _bind_shared(self, binding: Any, batch: int, seq: int, past: list[Any]) -> None:
+        """Bind each cache's buffer as its past and its present, grown for ``seq`` more positions
+        (new buffers for a new batch; an assigned past copied in)."""
+        if not self._shared or self._shared[0].batch != batch:
+            self._shared = [
+                _SharedBuffer(spec, dtype, batch, self.max_len, self.capacity)
+                for spec, dtype in zip(self._specs, self._dtypes)
+            ]
+        for buffer, value in zip(self._shared, past):
+            if value is not buffer.value and self.length:
+                buffer.reserve(self.length + seq, 0)
+                buffer.load(value, self.length)
+            buffer.reserve(self.length + seq, self.length)
+            binding.bind_ortvalue_input(buffer.spec.input, buffer.value)
+            binding.bind_ortvalue_output(buffer.spec.output, buffer.value)
+        self.past = [buffer.value for buffer in self._shared]
+
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any]) -> np.ndarray:
         from .runtime.sessions import run_errors
 
         binding = self.session.io_binding()
         for name, value in zip(self.meta.inputs, (ids, mask, positions)):
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
-        for spec, value in zip(self._specs, past):
-            binding.bind_ortvalue_input(spec.input, value)
         binding.bind_output("logits", "cpu")
         batch, seq = ids.shape
+        if self.meta.shared:
+            self._bind_shared(binding, batch, seq, past)
+            with run_errors(self.path) as options:
+                self.session.run_with_iobinding(binding, options)
+            self.length += seq
+            return binding.get_outputs()[0].numpy()
+        for spec, value in zip(self._specs, past):
+            binding.bind_ortvalue_input(spec.input, value)
         # Each OrtValue holds its view, and so its buffer, for as long as it lives.
         present = [
             self._ort.OrtValue.ortvalue_from_numpy(buffers.present(value, seq))
@@ -158,6 +233,8 @@ class DecodeSession:
         """Run the prompt ids [B,T] from an empty cache (mask: 1 = real token, default all;
         positions: default 0..T-1)."""
         self.length = 0
+        if self.meta.shared:
+            return self.step(ids, mask, positions, [b.value for b in self._shared] or [None] * len(self._specs))
         return self.step(ids, mask, positions, self._empty_past(ids.shape[0]))
 
     def step(

@@ -8,7 +8,9 @@ read and checked by :func:`attn2onnx.runtime.metadata.read_decode`, gives every 
 limit). Random inputs built from the dim names alone cannot know
 ``past``; inputs that break the relation run in ONNX Runtime without an error but compute
 nothing meaningful. :func:`random_decode_inputs` makes inputs that keep it and
-:func:`check_decode_feeds` refuses, in one line, given inputs that do not.
+:func:`check_decode_feeds` refuses, in one line, given inputs that do not. A shared-buffer
+graph's caches (``meta.shared``) are max_len-long buffers whatever ``past`` is; given ones must
+hold at least past + seq positions.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def _dim_sizes(meta: DecodeMeta, past: int, seq: int) -> dict[str, int]:
     """Size of every dim name of the decode graph other than batch and seq, after ``past``
     cached positions and ``seq`` new ones."""
     sizes = {"past+seq": past + seq}
+    held = meta.max_len if meta.shared else past
     for cache in meta.caches:
-        sizes.update((d, n) for d, n in zip(cache.dims, cache.shape(1, past)) if isinstance(d, str) and d != "batch")
+        sizes.update((d, n) for d, n in zip(cache.dims, cache.shape(1, held)) if isinstance(d, str) and d != "batch")
     return sizes
 
 
@@ -79,7 +82,7 @@ def check_decode_feeds(meta: DecodeMeta, feeds: dict[str, np.ndarray]) -> None:
     """One-line UsageError for inputs (already checked against the graph's input specs) that
     break the decode contract: attention_mask shorter than the new ids or longer than max_len,
     a full cache whose past is not attention_mask's length minus seq, a window layer's cache
-    that does not hold min(past, limit) positions."""
+    that does not hold min(past, limit) positions, a shared buffer shorter than past + seq."""
     ids, mask, _ = meta.inputs
     seq, total = feeds[ids].shape[1], feeds[mask].shape[1]
     past = total - seq
@@ -90,6 +93,13 @@ def check_decode_feeds(meta: DecodeMeta, feeds: dict[str, np.ndarray]) -> None:
     for cache in meta.caches:
         held = feeds[cache.input].shape[_past_index(cache)]
         want = cache.shape(1, past)[_past_index(cache)]
+        if meta.shared:
+            if held < total:
+                raise UsageError(
+                    f"{cache.input} is a shared buffer of {held} positions, but {mask} covers {total}: "
+                    f"it must hold at least past + seq = {total}"
+                )
+            continue
         if held == want:
             continue
         if cache.limit is None:

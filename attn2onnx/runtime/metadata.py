@@ -4,7 +4,9 @@ Export writes three keys into the graph's metadata_props: ``attn2onnx.inputs`` (
 dims, kinds and id ranges: :func:`attn2onnx.io_spec.specs_to_json`), ``attn2onnx.max_seq``
 (the longest sequence the model takes) and, for a decode graph, ``attn2onnx.decode``
 (:func:`attn2onnx.models.decode.decode_metadata`: vocabulary, max_len, the names of its three
-int64 inputs and every cache tensor). A file is anyone's to edit, so nothing here trusts them:
+int64 inputs and every cache tensor; ``"cache": "shared"`` for a graph whose caches are
+max-length buffers bound as both input and output, :mod:`attn2onnx.models.shared_decode`).
+A file is anyone's to edit, so nothing here trusts them:
 each reader parses its key's JSON with bounded size and nesting, checks every field's type and
 range (finite positive integers where sizes go), and checks every name against the graph (it
 exists, with the rank, static sizes and dtype the metadata implies, and nothing is left out or
@@ -30,6 +32,8 @@ MAX_CHARS = 1 << 20  # far beyond any real description (a 100-layer decode graph
 MAX_DEPTH = 8  # the decode description nests 4 deep ({"caches": [{"dims": [...]}]})
 MAX_SIZE = 2**31 - 1  # sizes, lengths and id ranges: what ORT's int32 indexing and numpy take
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}
+CACHE_KINDS = ("growing", "shared")  # decode metadata "cache": presents past + seq long, or one shared buffer
+SHARED_DIM = "max_cache"  # a shared cache's buffer dim: its past and present are one buffer this long
 
 
 class MetadataError(UsageError):
@@ -49,13 +53,16 @@ class GraphValue:
 @dataclass(frozen=True)
 class DecodeMeta:
     """A decode graph's ``attn2onnx.decode``, checked: ``inputs`` are its (ids, mask,
-    positions) input names, ``caches`` its cache tensors in graph input order."""
+    positions) input names, ``caches`` its cache tensors in graph input order; ``shared``: each
+    cache is one buffer of SHARED_DIM positions that the caller binds as both its input and its
+    output (written in place; the valid length is attention_mask's)."""
 
     variant: str
     vocab_size: int
     max_len: int
     inputs: tuple[str, str, str]
     caches: tuple[CacheSpec, ...]
+    shared: bool = False
 
 
 def graph_values(values: Sequence[onnx.ValueInfoProto], skip: Collection[str] = ()) -> dict[str, GraphValue]:
@@ -241,12 +248,14 @@ def read_decode(model: onnx.ModelProto) -> DecodeMeta | None:
     inputs; every cache's input and output exist with the cache's rank, static sizes and one
     float type, its dims hold ``batch`` and one past dim named as its limit says (``past`` or
     ``past_window{limit}``); the graph has a ``logits`` output whose last dim, where static, is
-    the vocabulary."""
+    the vocabulary. With ``"cache": "shared"`` every cache's past dim is SHARED_DIM (no window
+    limit) and its output has its input's dims: one buffer serves both."""
     text = _prop(model, DECODE_KEY)
     if text is None:
         return None
     key = DECODE_KEY
-    meta = _object(key, "", _json(key, text), ("variant", "vocab_size", "max_len", "inputs", "caches"))
+    meta = _object(key, "", _json(key, text), ("variant", "vocab_size", "max_len", "inputs", "caches"), ("cache",))
+    shared = _str(key, "cache", meta.get("cache", "growing"), CACHE_KINDS) == "shared"
     variant = _str(key, "variant", meta["variant"])
     vocab_size = _int(key, "vocab_size", meta["vocab_size"], 1)
     max_len = _int(key, "max_len", meta["max_len"], 1)
@@ -257,7 +266,7 @@ def read_decode(model: onnx.ModelProto) -> DecodeMeta | None:
     inputs = tuple(_str(key, f"inputs[{i}]", n) for i, n in enumerate(names))
     entries = _list(key, "caches", meta["caches"])
     dim_names: dict[tuple[str, str], str] = {}
-    caches = tuple(_cache(key, f"caches[{i}]", c, graph, outputs, dim_names) for i, c in enumerate(entries))
+    caches = tuple(_cache(key, f"caches[{i}]", c, graph, outputs, dim_names, shared) for i, c in enumerate(entries))
     described = [*inputs, *(c.input for c in caches)]
     for i, name in enumerate(described):
         where = f"inputs[{i}]" if i < len(inputs) else f"caches[{i - len(inputs)}].input"
@@ -280,7 +289,7 @@ def read_decode(model: onnx.ModelProto) -> DecodeMeta | None:
     declared = read_max_seq(model)
     if declared is not None and max_len > declared:
         _fail(key, "max_len", f"is {max_len}, more than the model's {MAX_SEQ_KEY} {declared}")
-    return DecodeMeta(variant, vocab_size, max_len, inputs, caches)  # type: ignore[arg-type]
+    return DecodeMeta(variant, vocab_size, max_len, inputs, caches, shared)  # type: ignore[arg-type]
 
 
 def _rank(value: GraphValue) -> int | None:
@@ -294,9 +303,11 @@ def _cache(
     graph: dict[str, GraphValue],
     outputs: dict[str, GraphValue],
     names: dict[tuple[str, str], str],
+    shared: bool = False,
 ) -> CacheSpec:
     """One entry of ``caches`` as a CacheSpec, its input and output checked against the graph
-    (dim names paired with the graph's as in :func:`_check_dims`)."""
+    (dim names paired with the graph's as in :func:`_check_dims`; a ``shared`` cache's output
+    too, as it is the same buffer)."""
     entry = _object(key, where, value, ("layer", "input", "output", "dims", "holds", "limit"))
     layer = _int(key, f"{where}.layer", entry["layer"], 0)
     name, output = _str(key, f"{where}.input", entry["input"]), _str(key, f"{where}.output", entry["output"])
@@ -307,7 +318,9 @@ def _cache(
     if named.count("batch") != 1 or len(named) != 2:
         _fail(key, f"{where}.dims", f"must hold 'batch' and one past dim, got {_show(list(dims))}")
     past = next(d for d in named if d != "batch")
-    if past != past_dim(limit):
+    if shared and (past != SHARED_DIM or limit is not None):
+        _fail(key, f"{where}.dims", f"of a shared cache must have past dim {SHARED_DIM!r} and limit null")
+    if not shared and past != past_dim(limit):
         _fail(key, f"{where}.limit", f"is {_show(limit)}, but its past dim is {past!r} (want {past_dim(limit)!r})")
     if name not in graph:
         _fail(key, f"{where}.input", f"{name!r} is not an input of the graph")
@@ -321,6 +334,8 @@ def _cache(
     _check_dims(key, f"{where}.dims", dims, graph[name], names)
     if _rank(outputs[output]) not in (len(dims), None):
         _fail(key, f"{where}.output", f"{output!r} has rank {_rank(outputs[output])}, its input {len(dims)}")
+    if shared:
+        _check_dims(key, f"{where}.output", dims, outputs[output], names)
     return CacheSpec(layer, name, output, dims, holds, limit)
 
 
@@ -333,6 +348,8 @@ def require_decode(model: onnx.ModelProto, path: str) -> DecodeMeta:
 
 
 __all__ = [
+    "CACHE_KINDS",
+    "SHARED_DIM",
     "DecodeMeta",
     "GraphValue",
     "MetadataError",

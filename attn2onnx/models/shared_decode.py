@@ -1,0 +1,110 @@
+"""Decode export with shared KV buffers (``export --decode --shared-kv``; issue 21 item 1).
+
+The growing-cache decode graph (:mod:`.decode`) returns each cache as a fresh present one
+position longer than its past, so every step copies every cache. Here past and present are one
+max-length buffer per cache ([batch, heads, max_cache, head_dim]), bound by the caller as both
+input and output and written in place by ``com.microsoft.GroupQueryAttention``, the valid length
+being attention_mask's, as ONNX Runtime GenAI's ``past_present_share_buffer`` runs its models.
+:func:`share_decode_graph` rewrites an ``optimize --target ort`` decode graph
+(:mod:`passes.shared_kv`) and marks its metadata ``"cache": "shared"``
+(:mod:`attn2onnx.runtime.metadata`), which :class:`attn2onnx.generate.DecodeSession` reads.
+
+Covered: the variants whose decode attention is standard attention on separate K / V caches
+(:data:`SHARED_VARIANTS`); every other causal variant is refused with the reason in
+:data:`NOT_SHARED`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from ..errors import UsageError
+from ..graph_format import DECODE_KEY
+from ..io_spec import METADATA_KEY as INPUTS_KEY
+from ..runtime.metadata import SHARED_DIM, require_decode
+
+SHARED_VARIANTS = ("mha", "optimised")
+NOT_SHARED = {
+    "efficient": "its one x cache is both keys and values, which GroupQueryAttention writes apart "
+    "(two buffers: twice the growing cache's memory); its decode core is not fused either",
+    "super": "its new U rows mix every cached x row before attention runs, a read of the x buffer "
+    "outside the attention op (its decode core is not fused onto standard attention)",
+    "reuse": "its heads pass post-softmax probabilities to the next layer (ProbAttention); "
+    "GroupQueryAttention returns none",
+    "dcmha": "DcmhaAttention composes heads with its own key-factor cache and has no in-place form yet",
+}
+
+
+def check_shareable(variant: str) -> None:
+    """A one-line UsageError for a variant the shared form does not cover, with the reason."""
+    if variant not in SHARED_VARIANTS:
+        reason = NOT_SHARED.get(variant, "it has no causal decode step")
+        raise UsageError(f"--shared-kv is not supported for {variant}: {reason}")
+
+
+def _shared_metadata(model: onnx.ModelProto, cache_inputs: set[str]) -> None:
+    """The decode and input descriptions of ``model`` with every cache's past dim SHARED_DIM
+    and ``"cache": "shared"``."""
+    props = {p.key: p.value for p in model.metadata_props}
+    decode = json.loads(props[DECODE_KEY])
+    decode["cache"] = "shared"
+    for cache in decode["caches"]:
+        cache["dims"] = [SHARED_DIM if d == "past" else d for d in cache["dims"]]
+    props[DECODE_KEY] = json.dumps(decode)
+    if INPUTS_KEY in props:
+        rows = json.loads(props[INPUTS_KEY])
+        for row in rows:
+            if row["name"] in cache_inputs:
+                row["dims"] = [SHARED_DIM if d == "past" else d for d in row["dims"]]
+        props[INPUTS_KEY] = json.dumps(rows)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+
+
+def share_decode_graph(in_path: str | os.PathLike, out_path: str | os.PathLike) -> int:
+    """Write the shared-buffer form of the ``optimize --target ort`` decode graph at ``in_path``
+    to ``out_path`` (checked, atomic); returns how many attention layers it rewrote."""
+    from ..passes.shared_kv import SharedKvError, share_kv_buffers
+
+    from ..onnx_io import check_model, load_onnx, save_model
+
+    model = load_onnx(str(in_path))
+    meta = require_decode(model, str(in_path))
+    if meta.shared:
+        raise UsageError(f"{in_path} already has shared KV buffers")
+    check_shareable(meta.variant)
+    if any(c.limit is not None for c in meta.caches):
+        raise UsageError("--shared-kv does not cover local-window caches yet")
+    try:
+        count = share_kv_buffers(model, [(c.input, c.output) for c in meta.caches], meta.inputs[1], SHARED_DIM)
+    except SharedKvError as e:
+        raise UsageError(f"--shared-kv: {e} (optimize the decode graph for target ort first)") from None
+    _shared_metadata(model, {c.input for c in meta.caches})
+    save_model(model, out_path, check=check_model)
+    return count
+
+
+def export_shared_decode(model, path: str | os.PathLike, opset: int = 23):
+    """Export ``model`` (a CausalLM of a :data:`SHARED_VARIANTS` variant) as a shared-buffer
+    decode graph at ``path``: the decode export, optimised for ORT, rewritten. Returns the
+    decode export's ExportResult with ``path`` set to the written graph."""
+    import dataclasses
+
+    from ..passes import optimize
+    from .decode import check_decodable, export_decode
+
+    check_shareable(check_decodable(model).config.variant)
+    with tempfile.TemporaryDirectory() as folder:
+        growing = Path(folder) / "growing.onnx"
+        result = export_decode(model, growing, opset)
+        optimize(growing, growing, target="ort")
+        share_decode_graph(growing, path)
+    return dataclasses.replace(result, path=Path(path))
+
+
+__all__ = ["NOT_SHARED", "SHARED_VARIANTS", "check_shareable", "export_shared_decode", "share_decode_graph"]
