@@ -98,6 +98,7 @@ def one_repetition(session, model, batch: int, context: int, steps: int, seed: i
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=16, help="timed steps per repetition")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in VARIANTS:
+        for variant in args.variants:
             folder = Path(tmp) / variant
             folder.mkdir()
             optimized, genai = make_folder(variant, max(args.contexts) + args.steps + 2, folder)
