@@ -79,7 +79,7 @@ class Part:
 
     @property
     def past_axis(self) -> int:
-        return next(i for i, d in enumerate(self.spec.dims) if isinstance(d, str) and d != "batch")
+        return _past_axis(self.spec)
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,7 @@ class GenAIFolder:
 
 
 def _past_axis(spec: CacheSpec) -> int:
+    """Index of the cache's past dim (its one dim name other than batch)."""
     return next(i for i, d in enumerate(spec.dims) if isinstance(d, str) and d != "batch")
 
 
@@ -270,8 +271,9 @@ def _ranges(plan: LayerPlan) -> list[tuple[int, int]]:
 
 
 def _unpack(g: _Graph, plan: LayerPlan, key: str, value: str) -> dict[str, str]:
-    """Nodes cutting GenAI's pair back into the layer's caches; cache input -> full-length value
-    in its own layout (a window layer's graph input is its last ``limit`` positions of it)."""
+    """Nodes cutting GenAI's pair back into the layer's caches (the graph's cache inputs, renamed
+    under :data:`INTERNAL`). A window layer's graph input is the last ``limit`` positions of the
+    pair's full length: returns window cache input -> that full-length value, for :func:`_pack`."""
     half = plan.heads if plan.axis == 1 else plan.width
     full = {}
     for part, (start, end) in zip(plan.parts, _ranges(plan)):
@@ -288,7 +290,6 @@ def _unpack(g: _Graph, plan: LayerPlan, key: str, value: str) -> dict[str, str]:
             full[spec.input] = x
             x = g.slice(g.front, x, part.past_axis, -spec.limit, INT64_MAX)
         g.node(g.front, "Identity", [x], INTERNAL + spec.input)
-        full.setdefault(spec.input, x)
     return full
 
 
