@@ -6,7 +6,7 @@ Each subcommand lives in its own module ``attn2onnx.commands.<name>`` with
     run(args) -> int | None            does the work (exit status; None means 0)
 and is listed in ``COMMANDS``. Modules import heavy dependencies (torch, onnx, the op set) inside
 ``run``, after checking their arguments and files, so that ``--help``, a usage error or a missing
-file answer without importing torch (tests/test_cli_startup.py, benchmarks/cli_startup.py).
+file answer without importing torch (tests/test_cli_startup.py, benchmarks/cli.py).
 
 Errors a user can fix (UsageError, VariantError, OSError such as a missing file, MemoryError
 for sizes past the machine) are printed as one line ``attn2onnx: error: ...`` on stderr with

@@ -102,20 +102,59 @@ def specs_from_examples(
     return specs
 
 
+def _reference_index(inputs: Sequence[tuple[str, int]]) -> tuple[int | None, bool]:
+    """The rule of :func:`specs_from_examples` over (kind, rank) pairs, kind "float", "int"
+    (integer, not bool) or "other": the reference input's index (None without one) and whether
+    its dim 1 is the sequence length."""
+    for i, (kind, rank) in enumerate(inputs):
+        if kind == "float" and rank == 3:
+            return i, True
+    for i, (kind, rank) in enumerate(inputs):
+        if kind == "int" and rank == 2:
+            return i, True
+    if inputs and inputs[0][1] >= 1:
+        return 0, False
+    return None, False
+
+
 def reference_sizes(examples: Sequence[torch.Tensor]) -> tuple[int | None, int | None, int | None]:
     """(index, batch, sequence length) of the input that sets them (see :func:`specs_from_examples`);
     works on fake tensors too (a torch.export program's inputs, whose sizes are symbols)."""
     import torch
 
-    for i, t in enumerate(examples):
-        if t.is_floating_point() and t.dim() == 3:
-            return i, t.shape[0], t.shape[1]
-    for i, t in enumerate(examples):
-        if t.dim() == 2 and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool:
-            return i, t.shape[0], t.shape[1]
-    if examples and examples[0].dim() >= 1:
-        return 0, examples[0].shape[0], None
-    return None, None, None
+    kinds = [
+        ("float" if t.is_floating_point() else "other" if t.is_complex() or t.dtype == torch.bool else "int", t.dim())
+        for t in examples
+    ]
+    index, has_seq = _reference_index(kinds)
+    if index is None:
+        return None, None, None
+    shape = examples[index].shape
+    return index, shape[0], shape[1] if has_seq else None
+
+
+def reference_input(specs: Sequence[InputSpec]) -> tuple[InputSpec | None, int]:
+    """The input whose dims 0 and 1 are the batch size and sequence length (the rule of
+    :func:`reference_sizes`, read off the specs) and how many of the two it has (2; 1 for an
+    image, which has no sequence; 0 without inputs)."""
+    kinds = [("float" if s.kind == "float" else "other" if s.kind == "mask" else "int", len(s.dims)) for s in specs]
+    index, has_seq = _reference_index(kinds)
+    return (None, 0) if index is None else (specs[index], 2 if has_seq else 1)
+
+
+def fixed_sizes(specs: Sequence[InputSpec]) -> dict[str, int]:
+    """The sizes the inputs fix (a --static export, a static program): {"batch": 1, "seq": 32},
+    or only one of them, or none for a fully dynamic graph."""
+    spec, sizes = reference_input(specs)
+    dims = spec.dims[:sizes] if spec else ()
+    return {name: d for name, d in zip(("batch", "seq"), dims) if isinstance(d, int)}
+
+
+def describe_fixed(fixed: dict[str, int]) -> str:
+    """``fixed shape 1x32``, ``fixed batch 1`` or ``fixed seq 32`` ("" for none)."""
+    if len(fixed) == 2:
+        return f"fixed shape {fixed['batch']}x{fixed['seq']}"
+    return " ".join(f"fixed {name} {size}" for name, size in fixed.items())
 
 
 def _dim_name(is_ref: bool, j: int, size: int, batch: int | None, seq: int | None, name: str) -> str | None:

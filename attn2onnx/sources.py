@@ -144,7 +144,7 @@ def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
     the program's symbols (:func:`_dim_symbols`) and bounded by its Dim ranges
     (:func:`_size_ranges`); outputs named by its output spec (:func:`_output_names`). Read under
     the policy of :mod:`attn2onnx.torch_files` (never unpickled unless ``trust_pickle``)."""
-    from . import custom_ops  # noqa: F401  (a program holding our ops needs them registered to load)
+    from .custom_ops import torch_ops  # noqa: F401  (a program holding our ops needs them registered to load)
 
     try:
         with held_back_log("torch.export") as logged:

@@ -33,7 +33,7 @@ from polygraphy.logger import G_LOGGER
 
 from .errors import UsageError
 from .input_cases import check_cases, check_decode_cases
-from .io_spec import InputSpec, describe_inputs, random_inputs, reference_sizes
+from .io_spec import InputSpec, describe_fixed, describe_inputs, fixed_sizes, random_inputs, reference_input
 from .runtime.metadata import DecodeMeta
 from .sources import ModelSource, eval_mode
 from .tolerances import (
@@ -363,38 +363,11 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def reference_input(specs: Sequence[InputSpec]) -> tuple[InputSpec | None, int]:
-    """The input whose dims 0 and 1 are the batch size and sequence length
-    (:func:`attn2onnx.io_spec.reference_sizes`) and how many of the two it has (2; 1 for an
-    image, which has no sequence; 0 without inputs)."""
-    metas = [
-        torch.empty([1] * len(s.dims), dtype=torch.from_numpy(np.empty(0, s.numpy_dtype)).dtype, device="meta")
-        for s in specs
-    ]
-    index, batch, seq = reference_sizes(metas)
-    return (None, 0) if index is None else (specs[index], 1 if seq is None else 2)
-
-
 def fed_shape(specs: Sequence[InputSpec], feeds: dict[str, np.ndarray]) -> list[int]:
     """[batch, seq] as ``feeds`` have them (read off their reference input, :func:`reference_input`):
     the shape that ran, whatever was asked; [batch] for an image."""
     spec, sizes = reference_input(specs)
     return [int(d) for d in feeds[spec.name].shape[:sizes]] if spec else []
-
-
-def fixed_sizes(specs: Sequence[InputSpec]) -> dict[str, int]:
-    """The sizes the inputs fix (a --static export, a static program): {"batch": 1, "seq": 32},
-    or only one of them, or none for a fully dynamic graph."""
-    spec, sizes = reference_input(specs)
-    dims = spec.dims[:sizes] if spec else ()
-    return {name: d for name, d in zip(("batch", "seq"), dims) if isinstance(d, int)}
-
-
-def describe_fixed(fixed: dict[str, int]) -> str:
-    """``fixed shape 1x32``, ``fixed batch 1`` or ``fixed seq 32`` ("" for none)."""
-    if len(fixed) == 2:
-        return f"fixed shape {fixed['batch']}x{fixed['seq']}"
-    return " ".join(f"fixed {name} {size}" for name, size in fixed.items())
 
 
 def runnable_shapes(

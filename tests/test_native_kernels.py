@@ -25,6 +25,7 @@ from oracles._common import allowed_mask, apply_probs, logits, masked_softmax
 from oracles.dcmha import compose
 
 import attn2onnx.custom_ops as ops
+import attn2onnx.custom_ops.torch_ops  # noqa: F401  (registers torch.ops.attn2onnx.*)
 from attn2onnx.runtime import native, session, session_options
 
 NAMES = ["q", "k", "v", "q_factors", "k_factors", "key_padding_mask", "static_mix"]

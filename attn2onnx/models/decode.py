@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import onnx
@@ -35,37 +34,13 @@ from torch.nn import functional as F
 
 from ..custom_ops import DOMAIN
 from ..errors import UsageError
+from ..graph_format import DECODE_KEY, INPUTS, CacheSpec, past_dim
 from ..io_spec import InputSpec
 from .lm import CausalLM
 
-DECODE_KEY = "attn2onnx.decode"  # metadata: JSON description of the decode graph (see decode_metadata)
-INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Example sizes for tracing: all above 1 (torch specialises sizes 0 and 1) and distinct, so no
 # two dims are taken for one; an empty past still runs (the graph holds no guard on it).
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """One cache tensor of the decode graph: layer, input / output names, dims (ints and dim
-    names), what it holds, and the most positions it keeps (None: all)."""
-
-    layer: int
-    input: str
-    output: str
-    dims: tuple[int | str, ...]
-    holds: str
-    limit: int | None
-
-    def shape(self, batch: int, past: int) -> tuple[int, ...]:
-        """Concrete shape for ``batch`` sequences after ``past`` positions."""
-        kept = past if self.limit is None else min(past, self.limit)
-        return tuple(batch if d == "batch" else kept if isinstance(d, str) else d for d in self.dims)
-
-
-def past_dim(limit: int | None) -> str:
-    """Name of a cache's past dim: ``past``, or ``past_window{L}`` for a layer keeping L positions."""
-    return "past" if limit is None else f"past_window{limit}"
 
 
 def check_decodable(model: nn.Module) -> CausalLM:
