@@ -59,6 +59,7 @@ def cases(folder: Path) -> dict[str, tuple[list[str], str]]:
         "new unknown variant": (["new", "foo", "-o", str(folder / "x.pt")], "unknown variant 'foo'"),
         "new missing output folder": (["new", "mha", "-o", f"{gone}/x.pt"], "folder"),
         "convert missing folder": (["convert", gone, "-o", str(folder / "x.pt")], f"{gone} is not a folder"),
+        "demo unknown variant": (["demo", "--variants", "mha,foo", "--out", str(folder)], "unknown variant 'foo'"),
     }
 
 
@@ -75,6 +76,7 @@ CASE_NAMES = [  # the keys of cases() (which needs a folder)
     "new unknown variant",
     "new missing output folder",
     "convert missing folder",
+    "demo unknown variant",
 ]
 
 

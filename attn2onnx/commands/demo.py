@@ -29,16 +29,18 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from ..demo import format_table, rows_json, run_demo
     from ..errors import UsageError
-    from ..progress import Progress
-    from ..variants import get_variant
+    from ..variants import check_name
 
     names = None if args.variants is None else [v.strip() for v in args.variants.split(",")]
     if names is not None and not any(names):
         raise UsageError(f"--variants takes a comma-separated list of variant names, got {args.variants!r}")
     for name in names or []:
-        get_variant(name)  # unknown names fail before any work
+        check_name(name)  # unknown names fail before any work, and before torch is imported
+
+    from ..demo import format_table, rows_json, run_demo
+    from ..progress import Progress
+
     rows = run_demo(Path(args.out), names, progress=Progress.for_command(json_output=args.json))
     print(json.dumps(rows_json(rows)) if args.json else format_table(rows))
     return 0 if rows and all(r.passed for r in rows) else 1
