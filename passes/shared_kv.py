@@ -87,11 +87,13 @@ def _uniform_fix(
     return nodes, [numpy_helper.from_array(np.array([1], np.int64), f"{p}_axis1")]
 
 
-def _lengths(graph: onnx.GraphProto, mask: str) -> tuple[list[onnx.NodeProto], str, str, str]:
-    """Nodes computing, from attention_mask [B, past+seq]: seqlens_k [B] int32 (total - 1 in
-    every row), total_sequence_length (int32 scalar) and total as int64 [1] (for Slice)."""
+def _lengths(graph: onnx.GraphProto, mask: str, ids: str) -> tuple[list[onnx.NodeProto], str, str, str, str]:
+    """Nodes computing, from attention_mask [B, past+seq] and input_ids [B, seq]: seqlens_k [B]
+    int32 (total - 1 in every row), total_sequence_length (int32 scalar), query_seqlens [B]
+    int32 (seq in every row: GQA then takes chunks of several tokens after a past, batched)
+    and total as int64 [1] (for Slice)."""
     p = "shared_kv"
-    total64, total32, seqlens = f"{p}_total64", f"{p}_total32", f"{p}_seqlens_k"
+    total64, total32, seqlens, queries = f"{p}_total64", f"{p}_total32", f"{p}_seqlens_k", f"{p}_query_seqlens"
     nodes = [
         helper.make_node("Shape", [mask], [total64], start=1, end=2, name=f"{p}_total"),
         helper.make_node("Shape", [mask], [f"{p}_batch"], start=0, end=1, name=f"{p}_batch"),
@@ -100,9 +102,12 @@ def _lengths(graph: onnx.GraphProto, mask: str) -> tuple[list[onnx.NodeProto], s
         helper.make_node("Sub", [total64, f"{p}_one"], [f"{p}_last"], name=f"{p}_last"),
         helper.make_node("Expand", [f"{p}_last", f"{p}_batch"], [f"{p}_last_rows"], name=f"{p}_expand"),
         helper.make_node("Cast", [f"{p}_last_rows"], [seqlens], to=TensorProto.INT32, name=f"{p}_cast_rows"),
+        helper.make_node("Shape", [ids], [f"{p}_seq"], start=1, end=2, name=f"{p}_seq"),
+        helper.make_node("Expand", [f"{p}_seq", f"{p}_batch"], [f"{p}_seq_rows"], name=f"{p}_expand_seq"),
+        helper.make_node("Cast", [f"{p}_seq_rows"], [queries], to=TensorProto.INT32, name=f"{p}_cast_seq"),
     ]
     graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), f"{p}_one"))
-    return nodes, seqlens, total32, total64
+    return nodes, seqlens, total32, queries, total64
 
 
 def _set_buffer_dim(value: onnx.ValueInfoProto, dim_name: str) -> None:
@@ -114,7 +119,7 @@ def _set_buffer_dim(value: onnx.ValueInfoProto, dim_name: str) -> None:
     dims[2].dim_param = dim_name
 
 
-def share_kv_buffers(model: onnx.ModelProto, caches: list[tuple[str, str]], mask: str, dim_name: str) -> int:
+def share_kv_buffers(model: onnx.ModelProto, caches: list[tuple[str, str]], ids: str, mask: str, dim_name: str) -> int:
     """Rewrite ``model`` in place: every MHA-with-past node onto GQA over shared buffers.
     ``caches``: the (input, output) names of every cache; each must be read by one such node
     and nothing else. Returns the number of layers rewritten; a SharedKvError names what cannot be."""
@@ -131,7 +136,7 @@ def share_kv_buffers(model: onnx.ModelProto, caches: list[tuple[str, str]], mask
         users = readers.get(name, [])
         if name not in covered or len(users) != 1:
             raise SharedKvError(f"cache {name!r} is not read by one fused standard attention layer")
-    length_nodes, seqlens, total32, total64 = _lengths(graph, mask)
+    length_nodes, seqlens, total32, queries, total64 = _lengths(graph, mask, ids)
     new_nodes: list[onnx.NodeProto] = []
     replaced: dict[int, list[onnx.NodeProto]] = {}
     for index, node in enumerate(layers):
@@ -147,7 +152,7 @@ def share_kv_buffers(model: onnx.ModelProto, caches: list[tuple[str, str]], mask
             attrs["scale"] = scale
         gqa = helper.make_node(
             "GroupQueryAttention",
-            [q, k, v, past_key, past_value, seqlens, total32, "", "", "", bias],
+            [q, k, v, past_key, past_value, seqlens, total32, "", "", "", bias, "", "", "", "", "", queries],
             [raw, present_key, present_value],
             name=f"{node.name}_gqa",
             domain=MS_DOMAIN,

@@ -5,7 +5,8 @@ computes what the growing-cache decode graph computes, row by row.
 Per covered variant (mha, optimised) a tiny LM is exported both ways (the growing graph
 optimised for ORT, as generate runs it). A left-padded batch (one row all padding through the
 prompt, so the prefill has fully masked query rows) runs prefill + decode steps in both; the
-shared buffers start small and grow during the loop, or are fixed at max_len and filled to it.
+shared buffers start small and grow during the loop, or are fixed at max_len and filled to it;
+one step after the prefill takes a chunk of several tokens.
 Every row's logits (padded rows too: their uniform softmax is the contract) and every cache's
 valid positions must agree. The variants the shared form does not cover are refused with their
 reason; the metadata reader stays strict about the shared form."""
@@ -13,6 +14,8 @@ reason; the metadata reader stays strict about the shared form."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -26,7 +29,7 @@ from attn2onnx.models.decode import export_decode
 from attn2onnx.models.shared_decode import NOT_SHARED, SHARED_VARIANTS, check_shareable, export_shared_decode
 from attn2onnx.runtime.metadata import MetadataError, read_decode
 
-VOCAB, MAX_LEN, BATCH, PROMPT = 64, 24, 3, 5
+VOCAB, MAX_LEN, BATCH, PROMPT, CHUNK = 64, 24, 3, 5, 3
 RTOL, ATOL = 1e-5, 1e-5
 
 
@@ -90,6 +93,17 @@ def test_greedy_tokens_equal_pytorch(graphs):
         for _ in range(new):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert tokens[1] == tokens[0] == ids[len(prompt) :]
+
+
+def test_generate_command_runs_shared(graphs):
+    """`attn2onnx generate` reads the shared form from the metadata: the growing graph's tokens."""
+    growing, shared, _ = graphs
+    tokens = []
+    for path in (growing, shared):
+        command = [sys.executable, "-m", "attn2onnx", "generate", path, "--prompt-ids", "3,1,4", "--max-new-tokens"]
+        done = subprocess.run([*command, "9", "--json"], capture_output=True, text=True, check=True)
+        tokens.append(json.loads(done.stdout)["tokens"])
+    assert tokens[1] == tokens[0] and len(tokens[0]) == 9
 
 
 @pytest.mark.parametrize("variant", sorted(NOT_SHARED))

@@ -43,7 +43,7 @@ NOT_SHARED = {
 def check_shareable(variant: str) -> None:
     """A one-line UsageError for a variant the shared form does not cover, with the reason."""
     if variant not in SHARED_VARIANTS:
-        reason = NOT_SHARED.get(variant, "it has no causal decode step")
+        reason = NOT_SHARED.get(variant, f"the shared form covers {', '.join(SHARED_VARIANTS)} only")
         raise UsageError(f"--shared-kv is not supported for {variant}: {reason}")
 
 
@@ -81,7 +81,7 @@ def share_decode_graph(in_path: str | os.PathLike, out_path: str | os.PathLike) 
     if any(c.limit is not None for c in meta.caches):
         raise UsageError("--shared-kv does not cover local-window caches yet")
     try:
-        count = share_kv_buffers(model, [(c.input, c.output) for c in meta.caches], meta.inputs[1], SHARED_DIM)
+        count = share_kv_buffers(model, [(c.input, c.output) for c in meta.caches], *meta.inputs[:2], SHARED_DIM)
     except SharedKvError as e:
         raise UsageError(f"--shared-kv: {e} (optimize the decode graph for target ort first)") from None
     _shared_metadata(model, {c.input for c in meta.caches})
@@ -98,7 +98,8 @@ def export_shared_decode(model, path: str | os.PathLike, opset: int = 23):
     from ..passes import optimize
     from .decode import check_decodable, export_decode
 
-    check_shareable(check_decodable(model).config.variant)
+    lm = check_decodable(model)
+    check_shareable(getattr(getattr(lm, "config", None), "variant", type(lm).__name__))
     with tempfile.TemporaryDirectory() as folder:
         growing = Path(folder) / "growing.onnx"
         result = export_decode(model, growing, opset)
