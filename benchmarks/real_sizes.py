@@ -12,7 +12,9 @@ child's ru_maxrss would count this process's size at the fork). Steps:
 * ``in-memory-fp32``: the in-memory path (import the folder in float32, ``attn2onnx.export``),
   for comparison on folders that fit;
 * ``optimize-fp16``: ``attn2onnx optimize --target ort`` on the fp16 export (weights stay on
-  disk, memory-mapped).
+  disk, memory-mapped);
+* ``generate-fp16``: ``attn2onnx generate`` on the fp16 decode graph, a 512-token prompt and 8
+  greedy tokens (batch 1): tokens/s of the decode steps, prefill seconds.
 
 Printed per step: wall s, peak RSS GiB, peak / output weight bytes, GB written. ``--json``
 appends the rows to a file; ``--write-results`` puts them in RESULTS.md's "Real sizes" table.
@@ -28,11 +30,21 @@ import sys
 import time
 from pathlib import Path
 
-STEPS = ("export-fp16", "export-fp32", "decode-fp16", "decode-fp32", "in-memory-fp32", "optimize-fp16")
+STEPS = (
+    "export-fp16",
+    "export-fp32",
+    "decode-fp16",
+    "decode-fp32",
+    "in-memory-fp32",
+    "optimize-fp16",
+    "generate-fp16",
+)
+PROMPT = 512  # prompt tokens of the generate step (ids 1..PROMPT), then NEW_TOKENS greedy steps
+NEW_TOKENS = 8
 
 
 def _outputs(out: Path, step: str) -> Path:
-    name = {"optimize-fp16": "fp16.opt", "in-memory-fp32": "in-memory-fp32"}.get(step, step)
+    name = {"optimize-fp16": "fp16.opt", "generate-fp16": "decode-fp16"}.get(step, step)
     return out / f"{name}.onnx"
 
 
@@ -51,6 +63,11 @@ def run_step(step: str, folder: Path, out: Path) -> None:
         from attn2onnx.cli import main
 
         assert main(["optimize", str(_outputs(out, "export-fp16")), "-o", str(target), "--target", "ort"]) == 0
+    elif step == "generate-fp16":
+        from attn2onnx.cli import main
+
+        ids = ",".join(str(i) for i in range(1, PROMPT + 1))
+        assert main(["generate", str(target), "--prompt-ids", ids, "--max-new-tokens", str(NEW_TOKENS), "--json"]) == 0
 
 
 def measure(step: str, folder: Path, out: Path) -> dict:
@@ -64,6 +81,13 @@ def measure(step: str, folder: Path, out: Path) -> dict:
         raise SystemExit(f"{step} failed:\n{done.stderr[-3000:]}")
     peak = int(done.stdout.split()[-1])
     target = _outputs(out, step)
+    if step == "generate-fp16":  # the output is the decode graph it read; its JSON line the speed
+        speed = json.loads(done.stdout.strip().splitlines()[-2])
+        weights = Path(f"{target}.data").stat().st_size
+        return {
+            "step": step, "wall_s": round(wall, 1), "peak_rss": peak, "weight_bytes": weights, "written": 0,
+            "tokens_per_s": speed["tokens_per_s"], "prefill_s": speed["prefill_seconds"],
+        }  # fmt: skip
     files = [target, Path(f"{target}.data")]
     written = sum(f.stat().st_size for f in files if f.exists())
     data = Path(f"{target}.data")
@@ -76,6 +100,7 @@ def row(r: dict) -> str:
     return (
         f"| {r['folder']} | {r['step']} | {r['wall_s']:.0f} | {r['peak_rss'] / gib:.2f} | "
         f"{r['peak_rss'] / r['weight_bytes']:.2f} | {r['written'] / 1e9:.2f} |"
+        + (f" {r['tokens_per_s']:.2f} tokens/s, prefill {r['prefill_s']:.1f} s |" if "tokens_per_s" in r else " |")
     )
 
 
@@ -93,8 +118,8 @@ def main() -> int:
         hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
         print(int(hwm.split()[1]) * 1024)
         return 0
-    print("| folder | step | wall s | peak RSS GiB | peak / weight bytes | GB written |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| folder | step | wall s | peak RSS GiB | peak / weight bytes | GB written | speed |")
+    print("|---|---|---:|---:|---:|---:|---|")
     for step in args.steps:
         result = {"folder": args.folder.name, **measure(step, args.folder, args.out)}
         result["load"] = os.getloadavg()[0]
