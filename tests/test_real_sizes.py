@@ -146,10 +146,10 @@ def _peak(folder, out) -> int:
 
 @pytest.mark.skipif(not available(), reason="no /proc/self/status to read a process's peak resident size from")
 def test_streamed_export_peak_memory_is_a_fraction_of_the_weights(tmp_path):
-    """A 168 MB (fp32) folder against one of the same graph at width 64: the streaming export's
-    peak grows by less than half the weights it writes (one layer at a time is ~67 MB in float32; the
+    """A 139 MB (fp32) folder against one of the same graph at width 64: the streaming export's
+    peak grows by less than half the weights it writes (one layer at a time is ~28 MB in float32; the
     in-memory path holds the float32 model and the exporter's copies, several times them)."""
-    wide = dict(TINY, vocab_size=4096, n_layer=2, dim=1024, intermediate_size=4096, block_size=512, window_size=64)
+    wide = dict(TINY, vocab_size=4096, n_layer=4, dim=768, intermediate_size=2048, block_size=512, window_size=64)
     narrow = dict(wide, dim=64, intermediate_size=256)
     peaks, weights = [], []
     for name, config in (("narrow", narrow), ("wide", wide)):
