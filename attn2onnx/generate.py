@@ -196,6 +196,9 @@ class DecodeSession:
             buffer.reserve(self.length + seq, self.length)
             binding.bind_ortvalue_input(buffer.spec.input, buffer.value)
             binding.bind_ortvalue_output(buffer.spec.output, buffer.value)
+            alias = self.meta.aliases.get(buffer.spec.output)
+            if alias is not None:  # a cache read as keys and values: both outputs are this buffer
+                binding.bind_ortvalue_output(alias, buffer.value)
         self.past = [buffer.value for buffer in self._shared]
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any]) -> np.ndarray:

@@ -15,6 +15,11 @@ new rows in place when the two share memory, as ONNX Runtime GenAI's
 its length, seqlens_k = total - 1 for every row (left padding stays a masked prefix of each
 row, through the same additive bias the MHA form takes).
 
+A layer with one cache as keys and values (efficient: ``MultiHeadAttention(q, kv, kv, -, -,
+bias)`` with kv = Reshape(Concat(Transpose(past), new)), :mod:`.lower_attention`'s form) gets
+that buffer as both past_key and past_value, and a second output, the cache output's name plus
+ALIAS_SUFFIX, that the caller binds to the same buffer: one buffer, the row written twice.
+
 The mask contract's fully masked rows (variants.md section 0: a left-padded position before a
 sequence's first real token, at prefill) are uniform over all keys. The bias already allows such
 a row every key with its query zeroed (:func:`.lower_attention.guard_empty_rows`), but GQA's
@@ -30,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
+ALIAS_SUFFIX = ".value"  # a one-cache layer's second GQA output: the same buffer, bound twice
 
 
 class SharedKvError(ValueError):
@@ -42,9 +48,12 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 def _empty_rows(producers: dict[str, onnx.NodeProto], bias: str) -> str:
     """The [B|1,1,T|1,1] bool "row has no allowed key" value behind an MHA bias
-    Where(Or(allowed, empty), 0, NEG) (the form emit_decode_attention writes)."""
+    Where(Or(allowed, empty), 0, NEG) (the form emit_decode_attention writes; lower_attention's
+    has an Expand after the Or)."""
     where = producers.get(bias)
     union = producers.get(where.input[0]) if where is not None and where.op_type == "Where" else None
+    if union is not None and union.op_type == "Expand":  # lower_attention's form: the mask expanded
+        union = producers.get(union.input[0])
     if union is None or union.op_type != "Or" or producers.get(union.input[1], onnx.NodeProto()).op_type != "Not":
         raise SharedKvError(f"attention bias {bias!r} is not the guarded mask the decode lowering writes")
     return union.input[1]
@@ -130,22 +139,34 @@ def share_kv_buffers(model: onnx.ModelProto, caches: list[tuple[str, str]], ids:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     cache_inputs = {i for i, _ in caches}
+    outputs_of = {o: i for i, o in caches}
     layers = [n for n in graph.node if n.op_type == "MultiHeadAttention" and n.domain == MS_DOMAIN]
-    covered = {name for n in layers for name in n.input[6:8] if name}
-    for name in sorted(cache_inputs):
-        users = readers.get(name, [])
-        if name not in covered or len(users) != 1:
-            raise SharedKvError(f"cache {name!r} is not read by one fused standard attention layer")
     length_nodes, seqlens, total32, queries, total64 = _lengths(graph, mask, ids)
     new_nodes: list[onnx.NodeProto] = []
+    aliases: dict[str, str] = {}
     replaced: dict[int, list[onnx.NodeProto]] = {}
-    for index, node in enumerate(layers):
+    for node in layers:
+        extra: list[onnx.NodeProto] = []
         heads = next(a.i for a in node.attribute if a.name == "num_heads")
         scale = next((a.f for a in node.attribute if a.name == "scale"), None)
         q, k, v, key_pad, _, bias, past_key, past_value = (list(node.input) + [""] * 8)[:8]
-        if key_pad or not bias or past_key not in cache_inputs or past_value not in cache_inputs:
+        empty = _empty_rows(producers, bias)
+        if not past_key and k == v and not key_pad and bias:  # one cache as keys and values (efficient)
+            k, past_key, present_key = _one_cache(producers, readers, k, outputs_of)
+            v, past_value = k, past_key
+            present_value = aliases[present_key] = f"{present_key}{ALIAS_SUFFIX}"
+            replaced[id(producers[present_key])] = []  # the old present: GQA writes it now
+            expanded = producers[producers[bias].input[0]]
+            if expanded.op_type == "Expand":  # to the keys' length, read from the Concat: bias it unexpanded
+                where = producers[bias]
+                bias = f"{node.name}_bias"
+                unexpanded = [expanded.input[0], *where.input[1:]]
+                extra.append(helper.make_node("Where", unexpanded, [bias], name=f"{node.name}_bias"))
+            out = node.output[0]
+        elif key_pad or not bias or past_key not in cache_inputs or past_value not in cache_inputs:
             raise SharedKvError(f"attention node {node.name!r} is not the decode lowering's MultiHeadAttention")
-        out, present_key, present_value = node.output[:3]
+        else:
+            out, present_key, present_value = node.output[:3]
         raw = f"{node.name}_gqa_out"
         attrs = {"num_heads": heads, "kv_num_heads": heads}
         if scale is not None:
@@ -160,20 +181,68 @@ def share_kv_buffers(model: onnx.ModelProto, caches: list[tuple[str, str]], ids:
         )
         cache = next(i for i in graph.input if i.name == past_key)
         width, elem_type = _head_width(cache) * heads, cache.type.tensor_type.elem_type
-        empty = _empty_rows(producers, bias)
         fix, init = _uniform_fix(node.name, empty, present_value, total64, raw, out, width, elem_type)
         graph.initializer.extend(init)
-        replaced[id(node)] = [gqa, *fix]
+        replaced[id(node)] = [*extra, gqa, *fix]
     for node in graph.node:
         new_nodes.extend(replaced.get(id(node), [node]))
     # the lengths go first: every node that reads them comes later in topological order
     del graph.node[:]
     graph.node.extend(length_nodes + new_nodes)
+    _drop_dead_nodes(graph)
     outputs = {o.name: o for o in graph.output}
+    for present, alias in aliases.items():
+        copy = graph.output.add()
+        copy.CopyFrom(outputs[present])
+        copy.name = alias
+        outputs[alias] = copy
     for name, output in caches:
+        readers_now = [n for n in graph.node if name in n.input]
+        if len(readers_now) != 1 or readers_now[0].op_type != "GroupQueryAttention":
+            raise SharedKvError(f"cache {name!r} is not read by one fused standard attention layer")
         _set_buffer_dim(next(i for i in graph.input if i.name == name), dim_name)
-        _set_buffer_dim(outputs[output], dim_name)
+        for out in (output, aliases.get(output)):
+            if out is not None:
+                _set_buffer_dim(outputs[out], dim_name)
     return len(layers)
+
+
+def _one_cache(
+    producers: dict[str, onnx.NodeProto],
+    readers: dict[str, list[onnx.NodeProto]],
+    kv: str,
+    outputs_of: dict[str, str],
+) -> tuple[str, str, str]:
+    """For MHA keys = values = Reshape(Concat([Transpose(past, 0 2 1 3), Reshape(new)], axis 1))
+    whose Concat also feeds a cache output Transpose(.., 0 2 1 3): (new [B,T,D], past, present)."""
+    reshape = producers.get(kv)
+    cat = producers.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+    if cat is None or cat.op_type != "Concat" or len(cat.input) != 2:
+        raise SharedKvError(f"attention keys {kv!r} are not one cache extended by the new tokens")
+    back, view = producers.get(cat.input[0]), producers.get(cat.input[1])
+    present = [o for n in readers.get(cat.output[0], []) if n.op_type == "Transpose" for o in n.output]
+    present = [o for o in present if o in outputs_of]
+    if back is None or back.op_type != "Transpose" or view is None or view.op_type != "Reshape" or len(present) != 1:
+        raise SharedKvError(f"attention keys {kv!r} are not one cache extended by the new tokens")
+    if outputs_of[present[0]] != back.input[0]:
+        raise SharedKvError(f"cache output {present[0]!r} does not extend its input {back.input[0]!r}")
+    return view.input[0], back.input[0], present[0]
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove nodes none of whose outputs is read (by a node, a subgraph or the graph's outputs)."""
+    while True:
+        used = {o.name for o in graph.output}
+        for node in graph.node:
+            used.update(node.input)
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    used.update(name for n in a.g.node for name in n.input)
+        keep = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(graph.node):
+            return
+        del graph.node[:]
+        graph.node.extend(keep)
 
 
 def _head_width(cache: onnx.ValueInfoProto) -> int:
@@ -184,4 +253,4 @@ def _head_width(cache: onnx.ValueInfoProto) -> int:
     return dims[3].dim_value
 
 
-__all__ = ["SharedKvError", "share_kv_buffers"]
+__all__ = ["ALIAS_SUFFIX", "SharedKvError", "share_kv_buffers"]

@@ -2,7 +2,8 @@
 graph whose caches are one max-length buffer each, written in place by GroupQueryAttention,
 computes what the growing-cache decode graph computes, row by row.
 
-Per covered variant (mha, optimised) a tiny LM is exported both ways (the growing graph
+Per covered variant (mha, optimised, efficient: its one x cache is one buffer bound to both of
+GroupQueryAttention's presents) a tiny LM is exported both ways (the growing graph
 optimised for ORT, as generate runs it). A left-padded batch (one row all padding through the
 prompt, so the prefill has fully masked query rows) runs prefill + decode steps in both; the
 shared buffers start small and grow during the loop, or are fixed at max_len and filled to it;
@@ -130,6 +131,8 @@ def test_metadata_stays_strict(graphs):
         "one of growing, shared": lambda d: d.update(cache="in-place"),
         "must have past dim 'max_cache'": lambda d: d["caches"][0].update(dims=["batch", 4, "past", 8]),
         "must have past dim 'max_cache' and limit null": lambda d: d["caches"][0].update(limit=4),
+        "alias 'nope' is not an output": lambda d: d["caches"][0].update(alias="nope"),
+        "alias has 4 dims, but graph tensor 'logits' has rank 3": lambda d: d["caches"][0].update(alias="logits"),
     }
     for message, edit in bad.items():
         with pytest.raises(MetadataError, match=message):

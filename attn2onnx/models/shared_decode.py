@@ -28,10 +28,8 @@ from ..graph_format import DECODE_KEY
 from ..io_spec import METADATA_KEY as INPUTS_KEY
 from ..runtime.metadata import SHARED_DIM, require_decode
 
-SHARED_VARIANTS = ("mha", "optimised")
+SHARED_VARIANTS = ("mha", "optimised", "efficient")
 NOT_SHARED = {
-    "efficient": "its one x cache is both keys and values, which GroupQueryAttention writes apart "
-    "(two buffers: twice the growing cache's memory); its decode core is not fused either",
     "super": "its new U rows mix every cached x row before attention runs, a read of the x buffer "
     "outside the attention op (its decode core is not fused onto standard attention)",
     "reuse": "its heads pass post-softmax probabilities to the next layer (ProbAttention); "
@@ -48,13 +46,18 @@ def check_shareable(variant: str) -> None:
 
 
 def _shared_metadata(model: onnx.ModelProto, cache_inputs: set[str]) -> None:
-    """The decode and input descriptions of ``model`` with every cache's past dim SHARED_DIM
-    and ``"cache": "shared"``."""
+    """The decode and input descriptions of ``model`` with every cache's past dim SHARED_DIM,
+    ``"cache": "shared"``, and a cache's second output (``alias``) where the pass added one."""
+    from ..passes.shared_kv import ALIAS_SUFFIX
+
     props = {p.key: p.value for p in model.metadata_props}
     decode = json.loads(props[DECODE_KEY])
     decode["cache"] = "shared"
+    outputs = {o.name for o in model.graph.output}
     for cache in decode["caches"]:
         cache["dims"] = [SHARED_DIM if d == "past" else d for d in cache["dims"]]
+        if cache["output"] + ALIAS_SUFFIX in outputs:
+            cache["alias"] = cache["output"] + ALIAS_SUFFIX
     props[DECODE_KEY] = json.dumps(decode)
     if INPUTS_KEY in props:
         rows = json.loads(props[INPUTS_KEY])

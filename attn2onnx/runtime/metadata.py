@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Collection, NoReturn, Sequence, get_args
 
 import onnx
@@ -55,7 +55,9 @@ class DecodeMeta:
     """A decode graph's ``attn2onnx.decode``, checked: ``inputs`` are its (ids, mask,
     positions) input names, ``caches`` its cache tensors in graph input order; ``shared``: each
     cache is one buffer of SHARED_DIM positions that the caller binds as both its input and its
-    output (written in place; the valid length is attention_mask's)."""
+    output (written in place; the valid length is attention_mask's); ``aliases``: per cache
+    output, a second output of a shared graph that is the same buffer (a cache read as both
+    keys and values: GroupQueryAttention writes its rows into present_key and present_value)."""
 
     variant: str
     vocab_size: int
@@ -63,6 +65,7 @@ class DecodeMeta:
     inputs: tuple[str, str, str]
     caches: tuple[CacheSpec, ...]
     shared: bool = False
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def graph_values(values: Sequence[onnx.ValueInfoProto], skip: Collection[str] = ()) -> dict[str, GraphValue]:
@@ -266,7 +269,10 @@ def read_decode(model: onnx.ModelProto) -> DecodeMeta | None:
     inputs = tuple(_str(key, f"inputs[{i}]", n) for i, n in enumerate(names))
     entries = _list(key, "caches", meta["caches"])
     dim_names: dict[tuple[str, str], str] = {}
-    caches = tuple(_cache(key, f"caches[{i}]", c, graph, outputs, dim_names, shared) for i, c in enumerate(entries))
+    aliases: dict[str, str] = {}
+    caches = tuple(
+        _cache(key, f"caches[{i}]", c, graph, outputs, dim_names, shared, aliases) for i, c in enumerate(entries)
+    )
     described = [*inputs, *(c.input for c in caches)]
     for i, name in enumerate(described):
         where = f"inputs[{i}]" if i < len(inputs) else f"caches[{i - len(inputs)}].input"
@@ -279,7 +285,7 @@ def read_decode(model: onnx.ModelProto) -> DecodeMeta | None:
     missing = [name for name in graph if name not in described]
     if missing:
         _fail(key, "caches", f"do not describe graph input {missing[0]!r}")
-    if len({c.output for c in caches}) != len(caches):
+    if len({c.output for c in caches} | set(aliases.values())) != len(caches) + len(aliases):
         _fail(key, "caches", "name one output twice")
     logits = outputs.get("logits")
     if logits is None or logits.elem_type not in FLOAT_TYPES or _rank(logits) not in (3, None):
@@ -289,7 +295,7 @@ def read_decode(model: onnx.ModelProto) -> DecodeMeta | None:
     declared = read_max_seq(model)
     if declared is not None and max_len > declared:
         _fail(key, "max_len", f"is {max_len}, more than the model's {MAX_SEQ_KEY} {declared}")
-    return DecodeMeta(variant, vocab_size, max_len, inputs, caches, shared)  # type: ignore[arg-type]
+    return DecodeMeta(variant, vocab_size, max_len, inputs, caches, shared, aliases)  # type: ignore[arg-type]
 
 
 def _rank(value: GraphValue) -> int | None:
@@ -304,11 +310,12 @@ def _cache(
     outputs: dict[str, GraphValue],
     names: dict[tuple[str, str], str],
     shared: bool = False,
+    aliases: dict[str, str] | None = None,
 ) -> CacheSpec:
     """One entry of ``caches`` as a CacheSpec, its input and output checked against the graph
     (dim names paired with the graph's as in :func:`_check_dims`; a ``shared`` cache's output
-    too, as it is the same buffer)."""
-    entry = _object(key, where, value, ("layer", "input", "output", "dims", "holds", "limit"))
+    too, as it is the same buffer, and its ``alias`` output, recorded in ``aliases``)."""
+    entry = _object(key, where, value, ("layer", "input", "output", "dims", "holds", "limit"), ("alias",))
     layer = _int(key, f"{where}.layer", entry["layer"], 0)
     name, output = _str(key, f"{where}.input", entry["input"]), _str(key, f"{where}.output", entry["output"])
     holds = _str(key, f"{where}.holds", entry["holds"])
@@ -336,6 +343,15 @@ def _cache(
         _fail(key, f"{where}.output", f"{output!r} has rank {_rank(outputs[output])}, its input {len(dims)}")
     if shared:
         _check_dims(key, f"{where}.output", dims, outputs[output], names)
+    if "alias" in entry:
+        alias = _str(key, f"{where}.alias", entry["alias"])
+        if not shared:
+            _fail(key, f"{where}.alias", "is only for a shared cache")
+        if alias not in outputs or outputs[alias].elem_type != outputs[output].elem_type:
+            _fail(key, f"{where}.alias", f"{alias!r} is not an output of the graph of its cache's dtype")
+        _check_dims(key, f"{where}.alias", dims, outputs[alias], names)
+        if aliases is not None:
+            aliases[output] = alias
     return CacheSpec(layer, name, output, dims, holds, limit)
 
 
