@@ -232,17 +232,23 @@ def test_own_code_runs_with_the_opt_in(folders, tmp_path, monkeypatch):
 
 
 def hf_greedy(model, ids: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
-    """transformers' own greedy generate with its KV cache: the ``steps`` new tokens per row."""
+    """transformers' own greedy generate with its KV cache: up to ``steps`` new tokens per row
+    (a row that gave EOS goes on with pad id 0, as :func:`finished_at_eos` writes ours)."""
     with torch.inference_mode():
         out = model.generate(
             input_ids=torch.from_numpy(ids),
             attention_mask=torch.from_numpy(mask),
             do_sample=False,
             max_new_tokens=steps,
-            min_new_tokens=steps,
             pad_token_id=0,
         )
-    return out[:, ids.shape[1] :].numpy()
+    return np.pad(out[:, ids.shape[1] :].numpy(), ((0, 0), (0, steps + ids.shape[1] - out.shape[1])))
+
+
+def finished_at_eos(tokens: np.ndarray, eos: int) -> np.ndarray:
+    """``tokens`` [B, steps] with every token after a row's first ``eos`` replaced by pad id 0."""
+    after = np.cumsum(tokens == eos, axis=1) - (tokens == eos) > 0
+    return np.where(after, 0, tokens)
 
 
 def session_greedy(path, ids: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
@@ -295,10 +301,12 @@ def test_decode_command_line_matches_transformers_generate(folders, capsys, tmp_
         capsys, "generate", path, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "6", "--json"
     )
     assert status == 0, err
-    want = hf_greedy(model, np.array([prompt]), np.ones((1, 5), np.int64), 6)[0]
-    assert json.loads(out)["tokens"] == want.tolist()
+    tokens = json.loads(out)["tokens"]
+    got = finished_at_eos(np.array([tokens + [0] * (6 - len(tokens))]), model.generation_config.eos_token_id)
+    np.testing.assert_array_equal(got, hf_greedy(model, np.array([prompt]), np.ones((1, 5), np.int64), 6))
     ids, mask = left_padded_prompts(rng)
-    np.testing.assert_array_equal(session_greedy(path, ids, mask, 6), hf_greedy(model, ids, mask, 6))
+    got = finished_at_eos(session_greedy(path, ids, mask, 6), model.generation_config.eos_token_id)
+    np.testing.assert_array_equal(got, hf_greedy(model, ids, mask, 6))
     status, out, err = call(capsys, "validate", path, "--reference", folder, "--decode")
     assert status == 0, err
 
@@ -320,9 +328,8 @@ def test_decode_graph_matches_transformers_generate(name, impl, folders, tmp_pat
     assert check_parity(path, lm, decode=True, steps=4).passed
     ids, mask = left_padded_prompts(rng)
     for rows in (slice(0, 1), slice(0, 2)):  # batch 1, then batch 2 with left padding
-        np.testing.assert_array_equal(
-            session_greedy(path, ids[rows], mask[rows], 6), hf_greedy(lm.model, ids[rows], mask[rows], 6)
-        )
+        got = finished_at_eos(session_greedy(path, ids[rows], mask[rows], 6), lm.model.generation_config.eos_token_id)
+        np.testing.assert_array_equal(got, hf_greedy(lm.model, ids[rows], mask[rows], 6))
 
 
 def test_decode_reference_counts_positions_by_padded_index(folders, rng):
