@@ -181,9 +181,9 @@ class DecodeSession:
             return [buffer.valid(self.length).copy() for buffer in self._shared]
         return [np.array(value.numpy(), copy=True) for value in self.past]
 
-    def _bind_shared(self, binding: Any, batch: int, seq: int, past: list[Any]) -> None:
+    def _bind_shared(self, binding: Any, batch: int, seq: int, past: list[Any]) -> list[Any]:
         """Bind each cache's buffer as its past and its present, grown for ``seq`` more positions
-        (new buffers for a new batch; an assigned past copied in)."""
+        (new buffers for a new batch; an assigned past copied in); returns the buffers."""
         if not self._shared or self._shared[0].batch != batch:
             self._shared = [
                 _SharedBuffer(spec, dtype, batch, self.max_len, self.capacity)
@@ -199,22 +199,11 @@ class DecodeSession:
             alias = self.meta.aliases.get(buffer.spec.output)
             if alias is not None:  # a cache read as keys and values: both outputs are this buffer
                 binding.bind_ortvalue_output(alias, buffer.value)
-        self.past = [buffer.value for buffer in self._shared]
+        return [buffer.value for buffer in self._shared]
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any]) -> np.ndarray:
-        from .runtime.sessions import run_errors
-
-        binding = self.session.io_binding()
-        for name, value in zip(self.meta.inputs, (ids, mask, positions)):
-            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
-        binding.bind_output("logits", "cpu")
-        batch, seq = ids.shape
-        if self.meta.shared:
-            self._bind_shared(binding, batch, seq, past)
-            with run_errors(self.path) as options:
-                self.session.run_with_iobinding(binding, options)
-            self.length += seq
-            return binding.get_outputs()[0].numpy()
+    def _bind_growing(self, binding: Any, batch: int, seq: int, past: list[Any]) -> list[Any]:
+        """Bind ``past`` as the caches' inputs and, as their presents, views into the buffers
+        the past is not in (:class:`_PingPong`); returns the presents."""
         for spec, value in zip(self._specs, past):
             binding.bind_ortvalue_input(spec.input, value)
         # Each OrtValue holds its view, and so its buffer, for as long as it lives.
@@ -224,6 +213,17 @@ class DecodeSession:
         ]
         for spec, value in zip(self._specs, present):
             binding.bind_ortvalue_output(spec.output, value)
+        return present
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any]) -> np.ndarray:
+        from .runtime.sessions import run_errors
+
+        binding = self.session.io_binding()
+        for name, value in zip(self.meta.inputs, (ids, mask, positions)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        batch, seq = ids.shape
+        present = (self._bind_shared if self.meta.shared else self._bind_growing)(binding, batch, seq, past)
         with run_errors(self.path) as options:
             self.session.run_with_iobinding(binding, options)
         self.past = present
