@@ -37,6 +37,15 @@ from generate import THREADS, build, ort_past, read_gbps, step_bytes, time_calls
 SECTION = "## Decode: shared KV buffers"
 IMPLS = ("mha growing", "mha shared", "dcmha growing")
 MAX_LEN = 4096
+READING = (
+    "Reading: the shared form drops the per-step copy of every cache into a present one position longer, so it",
+    "gains where the caches dominate the step (batch 8, long contexts); at batch 1 and short contexts a step reads",
+    "the weights (12.6M fp32) and the two forms are within this machine's noise. dcmha has no shared form yet",
+    "(DcmhaAttention has no in-place form; no standard-op form writes a graph input in place, so any would copy",
+    "the caches as the growing graph does); its growing step tracks mha's growing step. The growing graph stays",
+    "the default: the shared form covers mha, optimised and efficient only and changes the graph contract (caches",
+    "become max-length buffers bound as both inputs and outputs).",
+)
 
 
 def graphs(folder: Path) -> tuple[dict[str, str], dict[str, torch.nn.Module]]:
@@ -132,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "the load lowers (read the ratios, measured side by side). Load average at the end: "
         + ", ".join(f"{x:.1f}" for x in os.getloadavg())
         + ".",
+        "",
+        *READING,
     ]
     print("\n".join(body))
     if not args.no_write:
