@@ -27,7 +27,13 @@ import attn2onnx
 from attn2onnx.errors import UsageError
 from attn2onnx.generate import DecodeSession, generate
 from attn2onnx.models.decode import export_decode
-from attn2onnx.models.shared_decode import NOT_SHARED, SHARED_VARIANTS, check_shareable, export_shared_decode
+from attn2onnx.models.shared_decode import (
+    NOT_SHARED,
+    SHARED_VARIANTS,
+    check_shareable,
+    export_shared_decode,
+    share_decode_graph,
+)
 from attn2onnx.runtime.metadata import MetadataError, read_decode
 
 VOCAB, MAX_LEN, BATCH, PROMPT, CHUNK = 64, 24, 3, 5, 3
@@ -105,6 +111,19 @@ def test_generate_command_runs_shared(graphs):
         done = subprocess.run([*command, "9", "--json"], capture_output=True, text=True, check=True)
         tokens.append(json.loads(done.stdout)["tokens"])
     assert tokens[1] == tokens[0] and len(tokens[0]) == 9
+
+
+def test_rewrite_refuses_graphs_it_cannot_share(graphs, tmp_path):
+    """A graph shared already, or not optimised for ORT (its attention not fused): one line each,
+    nothing written."""
+    growing, shared, model = graphs
+    out = tmp_path / "out.onnx"
+    with pytest.raises(UsageError, match="already has shared KV buffers"):
+        share_decode_graph(shared, out)
+    export_decode(model, tmp_path / "plain.onnx")
+    with pytest.raises(UsageError, match="is not read by one fused standard attention layer.*target ort first"):
+        share_decode_graph(tmp_path / "plain.onnx", out)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("variant", sorted(NOT_SHARED))
