@@ -48,7 +48,7 @@ KNOWN_FAILURES = {
     ("bloom", "sdpa"): (UsageError, "transformers has no sdpa attention for BLOOM: refused in one line"),
     ("t5_encoder", "sdpa"): (
         ExportError,
-        "transformers' T5 sdpa path views the attention output without .contiguous(); torch.export refuses it",
+        "T5's sdpa path reshapes the transposed attention output; torch.export cannot view it at symbolic sizes",
     ),
 }
 CASES = [
