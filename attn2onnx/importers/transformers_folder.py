@@ -130,7 +130,8 @@ def load_model(folder: Path, *, trust_remote_code: bool = False, attn_implementa
             )
         except (ValueError, KeyError, OSError) as e:
             raise UsageError(
-                f"{folder}: transformers {transformers.__version__} cannot read its config ({_first_line(e)})"
+                f"{folder}: model_type {config.get('model_type')!r} is no DCFormer release folder ('dcformer') and "
+                f"transformers {transformers.__version__} cannot read its config ({_first_line(e)})"
             ) from None
         if getattr(cfg, "is_encoder_decoder", False) and not str(architectures[0]).endswith("EncoderModel"):
             raise UsageError(
