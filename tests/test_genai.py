@@ -238,21 +238,9 @@ def test_byte_tokenizer_ids_are_bytes(exported, tmp_path) -> None:
     shutil.rmtree(folder)
 
 
-def export_has_genai() -> bool:
-    import argparse
-
-    from attn2onnx.commands import export
-
-    parser = argparse.ArgumentParser()
-    export.configure(parser)
-    return any("--genai" in action.option_strings for action in parser._actions)
-
-
 def test_export_genai_option(exported, tmp_path, capsys) -> None:
     """``export --decode --genai DIR`` writes the folder after the export; bad requests are one
     line, exit 2, before anything is written."""
-    if not export_has_genai():
-        pytest.skip("export has no --genai option in this checkout (the hook in attn2onnx/commands/export.py)")
     checkpoint, out, folder = tmp_path / "lm.pt", tmp_path / "lm.decode.onnx", tmp_path / "genai"
     attn2onnx.save(exported("mha")[0], str(checkpoint))
     for argv, words in (

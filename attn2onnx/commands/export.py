@@ -7,6 +7,9 @@
   attn2onnx export program.pt2 -o model.onnx              a torch.export program
   attn2onnx export module.pkl -o model.onnx --trust-pickle   a pickled nn.Module (runs its code!)
   attn2onnx export lm.pt -o lm.decode.onnx --decode        prefill + decode steps with caches as inputs/outputs
+  attn2onnx export lm.pt -o lm.decode.onnx --decode --genai lm_genai/     also a folder ONNX Runtime GenAI runs
+  attn2onnx export lm.pt -o lm.shared.onnx --decode --shared-kv           caches in shared max-length buffers
+  attn2onnx export hf_llama/ -o m.onnx                    a Hugging Face transformers folder
 
 Right after export, ONNX Runtime runs the file on fresh random inputs at two shapes and the
 max abs / rel error against the PyTorch model (in fp32) is printed; exit 1 when out of the
@@ -16,7 +19,9 @@ the check then runs prefill + decode steps against PyTorch's full forward (valid
 --atol / --rtol / --check-error-stat set the check's rule as for validate (each line prints it);
 --save-inputs writes the inputs it fed, for validate --load-inputs to replay. --optimize runs
 optimize's passes on the written graph (a decode graph too) before the check, which then checks
-the optimised graph.
+the optimised graph. A DCFormer release folder past 1 GiB of float32 weights exports streamed
+(traced without weights, each weight written to external data from the shards as it is read):
+peak memory stays below the weights' size.
 
 A model of your own (a state_dict, a pickled module) exports as a torch.export program:
   torch.export.save(torch.export.export(model, (example_input,)), "model.pt2")
@@ -42,7 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         metavar="MODEL",
-        help="attn2onnx checkpoint (.pt), torch.export program (.pt2), "
+        help="attn2onnx checkpoint (.pt), torch.export program (.pt2), a Hugging Face transformers folder, "
         "or a DCFormer release folder (see 'attn2onnx convert')",
     )
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write")
@@ -78,6 +83,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="causal LM: one graph for prefill and decode steps, caches as inputs and outputs",
     )
+    parser.add_argument(
+        "--shared-kv",
+        action="store_true",
+        help="with --decode: one max-length buffer per cache, bound as past and present and written in place "
+        "(GroupQueryAttention; mha, optimised, efficient; the graph comes optimised for ort)",
+    )
+    parser.add_argument("--genai", metavar="DIR", help="with --decode: also write a folder ONNX Runtime GenAI runs")
 
 
 def check_opset(opset: int) -> None:
@@ -134,6 +146,12 @@ def check_paths(args: argparse.Namespace) -> None:
         raise UsageError(
             f"{args.output} is a pipe or device, which export cannot read back to check or optimize; add --no-check"
         )
+    if args.shared_kv and not args.decode:
+        raise UsageError("--shared-kv needs --decode (it shares the decode graph's cache buffers)")
+    if args.genai is not None:
+        from ..genai import check_request  # no torch
+
+        check_request(args.genai, decode=args.decode, output=args.output)
 
 
 # How to export a model attn2onnx cannot load itself (a state_dict, a pickled module).
@@ -204,6 +222,10 @@ def run(args: argparse.Namespace) -> int:
     check_opset(args.opset)
     refuse_overwriting_inputs(output_files(args.output), [args.model])
     check_flags(args)
+    from ..streaming.command import export_release, streams
+
+    if streams(args):  # a release folder past 1 GiB of float32 weights: streamed to external data
+        return export_release(args)
     if args.decode:
         return run_decode(args, progress)
     progress.stage(f"loading {args.model}")
@@ -255,7 +277,7 @@ def optimize_written(args: argparse.Namespace, progress) -> None:
     from ..passes import optimize
 
     progress.stage(f"optimizing for {args.target}")
-    report = optimize(args.output, args.output, target=args.target)
+    report = optimize(args.output, args.output, target=args.target, progress=progress)
     print(f"optimized for {args.target}: {report.before.nodes} -> {report.after.nodes} nodes")
 
 
@@ -320,20 +342,36 @@ def run_decode(args: argparse.Namespace, progress) -> int:
     for flag, given in (("--static", args.static), ("--dtype fp16", args.dtype == "fp16")):
         if given:
             raise UsageError(f"{flag} is not supported with --decode yet")
+    if args.shared_kv and args.optimize and args.target != "ort":
+        raise UsageError("--shared-kv writes a graph optimised for --target ort")
     refuse_overwriting_inputs(output_files(args.output), [args.model])
     progress.stage(f"loading {args.model}")
     with pt2_hint(args):
-        source = load_source(args.model, trust_pickle=args.trust_pickle)
+        source = load_source(args.model, trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code)
     lm = check_decodable(source.module)
+    if args.shared_kv:
+        from ..models.shared_decode import check_shareable, export_shared_decode
+
+        check_shareable(getattr(getattr(lm, "config", None), "variant", type(lm).__name__))
+    if args.genai is not None:
+        from ..genai import check_export
+
+        check_export(lm, args.genai)  # that GenAI can hold every layer's cache, before exporting
     progress.stage(f"exporting the decode graph to ONNX (torch.onnx, opset {args.opset})")
     with opset_errors(args.opset):
-        result = export_decode(lm, args.output, opset=args.opset)
+        result = (export_shared_decode if args.shared_kv else export_decode)(lm, args.output, opset=args.opset)
     print(
         f"wrote {result.path}: {result.nodes} nodes, {result.custom_nodes} ai.attn2onnx, {len(result.inputs) - 3} "
         f"cache inputs, exported in {result.seconds:.1f} s"
     )
-    optimize_written(args, progress)
-    if args.no_check:
-        return 0
-    progress.stage("checking prefill + decode steps against PyTorch in ONNX Runtime")
-    return finish_check(args, check_parity(result.path, lm, decode=True, steps=DECODE_STEPS, **check_options(args)))
+    if not args.shared_kv:  # a shared-KV graph is optimised for ort already
+        optimize_written(args, progress)
+    code = 0
+    if not args.no_check:
+        progress.stage("checking prefill + decode steps against PyTorch in ONNX Runtime")
+        code = finish_check(args, check_parity(result.path, lm, decode=True, steps=DECODE_STEPS, **check_options(args)))
+    if args.genai is not None and code == 0:
+        from ..genai import write_genai_folder
+
+        print(write_genai_folder(result.path, args.genai).summary())
+    return code

@@ -17,12 +17,16 @@ STREAM_FROM = 2**30  # float32 weight bytes from which a release folder is expor
 
 
 def streams(args: argparse.Namespace) -> bool:
-    """Whether ``args.model`` is a release folder of safetensors weights that holds at least
+    """Whether ``args.model`` is a DCFormer release folder of safetensors weights that holds at least
     :data:`STREAM_FROM` bytes once in float32 (read from the headers, nothing loaded)."""
     folder = Path(args.model)
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         return False
+    from ..importers.transformers_folder import is_transformers_folder
     from .release import ReleaseCheckpoint
+
+    if is_transformers_folder(folder):  # transformers builds those: the in-memory path
+        return False
 
     return ReleaseCheckpoint(folder).parameters() * 4 >= STREAM_FROM
 
