@@ -404,17 +404,18 @@ def float_precision(model) -> str | None:
     return found[0] if found else None
 
 
-def reference_source(reference: Reference, trust_pickle: bool = False) -> ModelSource:
+def reference_source(reference: Reference, trust_pickle: bool = False, trust_remote_code: bool = False) -> ModelSource:
     """The reference as a ModelSource: a model file (:func:`attn2onnx.sources.load_source`:
-    .pt, .pt2, DCFormer folder; a pickle only with ``trust_pickle``), an attn2onnx model, or a
-    ModelSource as it is."""
+    .pt, .pt2, DCFormer or transformers folder; a pickle only with ``trust_pickle``, a folder's
+    own modeling code only with ``trust_remote_code``), an attn2onnx model, or a ModelSource as
+    it is."""
     from .sources import from_module, load_source
 
     if isinstance(reference, ModelSource):
         return reference
     if isinstance(reference, torch.nn.Module):
         return from_module(reference)
-    return load_source(reference, trust_pickle=trust_pickle)
+    return load_source(reference, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
 
 
 def check_reference(path: str, model, specs: list, source: ModelSource, shape: tuple[int, int]) -> None:
@@ -503,6 +504,7 @@ def check_parity(
     *,
     seed: int = 0,
     trust_pickle: bool = False,
+    trust_remote_code: bool = False,
     decode: bool = False,
     steps: int = 4,
     atol: float | None = None,
@@ -535,7 +537,7 @@ def check_parity(
     rule = check_rule(path, model, dtype, atol, rtol, error_stat)
     if inputs is not None and shapes is not None:
         raise UsageError("saved inputs set the shapes they were saved at; give either inputs or shapes")
-    source = reference_source(reference, trust_pickle)
+    source = reference_source(reference, trust_pickle, trust_remote_code)
     if decode:
         return decode_parity(path, model, source, shapes, backends, seed=seed, steps=steps, rule=rule, inputs=inputs)
     specs = comparison_specs(path, model, source, precision)

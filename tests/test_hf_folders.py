@@ -206,7 +206,8 @@ class TinyForCausalLM(LlamaForCausalLM):
 """
 
 
-def test_own_code_runs_with_the_opt_in(folders, tmp_path, monkeypatch):
+def custom_code_folder(folders, tmp_path, monkeypatch):
+    """The tiny Llama folder with its own modeling code (a LlamaForCausalLM subclass, auto_map)."""
     import transformers.dynamic_module_utils as dynamic
 
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # the code is copied there
@@ -222,6 +223,11 @@ def test_own_code_runs_with_the_opt_in(folders, tmp_path, monkeypatch):
     (folder / "model.safetensors").write_bytes((folders("llama") / "model.safetensors").read_bytes())
     (folder / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
     (folder / "modeling_tiny.py").write_text(CUSTOM_MODEL)
+    return folder
+
+
+def test_own_code_runs_with_the_opt_in(folders, tmp_path, monkeypatch):
+    folder = custom_code_folder(folders, tmp_path, monkeypatch)
     source = load_source(folder, trust_remote_code=True)
     assert type(source.module.model).__name__ == "TinyForCausalLM"
     assert [s.name for s in source.specs] == ["input_ids", "attention_mask", "position_ids"]
@@ -229,6 +235,19 @@ def test_own_code_runs_with_the_opt_in(folders, tmp_path, monkeypatch):
     inputs = source.example_inputs(2, 6)
     with torch.inference_mode():
         torch.testing.assert_close(source.module(*inputs), reference.module(*inputs))
+
+
+def test_validate_runs_a_folders_own_code_only_with_the_opt_in(folders, tmp_path, monkeypatch, capsys):
+    """validate --reference FOLDER with its own code: refused in one line, run with --trust-remote-code."""
+    folder = custom_code_folder(folders, tmp_path, monkeypatch)
+    graph = str(tmp_path / "m.onnx")
+    assert call(capsys, "export", str(folders("llama")), "-o", graph, "--no-check")[0] == 0
+    status, _, err = call(capsys, "validate", graph, "--reference", str(folder), "--shapes", "2x6")
+    assert status == 2
+    assert_one_line_error(err, "--trust-remote-code")
+    trusted = ("--shapes", "2x6", "--trust-remote-code")
+    status, _, err = call(capsys, "validate", graph, "--reference", str(folder), *trusted)
+    assert status == 0, err
 
 
 def hf_greedy(model, ids: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:

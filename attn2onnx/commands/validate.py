@@ -49,6 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickled reference module (runs code)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="run a transformers folder's own model code (the reference)"
+    )
     parser.add_argument("--seed", type=seed_int, default=0, help="random input seed, 0 .. 2**64 - 1 (default 0)")
     parser.add_argument(
         "--decode",
@@ -144,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         args.dtype or precision or "fp32",
         seed=args.seed,
         trust_pickle=args.trust_pickle,
+        trust_remote_code=args.trust_remote_code,
         decode=args.decode or decode,
         steps=args.steps or 4,
         inputs=inputs,
