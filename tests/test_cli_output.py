@@ -206,3 +206,18 @@ def test_demo_progress_on_a_terminal_only_and_json_one_document(monkeypatch, tmp
     rows = json.loads(capsys.readouterr().out)
     assert [r["variant"] for r in rows] == ["mha", "dcmha"] and rows[0]["speedup"] == 4.0, rows
     assert terminal.getvalue() == ""
+
+
+def test_generate_counts_tokens_on_the_terminal_when_stdout_is_piped(tmp_path):
+    """With stdout piped the tokens are not seen, so a bar on the terminal (stderr) counts them;
+    with stderr piped too, nothing is added."""
+    config = attn2onnx.ModelConfig(family="lm", variant="mha", layers=1, d_model=16, heads=2, max_len=32)
+    checkpoint, graph = tmp_path / "lm.pt", str(tmp_path / "lm.decode.onnx")
+    attn2onnx.save(attn2onnx.build_model(config), str(checkpoint))
+    assert cli.main(["export", str(checkpoint), "-o", graph, "--decode", "--no-check"]) == 0
+    argv = ["generate", graph, "--prompt-ids", "1,2", "--max-new-tokens", "5", "--eos-id", "300"]
+    out, on_terminal = cli_in_child(argv, stderr_on_terminal=True)
+    assert "generating" in on_terminal and "/5 " in on_terminal and "token" in on_terminal, on_terminal
+    assert "generating" not in out
+    _, piped = cli_in_child(argv, stderr_on_terminal=False)
+    assert "generating" not in piped, piped

@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from ..file_kinds import is_torch_file, torch_file_error
     from ..fileio import regular_file
     from ..generate import DecodeSession, check_request, generate
+    from ..progress import Progress, shown
 
     sampling = temperature(args)
     regular_file(args.model)  # a missing model in one line, before onnx and the op set load
@@ -121,16 +122,24 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         show_prompt = decoder.decode(bytes(ids)) if as_bytes else " ".join(map(str, ids)) + " | "
         sys.stdout.write(show_prompt)
-    result = generate(
-        session,
-        ids,
-        args.max_new_tokens,
-        temperature=sampling,
-        top_k=args.top_k,
-        seed=args.seed,
-        eos_id=args.eos_id,
-        on_token=None if args.json else show,
-    )
+    # On a terminal the streamed tokens are the progress; with stdout piped, a bar on stderr counts them.
+    progress = Progress(shown(json_output=args.json) and not sys.stdout.isatty())
+    with progress.bar(args.max_new_tokens, "generating", unit="token") as bar:
+
+        def on_token(token: int) -> None:
+            show(token)
+            bar.update()
+
+        result = generate(
+            session,
+            ids,
+            args.max_new_tokens,
+            temperature=sampling,
+            top_k=args.top_k,
+            seed=args.seed,
+            eos_id=args.eos_id,
+            on_token=None if args.json else on_token,
+        )
     if args.json:
         out = {
             "prompt_ids": result.prompt_ids,
