@@ -158,3 +158,29 @@ def test_streamed_export_peak_memory_is_a_fraction_of_the_weights(tmp_path):
         weights.append((tmp_path / f"{name}.onnx.data").stat().st_size)
     assert weights[1] > 130e6
     assert peaks[1] - peaks[0] < 0.5 * weights[1], (peaks, weights)
+
+
+def test_export_command_streams_large_release_folders_only(tiny, tmp_path, monkeypatch):
+    """``attn2onnx export FOLDER`` takes the streaming path from STREAM_FROM fp32 bytes (lowered
+    here to the tiny folder's size): the weights land in external data; a transformers folder
+    or one below the size keeps the in-memory path."""
+    import json
+
+    from attn2onnx import cli
+    from attn2onnx.streaming import command
+
+    size = parameter_count(TINY) * 4
+    folder_args = argparse.Namespace(model=str(tiny))
+    monkeypatch.setattr(command, "STREAM_FROM", size + 1)
+    assert not command.streams(folder_args)
+    monkeypatch.setattr(command, "STREAM_FROM", size)
+    assert command.streams(folder_args)
+    out = tmp_path / "m.onnx"
+    assert cli.main(["export", str(tiny), "-o", str(out), "--no-check"]) == 0
+    assert (tmp_path / "m.onnx.data").stat().st_size > 0.9 * size  # the fp32 weights (small ones inline)
+    other = tmp_path / "hf"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for shard in tiny.glob("*.safetensors"):
+        (other / shard.name).write_bytes(shard.read_bytes())
+    assert not command.streams(argparse.Namespace(model=str(other)))
