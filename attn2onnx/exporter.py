@@ -365,6 +365,11 @@ def export(
     )
     seconds = time.perf_counter() - start
     path = save_model(proto, path, check=check_model)  # checked as a temporary: a failure keeps the old file
+    return export_result(proto, path, specs, seconds)
+
+
+def export_result(proto: onnx.ModelProto, path: str, specs: Sequence[InputSpec], seconds: float) -> ExportResult:
+    """What an export wrote at ``path`` (``proto``'s graph): inputs, outputs, node counts by op."""
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         key = node.op_type if not node.domain else f"{node.domain}::{node.op_type}"

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_overwriting_inputs([args.output], [folder])
     from ..checkpoint import save  # torch: after the checks
     from ..importers.dcformer import import_dcformer
+
     model = import_dcformer(folder)
     path = save(model, args.output)
     c = model.config

@@ -156,10 +156,9 @@ def cache_specs(layers: int, kv_heads: int, head_dim: int) -> list:
 def export_decode(lm: TransformersLM, path: str | os.PathLike, opset: int = 23):
     """Export ``lm``'s decode graph at ``path`` (checked and written atomically, as
     :func:`attn2onnx.exporter.export`), with the ``attn2onnx.decode`` metadata; the ExportResult."""
-    from ..custom_ops import DOMAIN
-    from ..exporter import ExportResult, to_onnx
-    from ..models.decode import DECODE_KEY, EXAMPLE_BATCH, EXAMPLE_PAST, EXAMPLE_SEQ, INPUTS
-    from ..models.decode import _dynamic_shapes, _name_output_dims
+    from ..exporter import export_result, to_onnx
+    from ..models.decode import DECODE_KEY, EXAMPLE_BATCH, EXAMPLE_PAST, EXAMPLE_SEQ
+    from ..models.decode import _dynamic_shapes, _name_output_dims, cache_metadata
     from ..onnx_io import check_model, save_model
 
     model, config = lm.model.eval(), lm.config
@@ -193,30 +192,7 @@ def export_decode(lm: TransformersLM, path: str | os.PathLike, opset: int = 23):
     )
     seconds = time.perf_counter() - start
     _name_output_dims(proto, caches)
-    meta = {
-        "variant": config.variant,
-        "vocab_size": config.vocab_size,
-        "max_len": config.max_len,
-        "inputs": list(INPUTS),
-        "caches": [
-            {
-                "layer": c.layer,
-                "input": c.input,
-                "output": c.output,
-                "dims": list(c.dims),
-                "holds": c.holds,
-                "limit": None,
-            }
-            for c in caches
-        ],
-    }
+    meta = cache_metadata(config, caches)
     onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, DECODE_KEY: json.dumps(meta)})
     written = save_model(proto, path, check=check_model)
-    return ExportResult(
-        path=written,
-        inputs=specs,
-        output_names=output_names,
-        nodes=len(proto.graph.node),
-        custom_nodes=sum(1 for n in proto.graph.node if n.domain == DOMAIN),
-        seconds=seconds,
-    )
+    return export_result(proto, written, specs, seconds)

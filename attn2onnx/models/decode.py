@@ -137,7 +137,12 @@ def _dynamic_shapes(specs: list[InputSpec]) -> tuple[Any, ...]:
 def decode_metadata(model: CausalLM) -> dict[str, Any]:
     """What generate and validate --decode read from the graph: variant, vocabulary, longest
     sequence, and per cache tensor its names, dims, contents and window limit."""
-    config = model.config
+    return cache_metadata(model.config, cache_specs(model))
+
+
+def cache_metadata(config: Any, caches: list[CacheSpec]) -> dict[str, Any]:
+    """:func:`decode_metadata` of a model whose ``config`` has variant, vocab_size and max_len
+    and whose caches are ``caches`` (this project's models, transformers' decode wrappers)."""
     return {
         "variant": config.variant,
         "vocab_size": config.vocab_size,
@@ -152,7 +157,7 @@ def decode_metadata(model: CausalLM) -> dict[str, Any]:
                 "holds": c.holds,
                 "limit": c.limit,
             }
-            for c in cache_specs(model)
+            for c in caches
         ],
     }
 

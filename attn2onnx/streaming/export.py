@@ -141,8 +141,7 @@ def export_streamed(
     """Export the release folder ``folder`` to ``path`` (+ ``path``.data) in ``dtype`` (fp32,
     fp16 or bf16), the full-sequence graph (example ``batch`` x ``seq``) or with ``decode`` the
     prefill / decode graph (:mod:`attn2onnx.models.decode`); returns the ExportResult."""
-    from .. import custom_ops
-    from ..exporter import ExportResult, finish_proto, trace
+    from ..exporter import export_result, finish_proto, trace
     from ..io_spec import random_inputs, with_precision
     from ..models import decode as dec
     from ..sources import from_module
@@ -189,19 +188,7 @@ def export_streamed(
         onnx.helper.set_model_props(proto, props)
     seconds = time.perf_counter() - start
     written = write_streamed(graph, proto, streamed, Path(path))
-    counts: dict[str, int] = {}
-    for node in proto.graph.node:
-        key = node.op_type if not node.domain else f"{node.domain}::{node.op_type}"
-        counts[key] = counts.get(key, 0) + 1
-    return ExportResult(
-        path=written,
-        inputs=list(specs),
-        output_names=[o.name for o in proto.graph.output],
-        nodes=len(proto.graph.node),
-        custom_nodes=sum(1 for n in proto.graph.node if n.domain == custom_ops.DOMAIN),
-        seconds=seconds,
-        op_counts=counts,
-    )
+    return export_result(proto, written, specs, seconds)
 
 
 __all__ = ["TORCH_DTYPES", "attach_weights", "export_streamed", "meta_model", "optimize_streamed"]
