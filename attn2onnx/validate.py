@@ -180,15 +180,18 @@ def compare(
     *,
     rule: Tolerance | None = None,
     feeds: Sequence[dict] | None = None,
+    progress: Any = None,
 ) -> list[Comparison]:
     """Run the reference and every backend on ``feeds`` (one dict per case; default
     :func:`random_cases` at ``shapes``) and judge every output under ``rule`` (default
     ``dtype``'s tolerances). ``specs`` are the backends' inputs (fp16 float inputs for an fp16
-    model); the reference runner computes in fp32 whatever it is fed."""
+    model); the reference runner computes in fp32 whatever it is fed. ``progress``
+    (attn2onnx.progress.Progress) shows a bar over the cases."""
     rule = rule or tolerance(dtype)
     G_LOGGER.module_severity = G_LOGGER.CRITICAL  # our table reports; Polygraphy's own logs would mix into --json
     results = []
-    for case in random_cases(specs, shapes, seed) if feeds is None else feeds:
+    cases = list(random_cases(specs, shapes, seed) if feeds is None else feeds)
+    for case in cases if progress is None else progress.iterate(cases, "parity cases", unit="case"):
         run_results = Comparator.run([reference, *backends.values()], data_loader=[case])
         want = run_results[reference.name][0]
         want64 = None
@@ -511,6 +514,7 @@ def check_parity(
     rtol: float | None = None,
     error_stat: str = "elemwise",
     inputs: Sequence[dict[str, np.ndarray]] | None = None,
+    progress: Any = None,
 ) -> ParityReport:
     """Compare the ONNX model at ``onnx_path`` with ``reference`` (a model file, an attn2onnx
     model or a ModelSource) on fresh random inputs at each (batch, seq) of ``shapes`` (default
@@ -525,7 +529,8 @@ def check_parity(
     With ``decode`` the file is a decode graph: prefill + ``steps`` decode steps in ORT against
     the full forward (see :func:`compare_decode`), ``shapes`` then being (batch, prompt length).
     Inputs that cannot be compared (another model, wrong precision, too long, too large, no
-    or unknown backend, TensorRT missing) raise UsageError before anything runs."""
+    or unknown backend, TensorRT missing) raise UsageError before anything runs. ``progress``
+    (attn2onnx.progress.Progress) shows a bar over the cases compared."""
     from .commands import check_input_memory
     from .onnx_io import load_onnx
 
@@ -555,7 +560,7 @@ def check_parity(
     runners = backend_runners(path, backends, specs, shapes)
     reference_runner = TorchRunner(source.module, specs, source.output_names)
     fed = list(inputs) if inputs is not None else random_cases(specs, shapes, seed)
-    comparisons = compare(reference_runner, runners, specs, rule=rule, feeds=fed)
+    comparisons = compare(reference_runner, runners, specs, rule=rule, feeds=fed, progress=progress)
     drawn = describe_inputs(specs) if inputs is None else [f"{s.name}: the saved values" for s in specs]
     return ParityReport(comparisons, fixed, drawn, rule, fed)
 

@@ -221,3 +221,19 @@ def test_generate_counts_tokens_on_the_terminal_when_stdout_is_piped(tmp_path):
     assert "generating" not in out
     _, piped = cli_in_child(argv, stderr_on_terminal=False)
     assert "generating" not in piped, piped
+
+
+def test_validate_bar_over_parity_cases_on_a_terminal(tmp_path, monkeypatch, capsys):
+    """validate counts its parity cases on a terminal; --json prints one document and no bar."""
+    config = attn2onnx.ModelConfig(family="lm", variant="mha", layers=1, d_model=16, heads=2, max_len=32)
+    checkpoint, graph = tmp_path / "lm.pt", str(tmp_path / "lm.onnx")
+    attn2onnx.save(attn2onnx.build_model(config), str(checkpoint))
+    assert cli.main(["export", str(checkpoint), "-o", graph, "--no-check"]) == 0
+    terminal = fake_terminal(monkeypatch)
+    argv = ["validate", graph, "--reference", str(checkpoint), "--shapes", "1x4,2x8,3x5"]
+    assert cli.main(argv) == 0
+    assert "parity cases" in terminal.getvalue() and "/3 " in terminal.getvalue(), terminal.getvalue()
+    terminal.seek(0), terminal.truncate(), capsys.readouterr()
+    assert cli.main([*argv, "--json"]) == 0
+    json.loads(capsys.readouterr().out)
+    assert terminal.getvalue() == ""

@@ -266,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
         shapes.append(source.fit(batch + 1, max(1, seq // 2 + 1)))
     shapes, _ = runnable_shapes(specs, shapes, requested=False)  # once each, as a static program takes them
     progress.stage("checking against PyTorch in ONNX Runtime")
-    return finish_check(args, check_parity(result.path, source, shapes, dtype=args.dtype, **check_options(args)))
+    report = check_parity(result.path, source, shapes, dtype=args.dtype, progress=progress, **check_options(args))
+    return finish_check(args, report)
 
 
 def optimize_written(args: argparse.Namespace, progress) -> None:

@@ -114,8 +114,16 @@ def save_inputs(args: argparse.Namespace, report, *inputs: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..errors import UsageError
     from ..file_kinds import is_onnx_model
+    from ..fileio import regular_file
+
+    regular_file(args.model)  # a missing model or reference in one line, before torch is imported
+    if not Path(args.reference).exists():
+        raise FileNotFoundError(f"no such file: {args.reference}")
+    from ..progress import Progress
     from ..validate import check_parity, parse_shapes
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -151,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         decode=args.decode or decode,
         steps=args.steps or 4,
         inputs=inputs,
+        progress=Progress.for_command(json_output=args.json),
         **check_options(args),
     )
     save_inputs(args, report, args.model, args.reference, args.load_inputs)
