@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are read: run / generate / 
 
 Dim = int | Literal["batch", "seq"]
 DYNAMIC_DIMS = ("batch", "seq")
-Kind = Literal["float", "ids", "mask", "int_mask", "positions"]
+Kind = Literal["float", "ids", "mask", "int_mask", "bool_mask", "positions"]
+BOOL_KINDS = ("mask", "bool_mask")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class InputSpec:
     def numpy_dtype(self) -> np.dtype:
         if self.kind == "float":
             return np.dtype(np.float16 if self.precision == "fp16" else np.float32)
-        return np.dtype(bool) if self.kind == "mask" else np.dtype(np.int64)
+        return np.dtype(bool) if self.kind in BOOL_KINDS else np.dtype(np.int64)
 
     def shape(self, batch: int, seq: int) -> tuple[int, ...]:
         sizes = {"batch": batch, "seq": seq}
@@ -137,7 +138,7 @@ def reference_input(specs: Sequence[InputSpec]) -> tuple[InputSpec | None, int]:
     """The input whose dims 0 and 1 are the batch size and sequence length (the rule of
     :func:`reference_sizes`, read off the specs) and how many of the two it has (2; 1 for an
     image, which has no sequence; 0 without inputs)."""
-    kinds = [("float" if s.kind == "float" else "other" if s.kind == "mask" else "int", len(s.dims)) for s in specs]
+    kinds = [("float" if s.kind == "float" else "other" if s.kind in BOOL_KINDS else "int", len(s.dims)) for s in specs]
     index, has_seq = _reference_index(kinds)
     return (None, 0) if index is None else (specs[index], 2 if has_seq else 1)
 
@@ -191,6 +192,8 @@ def random_inputs(
             feeds[spec.name] = rng.integers(0, spec.high, size=shape, dtype=np.int64)
         elif spec.kind == "positions":
             feeds[spec.name] = np.broadcast_to(np.arange(shape[-1] if shape else 1), shape).astype(np.int64)
+        elif spec.kind == "bool_mask" and pad and len(shape) == 2:
+            feeds[spec.name] = both_values_mask(rng, *shape)
         elif pad and len(shape) == 2:
             feeds[spec.name] = padding_mask(rng, *shape, empty_row=spec.kind == "mask").astype(spec.numpy_dtype)
         else:
@@ -222,6 +225,24 @@ def padding_mask(rng: np.random.Generator, batch: int, seq: int, empty_row: bool
     return mask
 
 
+def both_values_mask(rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:
+    """A [batch, seq] boolean mask whose every row holds both values (for seq > 1): True on a
+    span of 1 .. seq - 1 positions, the first row's at the start, the second's at the end, then
+    random. The mask of a model whose convention is unknown (a program's or another tool's
+    graph's bool input: True = real as here and in SDPA, or True = pad as in fairseq and
+    ``nn.MultiheadAttention``'s key_padding_mask): a row of one value would be all padding in one
+    of the two, NaN where PyTorch masks with -inf, and so no comparison."""
+    mask = np.ones((batch, seq), dtype=bool)
+    if seq < 2:
+        return mask
+    for row in range(batch):
+        length = int(rng.integers(1, seq))
+        start = 0 if row == 0 else seq - length if row == 1 else int(rng.integers(0, seq - length + 1))
+        mask[row] = False
+        mask[row, start : start + length] = True
+    return mask
+
+
 def describe_inputs(specs: Sequence[InputSpec]) -> list[str]:
     """One line per input saying what :func:`random_inputs` draws for it (name, dims, dtype,
     values), so a check's report says what it fed."""
@@ -231,6 +252,8 @@ def describe_inputs(specs: Sequence[InputSpec]) -> list[str]:
         "all padded, random spans",
         "int_mask": "0/1 padding mask, rows in turn (as many as the batch has): all real, padded left and "
         "right, random spans, none all padded",
+        "bool_mask": "boolean mask of unknown convention (True = real or True = pad): every row holds both "
+        "values, a span of True at the start, at the end, then random",
         "positions": "positions, an arange along the last dim",
     }
     lines = []
@@ -305,7 +328,7 @@ def specs_from_onnx(model) -> list[InputSpec]:
         elem = value.elem_type
         name = value.name.lower()
         if elem == onnx.TensorProto.BOOL:
-            kind = "mask"
+            kind = "bool_mask"  # another tool's graph: True = real or True = pad
         elif elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
             kind = "float"
         else:

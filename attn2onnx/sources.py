@@ -243,9 +243,11 @@ def default_output_names(count: int) -> list[str]:
 
 def _input_kind(name: str, dtype: torch.dtype) -> str:
     """An input's role by its dtype, and an integer input's by its name: ``*mask*`` a 0/1
-    padding mask (Hugging Face's int64 attention_mask), ``*position*`` position ids, else ids."""
+    padding mask (Hugging Face's int64 attention_mask), ``*position*`` position ids, else ids. A
+    bool input is a mask of unknown convention (True = real, or True = pad as fairseq's and
+    nn.MultiheadAttention's key_padding_mask): ``bool_mask``, whose rows hold both values."""
     if dtype == torch.bool:
-        return "mask"
+        return "bool_mask"
     if dtype.is_floating_point or dtype.is_complex:
         return "float"
     lowered = name.lower()

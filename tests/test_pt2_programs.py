@@ -146,3 +146,34 @@ def test_export_names_several_outputs_and_refuses_names_that_do_not_count_them(t
     with pytest.raises(ExportError, match="gives 2 outputs but output_names names 1"):
         attn2onnx.export(TwoOutputs().eval(), (x,), tmp_path / "one.onnx", output_names=["y"])
     assert not (tmp_path / "one.onnx").exists()
+
+
+class PadTrueAttention(torch.nn.Module):
+    """One attention head masked as fairseq and nn.MultiheadAttention do: masked_fill(-inf) where
+    the bool key_padding_mask is True (True = pad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x, key_padding_mask):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        s = (q @ k.transpose(-1, -2)).masked_fill(key_padding_mask[:, None, :], float("-inf"))
+        return s.softmax(-1) @ v
+
+
+def test_bool_mask_of_unknown_convention_gets_rows_of_both_values(tmp_path, capsys):
+    """A program's bool input may be True = pad: its random rows hold both values, so no row is
+    all padding in either convention (an all-True row made PyTorch NaN and the check fail)."""
+    from attn2onnx.io_spec import random_inputs
+
+    batch, seq = torch.export.Dim("batch", max=16), torch.export.Dim("seq", min=2, max=64)
+    x, mask = torch.randn(2, 8, 8), torch.zeros(2, 8, dtype=torch.bool)
+    path = _save(tmp_path / "pad_true.pt2", PadTrueAttention(), (x, mask), dynamic_shapes=({0: batch, 1: seq},) * 2)
+    source = load_source(path)
+    assert [s.kind for s in source.specs] == ["float", "bool_mask"]
+    rows = random_inputs(source.specs, 5, 9)["key_padding_mask"]
+    assert rows.any(axis=1).all() and not rows.all(axis=1).any(), rows
+    status, out, err = call(capsys, "export", str(path), "-o", str(tmp_path / "m.onnx"), "--optimize")
+    assert status == 0, out + err
+    assert "unknown convention" in out
