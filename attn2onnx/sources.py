@@ -16,14 +16,14 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from .errors import UsageError
 from .io_spec import InputSpec
-from .torch_files import TorchFileError, load_pickled, load_program
+from .torch_files import TorchFileError, load_pickled, load_program, register_pytree_library
 
 
 @dataclass
@@ -146,15 +146,12 @@ def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
     the policy of :mod:`attn2onnx.torch_files` (never unpickled unless ``trust_pickle``)."""
     from .custom_ops import torch_ops  # noqa: F401  (a program holding our ops needs them registered to load)
 
-    try:
-        with held_back_log("torch.export") as logged:
-            program = load_program(path, trust_pickle=trust_pickle)
-    except TorchFileError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure to read is a bad file for the user
-        cause = next((r.exc_info[1] for r in reversed(logged) if r.exc_info and r.exc_info[1]), e)
+    program, cause = _load_program(path, trust_pickle)
+    if cause is not None and register_pytree_library(cause):  # a Hugging Face ModelOutput, say
+        program, cause = _load_program(path, trust_pickle)
+    if cause is not None:
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise UsageError(f"{path}: not a readable torch.export program ({reason})") from None
+        raise UsageError(f"{path}: not a readable torch.export program ({reason})")
     module, names = _program_call(program, path)
     inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
     symbols = _dim_symbols([n.meta["val"] for n in inputs])
@@ -172,6 +169,18 @@ def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
     ranges = _size_ranges(program, symbols)
     seq_max = ranges.get("seq", (1, None))[1]
     return ModelSource(module, specs, _output_names(program.call_spec.out_spec), seq_max, ranges)
+
+
+def _load_program(path: Path, trust_pickle: bool) -> tuple[Any, BaseException | None]:
+    """(the program, None), or (None, why it did not load: the exception torch.export.load
+    logged, which says more than the one it raises). A file the loading policy refuses raises."""
+    with held_back_log("torch.export") as logged:
+        try:
+            return load_program(path, trust_pickle=trust_pickle), None
+        except TorchFileError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read is a bad file for the user
+            return None, next((r.exc_info[1] for r in reversed(logged) if r.exc_info and r.exc_info[1]), e)
 
 
 class ProgramCall(nn.Module):
@@ -224,13 +233,19 @@ def _program_call(program: torch.export.ExportedProgram, path: Path) -> tuple[Pr
     return named(program.module(), len(names) - len(keywords), keywords, nones), names
 
 
+class _Leaf:
+    """A stand-in for one output while an output spec is unflattened."""
+
+
 def _output_names(out_spec: torch.utils._pytree.TreeSpec) -> list[str]:
     """Names of a program's flat outputs: their keys in its output spec where each output sits
     under one (a dict or ModelOutput: ``logits``, ``hidden.0``), else ``output`` for one output
     and ``output_0``, ``output_1``.. for several."""
     pytree = torch.utils._pytree
-    outputs = pytree.tree_unflatten([None] * out_spec.num_leaves, out_spec)
-    paths = [path for path, _ in pytree.tree_flatten_with_path(outputs, is_leaf=lambda x: x is None)[0]]
+    # Placeholder leaves that are not None: a ModelOutput drops the fields it is given None for.
+    leaves = [_Leaf() for _ in range(out_spec.num_leaves)]
+    outputs = pytree.tree_unflatten(leaves, out_spec)
+    paths = [path for path, _ in pytree.tree_flatten_with_path(outputs, is_leaf=lambda x: isinstance(x, _Leaf))[0]]
     if paths and all(path and isinstance(path[0], (pytree.MappingKey, pytree.GetAttrKey)) for path in paths):
         return [".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p) for p in paths]
     return default_output_names(len(paths))

@@ -35,7 +35,7 @@ from typing import IO, Any, Iterator
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .fileio import regular_file
 
 MAX_ENTRIES = 1 << 17  # far above any torch archive (one entry per storage / weight)
@@ -164,6 +164,35 @@ def load_program(path: str | os.PathLike, *, trust_pickle: bool = False) -> torc
     _check_program(path, entries)
     with _weights_only_torch_load():
         return torch.export.load(path)
+
+
+# Libraries whose classes programs carry as pytree nodes (a Hugging Face model's ModelOutput),
+# registered with torch when the library's module is imported. Only these are imported for a
+# program: a module named by a file is never imported otherwise (that would run code it chose).
+PYTREE_LIBRARIES = ("transformers",)
+_NOT_REGISTERED = re.compile(r"Deserializing ([\w.]+)\.(\w+) in pytree is not registered")
+
+
+def register_pytree_library(error: BaseException) -> bool:
+    """Import the installed library module that registers the pytree node ``error`` names (torch:
+    "Deserializing transformers.modeling_outputs.CausalLMOutputWithPast in pytree is not
+    registered", logged by torch.export.load before its vaguer error), so loading can be tried
+    again; False when it names no allowed library's. A
+    library that is not installed is a UsageError naming the extra to install."""
+    import importlib
+
+    match = _NOT_REGISTERED.search(str(error))
+    if match is None or match.group(1).split(".")[0] not in PYTREE_LIBRARIES:
+        return False
+    module = match.group(1)
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise UsageError(
+            f"the program's outputs are {module}.{match.group(2)}: install {module.split('.')[0]} "
+            "to read it (pip install attn2onnx[hf])"
+        ) from None
+    return True
 
 
 def _check_program(path: Path, entries: dict[str, zipfile.ZipInfo]) -> None:
