@@ -49,7 +49,7 @@
 // split into a partial output per split; the partials summed in split order.
 // Work items are independent, their division depends on the shapes only, and each row is computed
 // in one fixed order: any thread count gives bit-identical results.
-#include "attn2onnx_native.h"
+#include "attention_core.h"
 
 #include <algorithm>
 #include <atomic>
@@ -61,12 +61,6 @@
 namespace attn2onnx {
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kMR = 8;  // micro-tile rows; 2 * kMR accumulators + 3 live registers out of 32
-#else
-constexpr int kMR = 6;  // 12 accumulators + 3 out of 16
-#endif
-constexpr int kCB = 2 * kVL;     // micro-tile columns (keys for QK^T, head dims for PV)
 constexpr int kTq = 8 * kMR;     // query rows per work item, at most
 constexpr int kChunk = 4 * kCB;  // keys per chunk: a chunk's scores, all heads, stay in L2
 constexpr int kMaxR = 16;
@@ -113,86 +107,6 @@ struct Problem {
   float* part;           // [B,nsplit,T,N,dv]  each split's share of o
   std::atomic<bool> failed{false};
 };
-
-// ------------------------------------------------------------------ micro-kernels
-// C[MR, 2*kVL] = scale * A[MR, K] * B[K, 2*kVL]; A rows strided (lda), B rows strided (ldb).
-template <int MR>
-inline void qk_tile(const float* a, ptrdiff_t lda, const float* b, ptrdiff_t ldb, int64_t K, float* c,
-                    ptrdiff_t ldc, float scale) {
-  vf c0[MR], c1[MR];
-  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = vf{};
-  for (int64_t k = 0; k < K; ++k) {
-    const vf b0 = vload(b + k * ldb), b1 = vload(b + k * ldb + kVL);
-    for (int i = 0; i < MR; ++i) {
-      const vf ai = vset1(a[i * lda + k]);
-      c0[i] += ai * b0;
-      c1[i] += ai * b1;
-    }
-  }
-  const vf s = vset1(scale);
-  for (int i = 0; i < MR; ++i) {
-    vstore(c + i * ldc, c0[i] * s);
-    vstore(c + i * ldc + kVL, c1[i] * s);
-  }
-}
-
-// C[MR, ncols] (+)= A[MR, K] * B[K, NV*kVL] (ncols <= NV*kVL columns loaded / stored).
-template <int MR, int NV>
-inline void pv_tile(const float* a, ptrdiff_t lda, const float* b, ptrdiff_t ldb, int64_t K, float* c,
-                    ptrdiff_t ldc, int ncols, bool accumulate) {
-  vf acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
-  if (accumulate) {
-    float tmp[NV * kVL] = {};
-    for (int i = 0; i < MR; ++i) {
-      std::memcpy(tmp, c + i * ldc, sizeof(float) * ncols);
-      for (int v = 0; v < NV; ++v) acc[i][v] = vload(tmp + v * kVL);
-    }
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    vf bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * kVL);
-    for (int i = 0; i < MR; ++i) {
-      const vf ai = vset1(a[i * lda + k]);
-      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bv[v];
-    }
-  }
-  if (ncols == NV * kVL) {
-    for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < NV; ++v) vstore(c + i * ldc + v * kVL, acc[i][v]);
-  } else {
-    float tmp[NV * kVL];
-    for (int i = 0; i < MR; ++i) {
-      for (int v = 0; v < NV; ++v) vstore(tmp + v * kVL, acc[i][v]);
-      std::memcpy(c + i * ldc, tmp, sizeof(float) * ncols);
-    }
-  }
-}
-
-template <int MR>
-void qk_rows(int64_t rows, const float* a, ptrdiff_t lda, const float* b, ptrdiff_t ldb, int64_t K, float* c,
-             ptrdiff_t ldc, float scale) {
-  if constexpr (MR > 0) {
-    if (rows >= MR) {
-      qk_tile<MR>(a, lda, b, ldb, K, c, ldc, scale);
-    } else {
-      qk_rows<MR - 1>(rows, a, lda, b, ldb, K, c, ldc, scale);
-    }
-  }
-}
-
-template <int MR, int NV>
-void pv_rows(int64_t rows, const float* a, ptrdiff_t lda, const float* b, ptrdiff_t ldb, int64_t K, float* c,
-             ptrdiff_t ldc, int ncols, bool accumulate) {
-  if constexpr (MR > 0) {
-    if (rows >= MR) {
-      pv_tile<MR, NV>(a, lda, b, ldb, K, c, ldc, ncols, accumulate);
-    } else {
-      pv_rows<MR - 1, NV>(rows, a, lda, b, ldb, K, c, ldc, ncols, accumulate);
-    }
-  }
-}
 
 // ------------------------------------------------------------------ attn_mask
 // attn_mask lanes (-1 = may attend) of keys s .. s + kVL - 1 for batch b, head n, query row t; 0 past S.
@@ -305,9 +219,8 @@ void key_ranges(const Problem& p, int64_t b, int64_t t0, int64_t tn, int64_t* lo
     s_lo = S, s_hi = 0;
     bool blind = false;
     for (int64_t i = 0; i < tn; ++i) {
-      const int64_t pos = t0 + i + S - p.T, row = b * p.T + t0 + i;
-      hi[i] = p.causal ? std::min(S - 1, pos) : S - 1;
-      lo[i] = (p.causal && p.window > 0) ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+      const int64_t row = b * p.T + t0 + i;
+      row_keys(t0 + i, p.T, S, p.causal, p.window, lo[i], hi[i]);
       blind = blind || p.mblind[row];
       s_lo = std::min(s_lo, p.mfirst[row]);
       s_hi = std::max(s_hi, p.mlast[row] + 1);
@@ -315,26 +228,7 @@ void key_ranges(const Problem& p, int64_t b, int64_t t0, int64_t tn, int64_t* lo
     if (blind) s_lo = 0, s_hi = S;
     return;
   }
-  const int64_t* count = p.count + b * (S + 1);
-  const int32_t* pad = p.pad + b * p.Sp;
-  bool every_row_sees_a_key = true;
-  s_lo = S, s_hi = 0;
-  for (int64_t i = 0; i < tn; ++i) {
-    const int64_t pos = t0 + i + S - p.T;
-    hi[i] = p.causal ? std::min(S - 1, pos) : S - 1;
-    lo[i] = (p.causal && p.window > 0) ? std::max<int64_t>(0, pos - p.window + 1) : 0;
-    const bool sees = lo[i] <= hi[i] && count[hi[i] + 1] - count[lo[i]] > 0;
-    every_row_sees_a_key = every_row_sees_a_key && sees;
-    s_lo = std::min(s_lo, lo[i]);
-    s_hi = std::max(s_hi, hi[i] + 1);
-  }
-  if (every_row_sees_a_key) {  // trim keys that are padding for every row
-    while (s_lo < s_hi && !pad[s_lo]) ++s_lo;
-    while (s_hi > s_lo && !pad[s_hi - 1]) --s_hi;
-  } else {
-    s_lo = 0;
-    s_hi = S;
-  }
+  block_keys(p.pad + b * p.Sp, p.count + b * (S + 1), p.T, S, p.causal, p.window, t0, tn, lo, hi, s_lo, s_hi);
 }
 
 // ------------------------------------------------------------------ one work item (blocked path)
@@ -727,34 +621,10 @@ void pack_item(void* data, size_t item) {
   const int64_t S = p.S, N = p.N, d = p.d, dv = p.dv, Sp = p.Sp, F = 2 * p.R + 1;
   float* kt = job->kt + (b * N + n) * Sp * d;
   float* vp = job->vp + (b * N + n) * p.dvb * Sp * kCB;
-  for (int64_t s = 0; s < S; ++s) {
-    const E* ks = job->k + ((b * S + s) * N + n) * d;
-    const E* vs = job->v + ((b * S + s) * N + n) * dv;
-    float* kdst = kt + (s / kCB) * d * kCB + s % kCB;
-    for (int64_t j = 0; j < d; ++j) kdst[j * kCB] = to_float(ks[j]);
-    for (int64_t j = 0; j < dv; ++j) vp[((j / kCB) * Sp + s) * kCB + j % kCB] = to_float(vs[j]);
-  }
+  pack_head(job->k + (b * S * N + n) * d, N * d, job->v + (b * S * N + n) * dv, N * dv, S, d, dv, Sp, kt, vp);
   if (n == 0) {  // all heads' factors of a key group sit together: one item per batch does them
     for (int64_t slot = 0; slot < 2; ++slot)
       pack_factors(job->kf, b, slot, 0, S, S, F, N, job->kfp + (b * 2 + slot) * (Sp / kVL) * F * N * kVL);
-  }
-}
-
-template <typename E>
-std::vector<float> to_float_vector(const E* data, size_t count) {
-  std::vector<float> out(count);
-  for (size_t i = 0; i < count; ++i) out[i] = to_float(data[i]);
-  return out;
-}
-
-// fp32 view of an input: the data itself for float, else a converted copy kept in `keep`.
-template <typename E>
-const float* float_view(const E* data, size_t count, std::vector<float>& keep) {
-  if constexpr (std::is_same_v<E, float>) {
-    return data;
-  } else {
-    keep = to_float_vector(data, count);
-    return keep.data();
   }
 }
 
@@ -803,9 +673,9 @@ void mask_rows(Problem& p, int64_t heads, std::vector<int64_t>& first, std::vect
   blind.assign(static_cast<size_t>(B * T), 0);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t pos = t + S - T, row = b * T + t;
-      const int64_t hi = p.causal ? std::min(S - 1, pos) : S - 1;
-      const int64_t lo = (p.causal && p.window > 0) ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+      const int64_t row = b * T + t;
+      int64_t lo, hi;
+      row_keys(t, T, S, p.causal, p.window, lo, hi);
       for (int64_t n = 0; n < heads; ++n) {
         const uint8_t* m = p.am + b * p.am_b + n * p.am_n + t * p.am_t;
         auto visible = [&](int64_t s) { return p.pad[b * p.Sp + s] && m[s * p.am_s]; };
@@ -824,12 +694,6 @@ void mask_rows(Problem& p, int64_t heads, std::vector<int64_t>& first, std::vect
   p.mfirst = first.data(), p.mlast = last.data(), p.mblind = blind.data();
 }
 
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 // ------------------------------------------------------------------ the ORT kernel
 constexpr const char* kOp = "DcmhaAttention";
 constexpr const char* kInputNames[] = {"q",        "k",        "v",          "q_factors",
@@ -837,14 +701,6 @@ constexpr const char* kInputNames[] = {"q",        "k",        "v",          "q_
 constexpr size_t kInputs = 8, kKeyPaddingMask = 5, kAttnMask = 7;  // attn_mask: the one optional input
 // The kernel's int32 key / row lanes hold every index up to S rounded up to kCB.
 constexpr int64_t kMaxLength = INT32_MAX - kCB;
-
-// Elements of a tensor of `shape`, false when the count overflows int64.
-bool element_count(const std::vector<int64_t>& shape, int64_t& count) {
-  count = 1;
-  for (int64_t dim : shape)
-    if (__builtin_mul_overflow(count, dim, &count)) return false;
-  return true;
-}
 
 template <typename E>
 struct DcmhaAttentionKernel {
@@ -949,14 +805,9 @@ struct DcmhaAttentionKernel {
       out32.resize(out_count);
       p.out = out32.data();
     }
-    std::vector<int32_t> pad(static_cast<size_t>(B * p.Sp), 0);
-    std::vector<int64_t> count(static_cast<size_t>(B * (S + 1)), 0);
-    const uint8_t* mask = key_padding_mask.data;
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t s = 0; s < S; ++s) {
-        pad[b * p.Sp + s] = mask[b * S + s] ? 1 : 0;
-        count[b * (S + 1) + s + 1] = count[b * (S + 1) + s] + pad[b * p.Sp + s];
-      }
+    std::vector<int32_t> pad;
+    std::vector<int64_t> count;
+    key_padding(key_padding_mask.data, B, S, p.Sp, pad, count);
     p.pad = pad.data(), p.count = count.data();
     std::vector<int64_t> mfirst, mlast;
     std::vector<uint8_t> mblind;
