@@ -45,6 +45,7 @@ from ._ir_utils import (
     replace_value,
     scope_nodes,
 )
+from . import native_attention
 from ._match import merged_heads_target as _merged_heads_target
 from ._match import scaled as _scaled
 from ._match import single_use as _single_use
@@ -124,13 +125,31 @@ def _match_core(soft: ir.Node):
 # emitting the fused op
 # ---------------------------------------------------------------------------------------------
 def emit_fused_attention(
-    b: Builder, target: str, q, k, v, heads: int, scale: float, parts: dict | None, allowed, out_dims
+    b: Builder,
+    target: str,
+    q,
+    k,
+    v,
+    heads: int,
+    scale: float,
+    parts: dict | None,
+    allowed,
+    out_dims,
+    native: bool = False,
+    kv_heads: int = 0,
 ) -> ir.Value:
     """Fused attention on [B,T,D] q and [B,S,D] k, v -> [B,T,D], exactly the contract's
     ``softmax(where(allowed, logits, NEG))``: the mask is ``parts`` (key padding / causal) or an
     unrecognised boolean ``allowed`` [B|1,1,T,S]. Rows with no allowed key are guarded (see
     :func:`guard_empty_rows`) wherever the mask holds padding; causality alone (T = S) always
-    leaves a row its own key."""
+    leaves a row its own key.
+
+    With ``native`` (target ort), a core whose class measured faster on the native kernel
+    (:mod:`.native_attention`) becomes ``ai.attn2onnx::StandardAttention``, masks as modes and
+    the [B,S] key mask, rows kept by the op itself. ``kv_heads``: k and v hold that many heads
+    (grouped query attention; only the native op takes them unrepeated: 0 = ``heads``)."""
+    if native_attention.choose(target, parts, allowed, _head_dim(q, heads), out_dims[1] if out_dims else None, native):
+        return native_attention.emit(b, q, k, v, heads, kv_heads or heads, scale, parts, out_dims)
     kpm = parts.get("kpm") if parts is not None else None
     causal = int(parts.get("causal", 0)) if parts is not None else 0
     if target == "ort" and parts is not None and (kpm is None or not causal):
@@ -164,6 +183,12 @@ def emit_fused_attention(
         dtype=dtype,
         shape=out_dims,
     )
+
+
+def _head_dim(q: ir.Value, heads: int) -> int:
+    """q [B,T,N*d]'s d, 0 when its last dim is not static."""
+    d = dims(q)
+    return d[-1] // heads if d is not None and isinstance(d[-1], int) else 0
 
 
 def _multi_head_attention(b: Builder, q, k, v, heads: int, scale: float, kpm, causal: int, out_dims) -> ir.Value:
@@ -225,7 +250,9 @@ def _allowed_from_parts(b: Builder, parts: dict, q, k) -> ir.Value | None:
     return mask
 
 
-def lower_decomposed(model: ir.Model, target: str) -> int:
+def lower_decomposed(model: ir.Model, target: str, native: bool = False) -> int:
+    """Every decomposed core of ``model`` fused (``native``: onto StandardAttention where it is
+    the faster op, see :func:`emit_fused_attention`); returns how many."""
     count = 0
     for node in scope_nodes(model):
         if node.op_type != "Softmax" or node.domain != "" or node.graph is None:
@@ -246,12 +273,14 @@ def lower_decomposed(model: ir.Model, target: str) -> int:
             core["parts"],
             allowed,
             dims(core["target"]),
+            native=native,
         )
         replace_value(core["target"], out)
         count += 1
     if count:
         if target == "ort":
             model.opset_imports.setdefault(MS_DOMAIN, 1)
+        native_attention.attach_function(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return count
 
@@ -439,6 +468,7 @@ def lower_pooled_norm(model: ir.Model, target: str) -> int:
     if count:
         if target == "ort":
             model.opset_imports.setdefault(MS_DOMAIN, 1)
+        native_attention.attach_function(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return count
 
@@ -463,7 +493,12 @@ def _projection(node: ir.Node):
     return w, bias, out
 
 
-_FUSED_ATTENTION = {("", "Attention"), (MS_DOMAIN, "MultiHeadAttention"), (DOMAIN, "DcmhaAttention")}
+_FUSED_ATTENTION = {
+    ("", "Attention"),
+    (MS_DOMAIN, "MultiHeadAttention"),
+    (DOMAIN, "DcmhaAttention"),
+    (DOMAIN, native_attention.OP),
+}
 
 
 def _feeds_fused_attention(value: ir.Value, depth: int = 12) -> bool:
@@ -527,14 +562,15 @@ def pack_projections(model: ir.Model, min_group: int = 2) -> int:
 class LowerAttentionPass(ir.passes.InPlacePass):
     """Attention lowering for ``target`` (ort | trt | portable) plus projection packing."""
 
-    def __init__(self, target: str = "ort", pack: bool = True) -> None:
+    def __init__(self, target: str = "ort", pack: bool = True, native: bool | None = None) -> None:
         super().__init__()
         self.target, self.pack = target, pack
+        self.native = native_attention.enabled() if native is None else native  # StandardAttention where faster
         self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         fused = "MultiHeadAttention" if self.target == "ort" else "Attention"
-        cores = lower_decomposed(model, self.target)
+        cores = lower_decomposed(model, self.target, self.native)
         bn = lower_pooled_norm(model, self.target)
         packed = pack_projections(model) if self.pack else 0
         self.counts = {fused: cores + bn, "packed MatMul": packed}
