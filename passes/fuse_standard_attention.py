@@ -78,7 +78,8 @@ from ._match import (
     through_cast,
     transposed,
 )
-from .lower_attention import MS_DOMAIN, emit_fused_attention, pack_projections
+from .lower_attention import MS_DOMAIN, NEG, emit_fused_attention, guard_empty_rows, pack_projections
+from .lower_attention import _allowed_from_parts as allowed_from_parts
 
 FILL_LIMIT = -1e4  # a Where fill at or below this is a mask (exp underflows to 0 in fp16 and fp32)
 
@@ -444,22 +445,32 @@ def rewrite(core: Core, target: str) -> None:
         k3 = transposed(b, core.kt, list(_compose(core.kt_perm, (0, 2, 1))))
         v3 = transposed(b, core.v, list(core.v_perm or (0, 1, 2)))
     out_dims = (dq[0], dq[-2], heads * dv[-1])
-    if kv_heads != heads and gqa_fits(core, target):
-        o3 = _group_query_attention(b, q3, k3, v3, heads, kv_heads, core.scale, out_dims)
-        _replace_output(b, core, o3, heads, dv[-1])
-        return
-    if kv_heads != heads:
-        k3, v3 = (_repeat_heads(b, x, kv_heads, heads // kv_heads, w) for x, w in ((k3, d), (v3, dv[-1])))
+    o3 = emit(b, target, core, q3, k3, v3, (heads, kv_heads, d, dv[-1]), out_dims)
+    _replace_output(b, core, o3, heads, dv[-1])
+
+
+def emit(b: Builder, target: str, core: Core, q3, k3, v3, sizes: tuple, out_dims) -> ir.Value:
+    """The one place that chooses the fused op for a matched core on q [B,T,H*d], k / v
+    [B,S,Hkv*d]: ``sizes`` = (H, Hkv, d, dv). Grouped K/V (Hkv < H) on target ort ->
+    GroupQueryAttention (:func:`gqa_fits`); otherwise K/V repeated to H heads and
+    MultiHeadAttention (ort) / Attention-23 (trt, portable). ONNX Attention's boolean masks keep
+    SDPA's zero rows where no key is allowed."""
+    heads, kv_heads, d, dv = sizes
     allowed = core.allowed
     if core.negated:
         allowed = b.op("Not", [core.allowed], dtype=ir.DataType.BOOL, shape=dims(core.allowed))
-    if core.bias is None:
-        o3 = emit_fused_attention(b, target, q3, k3, v3, heads, core.scale, core.parts, allowed, out_dims)
-        if core.rule == "onnx_attention" and (allowed is not None or (core.parts or {}).get("kpm") is not None):
-            o3 = _zero_empty_rows(b, o3, allowed, (core.parts or {}).get("kpm"))
+    if kv_heads != heads and gqa_fits(core, target):
+        o3 = _group_query_attention(b, core, q3, k3, v3, allowed, (heads, kv_heads), out_dims)
     else:
-        o3 = _emit_with_bias(b, target, q3, k3, v3, heads, core, out_dims)
-    _replace_output(b, core, o3, heads, dv[-1])
+        if kv_heads != heads:
+            k3, v3 = (_repeat_heads(b, x, kv_heads, heads // kv_heads, w) for x, w in ((k3, d), (v3, dv)))
+        if core.bias is None:
+            o3 = emit_fused_attention(b, target, q3, k3, v3, heads, core.scale, core.parts, allowed, out_dims)
+        else:
+            o3 = _emit_with_bias(b, target, q3, k3, v3, heads, core, out_dims)
+    if core.rule == "onnx_attention" and (allowed is not None or (core.parts or {}).get("kpm") is not None):
+        o3 = _zero_empty_rows(b, o3, allowed, (core.parts or {}).get("kpm"))
+    return o3
 
 
 def _replace_output(b: Builder, core: Core, o3: ir.Value, heads: int, dv: int) -> None:
@@ -491,31 +502,40 @@ def _merged_view_target(o: ir.Value) -> ir.Value | None:
 
 
 def gqa_fits(core: Core, target: str) -> bool:
-    """Whether com.microsoft.GroupQueryAttention computes the core: target ort, causal
-    self-attention with no other mask (its CPU kernel is causal only; without a cache, its
-    seqlens_k / total_sequence_length say every key is real)."""
-    parts = core.parts or {}
-    return (
-        target == "ort"
-        and core.bias is None
-        and core.allowed is None
-        and parts.get("kpm") is None
-        and bool(parts.get("causal"))
-    )
+    """Whether com.microsoft.GroupQueryAttention computes the (grouped) core: target ort and
+    self-attention (T = S: with no cache its keys are the new tokens). Every mask fits: causality
+    as its ``causal`` mode, an additive mask as ``attention_bias`` (with causal mode where the core
+    has both, as MultiHeadAttention's), and a boolean mask with padding as a bias (causal mode off,
+    the causality inside it) whose rows with no allowed key are guarded to the contract's uniform
+    row (:func:`.lower_attention.guard_empty_rows`)."""
+    dq, dk = core.canonical("q"), core.canonical("kt")
+    return target == "ort" and same_dim(dq[-2], dk[-1])
 
 
-def _group_query_attention(b: Builder, q3, k3, v3, heads: int, kv_heads: int, scale: float, out_dims) -> ir.Value:
-    """GroupQueryAttention on q [B,T,H*d], k / v [B,S=T,Hkv*d], no cache: seqlens_k = S - 1 per row
-    (the last key's index) and total_sequence_length = S, both int32."""
+def _group_query_attention(b: Builder, core: Core, q3, k3, v3, allowed, heads: tuple, out_dims) -> ir.Value:
+    """GroupQueryAttention on q [B,T,H*d], k / v [B,S=T,Hkv*d] (``heads`` = (H, Hkv)), no cache:
+    seqlens_k = S - 1 per row (the last key's index) and total_sequence_length = S, both int32;
+    the core's mask as causal mode and / or attention_bias [B|1,H|1,T,S] (see :func:`gqa_fits`)."""
     i32 = ir.DataType.INT32
+    parts = core.parts or {}
+    causal, bias = int(parts.get("causal", 0)), None
+    if core.bias is not None:
+        bias = _bias_4d(b, core.bias, q3, k3, len(core.canonical("q")))
+    elif allowed is not None or parts.get("kpm") is not None:
+        allowed = allowed if allowed is not None else allowed_from_parts(b, parts, q3, k3)
+        q3, allowed = guard_empty_rows(b, q3, allowed)
+        f = q3.dtype.numpy()
+        zero, neg = (b.const(np.array(x, dtype=f), n) for x, n in ((0, "zero"), (max(NEG, np.finfo(f).min), "neg")))
+        bias = b.op("Where", [expand_to_logits(b, allowed, q3, k3), zero, neg], dtype=q3.dtype, shape=None)
+        causal = 0
     length = b.op("Shape", [k3], {"start": 1, "end": 2}, dtype=ir.DataType.INT64, shape=(1,))
     length = b.op("Cast", [length], {"to": i32}, dtype=i32, shape=(1,))
     last = b.op("Sub", [length, b.const(np.ones(1, np.int32), "one")], dtype=i32, shape=(1,))
     rows = b.op("Shape", [k3], {"start": 0, "end": 1}, dtype=ir.DataType.INT64, shape=(1,))
     seqlens = b.op("Expand", [last, rows], dtype=i32, shape=(out_dims[0],))
     total = b.op("Squeeze", [length], dtype=i32, shape=())
-    attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(scale)}
-    inputs = [q3, k3, v3, None, None, seqlens, total]
+    attrs = {"num_heads": heads[0], "kv_num_heads": heads[1], "scale": float(core.scale), "causal": causal}
+    inputs = [q3, k3, v3, None, None, seqlens, total] + ([None, None, None, bias] if bias is not None else [])
     return b.op("GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, dtype=q3.dtype, shape=out_dims)
 
 

@@ -487,6 +487,41 @@ class GqaPaddingRepeatKv(_GroupedProjections):
         return self.merge(torch.softmax(s, dim=-1) @ v)
 
 
+class GqaHfCausalPadding(_GroupedProjections):
+    """HF Llama eager with GQA on a padded batch: repeat_kv and one additive mask [B,1,T,S] of
+    finfo.min where a key is padding or in the future (causal and padding in one float tensor)."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        k, v = repeat_kv(k, H // KV_HEADS), repeat_kv(v, H // KV_HEADS)
+        t = x.shape[1]
+        allowed = torch.tril(torch.ones(t, t, dtype=torch.bool)) & key_padding_mask[:, None, None, :]
+        mask = torch.where(allowed, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
+        w = torch.matmul(q, k.transpose(2, 3)) * HEAD**-0.5 + mask
+        return self.merge(torch.matmul(nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v))
+
+
+class GqaCausalPaddingMaskedFill(_GroupedProjections):
+    """GQA with two boolean masks, padding then causality, each a masked_fill(-inf)."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        k, v = repeat_kv(k, H // KV_HEADS), repeat_kv(v, H // KV_HEADS)
+        t = x.shape[1]
+        s = (q @ k.transpose(-1, -2) * HEAD**-0.5).masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        return self.merge(torch.softmax(s, dim=-1) @ v)
+
+
+class GqaSdpaPadding(_GroupedProjections):
+    """SDPA's own GQA (enable_gqa) with a boolean key padding attn_mask [B,1,1,S]."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        mask = key_padding_mask[:, None, None, :]
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+
+
 class GqaTiledCausal(_GroupedProjections):
     """K/V heads tiled with .repeat (head h reads kv head h % Hkv, not h // rep): standard attention
     on the repeated tensors, but not GroupQueryAttention's grouping."""
