@@ -190,3 +190,35 @@ def test_function_body_and_torch_reference_keep_the_contract(case, rng):
         *(torch.from_numpy(feeds[x]) for x in ("q", "k", "v", "key_padding_mask")), n, hk, 0.0, bool(causal), window
     )
     np.testing.assert_allclose(ref.numpy(), want, rtol=RTOL, atol=ATOL)
+
+
+def test_every_safety_case_runs_or_is_refused():
+    """tests/fuzz/standard_cases.py: bad shapes, names, attributes and values end in one ORT error
+    (the kernel's INVALID_ARGUMENT at run), zero sizes and odd lengths run; never a signal."""
+    from fuzz import native_cases, standard_cases
+
+    results = native_cases.run_cases(native.library_path(), module="fuzz.standard_cases")
+    broken = native_cases.failures(results, standard_cases.cases())
+    assert not broken, "\n".join(f"{case}: {'; '.join(found)}" for case, found in broken.items())
+
+
+def test_safety_cases_under_sanitizers():
+    """The same cases with the AddressSanitizer / UndefinedBehaviorSanitizer build
+    (tests/test_native_sanitized.py's setup): no report, no signal, every case as expected."""
+    from fuzz import native_cases, standard_cases
+
+    try:
+        preload = native.sanitizer_preload()
+        library = native.build_sanitized()
+    except native.NativeBuildError as exc:
+        pytest.skip(f"no sanitizer build on this machine: {exc}")
+    env = dict(
+        os.environ,
+        LD_PRELOAD=" ".join(preload),
+        ASAN_OPTIONS="detect_leaks=0",
+        UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+    )
+    env.pop("ATTN2ONNX_NATIVE_LIB", None)
+    results = native_cases.run_cases(library, env, module="fuzz.standard_cases")
+    broken = native_cases.failures(results, standard_cases.cases())
+    assert not broken, "\n".join(f"{case}: {'; '.join(found)}" for case, found in broken.items())

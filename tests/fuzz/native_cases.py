@@ -55,6 +55,7 @@ class Case:
     types: dict[str, int] = field(default_factory=dict)  # graph inputs of another type than the default
     raw_bool: dict[str, int] = field(default_factory=dict)  # bool input -> a byte other than 0/1 in it
     outputs: tuple[str, ...] = ("o",)
+    op: str = "DcmhaAttention"  # the node's op (tests/fuzz/standard_cases.py: StandardAttention)
 
     @property
     def id(self) -> str:
@@ -270,7 +271,7 @@ def model_bytes(case: Case, feeds: dict[str, np.ndarray]) -> bytes:
     outs = list(case.outputs)
     if case.elem != TensorProto.FLOAT and outs[0]:
         outs[0] = "o_cast"
-    nodes.append(helper.make_node("DcmhaAttention", args, outs, domain="ai.attn2onnx", **case.attrs))
+    nodes.append(helper.make_node(case.op, args, outs, domain="ai.attn2onnx", **case.attrs))
     if outs[0] == "o_cast":
         nodes.append(helper.make_node("Cast", ["o_cast"], ["o"], to=TensorProto.FLOAT))
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in case.outputs if name]
@@ -350,10 +351,11 @@ def problems(case: Case, result: dict) -> list[str]:
     return found
 
 
-def failures(results: dict[str, dict]) -> dict[str, list[str]]:
-    """Case id -> its problems, for every case that broke its expectation or never reported."""
+def failures(results: dict[str, dict], all_cases: list[Case] | None = None) -> dict[str, list[str]]:
+    """Case id -> its problems, for every case (of ``all_cases``, default this file's) that broke
+    its expectation or never reported."""
     broken = {}
-    for case in cases():
+    for case in cases() if all_cases is None else all_cases:
         result = results.get(case.id)
         found = problems(case, result) if result else ["no result: the case runner died first"]
         if found:
@@ -361,11 +363,14 @@ def failures(results: dict[str, dict]) -> dict[str, list[str]]:
     return broken
 
 
-def run_cases(library: Path, env: dict[str, str] | None = None, timeout: float = 900.0) -> dict[str, dict]:
-    """Run every case (this file as a script, in a child process with ``env``) against ``library``:
-    case id -> result. A missing case in the answer means the script itself died."""
+def run_cases(
+    library: Path, env: dict[str, str] | None = None, timeout: float = 900.0, module: str = "fuzz.native_cases"
+) -> dict[str, dict]:
+    """Run every case (``module``, this file or another with its own cases, as a script in a child
+    process with ``env``) against ``library``: case id -> result. A missing case in the answer means
+    the script itself died."""
     proc = subprocess.run(
-        [sys.executable, "-m", "fuzz.native_cases", str(library)],
+        [sys.executable, "-m", module, str(library)],
         cwd=Path(__file__).parent.parent,
         env=env,
         capture_output=True,
@@ -383,9 +388,9 @@ def run_cases(library: Path, env: dict[str, str] | None = None, timeout: float =
     return results
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], all_cases: list[Case] | None = None) -> int:
     library, wanted = argv[0], set(argv[1:])
-    for case in cases():
+    for case in cases() if all_cases is None else all_cases:
         if wanted and case.id not in wanted:
             continue
         result = run_forked(case, library)
