@@ -152,6 +152,10 @@ def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
     if cause is not None:
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise UsageError(f"{path}: not a readable torch.export program ({reason})")
+    from .importers.program_decode import program_source, takes_cache
+
+    if takes_cache(program):  # a decode program: its cache in the documented form
+        return program_source(program, path)
     module, names = _program_call(program, path)
     inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
     symbols = _dim_symbols([n.meta["val"] for n in inputs])

@@ -10,6 +10,7 @@
   attn2onnx export lm.pt -o lm.decode.onnx --decode --genai lm_genai/     also a folder ONNX Runtime GenAI runs
   attn2onnx export lm.pt -o lm.shared.onnx --decode --shared-kv           caches in shared max-length buffers
   attn2onnx export hf_llama/ -o m.onnx                    a Hugging Face transformers folder
+  attn2onnx export lm.pt2 -o lm.decode.onnx --decode       a program taking and returning a KV cache (README)
 
 Right after export, ONNX Runtime runs the file on fresh random inputs at two shapes and the
 max abs / rel error against the PyTorch model (in fp32) is printed; exit 1 when out of the
@@ -349,6 +350,10 @@ def run_decode(args: argparse.Namespace, progress) -> int:
     progress.stage(f"loading {args.model}")
     with pt2_hint(args):
         source = load_source(args.model, trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code)
+    if args.model.endswith(".pt2") and not hasattr(source.module, "decode_lm"):
+        from ..importers.program_decode import EXPECTED
+
+        raise UsageError(f"{args.model}: --decode needs a program that takes and returns a KV cache; {EXPECTED}")
     lm = check_decodable(source.module)
     if args.shared_kv:
         from ..models.shared_decode import check_shareable, export_shared_decode

@@ -68,6 +68,11 @@ class TransformersLM(nn.Module):
     def decode_lm(self) -> TransformersLM:
         return self
 
+    def decode_cache_specs(self) -> list:
+        """Its decode graph's cache tensors (:func:`cache_specs`, layout read by :func:`cache_layout`)."""
+        kv_heads, head_dim = cache_layout(self.model.eval())
+        return cache_specs(self.model.config.get_text_config().num_hidden_layers, kv_heads, head_dim)
+
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, seq = input_ids.shape
         positions = (
@@ -154,17 +159,21 @@ def cache_specs(layers: int, kv_heads: int, head_dim: int) -> list:
 
 
 def export_decode(lm: TransformersLM, path: str | os.PathLike, opset: int = 23):
-    """Export ``lm``'s decode graph at ``path`` (checked and written atomically, as
-    :func:`attn2onnx.exporter.export`), with the ``attn2onnx.decode`` metadata; the ExportResult."""
+    """Export ``lm``'s decode graph at ``path`` (:func:`write_decode_graph`); the ExportResult."""
+    caches = lm.decode_cache_specs()
+    return write_decode_graph(DecodeCall(lm.model, len(caches) // 2), lm.config, caches, path, opset)
+
+
+def write_decode_graph(call: nn.Module, config: LMConfig, caches: list, path: str | os.PathLike, opset: int = 23):
+    """Export ``call`` (``forward(input_ids, attention_mask, position_ids, *past) -> (logits,
+    *present)``, caches in ``caches``' order) as a decode graph at ``path``, checked and written
+    atomically as :func:`attn2onnx.exporter.export`, with the ``attn2onnx.decode`` metadata of
+    ``config`` and ``caches``; the ExportResult. Shared by transformers folders and .pt2 programs."""
     from ..exporter import export_result, to_onnx
     from ..models.decode import DECODE_KEY, EXAMPLE_BATCH, EXAMPLE_PAST, EXAMPLE_SEQ
     from ..models.decode import _dynamic_shapes, _name_output_dims, cache_metadata
     from ..onnx_io import check_model, save_model
 
-    model, config = lm.model.eval(), lm.config
-    kv_heads, head_dim = cache_layout(model)
-    layers = model.config.get_text_config().num_hidden_layers
-    caches = cache_specs(layers, kv_heads, head_dim)
     specs = [
         InputSpec("input_ids", ("batch", "seq"), "ids", config.vocab_size),
         InputSpec("attention_mask", ("batch", "past+seq"), "ids", 2),
@@ -182,7 +191,7 @@ def export_decode(lm: TransformersLM, path: str | os.PathLike, opset: int = 23):
     output_names = ["logits", *(c.output for c in caches)]
     start = time.perf_counter()
     proto = to_onnx(
-        DecodeCall(model, layers),
+        call,
         example,
         specs,
         output_names=output_names,

@@ -57,6 +57,8 @@ def check_decodable(model: nn.Module) -> CausalLM:
 
 def cache_specs(model: CausalLM) -> list[CacheSpec]:
     """Every layer's cache tensors, in graph input order."""
+    if hasattr(model, "decode_cache_specs"):  # a transformers LM or .pt2 decode program: caches of its own
+        return model.decode_cache_specs()
     specs = []
     for layer, block in enumerate(model.trunk.blocks):
         for entry in block.attn.cache_entries():
