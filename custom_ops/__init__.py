@@ -21,6 +21,7 @@ from . import landmark_attention  # noqa: F401
 from . import pooled_norm_attention  # noqa: F401
 from . import dcmha_compose  # noqa: F401  (registers the op)
 from . import dcmha_attention  # noqa: F401  (registers the op)
+from . import cache_update  # noqa: F401  (registers the op)
 from . import standard_attention  # noqa: F401  (registers the op)
 from ._validation import InvalidModelError, check_model
 

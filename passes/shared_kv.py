@@ -119,13 +119,15 @@ def _lengths(graph: onnx.GraphProto, mask: str, ids: str) -> tuple[list[onnx.Nod
     return nodes, seqlens, total32, queries, total64
 
 
-def _set_buffer_dim(value: onnx.ValueInfoProto, dim_name: str) -> None:
-    """A cache's [B,N,past,d] type with its past dim renamed ``dim_name``."""
+def _set_buffer_dim(value: onnx.ValueInfoProto, dim_name: str, axis: int = 2) -> None:
+    """A cache's type with its past dim (``axis``: 2 of a [B,N,past,d] cache, 1 of a token-major
+    [B,past,...] one) renamed ``dim_name``."""
     dims = value.type.tensor_type.shape.dim
-    if len(dims) != 4:
-        raise SharedKvError(f"cache {value.name!r} is not a [batch, heads, past, head_dim] tensor")
-    dims[2].Clear()
-    dims[2].dim_param = dim_name
+    if len(dims) != 4 if axis == 2 else len(dims) <= axis:
+        layout = "[batch, heads, past, head_dim]" if axis == 2 else "[batch, past, ...]"
+        raise SharedKvError(f"cache {value.name!r} is not a {layout} tensor")
+    dims[axis].Clear()
+    dims[axis].dim_param = dim_name
 
 
 def share_kv_buffers(model: onnx.ModelProto, caches: list[tuple[str, str]], ids: str, mask: str, dim_name: str) -> int:

@@ -1,16 +1,18 @@
 """Shared KV buffers (``export --decode --shared-kv``, attn2onnx.models.shared_decode): the
-graph whose caches are one max-length buffer each, written in place by GroupQueryAttention,
-computes what the growing-cache decode graph computes, row by row.
+graph whose caches are one max-length buffer each, written in place by GroupQueryAttention
+(or, for dcmha, CacheUpdate), computes what the growing-cache decode graph computes, row by row.
 
 Per covered variant (mha, optimised, efficient: its one x cache is one buffer bound to both of
-GroupQueryAttention's presents) a tiny LM is exported both ways (the growing graph
-optimised for ORT, as generate runs it). A left-padded batch (one row all padding through the
-prompt, so the prefill has fully masked query rows) runs prefill + decode steps in both; the
-shared buffers start small and grow during the loop, or are fixed at max_len and filled to it;
-one step after the prefill takes a chunk of several tokens.
+GroupQueryAttention's presents; dcmha: CacheUpdate writes K, V and key factors; and a dcmha LM
+whose first layer has a local window of 4 keys, so decoding runs across windows) a tiny LM is
+exported both ways (the growing graph optimised for ORT, as generate runs it). A left-padded
+batch (one row all padding through the prompt and the first steps, so some rows see no key)
+runs prefill, one chunk of several tokens, then single-token steps in both; the shared buffers
+start small and grow during the loop, or are fixed at max_len and filled to it.
 Every row's logits (padded rows too: their uniform softmax is the contract) and every cache's
-valid positions must agree. The variants the shared form does not cover are refused with their
-reason; the metadata reader stays strict about the shared form."""
+valid positions must agree (a window layer's growing cache: the last positions of its buffer).
+The variants the shared form does not cover are refused with their reason; the metadata reader
+stays strict about the shared form."""
 
 from __future__ import annotations
 
@@ -40,11 +42,24 @@ VOCAB, MAX_LEN, BATCH, PROMPT, CHUNK = 64, 24, 3, 5, 3
 RTOL, ATOL = 1e-5, 1e-5
 
 
-@pytest.fixture(scope="module", params=SHARED_VARIANTS)
+WINDOWED = "dcmha-window"  # dcmha with a local window of 4 keys on its first layer
+
+
+@pytest.fixture(scope="module", params=[*SHARED_VARIANTS, WINDOWED])
 def graphs(request, tmp_path_factory) -> tuple[str, str, torch.nn.Module]:
     """(growing graph optimised for ORT, shared-buffer graph, the PyTorch LM) of one variant."""
+    variant, layers = request.param.removesuffix("-window"), None
+    if request.param == WINDOWED:
+        layers = [{"window": 4}, {}]
     config = attn2onnx.ModelConfig(
-        family="lm", variant=request.param, layers=2, d_model=32, heads=4, max_len=MAX_LEN, vocab_size=VOCAB
+        family="lm",
+        variant=variant,
+        layers=2,
+        d_model=32,
+        heads=4,
+        max_len=MAX_LEN,
+        vocab_size=VOCAB,
+        layer_options=layers,
     )
     torch.manual_seed(0)
     model = attn2onnx.build_model(config).eval()
@@ -70,13 +85,20 @@ def run_both(growing: str, shared: str, total: int, capacity: int | None) -> lis
     """Per step (prefill first): the growing and the shared graph's logits and caches."""
     ids, mask, positions = left_padded(total)
     sessions = DecodeSession(growing), DecodeSession(shared, capacity=capacity)
-    steps = []
-    for t in range(PROMPT, total + 1):
-        first = t == PROMPT
-        cut = slice(0, t) if first else slice(t - 1, t)
+    steps, done = [], 0
+    for t in [PROMPT, PROMPT + CHUNK, *range(PROMPT + CHUNK + 1, total + 1)]:  # prefill, a chunk, single tokens
+        first, cut, done = t == PROMPT, slice(done, t), t
         logits = [(s.prefill if first else s.step)(ids[:, cut], mask[:, :t], positions[:, cut]) for s in sessions]
-        steps.append((*logits, sessions[0].caches(), sessions[1].caches(), sessions[1]._shared[0].array.shape[2]))
+        buffer = sessions[1]._shared[0]
+        steps.append((*logits, sessions[0].caches(), sessions[1].caches(), buffer.array.shape[buffer.axis]))
     return steps
+
+
+def recent(cache: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """The last positions of a shared cache's valid part that a growing cache ``like`` holds
+    (all of them but in a local-window layer), along the past axis (the one that differs)."""
+    axis = next((i for i, (a, b) in enumerate(zip(cache.shape, like.shape)) if a != b), 0)
+    return cache[(slice(None),) * axis + (slice(cache.shape[axis] - like.shape[axis], None),)]
 
 
 @pytest.mark.parametrize("capacity", [None, MAX_LEN], ids=["grown", "max_len"])
@@ -88,7 +110,7 @@ def test_rows_equal_growing(graphs, capacity):
     for index, (want, got, want_caches, got_caches, _) in enumerate(steps):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=f"logits of step {index}")
         for w, g in zip(want_caches, got_caches):
-            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=f"caches after step {index}")
+            np.testing.assert_allclose(recent(g, w), w, rtol=RTOL, atol=ATOL, err_msg=f"caches after step {index}")
 
 
 def test_greedy_tokens_equal_pytorch(graphs):
@@ -114,15 +136,27 @@ def test_generate_command_runs_shared(graphs):
 
 
 def test_rewrite_refuses_graphs_it_cannot_share(graphs, tmp_path):
-    """A graph shared already, or not optimised for ORT (its attention not fused): one line each,
-    nothing written."""
+    """A graph shared already; for standard attention one not optimised for ORT (its attention
+    not fused); for dcmha one where something besides the layer reads a cache (it would see the
+    buffer): one line each, nothing written."""
     growing, shared, model = graphs
     out = tmp_path / "out.onnx"
     with pytest.raises(UsageError, match="already has shared KV buffers"):
         share_decode_graph(shared, out)
-    export_decode(model, tmp_path / "plain.onnx")
-    with pytest.raises(UsageError, match="is not read by one fused standard attention layer.*target ort first"):
-        share_decode_graph(tmp_path / "plain.onnx", out)
+    if read_decode(onnx.load(growing, load_external_data=False)).variant == "dcmha":
+        graph = onnx.load(growing)
+        cache = graph.graph.input[3].name
+        graph.graph.node.append(onnx.helper.make_node("Identity", [cache], ["peek"], name="peek"))
+        peek = graph.graph.output.add()
+        peek.CopyFrom(graph.graph.input[3])
+        peek.name = "peek"
+        onnx.save(graph, tmp_path / "peeks.onnx")
+        with pytest.raises(UsageError, match=f"cache '{cache}' is read by Identity node 'peek' besides its update"):
+            share_decode_graph(tmp_path / "peeks.onnx", out)
+    else:
+        export_decode(model, tmp_path / "plain.onnx")
+        with pytest.raises(UsageError, match="is not read by one fused standard attention layer.*target ort first"):
+            share_decode_graph(tmp_path / "plain.onnx", out)
     assert not out.exists()
 
 

@@ -3,14 +3,16 @@
 The growing-cache decode graph (:mod:`.decode`) returns each cache as a fresh present one
 position longer than its past, so every step copies every cache. Here past and present are one
 max-length buffer per cache ([batch, heads, max_cache, head_dim]), bound by the caller as both
-input and output and written in place by ``com.microsoft.GroupQueryAttention``, the valid length
-being attention_mask's, as ONNX Runtime GenAI's ``past_present_share_buffer`` runs its models.
+input and output and written in place (by ``com.microsoft.GroupQueryAttention`` for standard attention, by
+``ai.attn2onnx::CacheUpdate`` for dcmha's DcmhaAttention layers), the valid length being
+attention_mask's, as ONNX Runtime GenAI's ``past_present_share_buffer`` runs its models.
 :func:`share_decode_graph` rewrites an ``optimize --target ort`` decode graph
-(:mod:`passes.shared_kv`) and marks its metadata ``"cache": "shared"``
+(:mod:`passes.shared_kv`, :mod:`passes.shared_dcmha`) and marks its metadata ``"cache": "shared"``
 (:mod:`attn2onnx.runtime.metadata`), which :class:`attn2onnx.generate.DecodeSession` reads.
 
-Covered: the variants whose decode attention is standard attention on separate K / V caches
-(:data:`SHARED_VARIANTS`); every other causal variant is refused with the reason in
+Covered: the variants whose decode attention is standard attention on separate K / V caches,
+and dcmha (its local-window layers too: their buffers hold every position, the window is in the
+key mask) (:data:`SHARED_VARIANTS`); every other causal variant is refused with the reason in
 :data:`NOT_SHARED`.
 """
 
@@ -24,17 +26,16 @@ from pathlib import Path
 import onnx
 
 from ..errors import UsageError
-from ..graph_format import DECODE_KEY
+from ..graph_format import DECODE_KEY, past_dim
 from ..io_spec import METADATA_KEY as INPUTS_KEY
 from ..runtime.metadata import SHARED_DIM, require_decode
 
-SHARED_VARIANTS = ("mha", "optimised", "efficient")
+SHARED_VARIANTS = ("mha", "optimised", "efficient", "dcmha")
 NOT_SHARED = {
     "super": "its new U rows mix every cached x row before attention runs, a read of the x buffer "
     "outside the attention op (its decode core is not fused onto standard attention)",
     "reuse": "its heads pass post-softmax probabilities to the next layer (ProbAttention); "
     "GroupQueryAttention returns none",
-    "dcmha": "DcmhaAttention composes heads with its own key-factor cache and has no in-place form yet",
 }
 
 
@@ -55,7 +56,8 @@ def _shared_metadata(model: onnx.ModelProto, cache_inputs: set[str]) -> None:
     decode["cache"] = "shared"
     outputs = {o.name for o in model.graph.output}
     for cache in decode["caches"]:
-        cache["dims"] = [SHARED_DIM if d == "past" else d for d in cache["dims"]]
+        cache["dims"] = [SHARED_DIM if d == past_dim(cache["limit"]) else d for d in cache["dims"]]
+        cache["limit"] = None  # a window layer's buffer holds every position too
         if cache["output"] + ALIAS_SUFFIX in outputs:
             cache["alias"] = cache["output"] + ALIAS_SUFFIX
     props[DECODE_KEY] = json.dumps(decode)
@@ -63,7 +65,7 @@ def _shared_metadata(model: onnx.ModelProto, cache_inputs: set[str]) -> None:
         rows = json.loads(props[INPUTS_KEY])
         for row in rows:
             if row["name"] in cache_inputs:
-                row["dims"] = [SHARED_DIM if d == "past" else d for d in row["dims"]]
+                row["dims"] = [SHARED_DIM if str(d).startswith("past") else d for d in row["dims"]]
         props[INPUTS_KEY] = json.dumps(rows)
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, props)
@@ -72,6 +74,7 @@ def _shared_metadata(model: onnx.ModelProto, cache_inputs: set[str]) -> None:
 def share_decode_graph(in_path: str | os.PathLike, out_path: str | os.PathLike) -> int:
     """Write the shared-buffer form of the ``optimize --target ort`` decode graph at ``in_path``
     to ``out_path`` (checked, atomic); returns how many attention layers it rewrote."""
+    from ..passes.shared_dcmha import share_dcmha_buffers
     from ..passes.shared_kv import SharedKvError, share_kv_buffers
 
     from ..onnx_io import check_model, load_onnx, save_model
@@ -81,12 +84,14 @@ def share_decode_graph(in_path: str | os.PathLike, out_path: str | os.PathLike) 
     if meta.shared:
         raise UsageError(f"{in_path} already has shared KV buffers")
     check_shareable(meta.variant)
-    if any(c.limit is not None for c in meta.caches):
-        raise UsageError("--shared-kv does not cover local-window caches yet")
+    rewrite = share_dcmha_buffers if meta.variant == "dcmha" else share_kv_buffers
+    if rewrite is share_kv_buffers and any(c.limit is not None for c in meta.caches):
+        raise UsageError("--shared-kv covers local-window caches of dcmha only")
     try:
-        count = share_kv_buffers(model, [(c.input, c.output) for c in meta.caches], *meta.inputs[:2], SHARED_DIM)
+        count = rewrite(model, [(c.input, c.output) for c in meta.caches], *meta.inputs[:2], SHARED_DIM)
     except SharedKvError as e:
-        raise UsageError(f"--shared-kv: {e} (optimize the decode graph for target ort first)") from None
+        hint = "" if rewrite is share_dcmha_buffers else " (optimize the decode graph for target ort first)"
+        raise UsageError(f"--shared-kv: {e}{hint}") from None
     _shared_metadata(model, {c.input for c in meta.caches})
     save_model(model, out_path, check=check_model)
     return count
