@@ -4,6 +4,12 @@ A softmax attention ``softmax(where(allowed, s q k^T, NEG)) @ v`` whose probabil
 again (sliced by later layers, concatenated and passed on) becomes one ProbAttention node: its
 ``o`` replaces the ``@ v`` and its ``probs`` every other use of the softmax. An attention whose
 probabilities feed only its ``@ v`` is left to ``lower_attention``.
+
+``nn.MultiheadAttention(need_weights=True)`` computes the same in folded heads: ``softmax(q k^T)``
+on [B*H,T,S] (q scaled before the bmm), ``@ v`` [B*H,S,dv], and the probabilities viewed as
+[B,H,T,S] for its returned weights (head-averaged by a ReduceMean, or per head), which a later
+layer reuses. Unmasked, that becomes a ProbAttention on the unfolded heads whose ``probs``
+replace the view (:func:`_fuse_folded`); with a mask (baddbmm) it is left as it is.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from ._ir_utils import (
     dims,
     ensure_function,
     fuse_each,
+    producer,
     rank,
     replace_value,
     same_dim,
 )
-from ._match import all_true_mask, qk_product, single_use, through_cast, transposed, where_mask
+from ._match import all_true_mask, qk_product, scaled, single_use, through_cast, transposed, where_mask
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +93,81 @@ def _fuse_prob(model: ir.Model, soft: ir.Node) -> bool:
     return True
 
 
+def _folded_uses(probs: ir.Value) -> tuple[ir.Node, ir.Node] | None:
+    """probs [B*H,T,S] used exactly twice: ``@ v`` (v [B*H,S,dv]) and a Reshape to [B,H,T,S]
+    (H constant) -> (the MatMul, the Reshape)."""
+    uses = list(probs.uses())
+    pv = [u.node for u in uses if u.node.op_type == "MatMul" and u.node.domain == "" and u.idx == 0]
+    view = [u.node for u in uses if u.node.op_type == "Reshape" and u.node.domain == "" and u.idx == 0]
+    if len(uses) != 2 or len(pv) != 1 or len(view) != 1 or probs.is_graph_output() or rank(pv[0].inputs[1]) != 3:
+        return None
+    d3, d4 = dims(probs), dims(view[0].outputs[0])
+    if d3 is None or d4 is None or len(d4) != 4 or not isinstance(d4[1], int) or not same_dim(d3[1], d4[2]):
+        return None
+    n, batch, heads = d3[0], d4[0], d4[1]
+    folded = n == batch * heads if isinstance(n, int) and isinstance(batch, int) else same_dim(n, f"{heads}*{batch}")
+    return (pv[0], view[0]) if folded else None
+
+
+def _unfold(b: Builder, x: ir.Value, heads: int, batch, perm: list[int]) -> ir.Value:
+    """x [B*H,X,Y] viewed as [B,H,X,Y] (H = ``heads``), then transposed by ``perm``."""
+    d = dims(x)
+    size = b.op("Shape", [x], {"start": 1}, dtype=ir.DataType.INT64, shape=(2,))
+    shape = b.op("Concat", [b.ints([-1, heads], "unfold"), size], {"axis": 0}, dtype=ir.DataType.INT64, shape=(4,))
+    x4 = b.op("Reshape", [x, shape], dtype=x.dtype, shape=[batch, heads, d[1], d[2]])
+    return transposed(b, x4, perm)
+
+
+def _fuse_folded(model: ir.Model, soft: ir.Node) -> bool:
+    """nn.MultiheadAttention(need_weights=True)'s unmasked core (module docstring) -> a
+    ProbAttention on [B,T,H,d] heads: its ``o`` folded back replaces the ``@ v``, its ``probs``
+    the [B,H,T,S] view of the probabilities."""
+    probs = soft.outputs[0]
+    a_dims = dims(probs)
+    if a_dims is None or len(a_dims) != 3 or attr(soft, "axis", -1) % 3 != 2 or (found := _folded_uses(probs)) is None:
+        return False
+    pv, view = found
+    logits, scale = scaled(soft.inputs[0])
+    qk = producer(logits, "MatMul")
+    if not single_use(soft.inputs[0]) or qk is None:
+        return False  # a mask (baddbmm: an Add before the softmax) or no q k^T product
+    (q, qs), (kt, ks) = scaled(qk.inputs[0]), scaled(qk.inputs[1])
+    dq, dk, dv, d4 = dims(q), dims(kt), dims(pv.inputs[1]), dims(view.outputs[0])
+    if any(d is None or len(d) != 3 for d in (dq, dk, dv)) or not same_dim(dq[2], dk[1]) or not same_dim(dv[1], dk[2]):
+        return False
+    if len({probs.dtype, q.dtype, kt.dtype, pv.inputs[1].dtype}) != 1 or not ensure_function(model, "ProbAttention"):
+        return False
+    batch, heads = d4[0], d4[1]
+    b = Builder(pv, "reuse")
+    q4 = _unfold(b, q, heads, batch, [0, 2, 1, 3])
+    k4 = _unfold(b, kt, heads, batch, [0, 3, 1, 2])
+    v4 = _unfold(b, pv.inputs[1], heads, batch, [0, 2, 1, 3])
+    kpm = all_true_mask(b, k4, (batch, dk[2]))
+    o, p = b.op(
+        "ProbAttention", [q4, k4, v4, kpm], {"scale": float(scale * qs * ks), "causal": 0}, domain=DOMAIN, num_outputs=2
+    )
+    o.dtype = p.dtype = probs.dtype
+    o.shape = ir.Shape([batch, a_dims[1], heads, dv[2]])
+    p.shape = ir.Shape(list(d4))
+    heads_first = transposed(b, o, [0, 2, 1, 3])
+    size = b.op("Shape", [heads_first], {"start": 2}, dtype=ir.DataType.INT64, shape=(2,))
+    shape = b.op("Concat", [b.ints([-1], "fold"), size], {"axis": 0}, dtype=ir.DataType.INT64, shape=(3,))
+    replace_value(pv.outputs[0], b.op("Reshape", [heads_first, shape], dtype=o.dtype, shape=list(dims(pv.outputs[0]))))
+    replace_value(view.outputs[0], p)
+    logger.debug(
+        "ProbAttention replaces folded-head Softmax %r, MatMul %r and Reshape %r", soft.name, pv.name, view.name
+    )
+    return True
+
+
 def fuse_prob_attention(model: ir.Model) -> int:
     """Replace each probability-producing softmax attention by a ProbAttention node."""
-    return fuse_each(model, "ProbAttention", lambda n: n.op_type == "Softmax" and n.domain == "", _fuse_prob)
+    return fuse_each(
+        model,
+        "ProbAttention",
+        lambda n: n.op_type == "Softmax" and n.domain == "",
+        lambda model, soft: _fuse_prob(model, soft) or _fuse_folded(model, soft),
+    )
 
 
 class FuseReusePass(FusionPass):

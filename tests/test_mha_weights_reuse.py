@@ -1,0 +1,80 @@
+"""nn.MultiheadAttention(need_weights=True) whose returned probabilities a later layer reuses
+(the reuse-attention style, issue 20 item 4): the folded-head core fuses into ProbAttention
+(passes/fuse_reuse.py) for every target, with ORT = PyTorch; a masked one is left as exported,
+with an --explain reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from attn2onnx.exporter import export
+from attn2onnx.passes import optimize
+from attn2onnx.passes.explain import explain
+from attn2onnx.runtime import session
+
+D, H = 32, 4
+
+
+class ReusedWeights(nn.Module):
+    """Layer 1 returns its attention weights (head-averaged, or per head summed here), layer 2
+    applies them to its own values."""
+
+    def __init__(self, average: bool) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, H, batch_first=True)
+        self.v2, self.o2 = nn.Linear(D, D), nn.Linear(D, D)
+        self.average = average
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, w = self.attn(x, x, x, need_weights=True, average_attn_weights=self.average)
+        w = w if self.average else w.sum(1)
+        return y + self.o2(w @ self.v2(y))
+
+
+class MaskedReusedWeights(ReusedWeights):
+    """The same with a key padding mask (True = pad): merged into an additive mask by torch."""
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        y, w = self.attn(x, x, x, key_padding_mask=pad, need_weights=True)
+        return y + self.o2(w @ self.v2(y))
+
+
+def exported(model: nn.Module, inputs: list[torch.Tensor], path) -> str:
+    torch.manual_seed(0)
+    export(model.eval(), inputs, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("average", [True, False])
+@pytest.mark.parametrize("target", ["ort", "portable", "trt"])
+def test_reused_weights_fuse_with_parity(average, target, tmp_path):
+    torch.manual_seed(0)
+    model = ReusedWeights(average).eval()
+    path = exported(model, [torch.randn(2, 8, D)], tmp_path / "m.onnx")
+    out = str(tmp_path / "opt.onnx")
+    optimize(path, out, target=target)
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert ops.count("ProbAttention") == 1 and "Softmax" not in ops, ops
+    if target == "trt":  # TensorRT's plugin: no ORT run here
+        return
+    sess = session(out, backend="ort")
+    for batch, seq in ((1, 5), (3, 11)):
+        x = torch.randn(batch, seq, D)
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        with torch.inference_mode():
+            want = model(x).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_masked_reused_weights_are_explained(tmp_path):
+    torch.manual_seed(0)
+    model = MaskedReusedWeights(True).eval()
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[1, :3] = True
+    path = exported(model, [torch.randn(2, 8, D), pad], tmp_path / "m.onnx")
+    outcomes = explain(onnx.load(path), target="ort")
+    assert len(outcomes) == 1 and not outcomes[0].fused and outcomes[0].reason
