@@ -8,8 +8,9 @@ probabilities feed only its ``@ v`` is left to ``lower_attention``.
 ``nn.MultiheadAttention(need_weights=True)`` computes the same in folded heads: ``softmax(q k^T)``
 on [B*H,T,S] (q scaled before the bmm), ``@ v`` [B*H,S,dv], and the probabilities viewed as
 [B,H,T,S] for its returned weights (head-averaged by a ReduceMean, or per head), which a later
-layer reuses. Unmasked, that becomes a ProbAttention on the unfolded heads whose ``probs``
-replace the view (:func:`_fuse_folded`); with a mask (baddbmm) it is left as it is.
+layer reuses. Unmasked or with a key padding mask (merged by torch into an additive bias),
+that becomes a ProbAttention on the unfolded heads whose ``probs`` replace the view
+(:func:`_fuse_folded`); with another attn_mask it is left as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ._ir_utils import (
     Builder,
     FusionPass,
     attr,
+    const_scalar,
     dims,
     ensure_function,
     fuse_each,
@@ -31,7 +33,16 @@ from ._ir_utils import (
     replace_value,
     same_dim,
 )
-from ._match import all_true_mask, qk_product, scaled, single_use, through_cast, transposed, where_mask
+from ._match import (
+    all_true_mask,
+    qk_product,
+    scaled,
+    single_use,
+    through_cast,
+    transposed,
+    uniform_const,
+    where_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +129,36 @@ def _unfold(b: Builder, x: ir.Value, heads: int, batch, perm: list[int]) -> ir.V
     return transposed(b, x4, perm)
 
 
+def _merged_padding(bias: ir.Value) -> ir.Value | None:
+    """The key padding mask pad [B,S] (True = pad) nn.MultiheadAttention merged into the additive
+    bias [B*H,1,S] it adds to the folded logits: Where(pad, -inf, 0) viewed [B,1,1,S], expanded
+    over the heads, folded; None for any other bias (a causal or float attn_mask)."""
+    fold = producer(bias, "Reshape")
+    expand = producer(fold.inputs[0], "Expand") if fold is not None else None
+    view = producer(expand.inputs[0], "Reshape") if expand is not None else None
+    where = producer(view.inputs[0], "Where") if view is not None else None
+    if where is None:
+        return None
+    pad, fill = where.inputs[0], const_scalar(where.inputs[1])
+    dp, dv, db = dims(pad), dims(view.outputs[0]), dims(bias)
+    if (
+        pad.dtype != ir.DataType.BOOL
+        or dp is None
+        or len(dp) != 2
+        or dv is None
+        or len(dv) != 4
+        or dv[1:3] != (1, 1)
+        or db is None
+        or len(db) != 3
+        or db[1] != 1
+        or fill is None
+        or fill > -1e4
+        or uniform_const(where.inputs[2]) != 0.0
+    ):
+        return None
+    return pad
+
+
 def _fuse_folded(model: ir.Model, soft: ir.Node) -> bool:
     """nn.MultiheadAttention(need_weights=True)'s unmasked core (module docstring) -> a
     ProbAttention on [B,T,H,d] heads: its ``o`` folded back replaces the ``@ v``, its ``probs``
@@ -127,10 +168,18 @@ def _fuse_folded(model: ir.Model, soft: ir.Node) -> bool:
     if a_dims is None or len(a_dims) != 3 or attr(soft, "axis", -1) % 3 != 2 or (found := _folded_uses(probs)) is None:
         return False
     pv, view = found
-    logits, scale = scaled(soft.inputs[0])
+    logits, pad = soft.inputs[0], None
+    add = producer(logits, "Add")
+    if add is not None:  # baddbmm: a mask added to the product
+        pads = [_merged_padding(x) for x in add.inputs]
+        side = next((i for i, x in enumerate(pads) if x is not None), None)
+        if side is None:
+            return False
+        logits, pad = add.inputs[1 - side], pads[side]
+    logits, scale = scaled(logits)
     qk = producer(logits, "MatMul")
     if not single_use(soft.inputs[0]) or qk is None:
-        return False  # a mask (baddbmm: an Add before the softmax) or no q k^T product
+        return False
     (q, qs), (kt, ks) = scaled(qk.inputs[0]), scaled(qk.inputs[1])
     dq, dk, dv, d4 = dims(q), dims(kt), dims(pv.inputs[1]), dims(view.outputs[0])
     if any(d is None or len(d) != 3 for d in (dq, dk, dv)) or not same_dim(dq[2], dk[1]) or not same_dim(dv[1], dk[2]):
@@ -142,7 +191,8 @@ def _fuse_folded(model: ir.Model, soft: ir.Node) -> bool:
     q4 = _unfold(b, q, heads, batch, [0, 2, 1, 3])
     k4 = _unfold(b, kt, heads, batch, [0, 3, 1, 2])
     v4 = _unfold(b, pv.inputs[1], heads, batch, [0, 2, 1, 3])
-    kpm = all_true_mask(b, k4, (batch, dk[2]))
+    shape = (batch, dk[2])
+    kpm = all_true_mask(b, k4, shape) if pad is None else b.op("Not", [pad], dtype=ir.DataType.BOOL, shape=shape)
     o, p = b.op(
         "ProbAttention", [q4, k4, v4, kpm], {"scale": float(scale * qs * ks), "causal": 0}, domain=DOMAIN, num_outputs=2
     )

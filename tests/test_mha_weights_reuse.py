@@ -1,7 +1,7 @@
 """nn.MultiheadAttention(need_weights=True) whose returned probabilities a later layer reuses
 (the reuse-attention style, issue 20 item 4): the folded-head core fuses into ProbAttention
-(passes/fuse_reuse.py) for every target, with ORT = PyTorch; a masked one is left as exported,
-with an --explain reason."""
+(passes/fuse_reuse.py) for every target, unmasked and with a key padding mask, with ORT =
+PyTorch; one with a causal attn_mask is left as exported, with an --explain reason."""
 
 from __future__ import annotations
 
@@ -35,12 +35,30 @@ class ReusedWeights(nn.Module):
         return y + self.o2(w @ self.v2(y))
 
 
-class MaskedReusedWeights(ReusedWeights):
-    """The same with a key padding mask (True = pad): merged into an additive mask by torch."""
+class PaddedReusedWeights(ReusedWeights):
+    """The same with a key padding mask (True = pad), which torch merges into an additive bias."""
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         y, w = self.attn(x, x, x, key_padding_mask=pad, need_weights=True)
         return y + self.o2(w @ self.v2(y))
+
+
+class CausalReusedWeights(ReusedWeights):
+    """The same with a causal attn_mask: not fused (ProbAttention takes it, the rule does not yet)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+        y, w = self.attn(x, x, x, attn_mask=causal, need_weights=True)
+        return y + self.o2(w @ self.v2(y))
+
+
+def padding(batch: int, seq: int) -> torch.Tensor:
+    """True = pad: row i pads its first i keys (never all of them)."""
+    pad = torch.zeros(batch, seq, dtype=torch.bool)
+    for row in range(batch):
+        pad[row, : min(row, seq - 1)] = True
+    return pad
 
 
 def exported(model: nn.Module, inputs: list[torch.Tensor], path) -> str:
@@ -49,12 +67,14 @@ def exported(model: nn.Module, inputs: list[torch.Tensor], path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("average", [True, False])
+@pytest.mark.parametrize("model", ["averaged", "per_head", "padded"])
 @pytest.mark.parametrize("target", ["ort", "portable", "trt"])
-def test_reused_weights_fuse_with_parity(average, target, tmp_path):
+def test_reused_weights_fuse_with_parity(model, target, tmp_path):
     torch.manual_seed(0)
-    model = ReusedWeights(average).eval()
-    path = exported(model, [torch.randn(2, 8, D)], tmp_path / "m.onnx")
+    padded = model == "padded"
+    module = (PaddedReusedWeights(True) if padded else ReusedWeights(model == "averaged")).eval()
+    inputs = lambda batch, seq: [torch.randn(batch, seq, D)] + ([padding(batch, seq)] if padded else [])  # noqa: E731
+    path = exported(module, inputs(2, 8), tmp_path / "m.onnx")
     out = str(tmp_path / "opt.onnx")
     optimize(path, out, target=target)
     ops = [n.op_type for n in onnx.load(out).graph.node]
@@ -63,18 +83,15 @@ def test_reused_weights_fuse_with_parity(average, target, tmp_path):
         return
     sess = session(out, backend="ort")
     for batch, seq in ((1, 5), (3, 11)):
-        x = torch.randn(batch, seq, D)
-        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        feeds = inputs(batch, seq)
+        got = sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), feeds)})[0]
         with torch.inference_mode():
-            want = model(x).numpy()
+            want = module(*feeds).numpy()
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_masked_reused_weights_are_explained(tmp_path):
+def test_causal_reused_weights_are_explained(tmp_path):
     torch.manual_seed(0)
-    model = MaskedReusedWeights(True).eval()
-    pad = torch.zeros(2, 8, dtype=torch.bool)
-    pad[1, :3] = True
-    path = exported(model, [torch.randn(2, 8, D), pad], tmp_path / "m.onnx")
+    path = exported(CausalReusedWeights(True).eval(), [torch.randn(2, 8, D)], tmp_path / "m.onnx")
     outcomes = explain(onnx.load(path), target="ort")
     assert len(outcomes) == 1 and not outcomes[0].fused and outcomes[0].reason
