@@ -86,6 +86,8 @@ def emit(
     """StandardAttention on q [B,T,N*d], k [B,S,Hk*d], v [B,S,Hk*dv] with the core's key padding
     mask [B,S] (all true when it has none) and its causal flag as the mode."""
     kpm = parts.get("kpm")
+    if kpm is not None and kpm.dtype != ir.DataType.BOOL:
+        kpm = b.op("Cast", [kpm], {"to": ir.DataType.BOOL}, dtype=ir.DataType.BOOL, shape=kpm.shape)
     if kpm is None:  # every key real: [B,S] from k's shape
         rows_keys = b.op("Shape", [k], {"start": 0, "end": 2}, dtype=ir.DataType.INT64, shape=(2,))
         kpm = b.op("Expand", [b.const(np.array(True), "true"), rows_keys], dtype=ir.DataType.BOOL, shape=None)
