@@ -34,10 +34,11 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         yield sparse.values
         yield sparse.indices
     for node in graph.node:
-        yield from _node_tensors(node)
+        yield from node_tensors(node)
 
 
-def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+def node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    """The tensors of ``node``'s attributes, those of its subgraphs included."""
     for attr in node.attribute:
         if attr.HasField("t"):
             yield attr.t
@@ -57,7 +58,7 @@ def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from _graph_tensors(model.graph)
     for function in model.functions:
         for node in function.node:
-            yield from _node_tensors(node)
+            yield from node_tensors(node)
 
 
 def _int_field(tensor: onnx.TensorProto, info: dict[str, str], key: str) -> int | None:
@@ -164,4 +165,4 @@ def check_external_data(model: onnx.ModelProto, model_path: str | os.PathLike) -
     _refuse_shared_bytes(ranges)
 
 
-__all__ = ["ExternalDataError", "all_tensors", "check_external_data", "check_tensor"]
+__all__ = ["ExternalDataError", "all_tensors", "check_external_data", "check_tensor", "node_tensors"]

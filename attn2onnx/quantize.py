@@ -27,6 +27,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Iterator
 
 from .errors import UsageError
@@ -90,27 +91,52 @@ def recorded_mode(model: onnx.ModelProto) -> QuantMode | None:
 
 
 @contextlib.contextmanager
-def _ort_quantizer() -> Iterator[type]:
-    """ORT's MatMulNBitsQuantizer class, quiet, with the process's logging left as it was:
-    importing its module calls ``logging.basicConfig(level=INFO)`` and every node it visits
-    logs a line at INFO."""
+def _ort_quantizer() -> Iterator[ModuleType]:
+    """ORT's ``matmul_nbits_quantizer`` module, quiet, with the process's logging left as it
+    was: importing it calls ``logging.basicConfig(level=INFO)`` and every node it visits logs
+    a line at INFO."""
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     try:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        from onnxruntime.quantization import matmul_nbits_quantizer
 
         root.setLevel(logging.WARNING)
-        yield MatMulNBitsQuantizer
+        yield matmul_nbits_quantizer
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
 
 
-def _weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The top graph's MatMul nodes whose weight (input B) is a 2-D initializer: what the
-    quantizer replaces (function bodies are not its to touch)."""
+def weight_matmuls(model: onnx.ModelProto) -> list[int]:
+    """Indices of the top graph's MatMul nodes whose weight (input B) is a 2-D initializer: what
+    the quantizer replaces (function bodies are not its to touch)."""
     weights = {t.name for t in model.graph.initializer if len(t.dims) == 2}
-    return [n for n in model.graph.node if n.op_type == "MatMul" and n.domain == "" and n.input[1] in weights]
+    return [
+        i for i, n in enumerate(model.graph.node) if n.op_type == "MatMul" and n.domain == "" and n.input[1] in weights
+    ]
+
+
+def _quantizable(model: onnx.ModelProto) -> list[int]:
+    """:func:`weight_matmuls`, refusing (UsageError) a graph already quantized or with none."""
+    found = recorded_mode(model)
+    if found is not None or any(n.op_type == "MatMulNBits" for n in model.graph.node):
+        raise UsageError(f"the graph is already quantized ({found or 'MatMulNBits nodes'}); quantize the fp32 graph")
+    targets = weight_matmuls(model)
+    if not targets:
+        raise UsageError("the graph has no MatMul with a constant 2-D weight: nothing to quantize")
+    return targets
+
+
+def _finish(model: onnx.ModelProto, before: tuple, count: int, mode: QuantMode) -> None:
+    """Check that quantization changed only the MatMul weights (a RuntimeError: a bug) and
+    record ``mode``."""
+    functions, nodes, opsets, props = _untouched(model)
+    if (functions, nodes, props) != before[:2] + before[3:] or any(opsets.get(d) != v for d, v in before[2].items()):
+        raise RuntimeError("ONNX Runtime's quantizer changed more than the MatMul weights")
+    left = len(weight_matmuls(model))
+    if left:
+        raise RuntimeError(f"ONNX Runtime's quantizer left {left} of {count} MatMul weights in fp32")
+    model.metadata_props.add(key=QUANTIZED_KEY, value=str(mode))
 
 
 def _untouched(model: onnx.ModelProto) -> tuple[list[bytes], list[bytes], dict[str, int], dict[str, str]]:
@@ -131,15 +157,10 @@ def quantize_model(model: onnx.ModelProto, mode: QuantMode) -> int:
     record the mode; returns how many MatMuls were quantized. A graph that is already quantized
     or has no MatMul weight is a UsageError; a quantizer that changed anything else (an
     ai.attn2onnx node, a function body, an opset, the metadata) is a bug (RuntimeError)."""
-    found = recorded_mode(model)
-    if found is not None or any(n.op_type == "MatMulNBits" for n in model.graph.node):
-        raise UsageError(f"the graph is already quantized ({found or 'MatMulNBits nodes'}); quantize the fp32 graph")
-    count = len(_weight_matmuls(model))
-    if count == 0:
-        raise UsageError("the graph has no MatMul with a constant 2-D weight: nothing to quantize")
+    count = len(_quantizable(model))
     before = _untouched(model)
-    with _ort_quantizer() as MatMulNBitsQuantizer:
-        quantizer = MatMulNBitsQuantizer(
+    with _ort_quantizer() as ort:
+        quantizer = ort.MatMulNBitsQuantizer(
             model,
             bits=mode.bits,
             block_size=mode.block_size,
@@ -147,13 +168,7 @@ def quantize_model(model: onnx.ModelProto, mode: QuantMode) -> int:
             accuracy_level=ACCURACY_LEVEL[mode.bits],
         )
         quantizer.process()
-    functions, nodes, opsets, props = _untouched(model)
-    if (functions, nodes, props) != before[:2] + before[3:] or any(opsets.get(d) != v for d, v in before[2].items()):
-        raise RuntimeError("ONNX Runtime's quantizer changed more than the MatMul weights")
-    left = len(_weight_matmuls(model))
-    if left:
-        raise RuntimeError(f"ONNX Runtime's quantizer left {left} of {count} MatMul weights in fp32")
-    model.metadata_props.add(key=QUANTIZED_KEY, value=str(mode))
+    _finish(model, before, count, mode)
     return count
 
 
@@ -177,9 +192,12 @@ def _file_bytes(path: Path, model: onnx.ModelProto) -> int:
 
 def quantize_file(source: str | os.PathLike, output: str | os.PathLike, mode: QuantMode) -> QuantizeResult:
     """Read the ONNX model at ``source`` (:func:`attn2onnx.onnx_io.load_onnx`: one-line errors,
-    external data checked), quantize it (:func:`quantize_model`) and write it to ``output``
-    atomically, checked by onnx's checker before it replaces anything, its weights in
-    ``<output>.data`` where they pass the writer's threshold (:func:`attn2onnx.onnx_io.save_model`)."""
+    external data checked), quantize it and write it to ``output`` atomically, checked by
+    onnx's checker before it replaces anything. A model with its weights inline is quantized
+    in memory (:func:`quantize_model`), its weights in ``<output>.data`` where they pass the
+    writer's threshold (:func:`attn2onnx.onnx_io.save_model`); one whose weights live in
+    external data (any size, billions of parameters included) one weight at a time, its
+    weights streamed to ``<output>.data`` (:func:`_quantize_streamed`)."""
     import onnx
 
     from .fileio import check_destination, refuse_overwriting_inputs
@@ -189,12 +207,44 @@ def quantize_file(source: str | os.PathLike, output: str | os.PathLike, mode: Qu
     header = load_onnx(source)
     refuse_overwriting_inputs(output_files(output), model_files(source, header))
     bytes_before = _file_bytes(Path(source), header)
-    del header
-    model = load_onnx(source, load_weights=True)
-    matmuls = quantize_model(model, mode)
-    save_model(model, output, check=_check_structure)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer):
+        matmuls = _quantize_streamed(header, Path(source), Path(output), mode)
+    else:
+        del header
+        model = load_onnx(source, load_weights=True)
+        matmuls = quantize_model(model, mode)
+        save_model(model, output, check=_check_structure)
     written = onnx.load(str(output), load_external_data=False)
     return QuantizeResult(mode, matmuls, bytes_before, _file_bytes(Path(output), written))
+
+
+def _quantize_streamed(model: onnx.ModelProto, source: Path, output: Path, mode: QuantMode) -> int:
+    """Quantize ``model`` (read from ``source`` without its weights) to ``output`` one weight
+    at a time (:func:`attn2onnx.streaming.quantize.quantize_streamed`), with ORT's per-node
+    quantizer configured as :func:`quantize_model` configures ``MatMulNBitsQuantizer``; the
+    same checks, written atomically. The count of MatMuls quantized."""
+    import onnx
+
+    from .fileio import atomic_output
+    from .onnx_io import DATA_SUFFIX
+    from .streaming.quantize import quantize_streamed
+
+    targets = _quantizable(model)
+    before = _untouched(model)
+    with _ort_quantizer() as ort, atomic_output(output, companions=[DATA_SUFFIX]) as tmp:
+        config = ort.DefaultWeightOnlyQuantConfig(
+            block_size=mode.block_size,
+            is_symmetric=not mode.asymmetric,
+            accuracy_level=ACCURACY_LEVEL[mode.bits],
+            bits=mode.bits,
+        )
+        count = quantize_streamed(model, source, tmp, ort.DefaultWeightOnlyQuantizer(config), set(targets))
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.add(domain="com.microsoft", version=1)
+        _finish(model, before, count, mode)
+        onnx.save(model, str(tmp))
+        _check_structure(tmp)
+    return count
 
 
 def _check_structure(path: Path) -> None:

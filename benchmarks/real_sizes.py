@@ -13,8 +13,10 @@ child's ru_maxrss would count this process's size at the fork). Steps:
   for comparison on folders that fit;
 * ``optimize-fp16``: ``attn2onnx optimize --target ort`` on the fp16 export (weights stay on
   disk, memory-mapped);
-* ``generate-fp16``: ``attn2onnx generate`` on the fp16 decode graph, a 512-token prompt and 8
-  greedy tokens (batch 1): tokens/s of the decode steps, prefill seconds.
+* ``quantize-int4``: ``attn2onnx quantize --weights int4`` of the fp16 decode graph (one weight
+  at a time, streamed to external data);
+* ``generate-fp16`` / ``generate-int4``: ``attn2onnx generate`` on the fp16 / int4 decode graph,
+  a 512-token prompt and 8 greedy tokens (batch 1): tokens/s of the decode steps, prefill seconds.
 
 Printed per step: wall s, peak RSS GiB, peak / output weight bytes, GB written. ``--json``
 appends the rows to a file; ``--write-results`` puts them in RESULTS.md's "Real sizes" table.
@@ -37,14 +39,19 @@ STEPS = (
     "decode-fp32",
     "in-memory-fp32",
     "optimize-fp16",
+    "quantize-int4",
     "generate-fp16",
+    "generate-int4",
 )
 PROMPT = 512  # prompt tokens of the generate step (ids 1..PROMPT), then NEW_TOKENS greedy steps
 NEW_TOKENS = 8
 
 
 def _outputs(out: Path, step: str) -> Path:
-    name = {"optimize-fp16": "fp16.opt", "generate-fp16": "decode-fp16"}.get(step, step)
+    name = {
+        "optimize-fp16": "fp16.opt", "quantize-int4": "decode-int4",
+        "generate-fp16": "decode-fp16", "generate-int4": "decode-int4",
+    }.get(step, step)  # fmt: skip
     return out / f"{name}.onnx"
 
 
@@ -63,7 +70,11 @@ def run_step(step: str, folder: Path, out: Path) -> None:
         from attn2onnx.cli import main
 
         assert main(["optimize", str(_outputs(out, "export-fp16")), "-o", str(target), "--target", "ort"]) == 0
-    elif step == "generate-fp16":
+    elif step == "quantize-int4":
+        from attn2onnx.cli import main
+
+        assert main(["quantize", str(_outputs(out, "decode-fp16")), "-o", str(target), "--weights", "int4"]) == 0
+    elif step.startswith("generate-"):
         from attn2onnx.cli import main
 
         ids = ",".join(str(i) for i in range(1, PROMPT + 1))
@@ -81,7 +92,7 @@ def measure(step: str, folder: Path, out: Path) -> dict:
         raise SystemExit(f"{step} failed:\n{done.stderr[-3000:]}")
     peak = int(done.stdout.split()[-1])
     target = _outputs(out, step)
-    if step == "generate-fp16":  # the output is the decode graph it read; its JSON line the speed
+    if step.startswith("generate-"):  # the output is the decode graph it read; its JSON line the speed
         speed = json.loads(done.stdout.strip().splitlines()[-2])
         weights = Path(f"{target}.data").stat().st_size
         return {

@@ -16,7 +16,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
+import peak_rss
 import pytest
 import torch
 from test_decode_greedy import CYCLE, new_checkpoint, train
@@ -153,6 +155,79 @@ def test_large_weights_go_to_external_data(lm, tmp_path, monkeypatch) -> None:
     assert {t.name for t in stored if t.data_location == onnx.TensorProto.EXTERNAL} & nbits  # tiny ones stay inline
     assert (tmp_path / "q.onnx.data").stat().st_size > 0
     assert check_parity(str(out), lm["checkpoint"], decode=True).passed
+
+
+def _external_copy(source: str, path) -> str:
+    """``source`` saved again with every weight in external data (as a streamed export writes)."""
+    model = load_onnx(source, load_weights=True)
+    onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data", size_threshold=0)
+    return str(path)
+
+
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_external_weights_quantize_one_at_a_time_as_in_memory(lm, tmp_path, weights) -> None:
+    """A graph whose weights live in external data is quantized weight by weight (streamed to
+    the output's data file): the same nodes and the same weights, bit for bit, as the
+    in-memory quantizer makes of the same graph inline."""
+    external = _external_copy(lm["decode"], tmp_path / "external.onnx")
+    streamed, in_memory = tmp_path / "s.onnx", tmp_path / "m.onnx"
+    assert (
+        quantize_file(external, streamed, quant_mode(weights)).matmuls
+        == quantize_file(lm["decode"], in_memory, quant_mode(weights)).matmuls
+    )
+    a, b = (load_onnx(path, load_weights=True) for path in (streamed, in_memory))
+    assert [n.SerializeToString(deterministic=True) for n in a.graph.node] == [
+        n.SerializeToString(deterministic=True) for n in b.graph.node
+    ]
+    weights_a = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    weights_b = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert weights_a.keys() == weights_b.keys()
+    for name, value in weights_a.items():
+        assert value.dtype == weights_b[name].dtype and (value == weights_b[name]).all(), name
+    assert props(a) == props(b) and {o.domain: o.version for o in a.opset_import} == {
+        o.domain: o.version for o in b.opset_import
+    }
+    stored = onnx.load(str(streamed), load_external_data=False).graph.initializer
+    offsets = [int(e.value) for t in stored for e in t.external_data if e.key == "offset"]
+    assert offsets and all(offset % 4096 == 0 for offset in offsets)  # page-aligned: ORT maps them
+
+
+def _matmul_chain(path, width: int, count: int) -> int:
+    """A graph of ``count`` MatMuls by [width, width] fp32 weights, saved with the weights in
+    external data; their bytes."""
+    rng = np.random.default_rng(0)
+    names = [f"w{i}" for i in range(count)]
+    weights = [onnx.numpy_helper.from_array(rng.standard_normal((width, width), np.float32), n) for n in names]
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", name], [f"h{i + 1}"], name=f"mm{i}")
+        for i, name in enumerate(names)
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "chain",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, width])],
+        [onnx.helper.make_tensor_value_info(f"h{count}", onnx.TensorProto.FLOAT, [1, width])],
+        weights,
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data", size_threshold=0)
+    return count * width * width * 4
+
+
+@pytest.mark.skipif(not peak_rss.available(), reason="no /proc/self/status to read a process's peak resident size from")
+def test_quantize_holds_one_weight_at_a_time(tmp_path) -> None:
+    """External weights of 134 MB (32 MatMuls of 4 MiB) against the same graph at width 64:
+    ``quantize``'s peak grows by a fraction of the weights (a few copies of one 4 MiB weight),
+    not by the weights themselves (the in-memory quantizer held them all, and its copies)."""
+    peaks = []
+    for width in (64, 1024):
+        source = tmp_path / f"w{width}.onnx"
+        weights = _matmul_chain(source, width, 32)
+        status, peak, err = peak_rss.cli_peak_rss(
+            ["quantize", str(source), "-o", str(tmp_path / f"q{width}.onnx"), "--weights", "int4"]
+        )
+        assert status == 0 and peak, err
+        peaks.append(peak)
+    assert peaks[1] - peaks[0] < 0.25 * weights, (peaks, weights)
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
