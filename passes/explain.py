@@ -24,7 +24,7 @@ from ._match import NoMatch, describe
 from .lower_attention import MS_DOMAIN
 from .normalize_hosseini import merged_cores
 
-_THROUGH = ("Cast", "Where", "Add", "Mul", "Div", "Sub", "Squeeze", "Unsqueeze", "Reshape")
+_THROUGH = ("Cast", "Where", "Add", "Mul", "Div", "Sub", "Squeeze", "Unsqueeze", "Reshape", "Tanh")
 # Ops that are a whole attention core already: this project's custom ops and ORT's contrib ones.
 _FUSED_OPS = frozenset(
     [(DOMAIN, op) for op in ("DcmhaAttention", "PooledNormAttention", "ProbAttention", "LandmarkAttention")]

@@ -103,11 +103,18 @@ class Core:
     allowed: ir.Value | None = None  # an unrecognised boolean mask [B|1,1,T|1,S]
     negated: bool = False  # ``allowed`` holds the disallowed positions (Where(c, fill, x))
     bias: ir.Value | None = None  # an additive float mask
+    more_bias: tuple = ()  # further additive masks on the same logits (T5: relative position bias + padding)
+    view_bias: ir.Value | None = None  # an additive mask [B|1,H|1,T|1,S] on the view of folded logits (BLOOM)
     q_perm: tuple | None = None  # None: the value is already canonical
     kt_perm: tuple | None = None
     v_perm: tuple | None = None
     out_perm: tuple | None = None
     kpm_heads: int = 1  # heads folded into the batch: each kpm row serves this many rows (b*H + h)
+    softcap: float = 0.0  # logits = softcap * tanh(scale * q k^T / softcap) before the mask (Gemma 2)
+
+    def biases(self) -> list[ir.Value]:
+        """Every additive mask of the core (its own level's, then the folded view's)."""
+        return [x for x in (self.bias, *self.more_bias, self.view_bias) if x is not None]
 
     def canonical(self, name: str) -> tuple | None:
         """dims of q / kt / v / out in the canonical layout."""
@@ -148,10 +155,10 @@ def _bool_mask(where: ir.Node, logits_dims: tuple) -> tuple[ir.Value, dict | Non
 def _logits_side(add: ir.Node) -> int:
     """Which input of an Add is the logits (the other is an additive mask)."""
     out = dims(add.outputs[0])
-    for i in (0, 1):
-        inner = scaled(add.inputs[i])[0]
-        if dims(add.inputs[i]) == out and found_op(inner) in ("MatMul", "Einsum", "Where", "Add"):
-            return i
+    for ops in (("MatMul", "Einsum", "Where", "Add", "Tanh"), ("Reshape",)):  # Tanh: soft-capped; Reshape: BLOOM's view
+        for i in (0, 1):
+            if dims(add.inputs[i]) == out and found_op(scaled(add.inputs[i])[0]) in ops:
+                return i
     raise NoMatch(add, "logits plus an additive mask", f"inputs {found_op(add.inputs[0])} + {found_op(add.inputs[1])}")
 
 
@@ -180,11 +187,11 @@ def _mask_chain(value: ir.Value, logits_dims: tuple) -> tuple[ir.Value, dict]:
             else:
                 found["parts"], found["allowed"], found["negated"] = parts, allowed, negated
             found["where"] = node
-        else:
-            if "bias" in found:
-                raise NoMatch(node, "one additive mask", "two Adds")
+        else:  # additive masks, outermost first: T5 adds its relative position bias, then the padding mask
             i = _logits_side(node)
-            value, found["bias"] = node.inputs[i], node.inputs[1 - i]
+            value = node.inputs[i]
+            found["more_bias"] = (*found.get("more_bias", ()), found["bias"]) if "bias" in found else ()
+            found["bias"] = node.inputs[1 - i]
 
 
 def _folded_view(back: ir.Node, logits_dims: tuple) -> bool:
@@ -225,8 +232,12 @@ def _view_masks(back: ir.Node, found: dict) -> ir.Value:
 
 
 def _mix(soft: ir.Node, r: int) -> tuple[ir.Node, ir.Value, tuple | None, tuple | None]:
-    """The probabilities' one use: MatMul(probs, v) or an Einsum mix -> (node, v, v perm, out perm)."""
+    """The probabilities' one use: MatMul(probs, v) or an Einsum mix -> (node, v, v perm, out perm).
+    Probabilities [B,H,T,S] viewed back as folded heads [B*H,T,S] (BLOOM) are read through that
+    Reshape (see :func:`_unview`)."""
     probs = through_cast(soft.outputs[0], upstream=False)
+    fold = _folding_use(probs) if r == 4 else None
+    probs = fold.outputs[0] if fold is not None else probs
     uses = list(probs.uses())
     use = uses[0] if single_use(probs) else None
     if use is not None and use.node.domain == "" and use.node.op_type == "Einsum" and len(use.node.inputs) == 2:
@@ -236,6 +247,58 @@ def _mix(soft: ir.Node, r: int) -> tuple[ir.Node, ir.Value, tuple | None, tuple 
         found = ", ".join(f"{u.node.op_type} (input {u.idx})" for u in uses) or "a graph output"
         raise NoMatch(soft, "probabilities used once, as the left input of a MatMul (or an Einsum) with v", found)
     return use.node, use.node.inputs[1], None, None
+
+
+def _folding_use(probs: ir.Value) -> ir.Node | None:
+    """probs [B,H,T,S] -> its one use, a Reshape to folded heads [N,T,S] keeping T and S; else None."""
+    uses = list(probs.uses())
+    node = uses[0].node if single_use(probs) else None
+    if node is None or node.op_type != "Reshape" or node.domain != "" or uses[0].idx != 0:
+        return None
+    return node if _folds(dims(node.outputs[0]), dims(probs)) else None
+
+
+def _folds(d3: tuple | None, d4: tuple | None) -> bool:
+    """Whether [N,T,S] and [B,H,T,X] (H constant) are views of one tensor with N = B*H and T kept,
+    so X = S (a Reshape keeps the element count; torch may name X ``((seq**2)//seq)``)."""
+    if d3 is None or d4 is None or len(d3) != 3 or len(d4) != 4 or not isinstance(d4[1], int):
+        return False
+    n, batch, heads = d3[0], d4[0], d4[1]
+    if isinstance(n, int) and isinstance(batch, int):
+        folded = n == batch * heads
+    else:
+        folded = isinstance(n, str) and isinstance(batch, str) and same_dim(n, f"{heads}*{batch}")
+    return folded and same_dim(d3[1], d4[2])
+
+
+def _unview(soft: ir.Node, logits4: ir.Value, mask: dict) -> tuple[ir.Value, dict]:
+    """BLOOM's layout: folded logits [N=B*H,T,S] (with their own masks: the folded ALiBi bias
+    [N,1,S] of ``baddbmm``) viewed as [B,H,T,S] for the mask and the softmax, the probabilities
+    viewed back before the bmm with v. -> (the folded logits, the masks of both levels as one
+    folded core's: the view's additive mask becomes ``view_bias``, its boolean key padding /
+    causal masks rows repeated per head, as fairseq's view masks). Raises NoMatch."""
+    view = producer(logits4, "Reshape")
+    d4, d3 = dims(logits4), dims(view.inputs[0]) if view is not None else None
+    if not _folds(d3, d4):
+        raise NoMatch(
+            soft,
+            "softmax on a [B,H,T,S] view of folded logits [B*H,T,S] (probabilities viewed back)",
+            found_op(logits4),
+        )
+    if mask.get("allowed") is not None or mask.get("more_bias"):
+        raise NoMatch(soft, "one mask for all heads on the [B,H,T,S] view (additive, or padding / causal)", "more")
+    if not single_use(logits4):
+        raise NoMatch(view, "the [B,H,T,S] view used once", f"{len(list(logits4.uses()))} uses")
+    logits3, inner = _mask_chain(through_cast(view.inputs[0], upstream=True), d3)
+    inner = _causal_bias_as_mode(inner, d3)
+    if inner.get("allowed") is not None:
+        raise NoMatch(view, "a causal mask on folded logits", f"{found_op(inner['allowed'])} {dims(inner['allowed'])}")
+    parts = [p for p in (mask.get("parts"), inner.get("parts")) if p]
+    merged = merge_parts(parts) if parts else None
+    if parts and merged is None:
+        raise NoMatch(soft, "one key padding mask", "two")
+    folded = {**inner, "parts": merged, "view_bias": mask.get("bias"), "heads": d4[1]}
+    return logits3, folded
 
 
 def _qk(
@@ -260,12 +323,15 @@ def match_softmax_core(soft: ir.Node) -> Core:
     pv, v, v_perm, out_perm = _mix(soft, r)
     logits, mask = _mask_chain(through_cast(soft.inputs[0], upstream=True), dims(soft.outputs[0]))
     logits = through_cast(logits, upstream=True)  # fp16 logits cast up to fp32 before the mask (the contract)
+    if rank(v) == 3 and r == 4:  # probabilities viewed back to folded heads: BLOOM's layout
+        logits, mask = _unview(soft, logits, mask)
+        r = 3
     if logits.dtype != v.dtype:
         raise NoMatch(soft, "logits in the precision of v (the fused op has one)", f"{logits.dtype} and {v.dtype}")
     if not single_use(logits):
         raise NoMatch(logits.producer(), "logits used once", f"{len(list(logits.uses()))} uses")
-    mask = _causal_bias_as_mode(mask, dims(soft.outputs[0]))
-    inner, scale = scaled(logits)
+    mask = _causal_bias_as_mode(mask, dims(logits))
+    inner, scale, softcap = _soft_capped(logits)
     qk, q, kt, qk_scale, q_perm, kt_perm = _qk(soft, inner, r)
     core = Core(
         "softmax_core",
@@ -284,6 +350,9 @@ def match_softmax_core(soft: ir.Node) -> Core:
         v_perm=v_perm,
         out_perm=out_perm,
         kpm_heads=mask.get("heads", 1),
+        more_bias=mask.get("more_bias", ()),
+        view_bias=mask.get("view_bias"),
+        softcap=softcap,
     )
     if r == 4:
         _ungroup_kv(core)
@@ -291,12 +360,23 @@ def match_softmax_core(soft: ir.Node) -> Core:
     return core
 
 
+def _soft_capped(logits: ir.Value) -> tuple[ir.Value, float, float]:
+    """logits = scale * inner -> (inner, scale, 0.0); Gemma 2's tanh soft-capping, logits =
+    cap * tanh(s * inner / cap) (``attn / cap -> tanh -> * cap``) -> (inner, s, cap)."""
+    inner, scale = scaled(logits)
+    tanh = producer(inner, "Tanh")
+    if tanh is None or not single_use(inner) or scale <= 0:
+        return inner, scale, 0.0
+    x, factor = scaled(tanh.inputs[0])
+    return x, factor * scale, scale
+
+
 def _causal_bias_as_mode(mask: dict, logits_dims: tuple) -> dict:
     """An additive causal mask (Llama's ``triu(full(finfo.min), 1)``) becomes the causal part of a
     recognised mask, so the fused op runs in its causal mode instead of adding a [T,S] bias; it
     stays a bias beside an unrecognised boolean mask."""
     bias = mask.get("bias")
-    if bias is None or mask.get("allowed") is not None:
+    if bias is None or mask.get("allowed") is not None or mask.get("more_bias"):
         return mask
     if not additive_causal(bias, logits_dims[-2], logits_dims[-1], FILL_LIMIT):
         return mask
@@ -417,6 +497,35 @@ def _bias_4d(b: Builder, bias: ir.Value, q3: ir.Value, k3: ir.Value, logits_rank
     return expand_to_logits(b, bias, q3, k3)
 
 
+def _core_bias(b: Builder, core: Core, q3: ir.Value, k3: ir.Value) -> ir.Value:
+    """The core's additive masks summed into one attention_bias [B|1,H|1,T,S] (on folded heads
+    [N|1,1,T,S]); a mask on the [B,H,T,S] view of folded logits is folded first (:func:`_fold_view_bias`)."""
+    total = None
+    for x in core.biases():
+        if x is core.view_bias:
+            x = _fold_view_bias(b, x, core.kpm_heads, q3)
+        if total is not None:  # the sum's rank is the larger one (broadcast): _bias_4d reads it
+            x = b.op("Add", [total, x], dtype=x.dtype, shape=(None,) * max(rank(total) or 4, rank(x) or 4))
+        total = x
+    return _bias_4d(b, total, q3, k3, len(core.canonical("q")))
+
+
+def _fold_view_bias(b: Builder, bias: ir.Value, heads: int, q3: ir.Value) -> ir.Value:
+    """An additive mask [B|1,H|1,T|1,S] on the [B,H,T,S] view of folded logits -> [N=B*H,T|1,S],
+    row b*H + h = its (b, h) (both views keep T and S, so folded row n is (n // H, n % H)); B is
+    read as N / H from the folded q [N,T,d]."""
+    i64 = ir.DataType.INT64
+    if (rank(bias) or 4) < 4:
+        bias = b.op("Unsqueeze", [bias, b.ints(list(range(4 - rank(bias))))], dtype=bias.dtype, shape=None)
+    rows = b.op("Shape", [q3], {"start": 0, "end": 1}, dtype=i64, shape=(1,))
+    batch = b.op("Div", [rows, b.ints([heads])], dtype=i64, shape=(1,))
+    tail = b.op("Shape", [bias], {"start": 2}, dtype=i64, shape=(2,))
+    shape = b.op("Concat", [batch, b.ints([heads]), tail], {"axis": 0}, dtype=i64, shape=(4,))
+    full = b.op("Expand", [bias, shape], dtype=bias.dtype, shape=None)
+    folded_shape = b.op("Concat", [b.ints([-1]), tail], {"axis": 0}, dtype=i64, shape=(3,))
+    return b.op("Reshape", [full, folded_shape], dtype=bias.dtype, shape=(None, None, None))
+
+
 def _folded_kpm(b: Builder, kpm: ir.Value, heads: int) -> ir.Value:
     """A key padding mask [B,S] for logits with the heads folded into the batch: [B*H,S], row
     b*H + h = row b (each row repeated per head, as the [B,H,T,S] view reads it)."""
@@ -451,23 +560,25 @@ def rewrite(core: Core, target: str) -> None:
 
 def emit(b: Builder, target: str, core: Core, q3, k3, v3, sizes: tuple, out_dims) -> ir.Value:
     """The one place that chooses the fused op for a matched core on q [B,T,H*d], k / v
-    [B,S,Hkv*d]: ``sizes`` = (H, Hkv, d, dv). Grouped K/V (Hkv < H) on target ort ->
-    GroupQueryAttention (:func:`gqa_fits`); otherwise K/V repeated to H heads and
-    MultiHeadAttention (ort) / Attention-23 (trt, portable). ONNX Attention's boolean masks keep
-    SDPA's zero rows where no key is allowed."""
+    [B,S,Hkv*d]: ``sizes`` = (H, Hkv, d, dv). Grouped K/V (Hkv < H) or tanh soft-capping on
+    target ort -> GroupQueryAttention (:func:`gqa_fits`); otherwise K/V repeated to H heads and
+    MultiHeadAttention (ort) / Attention-23 (trt, portable; its ``softcap`` for soft-capping).
+    ONNX Attention's boolean masks keep SDPA's zero rows where no key is allowed."""
     heads, kv_heads, d, dv = sizes
     allowed = core.allowed
     if core.negated:
         allowed = b.op("Not", [core.allowed], dtype=ir.DataType.BOOL, shape=dims(core.allowed))
-    if kv_heads != heads and gqa_fits(core, target):
+    if (kv_heads != heads or core.softcap) and gqa_fits(core, target):
         o3 = _group_query_attention(b, core, q3, k3, v3, allowed, (heads, kv_heads), out_dims)
     else:
         if kv_heads != heads:
             k3, v3 = (_repeat_heads(b, x, kv_heads, heads // kv_heads, w) for x, w in ((k3, d), (v3, dv)))
-        if core.bias is None:
+        if not core.biases():
             o3 = emit_fused_attention(b, target, q3, k3, v3, heads, core.scale, core.parts, allowed, out_dims)
         else:
             o3 = _emit_with_bias(b, target, q3, k3, v3, heads, core, out_dims)
+        if core.softcap:  # targets trt / portable: Attention-23 caps scale * q k^T before its mask, as Gemma 2
+            o3.producer().attributes["softcap"] = ir.AttrFloat32("softcap", float(core.softcap))
     if core.rule == "onnx_attention" and (allowed is not None or (core.parts or {}).get("kpm") is not None):
         o3 = _zero_empty_rows(b, o3, allowed, (core.parts or {}).get("kpm"))
     return o3
@@ -519,8 +630,8 @@ def _group_query_attention(b: Builder, core: Core, q3, k3, v3, allowed, heads: t
     i32 = ir.DataType.INT32
     parts = core.parts or {}
     causal, bias = int(parts.get("causal", 0)), None
-    if core.bias is not None:
-        bias = _bias_4d(b, core.bias, q3, k3, len(core.canonical("q")))
+    if core.biases():
+        bias = _core_bias(b, core, q3, k3)
     elif allowed is not None or parts.get("kpm") is not None:
         allowed = allowed if allowed is not None else allowed_from_parts(b, parts, q3, k3)
         q3, allowed = guard_empty_rows(b, q3, allowed)
@@ -535,6 +646,8 @@ def _group_query_attention(b: Builder, core: Core, q3, k3, v3, allowed, heads: t
     seqlens = b.op("Expand", [last, rows], dtype=i32, shape=(out_dims[0],))
     total = b.op("Squeeze", [length], dtype=i32, shape=())
     attrs = {"num_heads": heads[0], "kv_num_heads": heads[1], "scale": float(core.scale), "causal": causal}
+    if core.softcap:
+        attrs["softcap"] = float(core.softcap)
     inputs = [q3, k3, v3, None, None, seqlens, total] + ([None, None, None, bias] if bias is not None else [])
     return b.op("GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, dtype=q3.dtype, shape=out_dims)
 
@@ -564,7 +677,7 @@ def _zero_empty_rows(b: Builder, o3: ir.Value, allowed: ir.Value | None, kpm: ir
 def _emit_with_bias(b: Builder, target: str, q3, k3, v3, heads: int, core: Core, out_dims) -> ir.Value:
     """A fused op with an additive float mask (plus at most causality)."""
     parts = core.parts or {}
-    bias = _bias_4d(b, core.bias, q3, k3, len(core.canonical("q")))
+    bias = _core_bias(b, core, q3, k3)
     causal = int(parts.get("causal", 0))
     if target == "ort":
         attrs = {"num_heads": heads, "scale": float(core.scale), "unidirectional": causal}
@@ -587,23 +700,29 @@ def _emit_with_bias(b: Builder, target: str, q3, k3, v3, heads: int, core: Core,
 
 def check_rewritable(core: Core, target: str) -> None:
     """The checks every rule shares before rewriting (raise NoMatch)."""
-    parts = core.parts or {}
-    if core.bias is not None and (parts.get("kpm") is not None or core.allowed is not None):
+    parts, biases = core.parts or {}, core.biases()
+    if biases and (parts.get("kpm") is not None or core.allowed is not None):
         raise NoMatch(
             core.anchor, "an additive mask with at most a causal boolean mask", "an additive and a padding mask"
         )
-    if core.bias is not None and parts.get("causal") and target != "ort":
+    if biases and parts.get("causal") and target != "ort":
         raise NoMatch(
             core.anchor,
             "on target trt / portable, an additive mask without causality",
             "an additive and a causal mask (ORT's Attention-23 and PyTorch then differ on rows with no allowed key)",
         )
-    if core.bias is not None and core.bias.dtype != core.q.dtype:
-        raise NoMatch(core.anchor, f"an additive mask of q's type {core.q.dtype}", str(core.bias.dtype))
+    if any(x.dtype != core.q.dtype for x in biases):
+        raise NoMatch(core.anchor, f"additive masks of q's type {core.q.dtype}", str([x.dtype for x in biases]))
     if core.allowed is not None:
         d = dims(core.allowed)
         if d is None or len(d) != 4 or d[1] != 1:
             raise NoMatch(core.anchor, "a boolean mask [B|1, 1, T|1, S] (one for all heads)", str(d))
+    if core.softcap and target == "ort" and not gqa_fits(core, target):
+        raise NoMatch(
+            core.anchor,
+            "tanh soft-capping on self-attention (GroupQueryAttention's softcap; MultiHeadAttention has none)",
+            f"softcap {core.softcap:g} with queries and keys of different lengths",
+        )
     if core.rule == "onnx_attention" and target != "ort":
         raise NoMatch(core.anchor, "target ort (Attention-23 is already the fused form here)", f"target {target}")
 
@@ -632,6 +751,20 @@ def fuse_standard_attention(model: ir.Model, target: str) -> int:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return count
+
+
+def infer_missing_shapes(model: ir.Model) -> bool:
+    """ONNX shape inference (weights left out, non-strict) where a Softmax's logits lack known
+    dims: torch.onnx's TorchScript exports carry no shapes, and its opset-18 SDPA decomposition
+    computes the scale and mask from Shape ops, leaving [?,H,T,?]; the rules check dims. Returns
+    whether it ran."""
+    unknown = any(
+        n.op_type == "Softmax" and n.domain == "" and (dims(n.inputs[0]) is None or None in dims(n.inputs[0]))
+        for n in scope_nodes(model)
+    )
+    if unknown:
+        ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
+    return unknown
 
 
 def full_query_axis_masks(model: ir.Model) -> int:
@@ -669,6 +802,7 @@ class FuseStandardAttentionPass(ir.passes.InPlacePass):
         self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        infer_missing_shapes(model)
         fused = fuse_standard_attention(model, self.target)
         packed = pack_projections(model) if fused else 0
         op = "MultiHeadAttention" if self.target == "ort" else "Attention"

@@ -49,6 +49,22 @@ MODELS: dict[str, tuple[str, dict[str, Any], str, str]] = {
         "GemmaForCausalLM",
         "decoder",
     ),
+    "gemma2": (  # tanh soft-capping of the attention logits, sliding-window layers alternating with global ones
+        "Gemma2Config",
+        dict(
+            TINY,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=64,
+            query_pre_attn_scalar=8,
+            attn_logit_softcapping=50.0,
+            sliding_window=16,
+            **POSITIONS,
+            **DECODER_IDS,
+        ),
+        "Gemma2ForCausalLM",
+        "decoder",
+    ),
     "phi3": (
         "Phi3Config",
         dict(TINY, num_key_value_heads=2, intermediate_size=64, **POSITIONS, **DECODER_IDS),

@@ -84,6 +84,9 @@ ENTRIES: list[Entry] = [
     Entry("bmm_causal_bias", st.BmmCausalBias, False, MHA),
     Entry("bmm_tril_masked_fill", st.BmmTrilMaskedFill, False, MHA),
     Entry("bmm_alibi_padding", st.BmmAlibiPadding, True, MHA),  # fuses, the per-row ALiBi as a bias
+    Entry("bloom_view_alibi", st.BloomViewAlibi, True, MHA),
+    Entry("t5_relative_bias_padding", st.T5RelativeBiasPadding, True, MHA),
+    Entry("gemma2_soft_cap", st.Gemma2SoftCap, True, GQA),
     Entry("masked_fill_pad_true", st.MaskedFillPadTrue, True, MHA, pads=True),
     Entry("torch_mha_pad_true", st.TorchMhaPadTrue, True, MHA, pads=True),
     Entry("fairseq_encoder_pad_true", st.FairseqEncoderPadTrue, True, MHA, pads=True),

@@ -665,3 +665,54 @@ class BmmAlibiPadding(_BmmFolded):
         alibi = (slopes[None, :, None] * positions).reshape(b * H, 1, t)
         w = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=HEAD**-0.5)
         return self.unfold(torch.bmm(w.softmax(dim=-1), v), b, t)
+
+
+class BloomViewAlibi(_BmmFolded):
+    """BLOOM's eager layout: baddbmm of the folded ALiBi [B*H,1,S] and q k^T on folded heads, the
+    logits viewed as [B,H,T,S] for an additive padding mask (finfo.min) and the softmax, the
+    probabilities viewed back to [B*H,T,S] for the bmm with v."""
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.folded(x)
+        slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=x.dtype) / H)
+        real = key_padding_mask.to(x.dtype)
+        alibi = (slopes[None, :, None] * ((real.cumsum(-1) - 1) * real)[:, None, :]).reshape(b * H, 1, t)
+        w = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=HEAD**-0.5).view(b, H, t, -1)
+        mask = torch.where(key_padding_mask[:, None, None, :], 0.0, torch.finfo(x.dtype).min)
+        probs = torch.softmax(w + mask, dim=-1, dtype=torch.float32).to(x.dtype).view(b * H, t, -1)
+        return self.unfold(torch.bmm(probs, v), b, t)
+
+
+class T5RelativeBiasPadding(_Projections):
+    """T5's encoder attention: no scale, a relative position bias [1,H,T,S] (a bucketed embedding,
+    here a learned table sliced to T) added to the logits, then the additive padding mask."""
+
+    def __init__(self) -> None:
+        super().__init__(bias=False)
+        self.relative = nn.Parameter(torch.randn(1, H, MAX_LEN, MAX_LEN) * 0.5)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        t = x.shape[1]
+        mask = torch.where(key_padding_mask[:, None, None, :], 0.0, torch.finfo(x.dtype).min)
+        w = q @ k.transpose(-1, -2) + self.relative[:, :, :t, :t]
+        return self.merge(torch.softmax(w + mask, dim=-1) @ v)
+
+
+class Gemma2SoftCap(_GroupedProjections):
+    """Gemma 2 eager: repeat_kv, logits * scaling, tanh soft-capping (``/ cap -> tanh -> * cap``)
+    before the additive causal + padding mask. The scaling is large and the cap small, so the
+    logits saturate the tanh and a fusion that dropped the cap would be far off."""
+
+    CAP = 2.0
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        k, v = repeat_kv(k, H // KV_HEADS), repeat_kv(v, H // KV_HEADS)
+        t = x.shape[1]
+        w = torch.matmul(q, k.transpose(2, 3)) * 4.0
+        w = torch.tanh(w / self.CAP) * self.CAP
+        allowed = torch.tril(torch.ones(t, t, dtype=torch.bool)) & key_padding_mask[:, None, None, :]
+        w = w + torch.where(allowed, 0.0, torch.finfo(x.dtype).min)
+        return self.merge(torch.matmul(nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v))
