@@ -8,9 +8,9 @@ probabilities feed only its ``@ v`` is left to ``lower_attention``.
 ``nn.MultiheadAttention(need_weights=True)`` computes the same in folded heads: ``softmax(q k^T)``
 on [B*H,T,S] (q scaled before the bmm), ``@ v`` [B*H,S,dv], and the probabilities viewed as
 [B,H,T,S] for its returned weights (head-averaged by a ReduceMean, or per head), which a later
-layer reuses. Unmasked or with a key padding mask (merged by torch into an additive bias),
-that becomes a ProbAttention on the unfolded heads whose ``probs`` replace the view
-(:func:`_fuse_folded`); with another attn_mask it is left as it is.
+layer reuses. Unmasked, with a key padding mask and / or a causal attn_mask (torch merges them
+into one additive bias), that becomes a ProbAttention on the unfolded heads whose ``probs``
+replace the view (:func:`_fuse_folded`); with any other attn_mask it is left as it is.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from ._ir_utils import (
     same_dim,
 )
 from ._match import (
+    additive_causal,
     all_true_mask,
     qk_product,
     scaled,
@@ -45,6 +46,8 @@ from ._match import (
 )
 
 logger = logging.getLogger(__name__)
+
+MASK_FILL = -1e4  # an additive mask's fill at or below this masks (exp underflows to 0), as fuse_standard_attention's
 
 
 def _value_matmul(probs: ir.Value) -> ir.Node | None:
@@ -152,15 +155,31 @@ def _merged_padding(bias: ir.Value) -> ir.Value | None:
         or len(db) != 3
         or db[1] != 1
         or fill is None
-        or fill > -1e4
+        or fill > MASK_FILL
         or uniform_const(where.inputs[2]) != 0.0
     ):
         return None
     return pad
 
 
+def _mask_terms(bias: ir.Value, t_dim, s_dim) -> tuple[ir.Value | None, bool] | None:
+    """(key padding mask pad [B,S] or None, causal) of the attn_mask nn.MultiheadAttention adds to
+    its folded logits: a merged key padding mask (:func:`_merged_padding`), a causal mask
+    (``triu(ones, 1)`` as -inf above the diagonal), or their sum; None for anything else."""
+    add = producer(bias, "Add")
+    pad, causal = None, False
+    for term in add.inputs if add is not None else [bias]:
+        if pad is None and (found := _merged_padding(term)) is not None:
+            pad = found
+        elif not causal and additive_causal(term, t_dim, s_dim, MASK_FILL):
+            causal = True
+        else:
+            return None
+    return pad, causal
+
+
 def _fuse_folded(model: ir.Model, soft: ir.Node) -> bool:
-    """nn.MultiheadAttention(need_weights=True)'s unmasked core (module docstring) -> a
+    """nn.MultiheadAttention(need_weights=True)'s core (module docstring) -> a
     ProbAttention on [B,T,H,d] heads: its ``o`` folded back replaces the ``@ v``, its ``probs``
     the [B,H,T,S] view of the probabilities."""
     probs = soft.outputs[0]
@@ -168,17 +187,22 @@ def _fuse_folded(model: ir.Model, soft: ir.Node) -> bool:
     if a_dims is None or len(a_dims) != 3 or attr(soft, "axis", -1) % 3 != 2 or (found := _folded_uses(probs)) is None:
         return False
     pv, view = found
-    logits, pad = soft.inputs[0], None
+    logits, masks = soft.inputs[0], (None, False)
     add = producer(logits, "Add")
-    if add is not None:  # baddbmm: a mask added to the product
-        pads = [_merged_padding(x) for x in add.inputs]
-        side = next((i for i, x in enumerate(pads) if x is not None), None)
-        if side is None:
+    if add is not None:  # baddbmm: the merged attn_mask added to the product
+        sides = [
+            (i, _mask_terms(add.inputs[1 - i], a_dims[1], a_dims[2]))
+            for i in (0, 1)
+            if producer(scaled(add.inputs[i])[0], "MatMul") is not None
+        ]
+        side, masks = next(((i, m) for i, m in sides if m is not None), (0, None))
+        if masks is None:
             return False
-        logits, pad = add.inputs[1 - side], pads[side]
+        logits = add.inputs[side]
+    pad, causal = masks
     logits, scale = scaled(logits)
     qk = producer(logits, "MatMul")
-    if not single_use(soft.inputs[0]) or qk is None:
+    if not single_use(soft.inputs[0]) or not single_use(logits) or qk is None:
         return False
     (q, qs), (kt, ks) = scaled(qk.inputs[0]), scaled(qk.inputs[1])
     dq, dk, dv, d4 = dims(q), dims(kt), dims(pv.inputs[1]), dims(view.outputs[0])
@@ -193,9 +217,8 @@ def _fuse_folded(model: ir.Model, soft: ir.Node) -> bool:
     v4 = _unfold(b, pv.inputs[1], heads, batch, [0, 2, 1, 3])
     shape = (batch, dk[2])
     kpm = all_true_mask(b, k4, shape) if pad is None else b.op("Not", [pad], dtype=ir.DataType.BOOL, shape=shape)
-    o, p = b.op(
-        "ProbAttention", [q4, k4, v4, kpm], {"scale": float(scale * qs * ks), "causal": 0}, domain=DOMAIN, num_outputs=2
-    )
+    attrs = {"scale": float(scale * qs * ks), "causal": int(causal)}
+    o, p = b.op("ProbAttention", [q4, k4, v4, kpm], attrs, domain=DOMAIN, num_outputs=2)
     o.dtype = p.dtype = probs.dtype
     o.shape = ir.Shape([batch, a_dims[1], heads, dv[2]])
     p.shape = ir.Shape(list(d4))

@@ -1,7 +1,8 @@
 """nn.MultiheadAttention(need_weights=True) whose returned probabilities a later layer reuses
 (the reuse-attention style, issue 20 item 4): the folded-head core fuses into ProbAttention
-(passes/fuse_reuse.py) for every target, unmasked and with a key padding mask, with ORT =
-PyTorch; one with a causal attn_mask is left as exported, with an --explain reason."""
+(passes/fuse_reuse.py) for every target with ORT = PyTorch: unmasked, with a key padding mask,
+and with a causal attn_mask too; one with a float attn_mask (a bias) is left as exported, with
+an --explain reason."""
 
 from __future__ import annotations
 
@@ -43,21 +44,30 @@ class PaddedReusedWeights(ReusedWeights):
         return y + self.o2(w @ self.v2(y))
 
 
-class CausalReusedWeights(ReusedWeights):
-    """The same with a causal attn_mask: not fused (ProbAttention takes it, the rule does not yet)."""
+class CausalPaddedReusedWeights(ReusedWeights):
+    """The same with a causal attn_mask (``triu(ones, 1)``, True = not allowed) and padding."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
         causal = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
-        y, w = self.attn(x, x, x, attn_mask=causal, need_weights=True)
+        y, w = self.attn(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=True)
+        return y + self.o2(w @ self.v2(y))
+
+
+class BiasedReusedWeights(ReusedWeights):
+    """The same with a float attn_mask input (a bias): not fused (ProbAttention takes no bias)."""
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        y, w = self.attn(x, x, x, attn_mask=bias, need_weights=True)
         return y + self.o2(w @ self.v2(y))
 
 
 def padding(batch: int, seq: int) -> torch.Tensor:
-    """True = pad: row i pads its first i keys (never all of them)."""
+    """True = pad: row i pads its last i keys (never all; with a causal mask every query still
+    sees key 0, so no row is all -inf, where PyTorch gives NaN)."""
     pad = torch.zeros(batch, seq, dtype=torch.bool)
-    for row in range(batch):
-        pad[row, : min(row, seq - 1)] = True
+    for row in range(1, batch):
+        pad[row, -min(row, seq - 1) :] = True
     return pad
 
 
@@ -67,12 +77,16 @@ def exported(model: nn.Module, inputs: list[torch.Tensor], path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("model", ["averaged", "per_head", "padded"])
-@pytest.mark.parametrize("target", ["ort", "portable", "trt"])
+MODELS = ["averaged", "per_head", "padded", "causal_padded"]
+CASES = [(model, target) for model in MODELS for target in ("ort", "portable")] + [("causal_padded", "trt")]
+
+
+@pytest.mark.parametrize("model,target", CASES)
 def test_reused_weights_fuse_with_parity(model, target, tmp_path):
     torch.manual_seed(0)
-    padded = model == "padded"
-    module = (PaddedReusedWeights(True) if padded else ReusedWeights(model == "averaged")).eval()
+    padded = model in ("padded", "causal_padded")
+    module = {"padded": PaddedReusedWeights, "causal_padded": CausalPaddedReusedWeights}.get(model, ReusedWeights)
+    module = module(model != "per_head").eval()
     inputs = lambda batch, seq: [torch.randn(batch, seq, D)] + ([padding(batch, seq)] if padded else [])  # noqa: E731
     path = exported(module, inputs(2, 8), tmp_path / "m.onnx")
     out = str(tmp_path / "opt.onnx")
@@ -90,8 +104,9 @@ def test_reused_weights_fuse_with_parity(model, target, tmp_path):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_causal_reused_weights_are_explained(tmp_path):
+def test_biased_reused_weights_are_explained(tmp_path):
     torch.manual_seed(0)
-    path = exported(CausalReusedWeights(True).eval(), [torch.randn(2, 8, D)], tmp_path / "m.onnx")
+    model = BiasedReusedWeights(True).eval()
+    path = exported(model, [torch.randn(2, 8, D), torch.randn(8, 8)], tmp_path / "m.onnx")
     outcomes = explain(onnx.load(path), target="ort")
     assert len(outcomes) == 1 and not outcomes[0].fused and outcomes[0].reason
