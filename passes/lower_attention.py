@@ -39,6 +39,7 @@ from ._ir_utils import (
     expand_to_logits,
     attr,
     const_array,
+    count_ops,
     dims,
     producer,
     rank,
@@ -570,8 +571,13 @@ class LowerAttentionPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         fused = "MultiHeadAttention" if self.target == "ort" else "Attention"
+        native_op = f"{DOMAIN}::{native_attention.OP}"
+        before = count_ops(model).get(native_op, 0)
         cores = lower_decomposed(model, self.target, self.native)
+        on_native = count_ops(model).get(native_op, 0) - before
         bn = lower_pooled_norm(model, self.target)
         packed = pack_projections(model) if self.pack else 0
-        self.counts = {fused: cores + bn, "packed MatMul": packed}
+        self.counts = {fused: cores - on_native + bn, "packed MatMul": packed}
+        if on_native:
+            self.counts[native_attention.OP] = on_native
         return ir.passes.PassResult(model, bool(cores or bn or packed))

@@ -81,7 +81,9 @@ def check_parity(module, stock: onnx.ModelProto, optimised: onnx.ModelProto) -> 
 @pytest.mark.parametrize("causal", [True, False])
 def test_lowered_onto_the_native_op_with_masks_as_modes(table, name, causal):
     module, stock = export(name, causal)
-    optimised, _ = optimize_model(stock, target="ort")
+    optimised, report = optimize_model(stock, target="ort")
+    lowered = next(p for p in report.passes if p["pass"] == "lower_attention")["fused"]
+    assert lowered.get("StandardAttention") == 1 and not lowered.get("MultiHeadAttention"), lowered
     model = ir.serde.deserialize_model(optimised)
     counts = count_ops(model)
     assert counts.get("ai.attn2onnx::StandardAttention") == 1, counts
