@@ -1,218 +1,98 @@
-"""Decode benchmark (issue 12): token generation of a dcmha LM and the mha LM of the same size
-(D=512, N=8, 4 layers, fp32, 2 threads) at batch 1 and 8.
+"""Decode benchmark (issue 21 "Measure"): one decode step (one new token per row) of the same
+LM in every engine, side by side in one process, 2 threads, against a competent eager baseline.
 
-Per context C (512, 2048, 8192) and batch B, the time of one decode step (one new token per row):
-  * ORT decode: the decode graph (`attn2onnx export --decode`) after `attn2onnx optimize --target
-    ort`, run as `attn2onnx generate` runs it (attn2onnx.generate.DecodeSession, caches kept in ORT
-    by IO binding); for mha also the graph as exported ("unfused": attention as MatMul / Softmax
-    over Concat(past, new), what the optimised graph was before passes/fuse_decode_attention.py);
-  * eager decode: the same decode step in PyTorch eager (models.decode.DecodeLM, caches carried as
-    tensors between steps, inference mode);
-  * rerun prefix: one full forward of the prefill-only graph (`attn2onnx export` + optimize) over
-    the C tokens, the per-token cost of generating without a cache.
-The caches hold C random positions, all real (a step's cost does not depend on the values, and a
-prefill at B=8, C=8192 would take far longer than the steps timed), then `--steps` steps are timed
-one by one. End to end: prefill of a 512-token prompt + 128 greedy new tokens with the decode graph,
-against the prefill-only graph rerun over the whole sequence for each of the 128 tokens.
-The machine may be shared: every case is measured once per repetition, repetitions interleaved,
-median of the step times within a repetition, then the median over repetitions.
+Models: mha and dcmha LMs (4 layers, vocabulary 256, swiglu MLP, random weights) at D=512 (N=8)
+and D=2048 (N=16), and for the GenAI anchor a transformers Llama of the D=512 size. Engines:
 
-    python benchmarks/generate.py                    # prints, writes RESULTS.md "Decode" and decode_step.png
-    python benchmarks/generate.py --contexts 512 --batches 1 --repeats 1 --no-write
+  * eager static: PyTorch eager with a static KV cache (buffers allocated once, new rows written
+    in place, attention over the valid prefix: benchmarks/_decode_cells.StaticCacheLM, as
+    transformers' StaticCache); its greedy tokens are checked equal to eager growing's;
+  * eager growing: PyTorch eager with caches grown by torch.cat (models.decode.DecodeLM);
+  * ORT growing / ORT shared: `attn2onnx export --decode` optimised for ORT / with `--shared-kv`,
+    run as `attn2onnx generate` runs them (DecodeSession, IO binding);
+  * int8 / int4: `attn2onnx quantize --weights int8|int4` of the shared graph (of the growing one
+    where the variant has no shared form);
+  * GenAI: the `export --decode --genai` folder run by onnxruntime_genai (generate_next_token);
+  * GenAI builder (Llama only): onnxruntime_genai's model builder output for the same folder.
+
+Per cell (model, batch B, context C) every engine gets C cached positions per row (random
+contents, all real; GenAI prefills C random tokens), one warm-up step, then ``--steps`` timed
+steps (``--long-steps`` past ``--long-tokens`` cached tokens): the fastest of them (a loaded machine
+only adds time). Engines take turns within
+a cell (the order rotates every repetition), only one engine's caches alive at a time; median
+over ``--repeats`` repetitions. The floor of a step is what it must read (weights at their stored
+width + every cached position) at the best read bandwidth measured in the run (torch sum over
+512 MiB and an ORT MatMul of one row by a 256 MiB weight). The machine is shared: read the ratios.
+
+    python benchmarks/generate.py            # prints, writes RESULTS.md "Decode", decode_step.png / .json
+    python benchmarks/generate.py --quick    # small cells, prints only: a smoke test of the script
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import RESULTS, cpu_model, replace_section  # noqa: E402
+from _decode_cells import (  # noqa: E402
+    THREADS,
+    Runner,
+    build,
+    build_with_genai_builder,
+    cache_spec_bytes,
+    eager_runner,
+    genai_runner,
+    greedy_tokens,
+    ort_matvec_gbps,
+    ort_past,
+    ort_runner,
+    read_gbps,
+    set_genai_threads,
+    step_ms,
+    time_calls,
+    write_llama_folder,
+)
+from _results import cpu_model, replace_section  # noqa: E402
 
 SECTION = "## Decode"
 PROBE_SECTION = "## Decode: shared cache buffer probe"
 PLOT = Path(__file__).with_name("decode_step.png")
-VARIANTS = ("mha", "dcmha")
-D_MODEL, HEADS, LAYERS, THREADS = 512, 8, 4, 2
-PROMPT, NEW_TOKENS = 512, 128  # end to end
-IMPLS = ("ORT decode", "ORT decode unfused", "eager decode", "rerun prefix")
-NOTES = (
-    "Reading: lowering the decode graph's mha attention onto MultiHeadAttention with past/present\n"
-    "(passes/fuse_decode_attention.py, in `optimize --target ort`) is kept: the unfused / ORT column is its gain\n"
-    "(the exported graph copies each layer's whole cache 3-4 times per step, MHA once). dcmha's caches are\n"
-    "token-major (K, V [B,S,N,d]: the layout DcmhaAttention reads in place), so its step extends each cache with\n"
-    "one Concat and transposes nothing. DecodeSession writes every present into one of two buffers per cache that\n"
-    "the steps take in turn (ORT's arena cannot reuse a freed present: each is one position longer, so it mapped\n"
-    "fresh memory every step). Eager decode concatenates new tensors every step (as HF's dynamic cache does) and\n"
-    "pays that mapping at large caches. The floor columns say where the 5x goal can hold at all: at batch 1 and\n"
-    "short contexts a step is bound by reading the weights once (12.6M fp32 parameters), eager is within 5x of\n"
-    "that floor, and no implementation can be 5x faster than it. What is left above the floor in ORT is the\n"
-    "growing-cache convention's copy of each cache into its present (read + write, then the attention reads it\n"
-    "again): the section below measures what a max-length buffer shared by past and present would save on one\n"
-    "attention layer; adopting it changes the graph contract (see there)."
+RAW = Path(__file__).with_name("decode_step.json")
+D_MODEL, HEADS, LAYERS = 512, 8, 4  # the D=512 models (and the one-layer probe's size)
+IMPLS = (
+    "eager static",
+    "eager static 1 thread",
+    "eager growing",
+    "ORT growing",
+    "ORT shared",
+    "int8",
+    "int4",
+    "GenAI",
+    "GenAI builder",
 )
-
-
-# ---------------------------------------------------------------- models and graphs
-def build(variant: str, max_len: int) -> torch.nn.Module:
-    import attn2onnx
-
-    config = attn2onnx.ModelConfig(
-        family="lm", variant=variant, layers=LAYERS, d_model=D_MODEL, heads=HEADS, max_len=max_len
-    )
-    return attn2onnx.build_model(config).eval()
-
-
-def export_graphs(model: torch.nn.Module, folder: Path) -> dict[str, str]:
-    """The decode graph as exported and optimised, and the optimised prefill-only graph."""
-    import attn2onnx
-    from attn2onnx.models.decode import export_decode
-    from attn2onnx.sources import from_module
-
-    decode, prefill = folder / "decode.onnx", folder / "prefill.onnx"
-    export_decode(model, decode)
-    src = from_module(model)
-    attn2onnx.export(model, src.example_inputs(2, 16), prefill, specs=src.specs, output_names=src.output_names)
-    attn2onnx.optimize(decode, folder / "decode.opt.onnx", target="ort")
-    attn2onnx.optimize(prefill, folder / "prefill.opt.onnx", target="ort")
-    return {
-        "unfused": str(decode),
-        "decode": str(folder / "decode.opt.onnx"),
-        "prefill": str(folder / "prefill.opt.onnx"),
-    }
-
-
-def fused_ops(path: str) -> str:
-    """The fused attention nodes of a graph, e.g. 'MultiHeadAttention x4', for the table."""
-    import onnx
-
-    counts: dict[str, int] = {}
-    for node in onnx.load(path, load_external_data=False).graph.node:
-        if node.op_type in ("MultiHeadAttention", "DcmhaAttention", "GroupQueryAttention", "Attention"):
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "none"
-
-
-# ---------------------------------------------------------------- timed cases
-def ort_past(session, batch: int, context: int, rng: np.random.Generator) -> list:
-    """Random caches of ``context`` positions (a window cache: its limit) as ORT values, in the
-    graph's cache order."""
-    import onnxruntime as ort
-
-    return [
-        ort.OrtValue.ortvalue_from_numpy(rng.random(spec.shape(batch, context), dtype=np.float32))
-        for spec in session.meta.caches
-    ]
+ORT_IMPLS = IMPLS[3:]
+__all__ = ["THREADS", "build", "ort_past", "read_gbps", "step_bytes", "time_calls"]  # benchmarks/shared_kv.py's
 
 
 def step_bytes(model: torch.nn.Module, batch: int, context: int) -> int:
-    """The least a decode step can read: every weight once (fp32) and every cached position of
-    every row once (window caches: their last positions only)."""
+    """The least an fp32 decode step of ``model`` can read: every weight once and every cached
+    position of every row once (benchmarks/shared_kv.py's floor)."""
+    from _decode_cells import torch_weight_bytes
+
     from attn2onnx.models.decode import cache_specs
 
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    caches = sum(4 * int(np.prod(spec.shape(batch, context))) for spec in cache_specs(model))
-    return weights + caches
-
-
-def read_gbps(megabytes: int = 512, tries: int = 5) -> float:
-    """This machine's memory read bandwidth with THREADS threads (GB/s): the best of ``tries``
-    sums over a buffer far larger than the caches (torch, the same thread count as the steps)."""
-    torch.set_num_threads(THREADS)
-    data = torch.rand(megabytes * 2**20 // 4)
-    best = min(time_calls(1, lambda _: data.sum()) for _ in range(tries))
-    return data.numel() * 4 / best / 1e6
-
-
-def time_calls(calls: int, call: Callable[[int], None]) -> float:
-    """Median ms of ``call(i)`` for i in range(calls)."""
-    samples = []
-    for i in range(calls):
-        start = time.perf_counter()
-        call(i)
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
-
-
-def ort_step_ms(session, batch: int, context: int, steps: int) -> float:
-    """Median ms of one decode step of a DecodeSession after ``context`` cached positions."""
-    rng = np.random.default_rng(0)
-    session.past, session.length = ort_past(session, batch, context, rng), context
-    ids = rng.integers(0, session.vocab_size, (batch, 1))
-    session.step(ids)  # warm-up (also grows the cache by one)
-    ms = time_calls(steps, lambda _: session.step(ids))
-    session.past = []
-    return ms
-
-
-def eager_step_ms(model: torch.nn.Module, batch: int, context: int, steps: int) -> float:
-    """Median ms of one eager decode step (DecodeLM, caches as tensors) after ``context`` positions."""
-    from attn2onnx.models.decode import DecodeLM
-
-    wrapper = DecodeLM(model).eval()
-    generator = torch.Generator().manual_seed(0)
-    state = {
-        "past": [torch.rand(p.shape, generator=generator) for p in wrapper.empty_past(batch, context)],
-        "length": context,
-    }
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), generator=generator)
-
-    def step(_: int) -> None:
-        length = state["length"]
-        mask = torch.ones(batch, length + 1, dtype=torch.int64)
-        positions = torch.full((batch, 1), length, dtype=torch.int64)
-        state["past"], state["length"] = list(wrapper(ids, mask, positions, *state["past"])[1:]), length + 1
-
-    with torch.inference_mode():
-        step(0)  # warm-up (also grows the cache by one, as ort_step_ms's)
-        return time_calls(steps, step)
-
-
-def rerun_ms(session, batch: int, context: int) -> float:
-    """ms of one forward of the prefill-only graph over ``context`` tokens (after a warm-up at 16)."""
-    rng = np.random.default_rng(0)
-
-    def feeds(length: int) -> dict:
-        return {"input_ids": rng.integers(0, 256, (batch, length)), "key_padding_mask": np.ones((batch, length), bool)}
-
-    session.run(None, feeds(16))
-    big = feeds(context)
-    return time_calls(1, lambda _: session.run(None, big))
-
-
-def prompt_ids(batch: int) -> np.ndarray:
-    return np.random.default_rng(1).integers(0, 256, (batch, PROMPT))
-
-
-def e2e_decode_s(decode, batch: int) -> float:
-    """Seconds for the prompt + NEW_TOKENS greedy tokens per row with the decode graph: prefill
-    once, then one step per token (the first token comes from the prefill)."""
-    start = time.perf_counter()
-    logits = decode.prefill(prompt_ids(batch))[:, -1]
-    for _ in range(NEW_TOKENS - 1):
-        logits = decode.step(logits.argmax(-1)[:, None])[:, -1]
-    return time.perf_counter() - start
-
-
-def e2e_rerun_s(prefill, batch: int) -> float:
-    """Seconds for the same tokens with the prefill-only graph rerun over the whole sequence per token."""
-    ids = prompt_ids(batch)
-    start = time.perf_counter()
-    for _ in range(NEW_TOKENS):
-        out = prefill.run(["logits"], {"input_ids": ids, "key_padding_mask": np.ones(ids.shape, bool)})[0]
-        ids = np.concatenate([ids, out[:, -1].argmax(-1)[:, None]], axis=1)
-    return time.perf_counter() - start
+    return torch_weight_bytes(model) + cache_spec_bytes(cache_specs(model), batch, context)
 
 
 # ---------------------------------------------------------------- shared-buffer probe
@@ -338,277 +218,484 @@ def write_probe(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- the table's models and cells
+BUILDER_REASON = (
+    "the builder takes transformers folders of the architectures it lists, every one of which applies rotary "
+    "positions inside attention; this LM adds a learned absolute position table to its embeddings (no RoPE) and "
+    "has q/k/v/o biases, so no listed architecture holds the same weights: the Llama rows are the anchor"
+)
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model of the table: ``variant`` mha / dcmha (ours) or llama (the GenAI anchor)."""
+
+    name: str
+    variant: str
+    d_model: int
+    heads: int
+    layers: int
+    wide: bool
+
+
+def models_of(args: argparse.Namespace, every: bool = False) -> list[Model]:
+    """The table's models (``--models`` picks some by name, e.g. mha-512 llama-512; ``every``:
+    all of them)."""
+    d, wide, layers, heads, wide_heads = (64, 128, 2, 4, 4) if args.quick else (D_MODEL, 2048, LAYERS, HEADS, 16)
+    models = [
+        Model(f"mha-{d}", "mha", d, heads, layers, False),
+        Model(f"dcmha-{d}", "dcmha", d, heads, layers, False),
+        Model(f"mha-{wide}", "mha", wide, wide_heads, layers, True),
+        Model(f"dcmha-{wide}", "dcmha", wide, wide_heads, layers, True),
+        Model(f"llama-{d}", "llama", d, heads, layers, False),
+    ]
+    return [m for m in models if every or not args.models or m.name in args.models]
+
+
+def cells_of(model: Model, args: argparse.Namespace) -> list[tuple[int, int]]:
+    batches, contexts = (args.wide_batches, args.wide_contexts) if model.wide else (args.batches, args.contexts)
+    if model.variant == "llama":
+        contexts = args.anchor_contexts
+    return [(b, c) for b in batches for c in contexts]
+
+
+def max_len_of(args: argparse.Namespace) -> int:
+    return max(args.contexts + args.wide_contexts) + 96
+
+
+def genai_skip(model: Model, batch: int, context: int, args: argparse.Namespace) -> str | None:
+    """Why GenAI is not timed in a cell (None: it is): GenAI takes no cache from outside, so
+    each repetition prefills the context, whose cost past ``--genai-max-tflop`` (weights x tokens
+    + attention) or whose attention probabilities past 2 GiB per layer (batch > 1 prefills in
+    one call) the run does not pay."""
+    tokens = batch * context
+    flops = 2 * tokens * 12 * model.d_model**2 * model.layers + 4 * tokens * context * model.d_model * model.layers
+    if flops > args.genai_max_tflop * 1e12:
+        return f"prefill of {batch}x{context} tokens ~{flops / 1e12:.1f} TFLOP per repetition"
+    probs = 4 * batch * model.heads * context * (context if batch > 1 else min(context, 1024))
+    if probs > 2 * 2**30:
+        return f"prefill attention probabilities {probs / 2**30:.0f} GiB per layer"
+    return None
+
+
+def memory_skip(cache_bytes: int, held_bytes: int, args: argparse.Namespace) -> str | None:
+    """Why a cell is not run (None: it is): its caches at their peak (random past + a growing
+    step's two buffers of up to twice the positions: 5x) beside the weights every engine holds
+    past ``--mem-limit-gb`` (the machine's RAM is shared)."""
+    peak = 5 * cache_bytes + held_bytes
+    if peak > args.mem_limit_gb * 2**30:
+        return f"~{peak / 2**30:.1f} GiB at its peak (limit {args.mem_limit_gb} GiB)"
+    return None
+
+
+def engines(
+    model: Model, folder: Path, args: argparse.Namespace
+) -> tuple[dict[str, Runner], dict[str, str], list[str]]:
+    """The runners of ``model``'s engines, the reason for each engine it has none of, and notes
+    (the token check; what was quantized)."""
+    import attn2onnx
+    from attn2onnx.genai import write_genai_folder
+    from attn2onnx.models.decode import check_decodable, export_decode
+    from attn2onnx.models.shared_decode import NOT_SHARED, SHARED_VARIANTS, share_decode_graph
+    from attn2onnx.quantize import quant_mode, quantize_file
+    from attn2onnx.sources import load_source
+
+    runners: dict[str, Runner] = {}
+    missing: dict[str, str] = {}
+    notes: list[str] = []
+    torch.manual_seed(0)
+    if model.variant == "llama":
+        hidden = attn2onnx.ModelConfig(family="lm", variant="mha", d_model=model.d_model, heads=model.heads).mlp_hidden
+        hf = write_llama_folder(folder / "hf", model.d_model, model.heads, model.layers, hidden, max_len_of(args))
+        lm = check_decodable(load_source(str(hf)).module)
+        missing |= {impl: "ours only (the mha / dcmha rows)" for impl in IMPLS[:3]}
+        missing["ORT shared"] = "`--shared-kv` covers this project's mha / optimised / efficient LMs only"
+        missing |= {impl: "not measured for the anchor" for impl in ("int8", "int4")}
+    else:
+        lm = build(model.variant, max_len_of(args), model.d_model, model.heads, model.layers)
+        prompt = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+        same = torch.equal(greedy_tokens(lm, prompt, 24, static=True), greedy_tokens(lm, prompt, 24, static=False))
+        notes.append(
+            f"{model.name}: eager static's greedy tokens {'equal' if same else 'DIFFER FROM'} eager growing's "
+            "(batch 2, 16-token prompt, 24 new tokens)"
+        )
+        runners["eager static"] = eager_runner(lm, static=True)
+        runners["eager static 1 thread"] = eager_runner(lm, static=True, threads=1)
+        runners["eager growing"] = eager_runner(lm, static=False)
+    growing = folder / "growing.onnx"
+    export_decode(lm, growing)
+    attn2onnx.optimize(growing, growing, target="ort")
+    runners["ORT growing"] = ort_runner(growing)
+    base = growing
+    if model.variant in SHARED_VARIANTS:
+        base = folder / "shared.onnx"
+        share_decode_graph(growing, base)
+        runners["ORT shared"] = ort_runner(base)
+    elif model.variant != "llama":
+        missing["ORT shared"] = f"not yet: {NOT_SHARED.get(model.variant, 'no shared form')}"
+        notes.append(f"{model.name}: int8 / int4 are the growing graph quantized (no shared form yet)")
+    if model.variant != "llama":
+        for weights in ("int8", "int4"):
+            quantize_file(base, folder / f"{weights}.onnx", quant_mode(weights))
+            runners[weights] = ort_runner(folder / f"{weights}.onnx")
+    ours = write_genai_folder(growing, folder / "genai").path
+    set_genai_threads(ours)
+    runners["GenAI"] = genai_runner(ours, runners["ORT growing"].cache_bytes, args.steps + 2)
+    if model.variant == "llama":
+        head = model.d_model // model.heads
+        kv_bytes = lambda b, c: 4 * 2 * model.layers * b * model.heads * c * head  # noqa: E731
+        runners["GenAI builder"] = genai_runner(
+            build_with_genai_builder(hf, folder / "builder"), kv_bytes, args.steps + 2
+        )
+    else:
+        missing["GenAI builder"] = BUILDER_REASON
+    return runners, missing, notes
+
+
+def held_bytes(folder: Path) -> int:
+    """What the engines of one model hold: every graph and weight file written for it (each
+    is loaded once; the PyTorch model is about one more fp32 graph)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.suffix in (".onnx", ".data", ""))
+
+
+# ---------------------------------------------------------------- the run
+def log(began: float, text: str) -> None:
+    print(f"[{(time.perf_counter() - began) / 60:.1f} min] {text}", file=sys.stderr, flush=True)
+
+
+def measure_model(model: Model, args: argparse.Namespace, argv: list[str]) -> dict:
+    """One model's cells, its engines taking turns in each; the raw results (RAW holds them)."""
+    import resource
+
+    out: dict = {"ms": {}, "bytes": {}, "skipped": {}, "gbps": []}
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        log(began, f"{model.name}: exporting")
+        runners, out["missing"], out["notes"] = engines(model, Path(tmp), args)
+        held = held_bytes(Path(tmp))
+        cells = []
+        for batch, context in cells_of(model, args):
+            reason = memory_skip(max(r.cache_bytes(batch, context) for r in runners.values()), held, args)
+            if reason:
+                out["skipped"][f"B={batch} C={context}"] = reason
+                continue
+            cells.append((batch, context))
+            for impl, runner in runners.items():
+                out["bytes"][f"{impl}|{batch}|{context}"] = runner.weight_bytes + runner.cache_bytes(batch, context)
+            reason = genai_skip(model, batch, context, args)
+            if reason:
+                out["skipped"][f"B={batch} C={context}, GenAI"] = reason
+        order = list(runners)
+        for rep in range(args.repeats):
+            for batch, context in cells:
+                out["gbps"] += [read_gbps(256, 3), ort_matvec_gbps()]
+                steps = args.steps if batch * context <= args.long_tokens else args.long_steps
+                for impl in order[rep % len(order) :] + order[: rep % len(order)]:
+                    if impl.startswith("GenAI") and genai_skip(model, batch, context, args):
+                        continue
+                    ms = step_ms(runners[impl], batch, context, steps)
+                    out["ms"].setdefault(f"{impl}|{batch}|{context}", []).append(ms)
+                    gc.collect()
+                log(began, f"{model.name} B={batch} C={context} repetition {rep + 1}/{args.repeats}")
+        del runners
+        gc.collect()
+    out["command"] = " ".join(["python benchmarks/generate.py", *argv])
+    out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out["load"] = [round(x, 1) for x in os.getloadavg()]
+    out["minutes"] = round((time.perf_counter() - began) / 60, 1)
+    out["max_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)
+    return out
+
+
 # ---------------------------------------------------------------- report
-def med(values: list[float]) -> float:
+def med(values: list[float] | None) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def step_table(reps: dict, floors: dict, contexts: list[int], batches: list[int]) -> list[str]:
-    """One row per variant, batch and context: the medians, their ratios, and the memory floor
-    (``floors[(variant, B, C)]`` ms: :func:`step_bytes` at :func:`read_gbps`)."""
-    lines = [
-        "| variant | B | context | ORT decode ms | ORT decode unfused ms | eager decode ms | rerun prefix ms "
-        "| eager / ORT | unfused / ORT | dcmha / mha (ORT) | floor ms | eager / floor | ORT / floor |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    fmt = lambda x, unit="": "-" if x != x else f"{x:.2f}{unit}"  # noqa: E731 - NaN: not measured
-    for variant in VARIANTS:
-        for b in batches:
-            for c in contexts:
-                row = {impl: med(reps.get((variant, impl, b, c), [])) for impl in IMPLS}
-                ort_ms = row["ORT decode"]
-                mha = med(reps.get(("mha", "ORT decode", b, c), []))
-                lines.append(
-                    f"| {variant} | {b} | {c} | {fmt(ort_ms)} | {fmt(row['ORT decode unfused'])} | "
-                    f"{fmt(row['eager decode'])} | {fmt(row['rerun prefix'])} | "
-                    f"{fmt(row['eager decode'] / ort_ms, 'x')} | {fmt(row['ORT decode unfused'] / ort_ms, 'x')} | "
-                    f"{fmt(ort_ms / mha, 'x')} | {fmt(floors[variant, b, c])} | "
-                    f"{fmt(row['eager decode'] / floors[variant, b, c], 'x')} | "
-                    f"{fmt(ort_ms / floors[variant, b, c], 'x')} |"
-                )
-    return lines
+def fmt(x: float, unit: str = "") -> str:
+    return "-" if x != x else f"{x:.2f}{unit}"
 
 
-def growth_lines(reps: dict, contexts: list[int], batches: list[int]) -> list[str]:
-    """Linear growth check: ms per 1k extra context between consecutive contexts (equal if linear)."""
-    lines = []
-    for variant in VARIANTS:
-        for b in batches:
-            ms = [med(reps.get((variant, "ORT decode", b, c), [])) for c in contexts]
-            slopes = [1e3 * (ms[i + 1] - ms[i]) / (contexts[i + 1] - contexts[i]) for i in range(len(ms) - 1)]
-            parts = ", ".join(f"{contexts[i]}->{contexts[i + 1]}: {s:.3f}" for i, s in enumerate(slopes))
-            lines.append(f"- {variant}, B={b}: ORT decode step ms per 1k context: {parts}")
-    return lines
+def span(xs: list[float]) -> str:
+    xs = [x for x in xs if x == x]
+    return f"{min(xs):.2f}x-{max(xs):.2f}x" if xs else "-"
 
 
-def goal_lines(reps: dict, floors: dict, contexts: list[int], batches: list[int]) -> list[str]:
-    """The issue's goals against the medians: the range of each ratio over every case, and for
-    the 5x goal the cases where no implementation can reach it (eager within 5x of the floor)."""
+class Table:
+    """The medians and floors of the models in RAW, by (model, engine, batch, context)."""
 
-    def ratios(num: tuple, den: tuple) -> list[float]:
-        return [med(reps.get((*num, b, c), [])) / med(reps.get((*den, b, c), [])) for b in batches for c in contexts]
+    def __init__(self, results: dict, args: argparse.Namespace) -> None:
+        self.results, self.args = results, args
+        self.models = [m for m in models_of(args, every=True) if m.name in results]
+        gbps = [g for r in results.values() for g in r["gbps"]]
+        self.gbps = max(gbps) if gbps else float("nan")
+        self.gbps_range = (min(gbps), max(gbps)) if gbps else (float("nan"),) * 2
 
-    cases = [(v, b, c) for v in VARIANTS for b in batches for c in contexts]
-    eager_ms = {k: med(reps.get((k[0], "eager decode", *k[1:]), [])) for k in cases}
-    ort_ms = {k: med(reps.get((k[0], "ORT decode", *k[1:]), [])) for k in cases}
-    met = [k for k in cases if eager_ms[k] >= 5 * ort_ms[k]]
-    reachable = [k for k in cases if eager_ms[k] >= 5 * floors[k]]
-    name = lambda k: f"{k[0]} B={k[1]} C={k[2]}"  # noqa: E731
+    def ms(self, model: str, impl: str, b: int, c: int) -> float:
+        """The median ms of ``impl``; for "eager static", the faster of its 2- and 1-thread runs."""
+        if impl == "eager static":
+            return min(self.ms(model, "eager static 2 threads", b, c), self.ms(model, "eager static 1 thread", b, c))
+        if impl == "eager static 2 threads":
+            impl = "eager static"
+        return med(self.results.get(model, {}).get("ms", {}).get(f"{impl}|{b}|{c}"))
 
-    eager = [eager_ms[k] / ort_ms[k] for k in cases]
-    dcmha = ratios(("dcmha", "ORT decode"), ("mha", "ORT decode"))
-    unfused = ratios(("mha", "ORT decode unfused"), ("mha", "ORT decode"))
-    span = lambda xs: f"{min(xs):.2f}x-{max(xs):.2f}x"  # noqa: E731
-    return [
-        f"- goal ORT decode >= 5x eager decode: {span(eager)} over every case; met in {len(met)} of "
-        f"{len(cases)} ({', '.join(map(name, met)) or 'none'}); reachable at all (eager >= 5x the floor) in "
-        f"{len(reachable)} ({', '.join(map(name, reachable)) or 'none'})",
-        f"- goal dcmha ORT step within 1.3x of mha's: {span(dcmha)}",
-        f"- lowering (passes/fuse_decode_attention.py): mha unfused / fused step {span(unfused)}",
-    ]
+    def floor(self, model: str, impl: str, b: int, c: int) -> float:
+        n = self.results.get(model, {}).get("bytes", {}).get(f"{impl}|{b}|{c}")
+        return float("nan") if n is None else n / self.gbps / 1e6
 
+    def rows(self):
+        """(model, batch, context) of every measured cell, in the table's order."""
+        for model in self.models:
+            cells = {tuple(map(int, key.split("|")[1:])) for key in self.results[model.name]["ms"]}
+            for b, c in sorted(cells):
+                yield model, b, c
 
-def e2e_table(e2e: dict) -> list[str]:
-    lines = [
-        "| variant | B | decode graph s | rerun prefix s | rerun / decode | decode graph tokens/s |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for (variant, b), runs in sorted(e2e.items()):
-        cached = med([r["e2e decode"] for r in runs if "e2e decode" in r])
-        rerun = med([r["e2e rerun"] for r in runs if "e2e rerun" in r])
+    def step_lines(self) -> list[str]:
+        lines = ["| model | B | context | " + " | ".join(f"{i} ms" for i in IMPLS) + " | floor fp32 ms |"]
+        lines.append("|---|---:|---:|" + "---:|" * (len(IMPLS) + 1))
+        for model, b, c in self.rows():
+            cells = " | ".join(
+                fmt(self.ms(model.name, "eager static 2 threads" if i == "eager static" else i, b, c)) for i in IMPLS
+            )
+            floor = fmt(self.floor(model.name, "ORT growing", b, c))
+            lines.append(f"| {model.name} | {b} | {c} | {cells} | {floor} |")
+        return lines
+
+    def ratio_lines(self) -> list[str]:
+        head = ["eager growing / static", "static / ORT growing", "static / ORT shared", "static / int4"]
+        head += [f"{i} / floor" for i in ORT_IMPLS] + ["dcmha / mha (best ORT)"]
+        lines = ["| model | B | context | " + " | ".join(head) + " |", "|---|---:|---:|" + "---:|" * len(head)]
+        for model, b, c in self.rows():
+            n, static = model.name, self.ms(model.name, "eager static", b, c)
+            values = [
+                self.ms(n, "eager growing", b, c) / static,
+                static / self.ms(n, "ORT growing", b, c),
+                static / self.ms(n, "ORT shared", b, c),
+                static / self.ms(n, "int4", b, c),
+                *(self.ms(n, i, b, c) / self.floor(n, i, b, c) for i in ORT_IMPLS),
+                self.dcmha_ratio(model, b, c),
+            ]
+            lines.append(f"| {n} | {b} | {c} | " + " | ".join(fmt(v, "x") for v in values) + " |")
+        return lines
+
+    def best_ort(self, name: str, b: int, c: int) -> tuple[str, float]:
+        """ORT shared where the model has it, else ORT growing: the graph a user would run."""
+        shared = self.ms(name, "ORT shared", b, c)
+        return ("ORT shared", shared) if shared == shared else ("ORT growing", self.ms(name, "ORT growing", b, c))
+
+    def dcmha_ratio(self, model: Model, b: int, c: int) -> float:
+        if model.variant != "dcmha":
+            return float("nan")
+        return self.best_ort(model.name, b, c)[1] / self.best_ort(model.name.replace("dcmha", "mha"), b, c)[1]
+
+    def goal_lines(self) -> list[str]:
+        ours = [(m, b, c) for m, b, c in self.rows() if m.variant != "llama"]
+        name = lambda m, b, c: f"{m.name} B={b} C={c}"  # noqa: E731
+        allowed, met, ratios = [], [], []
+        for m, b, c in ours:
+            impl, best = self.best_ort(m.name, b, c)
+            static = self.ms(m.name, "eager static", b, c)
+            ratios.append(static / best)
+            if static >= 5 * self.floor(m.name, impl, b, c):
+                allowed.append(name(m, b, c))
+                met += [name(m, b, c)] if static >= 5 * best else []
+        missed = [cell for cell in allowed if cell not in met]
+        lines = [
+            f"- ORT shared fp32 >= 5x eager static where the floor allows it: {span(ratios)} over {len(ours)} cells; "
+            f"the floor allows it (eager static >= 5x floor) in {len(allowed)}, met in {len(met)}"
+            + (f"; missed: {', '.join(missed)}" if missed else "")
+            + f" -> {'met' if allowed and not missed else 'NOT met'}"
+        ]
+        b1 = [(m, b, c) for m, b, c in ours if b == 1]
+        int4 = [self.ms(m.name, "eager static", b, c) / self.ms(m.name, "int4", b, c) for m, b, c in b1]
         lines.append(
-            f"| {variant} | {b} | {cached:.2f} | {rerun:.2f} | {rerun / cached:.1f}x | {b * NEW_TOKENS / cached:.0f} |"
+            f"- int4 >= 5x eager static at batch 1: {span(int4)}; {sum(r >= 5 for r in int4)} of {len(int4)} "
+            f"cells -> {'met' if int4 and min(int4) >= 5 else 'NOT met'}"
         )
-    return lines
+        within, total, per = 0, 0, []
+        for impl in ORT_IMPLS:
+            xs = [self.ms(m.name, impl, b, c) / self.floor(m.name, impl, b, c) for m, b, c in self.rows()]
+            xs = [x for x in xs if x == x]
+            if xs:
+                per.append(f"{impl} {span(xs)} ({sum(x <= 1.5 for x in xs)}/{len(xs)})")
+                within, total = within + sum(x <= 1.5 for x in xs), total + len(xs)
+        lines.append(
+            f"- every ORT step within 1.5x its floor: {within} of {total}; "
+            + "; ".join(per)
+            + f" -> {'met' if total and within == total else 'NOT met'}"
+        )
+        dc = [self.dcmha_ratio(m, b, c) for m, b, c in ours if m.variant == "dcmha"]
+        lines.append(
+            f"- dcmha step <= 1.2x mha step (ORT shared each): {span(dc)}, "
+            f"{sum(x <= 1.2 for x in dc if x == x)} of {sum(x == x for x in dc)} cells -> "
+            f"{'met' if dc and max(dc) <= 1.2 else 'NOT met'}"
+        )
+        anchor = [(m, b, c) for m, b, c in self.rows() if m.variant == "llama"]
+        vs = [self.ms(m.name, "ORT growing", b, c) / self.ms(m.name, "GenAI builder", b, c) for m, b, c in anchor]
+        genai = [self.ms(m.name, "GenAI", b, c) / self.ms(m.name, "GenAI builder", b, c) for m, b, c in anchor]
+        lines.append(
+            f"- ours within 1.1x of GenAI's model builder (the Llama, same weights): our graph as `attn2onnx "
+            f"generate` runs it / the builder's in GenAI {span(vs)}; our GenAI folder / the builder's, both in GenAI "
+            f"{span(genai)} -> {'met' if vs and max(vs) <= 1.1 else 'NOT met'}"
+        )
+        return lines
 
 
-def plot(reps: dict, contexts: list[int], batches: list[int], path: Path) -> None:
-    """Step time against context, one panel per batch, one line per variant and implementation."""
+def plot(table: Table, path: Path) -> None:
+    """Step time against context: one panel per model and batch, one line per engine."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
-    for ax, b in zip(axes[0], batches):
-        for variant in VARIANTS:
-            for impl in IMPLS:
-                ms = [med(reps.get((variant, impl, b, c), [])) for c in contexts]
-                if all(m != m for m in ms):
-                    continue
-                ax.plot(
-                    contexts, ms, marker="o", linestyle="-" if variant == "mha" else "--", label=f"{variant} {impl}"
-                )
+    names = [m.name for m in table.models]
+    panels = sorted({(m.name, b) for m, b, _ in table.rows()}, key=lambda p: (names.index(p[0]), p[1]))
+    cols = 2
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(6 * cols, 3.6 * -(-len(panels) // cols)))
+    axes = np.atleast_1d(axes).reshape(-1)
+    for ax, (name, b) in zip(axes, panels):
+        contexts = sorted({c for m, bb, c in table.rows() if m.name == name and bb == b})
+        for impl in IMPLS:
+            ms = [table.ms(name, impl, b, c) for c in contexts]
+            if any(m == m for m in ms):
+                ax.plot(contexts, ms, marker="o", label=impl)
+        floors = [table.floor(name, "ORT growing", b, c) for c in contexts]
+        ax.plot(contexts, floors, linestyle=":", color="black", label="floor fp32")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("context (cached tokens)")
-        ax.set_ylabel("ms per new token")
-        ax.set_title(f"batch {b}, D={D_MODEL}, N={HEADS}, {LAYERS} layers, {THREADS} threads")
+        ax.set_title(f"{name}, batch {b}", fontsize=9)
+        ax.set_xlabel("context (cached tokens)", fontsize=8)
+        ax.set_ylabel("ms per step", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
+    for ax in axes[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(f"decode step, {THREADS} threads, on a loaded shared machine: read the ratios", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
-# ---------------------------------------------------------------- workers (one subprocess each)
-def worker(impl: str, folder: Path, args: argparse.Namespace) -> dict[str, float]:
-    """One implementation of one variant over every (batch, context), or one end-to-end half:
-    {"B,C": ms} or {"B": s}. Alone in its process, so no other thread pool spins beside it."""
-    import attn2onnx
-    from attn2onnx.generate import DecodeSession
-    from attn2onnx.runtime import session
-
-    torch.set_num_threads(THREADS)
-    if impl == "memory read":
-        return {"gbps": read_gbps()}
-    cases = [(b, c, steps_for(b, c, args)) for b in args.batches for c in args.contexts]
-    if impl in ("ORT decode", "ORT decode unfused"):
-        decoder = DecodeSession(
-            str(folder / ("decode.onnx" if impl.endswith("unfused") else "decode.opt.onnx")), threads=THREADS
-        )
-        return {f"{b},{c}": ort_step_ms(decoder, b, c, steps) for b, c, steps in cases}
-    if impl == "eager decode":
-        model = attn2onnx.load(folder / "lm.pt").eval()
-        return {f"{b},{c}": eager_step_ms(model, b, c, steps) for b, c, steps in cases}
-    prefill = session(str(folder / "prefill.opt.onnx"), threads=THREADS)
-    if impl == "rerun prefix":
-        return {f"{b},{c}": rerun_ms(prefill, b, c) for b, c, _ in cases if b * c <= args.rerun_max_tokens}
-    if impl == "e2e rerun":
-        return {str(b): e2e_rerun_s(prefill, b) for b in args.e2e_batches}
-    decoder = DecodeSession(str(folder / "decode.opt.onnx"), threads=THREADS)
-    return {str(b): e2e_decode_s(decoder, b) for b in args.e2e_batches}
+def method_lines() -> list[str]:
+    """The module docstring's models, engines and method as markdown (one line per paragraph or item)."""
+    paragraphs = __doc__.split("\n\n")
+    engines = paragraphs[2].replace("\n    ", " ").split("\n")
+    return [
+        paragraphs[1].replace("\n", " "),
+        "",
+        *(line.strip().replace("* ", "- ", 1) for line in engines),
+        "",
+        paragraphs[3].replace("\n", " "),
+    ]
 
 
-def run_worker(impl: str, folder: Path, argv: list[str]) -> dict[str, float]:
-    cmd = [sys.executable, __file__, *argv, "--worker", impl, "--folder", str(folder)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def report(results: dict, args: argparse.Namespace) -> str:
+    import onnxruntime
+    import onnxruntime_genai
 
-
-def steps_for(batch: int, context: int, args: argparse.Namespace) -> int:
-    """Timed steps of one case: ``--steps``, or ``--long-steps`` past ``--long-tokens`` cached tokens."""
-    return args.steps if batch * context <= args.long_tokens else args.long_steps
-
-
-def workers_of(variant: str, args: argparse.Namespace, first: bool) -> list[str]:
-    """The workers of one repetition; the end-to-end pair (long: 128 prefix reruns) in the first only."""
-    impls = ["ORT decode", "ORT decode unfused", "eager decode", "rerun prefix"]
-    if variant != "mha":
-        impls.remove("ORT decode unfused")  # the unfused mha graph is the lowering's baseline
-    return impls + (["e2e decode", "e2e rerun"] if args.e2e_batches and first else [])
+    table = Table(results, args)
+    runs = [
+        f"- {name}: `{r['command']}`, {r['date']}, {r['minutes']} min, load average at the end "
+        f"{', '.join(map(str, r['load']))}, peak RSS {r['max_rss_gib']} GiB"
+        for name, r in results.items()
+    ]
+    missing = [
+        f"- {name}: " + "; ".join(f"{impl}: {why}" for impl, why in r["missing"].items() if impl != "GenAI builder")
+        for name, r in results.items()
+        if any(impl != "GenAI builder" for impl in r["missing"])
+    ]
+    skipped = [f"- {name} {cell}: {why}" for name, r in results.items() for cell, why in r["skipped"].items()]
+    low, high = table.gbps_range
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            *method_lines(),
+            "",
+            f"- machine: {cpu_model()}, {os.cpu_count()} CPUs, 32 MiB L3, shared with other jobs (load averages "
+            "below: several times the 2 cores), so the absolute times are several times an idle machine's: read the "
+            f"ratios, measured side by side; onnxruntime {onnxruntime.__version__}, onnxruntime-genai "
+            f"{onnxruntime_genai.__version__}, torch {torch.__version__}, {THREADS} threads everywhere",
+            f"- floor bandwidth: {table.gbps:.1f} GB/s, the best reading of the run (every cell of every repetition "
+            f"reads once: {low:.1f}-{high:.1f} GB/s under the load)",
+            f"- plot: `{PLOT.name}`; raw times and bytes: `{RAW.name}`",
+            "- runs (one per model; `--merge` keeps the other models' results):",
+            *runs,
+            "",
+            *table.step_lines(),
+            "",
+            *table.ratio_lines(),
+            "",
+            "static = eager static at the faster of 2 threads and 1 thread (under this load torch's 2 threads wait "
+            "on each other at every op: often 2-4x slower than 1; ORT runs 2 threads throughout); floor = each "
+            "engine's own (its weights at their stored width). The D=512 int8 / int4 weights (13 / 7 MB) fit the "
+            "32 MiB L3 cache, so those steps can beat a DRAM floor.",
+            "",
+            "Goals (issue 21), against eager static:",
+            "",
+            *table.goal_lines(),
+            "",
+            "Not measured:",
+            "",
+            *skipped,
+            *missing,
+            f"- GenAI builder for mha / dcmha: {BUILDER_REASON}",
+            "",
+            "Checks:",
+            "",
+            *[f"- {note}" for r in results.values() for note in r["notes"]],
+        ]
+    )
 
 
 # ---------------------------------------------------------------- main
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small models and cells, prints only (a smoke test)")
+    parser.add_argument("--models", nargs="+", help="only these models (e.g. mha-512 llama-512)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per case and repetition")
-    parser.add_argument("--long-steps", type=int, default=4, help="timed steps where batch x context > --long-tokens")
+    parser.add_argument("--wide-contexts", type=int, nargs="+", default=[512, 2048, 8192], help="D=2048's")
+    parser.add_argument("--wide-batches", type=int, nargs="+", default=[1, 8], help="D=2048's")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per engine, cell and repetition")
+    parser.add_argument("--long-steps", type=int, default=3, help="timed steps where batch x context > --long-tokens")
     parser.add_argument("--long-tokens", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
-    parser.add_argument(
-        "--rerun-max-tokens",
-        type=int,
-        default=4096,
-        help="rerun prefix only where batch x context <= this (its attention is quadratic)",
-    )
-    parser.add_argument("--e2e-batches", type=int, nargs="*", default=[1], help="batches of the end-to-end run")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions (engines take turns within each)")
+    parser.add_argument("--mem-limit-gb", type=float, default=8.0, help="skip a cell whose peak would pass this")
+    parser.add_argument("--genai-max-tflop", type=float, default=1.0, help="skip GenAI where its prefill costs more")
+    parser.add_argument("--anchor-contexts", type=int, nargs="+", default=[512, 2048], help="the Llama's")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md and the plot alone")
+    parser.add_argument("--merge", action="store_true", help="keep the results of the models not run (from RAW)")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: the table and plot from RAW")
     parser.add_argument(
         "--probe-shared-buffer",
         action="store_true",
         help="print only the one-layer MHA (growing cache) vs GQA (shared buffer) probe at --batches x --contexts",
     )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.batches, args.wide_contexts, args.wide_batches = [32, 96], [1, 2], [32], [1]
+        args.anchor_contexts = [32]
+        args.steps, args.long_steps, args.repeats, args.no_write = 2, 2, 1, True
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.folder, args)))
-        return 0
     if args.probe_shared_buffer:
         return write_probe(args, argv)
-
-    import attn2onnx
-
-    max_len = max(max(args.contexts) + args.steps + 2, PROMPT + NEW_TOKENS)
-    reps: dict[tuple, list[float]] = {}
-    e2e: dict[tuple, list[dict]] = {}
-    fused: dict[str, str] = {}
-    bytes_per_step: dict[tuple, int] = {}
-    bandwidth: list[float] = []
-    began = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for variant in VARIANTS:
-            folder = Path(tmp) / variant
-            folder.mkdir()
-            model = build(variant, max_len)
-            attn2onnx.save(model, folder / "lm.pt")
-            fused[variant] = fused_ops(export_graphs(model, folder)["decode"])
-            bytes_per_step |= {(variant, b, c): step_bytes(model, b, c) for b in args.batches for c in args.contexts}
-        for rep in range(args.repeats):
-            bandwidth.append(run_worker("memory read", Path(tmp), argv)["gbps"])
-            for variant in VARIANTS:
-                for impl in workers_of(variant, args, first=rep == 0):
-                    for key, value in run_worker(impl, Path(tmp) / variant, argv).items():
-                        if impl.startswith("e2e"):
-                            e2e.setdefault((variant, int(key)), []).append({impl: value})
-                        else:
-                            b, c = map(int, key.split(","))
-                            reps.setdefault((variant, impl, b, c), []).append(value)
-    minutes = (time.perf_counter() - began) / 60
-    gbps = max(bandwidth)
-    floors = {k: n / gbps / 1e6 for k, n in bytes_per_step.items()}
-    command = " ".join(["python benchmarks/generate.py", *argv])
-    text = "\n".join(
-        [
-            SECTION,
-            "",
-            f"Token generation, LM with D={D_MODEL}, N={HEADS}, {LAYERS} layers, vocabulary 256, fp32, "
-            f"{THREADS} threads (ORT intra-op and torch). One decode step = one new token per row after "
-            "`context` cached positions "
-            "(random cache contents, all real; the step's cost does not depend on them). ORT decode = the decode "
-            "graph after `attn2onnx optimize --target ort`, run by attn2onnx.generate.DecodeSession (IO binding); "
-            "unfused = the decode graph as exported (mha); eager decode = PyTorch eager DecodeLM with its caches as "
-            "tensors; rerun prefix = one forward of the optimised prefill-only graph over the whole context (the "
-            f"per-token cost without a cache; measured where B x context <= {args.rerun_max_tokens}). Each "
-            "implementation runs in a subprocess of its own (no other thread pool beside it); median of "
-            f"{args.steps} timed steps ({args.long_steps} where B x context > {args.long_tokens}; one forward for "
-            f"rerun) per repetition, median over {args.repeats} interleaved repetitions; the machine is shared, so "
-            "read the ratios. floor = the least a step can read (every fp32 weight once and every cached position "
-            f"once) at this machine's read bandwidth with {THREADS} threads, {gbps:.1f} GB/s (torch sum over 512 MiB, "
-            "best of 5, once per repetition, best repetition): no implementation's step is faster, so eager / floor "
-            "bounds what any implementation can gain over eager.",
-            "",
-            f"- command: `{command}`",
-            f"- date: {time.strftime('%Y-%m-%d')}; machine: {cpu_model()}, {os.cpu_count()} CPUs; "
-            f"load average at the end {os.getloadavg()[0]:.1f}; {minutes:.1f} min in all",
-            "- fused attention in the optimised decode graphs: " + "; ".join(f"{v}: {f}" for v, f in fused.items()),
-            f"- plot: `{PLOT.name}` (step time against context)",
-            "",
-            *step_table(reps, floors, args.contexts, args.batches),
-            "",
-            *growth_lines(reps, args.contexts, args.batches),
-            *goal_lines(reps, floors, args.contexts, args.batches),
-            "",
-            NOTES,
-            "",
-            f"End to end: prefill of a {PROMPT}-token prompt + {NEW_TOKENS} greedy tokens per row, "
-            "wall time of one run (first repetition):",
-            "",
-            *e2e_table(e2e),
-        ]
-    )
+    torch.set_num_threads(THREADS)
+    results = json.loads(RAW.read_text()) if (args.merge or args.report_only) and RAW.exists() else {}
+    for model in [] if args.report_only else models_of(args):
+        results[model.name] = measure_model(model, args, argv)
+        if not args.no_write:  # each model as it is done: a later failure keeps it
+            RAW.write_text(json.dumps(results, indent=1) + "\n")
+    text = report(results, args)
     print(text)
     if not args.no_write:
         replace_section(SECTION, text)
-        plot(reps, args.contexts, args.batches, PLOT)
-        print(f"updated {RESULTS} and {PLOT}")
+        plot(Table(results, args), PLOT)
+        print(f"updated RESULTS.md, {PLOT.name} and {RAW.name}")
     return 0
 
 
