@@ -217,3 +217,40 @@ def test_cache_tensors_pair_by_name(labels, order):
     from attn2onnx.importers.program_decode import pair_order
 
     assert pair_order(labels) == order
+
+
+def test_own_decode_wrapper_as_a_program(tmp_path):
+    """attn2onnx's own DecodeLM (positional inputs, the caches as *past) saved as a program:
+    its decode graph passes the decode check and generates the model's own greedy tokens."""
+    import attn2onnx
+    from attn2onnx.generate import DecodeSession, generate
+    from attn2onnx.models.decode import DecodeLM, cache_specs
+    from attn2onnx.sources import load_source
+    from attn2onnx.validate import check_parity
+    from test_decode import full_forward_greedy
+
+    torch.manual_seed(0)
+    config = attn2onnx.ModelConfig(family="lm", variant="mha", layers=2, d_model=32, heads=4, max_len=64)
+    model = attn2onnx.build_model(config).eval()
+    caches = cache_specs(model)
+    batch, seq = torch.export.Dim("batch", max=16), torch.export.Dim("seq", max=64)
+    past = torch.export.Dim("past", min=0, max=64)
+    example = (
+        torch.randint(0, config.vocab_size, (BATCH, SEQ)),
+        torch.ones(BATCH, PAST + SEQ, dtype=torch.int64),
+        torch.arange(PAST, PAST + SEQ).expand(BATCH, SEQ),
+        *(torch.randn(c.shape(BATCH, PAST)) for c in caches),
+    )
+    dims = ({0: batch, 1: seq}, {0: batch, 1: torch.export.Dim.AUTO}, {0: batch, 1: seq})
+    program = torch.export.export(
+        DecodeLM(model).eval(), example, dynamic_shapes=(*dims, tuple({0: batch, 2: past} for _ in caches))
+    )
+    torch.export.save(program, tmp_path / "own.pt2")
+    lm = load_source(tmp_path / "own.pt2").module.decode_lm()
+    assert (lm.config.vocab_size, lm.config.max_len) == (config.vocab_size, 64)  # max_len: the position table
+    path = tmp_path / "decode.onnx"
+    lm.export_decode(path)
+    assert check_parity(path, lm, decode=True, steps=4).passed
+    prompt = [5, 17, 42, 8]
+    tokens = generate(DecodeSession(str(path)), prompt, 6).tokens
+    assert tokens == full_forward_greedy(model, prompt, 6)
