@@ -40,47 +40,62 @@ BITS = {"int4": 4, "int8": 8}
 # MatMulNBits takes power-of-two blocks from 16; past 128 one scale spans too much of a column.
 BLOCK_SIZES = (16, 32, 64, 128)
 DEFAULT_BLOCK_SIZE = 32
-_MODE = re.compile(r"int(4|8)/block(16|32|64|128)(/asym)?")
+_MODE = re.compile(r"int(4|8)/block(16|32|64|128)(/asym)?(?:/acc([0-4]))?")
 # MatMulNBits' accuracy_level per bit width (None: fp32 compute, weights dequantized per block).
 ACCURACY_LEVEL = {4: None, 8: 4}
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' attribute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
 
 
 @dataclass(frozen=True)
 class QuantMode:
     """How the weights were quantized: ``bits`` (4 or 8) per value, one scale per ``block_size``
-    values along K, and a zero point per block when ``asymmetric``."""
+    values along K, and a zero point per block when ``asymmetric``; ``accuracy_level`` is
+    MatMulNBits' compute (None: this width's default, :data:`ACCURACY_LEVEL`; 4: activations
+    quantized to int8 per block, the fast CPU kernel; 0: fp32 compute)."""
 
     bits: int
     block_size: int = DEFAULT_BLOCK_SIZE
     asymmetric: bool = False
+    accuracy_level: int | None = None
 
     def __str__(self) -> str:
-        return f"int{self.bits}/block{self.block_size}{'/asym' if self.asymmetric else ''}"
+        level = "" if self.accuracy_level is None else f"/acc{self.accuracy_level}"
+        return f"int{self.bits}/block{self.block_size}{'/asym' if self.asymmetric else ''}{level}"
 
     @property
     def weights(self) -> str:
         """``int4`` / ``int8``: the key of this mode's tolerance."""
         return f"int{self.bits}"
 
+    @property
+    def level(self) -> int | None:
+        """The accuracy_level given to ORT's quantizer (None or 0: not written, fp32 compute)."""
+        return ACCURACY_LEVEL[self.bits] if self.accuracy_level is None else self.accuracy_level or None
 
-def quant_mode(weights: str, block_size: int = DEFAULT_BLOCK_SIZE, asymmetric: bool = False) -> QuantMode:
-    """The mode for ``--weights`` / ``--block-size`` / ``--asymmetric``; a UsageError for a
-    width or block size ORT's MatMulNBits does not take."""
+
+def quant_mode(
+    weights: str, block_size: int = DEFAULT_BLOCK_SIZE, asymmetric: bool = False, accuracy_level: int | None = None
+) -> QuantMode:
+    """The mode for ``--weights`` / ``--block-size`` / ``--asymmetric`` / ``--accuracy-level``; a
+    UsageError for a width, block size or level ORT's MatMulNBits does not take."""
     if weights not in BITS:
         raise UsageError(f"--weights {weights!r}: choose from {', '.join(BITS)}")
     if block_size not in BLOCK_SIZES:
         raise UsageError(f"--block-size {block_size}: choose from {', '.join(map(str, BLOCK_SIZES))}")
-    return QuantMode(BITS[weights], block_size, asymmetric)
+    if accuracy_level is not None and accuracy_level not in ACCURACY_LEVELS:
+        raise UsageError(f"--accuracy-level {accuracy_level}: choose from {', '.join(map(str, ACCURACY_LEVELS))}")
+    return QuantMode(BITS[weights], block_size, asymmetric, accuracy_level)
 
 
 def parse_mode(text: str) -> QuantMode:
-    """The :class:`QuantMode` written as ``text`` (``int4/block32``, ``int8/block64/asym``); a
-    UsageError for anything else (the metadata is in a file anyone may edit)."""
+    """The :class:`QuantMode` written as ``text`` (``int4/block32``, ``int8/block64/asym``,
+    ``int4/block32/acc4``); a UsageError for anything else (the metadata is in a file anyone
+    may edit)."""
     match = _MODE.fullmatch(text)
     if match is None:
         shown = text if len(text) <= 40 else text[:40] + "..."
         raise UsageError(f"metadata {QUANTIZED_KEY}: {shown!r} is no quantization mode (e.g. int4/block32)")
-    return QuantMode(int(match[1]), int(match[2]), bool(match[3]))
+    return QuantMode(int(match[1]), int(match[2]), bool(match[3]), None if match[4] is None else int(match[4]))
 
 
 def recorded_mode(model: onnx.ModelProto) -> QuantMode | None:
@@ -165,7 +180,7 @@ def quantize_model(model: onnx.ModelProto, mode: QuantMode) -> int:
             bits=mode.bits,
             block_size=mode.block_size,
             is_symmetric=not mode.asymmetric,
-            accuracy_level=ACCURACY_LEVEL[mode.bits],
+            accuracy_level=mode.level,
         )
         quantizer.process()
     _finish(model, before, count, mode)
@@ -235,7 +250,7 @@ def _quantize_streamed(model: onnx.ModelProto, source: Path, output: Path, mode:
         config = ort.DefaultWeightOnlyQuantConfig(
             block_size=mode.block_size,
             is_symmetric=not mode.asymmetric,
-            accuracy_level=ACCURACY_LEVEL[mode.bits],
+            accuracy_level=mode.level,
             bits=mode.bits,
         )
         count = quantize_streamed(model, source, tmp, ort.DefaultWeightOnlyQuantizer(config), set(targets))

@@ -605,6 +605,29 @@ def decode_parity(
     return ParityReport(compare_decode(path, lm, [], steps, rule=rule, feeds=fed), rule=rule, fed=fed)
 
 
+def _greedy_choices(
+    path: str | os.PathLike, prompts: Sequence[Sequence[int]], new_tokens: int, fed: list[list[int]] | None
+) -> list[list[int]]:
+    """The argmax token of the decode graph at ``path`` at each of ``new_tokens`` steps after
+    each prompt, fed its own choices, or with ``fed`` the tokens given per prompt (teacher-forced)."""
+    from .generate import DecodeSession, check_request
+
+    session = DecodeSession(os.fspath(path))
+    for prompt in prompts:
+        check_request(session, prompt, new_tokens)
+    choices = []
+    for index, prompt in enumerate(prompts):
+        logits = session.prefill(np.asarray([prompt], dtype=np.int64))[0, -1]
+        picked = []
+        for step in range(new_tokens):
+            picked.append(int(logits.argmax()))
+            if step + 1 < new_tokens:
+                token = picked[-1] if fed is None else fed[index][step]
+                logits = session.step(np.asarray([[token]], dtype=np.int64))[0, -1]
+        choices.append(picked)
+    return choices
+
+
 def greedy_agreement(
     path: str | os.PathLike, baseline: str | os.PathLike, prompts: Sequence[Sequence[int]], new_tokens: int
 ) -> float:
@@ -612,23 +635,14 @@ def greedy_agreement(
     one) picks the token the decode graph ``baseline`` (its fp32 original) picks, over every
     prompt of ``prompts`` and ``new_tokens`` steps each. Teacher-forced: both graphs are fed the
     baseline's tokens, so one early disagreement counts once, not for every step after it.
-    A prompt the graphs cannot take is a UsageError (generate.check_request)."""
-    from .generate import DecodeSession, check_request
-
+    The baseline runs first and is closed before the graph at ``path`` loads: one session in
+    memory at a time (a 2.8B fp16 session alone holds ~12 GB). A prompt the graphs cannot take
+    is a UsageError (generate.check_request)."""
     if not prompts:
         raise UsageError("greedy agreement needs at least one prompt")
-    sessions = DecodeSession(os.fspath(path)), DecodeSession(os.fspath(baseline))
-    agreed = 0
-    for prompt in prompts:
-        for session in sessions:
-            check_request(session, prompt, new_tokens)
-        ids = np.asarray([prompt], dtype=np.int64)
-        got, want = (session.prefill(ids)[0, -1] for session in sessions)
-        for step in range(new_tokens):
-            token = int(want.argmax())
-            agreed += int(got.argmax()) == token
-            if step + 1 < new_tokens:
-                got, want = (session.step(np.asarray([[token]], dtype=np.int64))[0, -1] for session in sessions)
+    want = _greedy_choices(baseline, prompts, new_tokens, None)
+    got = _greedy_choices(path, prompts, new_tokens, want)
+    agreed = sum(a == b for mine, theirs in zip(got, want) for a, b in zip(mine, theirs))
     return agreed / (len(prompts) * new_tokens)
 
 

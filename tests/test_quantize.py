@@ -141,6 +141,21 @@ def test_block_size_and_asymmetric_are_recorded(lm, tmp_path) -> None:
     assert check_parity(out, lm["checkpoint"], decode=True).passed
 
 
+def test_accuracy_level_is_written_and_recorded(lm, tmp_path) -> None:
+    """``--accuracy-level 4`` on int4 (the fast int8-compute CPU kernel; int4's default is fp32
+    compute) reaches every MatMulNBits node and the recorded mode; the graph still passes."""
+    out = str(tmp_path / "q.onnx")
+    argv = ["quantize", lm["decode"], "-o", out, "--weights", "int4", "--accuracy-level", "4"]
+    assert cli.main(argv) == 0
+    model = load_onnx(out)
+    assert props(model)[QUANTIZED_KEY] == "int4/block32/acc4"
+    levels = [
+        a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"
+    ]
+    assert levels and set(levels) == {4}
+    assert check_parity(out, lm["checkpoint"], decode=True).passed
+
+
 def test_large_weights_go_to_external_data(lm, tmp_path, monkeypatch) -> None:
     """Past the writer's threshold the weights go to <out>.data (as for a > 2 GB model); an input
     whose weights live in external data is read through them."""
@@ -289,9 +304,11 @@ def test_modes_parse_back() -> None:
     for weights in ("int4", "int8"):
         for block in (16, 32, 64, 128):
             for asym in (False, True):
-                mode = quant_mode(weights, block, asym)
-                assert parse_mode(str(mode)) == mode
-    for text in ("int4", "int4/block32/sym", "INT4/block32", "int4/block256", " int8/block32"):
+                for level in (None, 0, 4):
+                    mode = quant_mode(weights, block, asym, level)
+                    assert parse_mode(str(mode)) == mode
+    assert str(quant_mode("int4", accuracy_level=4)) == "int4/block32/acc4"
+    for text in ("int4", "int4/block32/sym", "INT4/block32", "int4/block256", " int8/block32", "int4/block32/acc5"):
         with pytest.raises(attn2onnx.UsageError):
             parse_mode(text)
 
