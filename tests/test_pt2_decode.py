@@ -214,9 +214,16 @@ def test_other_cache_forms_are_refused_in_one_line(capsys, tmp_path):
     ],
 )
 def test_cache_tensors_pair_by_name(labels, order):
-    from attn2onnx.importers.program_decode import pair_order
+    from attn2onnx.importers.program_decode import is_cache_label, pair_order
 
     assert pair_order(labels) == order
+    assert all(map(is_cache_label, labels)) or labels[0] == "1"
+
+
+def test_other_inputs_are_no_cache():
+    from attn2onnx.importers.program_decode import is_cache_label
+
+    assert not any(map(is_cache_label, ["input_ids", "attention_mask", "cache_position", "use_cache_flag", "x"]))
 
 
 def test_own_decode_wrapper_as_a_program(tmp_path):

@@ -49,14 +49,14 @@ EXPECTED = (
 )
 VARIANT = "torch.export program"  # the decode metadata's variant: validate --decode compares it
 
-_ROOT = re.compile(r"^(past_key_values|present_key_values|present|past|key_values|kv_cache|cache)(?=[._]|$)")
+_ROOT = re.compile(r"^(past_key_values|present_key_values|present|past|key_values|kv_cache)(?=[._]|$)")
 _KINDS = {"key": "key", "keys": "key", "k": "key", "value": "value", "values": "value", "v": "value"}
 
 
 def is_cache_label(label: str) -> bool:
     """Whether an input named ``label`` is (part of) a KV cache, by name."""
     lowered = label.lower()
-    return bool(_ROOT.match(lowered)) or "cache" in lowered
+    return bool(_ROOT.match(lowered) or re.search(r"(key|value|kv)_?cache", lowered))
 
 
 def _slot(label: str) -> tuple[int | None, str | None]:
