@@ -48,6 +48,7 @@ import onnx_ir as ir
 
 from ._ir_utils import (
     Builder,
+    _scope_of,
     attr,
     const_scalar,
     dims,
@@ -111,6 +112,7 @@ class Core:
     out_perm: tuple | None = None
     kpm_heads: int = 1  # heads folded into the batch: each kpm row serves this many rows (b*H + h)
     softcap: float = 0.0  # logits = softcap * tanh(scale * q k^T / softcap) before the mask (Gemma 2)
+    zero_empty: bool = False  # a query row with no allowed key is 0 (SDPA's; ONNX Attention's boolean masks)
 
     def biases(self) -> list[ir.Value]:
         """Every additive mask of the core (its own level's, then the folded view's)."""
@@ -190,8 +192,23 @@ def _mask_chain(value: ir.Value, logits_dims: tuple) -> tuple[ir.Value, dict]:
         else:  # additive masks, outermost first: T5 adds its relative position bias, then the padding mask
             i = _logits_side(node)
             value = node.inputs[i]
+            parts = _additive_boolean(node.inputs[1 - i], logits_dims) if "where" not in found else None
+            if parts is not None:  # Where(allowed, 0, -inf) added: the boolean mask itself
+                found["parts"], found["allowed"], found["negated"], found["where"] = parts, None, False, node
+                continue
             found["more_bias"] = (*found.get("more_bias", ()), found["bias"]) if "bias" in found else ()
             found["bias"] = node.inputs[1 - i]
+
+
+def _additive_boolean(bias: ir.Value, logits_dims: tuple) -> dict | None:
+    """bias = Where(allowed, 0, fill <= FILL_LIMIT) of a recognised key padding / causal mask
+    (torch.onnx's opset-18 SDPA adds its boolean attn_mask so) -> the mask's parts; else None.
+    Adding it is filling with it: a masked logit's weight is 0 either way, and a row with no
+    allowed key is the contract's (or, with :func:`_nan_guard`, SDPA's zeros)."""
+    where = producer(bias, "Where")
+    if where is None or const_scalar(where.inputs[1]) != 0 or _fill(where.inputs[2]) is None:
+        return None
+    return allowed_parts(where.inputs[0], logits_dims[0], logits_dims[-2], logits_dims[-1])
 
 
 def _folded_view(back: ir.Node, logits_dims: tuple) -> bool:
@@ -231,22 +248,36 @@ def _view_masks(back: ir.Node, found: dict) -> ir.Value:
     return view.inputs[0]
 
 
-def _mix(soft: ir.Node, r: int) -> tuple[ir.Node, ir.Value, tuple | None, tuple | None]:
-    """The probabilities' one use: MatMul(probs, v) or an Einsum mix -> (node, v, v perm, out perm).
-    Probabilities [B,H,T,S] viewed back as folded heads [B*H,T,S] (BLOOM) are read through that
-    Reshape (see :func:`_unview`)."""
+def _mix(soft: ir.Node, r: int) -> tuple[ir.Node, ir.Value, tuple | None, tuple | None, bool]:
+    """The probabilities' one use: MatMul(probs, v) or an Einsum mix -> (node, v, v perm, out perm,
+    whether NaN rows are zeroed). Probabilities [B,H,T,S] viewed back as folded heads [B*H,T,S]
+    (BLOOM) are read through that Reshape (see :func:`_unview`), and torch.onnx's SDPA guard
+    ``Where(IsNaN(p), 0, p)`` (a row with no allowed key is 0, as SDPA gives it) through that Where."""
     probs = through_cast(soft.outputs[0], upstream=False)
+    guard = _nan_guard(probs)
+    probs = guard if guard is not None else probs
     fold = _folding_use(probs) if r == 4 else None
     probs = fold.outputs[0] if fold is not None else probs
     uses = list(probs.uses())
     use = uses[0] if single_use(probs) else None
     if use is not None and use.node.domain == "" and use.node.op_type == "Einsum" and len(use.node.inputs) == 2:
         v_perm, out_perm = einsum_mix(use.node, use.idx, r)
-        return use.node, use.node.inputs[1 - use.idx], v_perm, out_perm
+        return use.node, use.node.inputs[1 - use.idx], v_perm, out_perm, guard is not None
     if use is None or use.node.op_type != "MatMul" or use.idx != 0:
         found = ", ".join(f"{u.node.op_type} (input {u.idx})" for u in uses) or "a graph output"
         raise NoMatch(soft, "probabilities used once, as the left input of a MatMul (or an Einsum) with v", found)
-    return use.node, use.node.inputs[1], None, None
+    return use.node, use.node.inputs[1], None, None, guard is not None
+
+
+def _nan_guard(probs: ir.Value) -> ir.Value | None:
+    """probs used only by ``Where(IsNaN(probs), 0, probs)`` (torch.onnx's opset-18 SDPA with a
+    boolean mask) -> that Where's output; else None."""
+    uses = {(u.node.op_type, u.idx): u.node for u in probs.uses()}
+    nan, where = uses.get(("IsNaN", 0)), uses.get(("Where", 2))
+    if probs.is_graph_output() or len(uses) != 2 or nan is None or where is None:
+        return None
+    ok = where.inputs[0] is nan.outputs[0] and single_use(nan.outputs[0]) and const_scalar(where.inputs[1]) == 0
+    return where.outputs[0] if ok else None
 
 
 def _folding_use(probs: ir.Value) -> ir.Node | None:
@@ -320,7 +351,7 @@ def match_softmax_core(soft: ir.Node) -> Core:
     if r not in (3, 4) or axis % r != r - 1:
         over = ": softmax over queries: no fused kernel" if r in (3, 4) and axis % r == r - 2 else ""
         raise NoMatch(soft, "Softmax over the last (key) axis of [B,H,T,S] logits", f"axis {axis} of rank {r}{over}")
-    pv, v, v_perm, out_perm = _mix(soft, r)
+    pv, v, v_perm, out_perm, zero_empty = _mix(soft, r)
     logits, mask = _mask_chain(through_cast(soft.inputs[0], upstream=True), dims(soft.outputs[0]))
     logits = through_cast(logits, upstream=True)  # fp16 logits cast up to fp32 before the mask (the contract)
     if rank(v) == 3 and r == 4:  # probabilities viewed back to folded heads: BLOOM's layout
@@ -353,6 +384,7 @@ def match_softmax_core(soft: ir.Node) -> Core:
         more_bias=mask.get("more_bias", ()),
         view_bias=mask.get("view_bias"),
         softcap=softcap,
+        zero_empty=zero_empty,
     )
     if r == 4:
         _ungroup_kv(core)
@@ -390,11 +422,28 @@ def _ungroup_kv(core: Core) -> None:
     k4 = core.kt if core.kt_perm == (0, 1, 3, 2) else None
     if core.kt_perm is None and (t := producer(core.kt, "Transpose")) is not None and perm_of(t) == (0, 1, 3, 2):
         k4 = t.inputs[0]
+    if k4 is None and core.kt_perm is None:
+        k4 = _folded_transpose_source(core.kt)
     k_src = repeated_heads(k4) if k4 is not None else None
     v_src = repeated_heads(core.v) if core.v_perm is None else None
     if k_src is None or v_src is None or k_src[1] != v_src[1]:
         return
     core.kt, core.kt_perm, core.v = k_src[0], (0, 1, 3, 2), v_src[0]
+
+
+def _folded_transpose_source(kt: ir.Value) -> ir.Value | None:
+    """kt [B,H,d,S] = Reshape(Transpose(Reshape(k [B,H,S,d], [B*H,S,d]), (0, 2, 1)), [B,H,d,S])
+    (torch.onnx's opset-18 SDPA transposes k so) -> k; else None."""
+    back = producer(kt, "Reshape")
+    t = producer(back.inputs[0], "Transpose") if back is not None else None
+    fold = producer(t.inputs[0], "Reshape") if t is not None and perm_of(t) == (0, 2, 1) else None
+    if fold is None:
+        return None
+    k, dk, dt = fold.inputs[0], dims(fold.inputs[0]), dims(kt)
+    if dk is None or dt is None or len(dk) != 4 or len(dt) != 4:
+        return None
+    same = all(same_dim(a, b) for a, b in ((dk[0], dt[0]), (dk[1], dt[1]), (dk[2], dt[3]), (dk[3], dt[2])))
+    return k if same and isinstance(dk[1], int) else None
 
 
 def _check_shapes(core: Core, qk: ir.Node, pv: ir.Node, r: int) -> None:
@@ -433,6 +482,7 @@ def match_onnx_attention(node: ir.Node) -> Core:
         raise NoMatch(node, "4-D q, k, v [B,H,X,d] with constant head counts (k, v: H or H/g)", f"{dq}, {dk}, {dv}")
     scale = attr(node, "scale", None)
     core = Core("onnx_attention", node, node.outputs[0], q, k, v, scale or float(dq[3]) ** -0.5, kt_perm=(0, 1, 3, 2))
+    core.zero_empty = True
     mask = node.inputs[3] if len(node.inputs) > 3 else None
     causal = int(attr(node, "is_causal", 0))
     if causal and not same_dim(dq[2], dk[2]):
@@ -579,7 +629,7 @@ def emit(b: Builder, target: str, core: Core, q3, k3, v3, sizes: tuple, out_dims
             o3 = _emit_with_bias(b, target, q3, k3, v3, heads, core, out_dims)
         if core.softcap:  # targets trt / portable: Attention-23 caps scale * q k^T before its mask, as Gemma 2
             o3.producer().attributes["softcap"] = ir.AttrFloat32("softcap", float(core.softcap))
-    if core.rule == "onnx_attention" and (allowed is not None or (core.parts or {}).get("kpm") is not None):
+    if core.zero_empty and (allowed is not None or (core.parts or {}).get("kpm") is not None):
         o3 = _zero_empty_rows(b, o3, allowed, (core.parts or {}).get("kpm"))
     return o3
 
@@ -725,6 +775,19 @@ def check_rewritable(core: Core, target: str) -> None:
         )
     if core.rule == "onnx_attention" and target != "ort":
         raise NoMatch(core.anchor, "target ort (Attention-23 is already the fused form here)", f"target {target}")
+    _check_opset(core, target)
+
+
+def _check_opset(core: Core, target: str) -> None:
+    """The ops a rewrite emits exist at the model's opset: Attention-23 on trt / portable; on ort
+    the empty-row guard of a padding mask (ReduceMax with its axes as an input: opset 18). A
+    TorchScript export (opset 17) keeps such cores as they are (raise NoMatch)."""
+    opset = _scope_of(core.anchor.graph).top.opset_imports.get("")
+    padding = core.allowed is not None or (core.parts or {}).get("kpm") is not None
+    need = 23 if target != "ort" else 18 if padding else 0
+    if opset is not None and opset < need:
+        what = "ONNX Attention" if target != "ort" else "the empty-row guard of a padding mask"
+        raise NoMatch(core.anchor, f"a model at opset >= {need} ({what})", f"opset {opset}")
 
 
 def match(node: ir.Node, target: str) -> Core:

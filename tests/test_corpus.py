@@ -64,10 +64,12 @@ def _fused(graph) -> int:
     return sum(ops.get(op, 0) for op in FUSED_OPS)
 
 
-def check_parity(entry: corpus.Entry, module: torch.nn.Module, graph) -> None:
+def check_parity(entry: corpus.Entry, module: torch.nn.Module, graph, stock=None) -> None:
+    """``graph`` against the module on every finite row, or against ``stock`` in ORT where given
+    (a core left unfused must compute what the stock export computes)."""
     for seed, (batch, seq) in enumerate(SHAPES):
         feeds = corpus.inputs(entry, batch, seq, seed)
-        expected = _reference(module, feeds)
+        expected = _reference(module, feeds) if stock is None else run_ort(stock, feeds).astype(np.float32)
         got = run_ort(graph, feeds).astype(np.float32)
         rows = np.isfinite(expected).all(axis=-1)
         tol = TOLERANCE[entry.precision]
@@ -101,11 +103,14 @@ def test_portable_and_trt_targets_keep_parity(optimised, entry, target):
     module, stock, graph = optimised(entry, target)
     ops = count_ops(ir.serde.deserialize_model(graph))
     assert all("::" not in op for op in ops), ops
-    if entry.expected is None or entry.gap or entry.portable_gap:
+    unfused = entry.expected is None or entry.gap or entry.portable_gap
+    if unfused:
         assert ops.get("Softmax") == entry.cores and ops.get("Attention", 0) == _fused(stock), ops
     else:
         assert ops.get("Attention") == (entry.fused or entry.cores) and "Softmax" not in ops, ops
-    check_parity(entry, module, graph)
+    # torch.onnx's own SDPA decomposition differs from PyTorch on a row with no allowed key in ORT
+    # (uniform, not 0): an unfused core there is held to the stock export
+    check_parity(entry, module, graph, stock if unfused and entry.exporter else None)
 
 
 def _fused_node(graph) -> ir.Node:

@@ -9,6 +9,7 @@ on padded batches (attn2onnx.validate.check_parity: left / right padding, fp32 t
 
 from __future__ import annotations
 
+import corpus
 import onnx
 import onnx_ir as ir
 import pytest
@@ -33,8 +34,8 @@ CASES = {
     ("llama", "sdpa"): GQA,  # ONNX Attention-23 with a boolean causal + padding mask
     ("gemma", "eager"): GQA,  # multi-query (one K/V head)
     ("bloom", "eager"): MHA,  # folded heads viewed as [B,H,T,S] for the mask, ALiBi added by baddbmm
-    ("t5_encoder", "eager"): MHA,
-    ("gemma2", "eager"): GQA,  # tanh soft-capping: GroupQueryAttention's softcap  # relative position bias [1,H,T,S] plus the padding mask: two Adds
+    ("t5_encoder", "eager"): MHA,  # relative position bias [1,H,T,S] plus the padding mask: two Adds
+    ("gemma2", "eager"): GQA,  # tanh soft-capping: GroupQueryAttention's softcap
 }
 
 
@@ -88,3 +89,18 @@ def test_soft_capping_is_group_query_attentions_softcap(stock):
     nodes = [n for n in optimised.graph.node if n.op_type == "GroupQueryAttention"]
     softcap = source.module.model.config.attn_logit_softcapping
     assert nodes and all(onnx.helper.get_node_attr_value(n, "softcap") == softcap for n in nodes)
+
+
+TORCH_ONNX = [e for e in corpus.ENTRIES if e.exporter and not e.gap]
+
+
+@pytest.mark.parametrize("entry", TORCH_ONNX, ids=lambda e: e.name)
+def test_torch_onnx_sdpa_exports_fuse_by_this_projects_rules(entry):
+    """F.scaled_dot_product_attention exported by the user's own torch.onnx.export (dynamo at
+    opset 18: the scale split as sqrt on q and k, the mask added as Where(mask, 0, -inf), NaN rows
+    zeroed; TorchScript at opset 17: no shapes in the file) fuses in fuse_standard_attention,
+    not only in the onnxscript stage after it (the corpus checks its parity)."""
+    stock = corpus.export(entry, corpus.build(entry))
+    _, report = optimize_model(stock, target="ort")
+    ours = {p["pass"]: p["fused"] for p in report.passes}["fuse_standard_attention"]
+    assert ours.get("MultiHeadAttention (standard)") == entry.cores, report.passes

@@ -33,7 +33,10 @@ class Entry:
     gap: str = ""  # a standard core the rules do not fuse yet: why (explain says it too)
     portable_gap: str = ""  # the same on targets trt / portable only
     pads: bool = False  # its key_padding_mask is True = pad (fed negated)
+    exporter: str = ""  # "": attn2onnx's export; "opset18": torch.onnx dynamo at opset 18; "torchscript": dynamo=False
 
+
+BELOW_23 = "a model below opset 23 has no ONNX Attention to fuse into"
 
 ENTRIES: list[Entry] = [
     Entry("nanogpt_causal", st.NanoGptCausal, False, MHA),
@@ -87,6 +90,18 @@ ENTRIES: list[Entry] = [
     Entry("bloom_view_alibi", st.BloomViewAlibi, True, MHA),
     Entry("t5_relative_bias_padding", st.T5RelativeBiasPadding, True, MHA),
     Entry("gemma2_soft_cap", st.Gemma2SoftCap, True, GQA),
+    Entry("sdpa_causal_opset18", st.SdpaCausal, False, MHA, portable_gap=BELOW_23, exporter="opset18"),
+    Entry("sdpa_bool_mask_opset18", st.SdpaBoolMask, True, MHA, portable_gap=BELOW_23, exporter="opset18"),
+    Entry("sdpa_causal_torchscript", st.SdpaCausal, False, MHA, portable_gap=BELOW_23, exporter="torchscript"),
+    Entry(
+        "sdpa_bool_mask_torchscript",
+        st.SdpaBoolMask,
+        True,
+        MHA,
+        gap="opset 17: the padding mask's empty-row guard needs ReduceMax with axes as an input (opset 18)",
+        exporter="torchscript",
+    ),
+    Entry("gqa_sdpa_padding_opset18", st.GqaSdpaPadding, True, GQA, portable_gap=BELOW_23, exporter="opset18"),
     Entry("masked_fill_pad_true", st.MaskedFillPadTrue, True, MHA, pads=True),
     Entry("torch_mha_pad_true", st.TorchMhaPadTrue, True, MHA, pads=True),
     Entry("fairseq_encoder_pad_true", st.FairseqEncoderPadTrue, True, MHA, pads=True),
@@ -149,4 +164,44 @@ def export(entry: Entry, module: torch.nn.Module):
         args.append(torch.ones(2, 8, dtype=torch.bool))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if entry.exporter:
+            return torch_onnx_export(entry, module, args)
         return to_onnx(copy.deepcopy(module).half() if half else module, args, specs, output_names=["y"])
+
+
+def torch_onnx_export(entry: Entry, module: torch.nn.Module, args: list[torch.Tensor]):
+    """What a user's own ``torch.onnx.export`` gives (dynamic batch and seq, fp32): the dynamo
+    exporter at opset 18 (SDPA decomposed by torchlib: the scale split as sqrt on q and k, a
+    boolean mask added as Where(mask, 0, -inf), NaN rows zeroed) or the TorchScript exporter
+    (``dynamo=False``, opset 17: no shapes in the file)."""
+    import contextlib
+    import io
+
+    import onnx
+
+    names = ["x", "key_padding_mask"][: len(args)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        if entry.exporter == "opset18":
+            dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=st.MAX_LEN)}
+            program = torch.onnx.export(
+                module,
+                tuple(args),
+                dynamo=True,
+                opset_version=18,
+                input_names=names,
+                output_names=["y"],
+                dynamic_shapes=tuple(dims for _ in args),
+            )
+            return program.model_proto
+        buffer = io.BytesIO()
+        torch.onnx.export(
+            module,
+            tuple(args),
+            buffer,
+            dynamo=False,
+            opset_version=17,
+            input_names=names,
+            output_names=["y"],
+            dynamic_axes={name: {0: "batch", 1: "seq"} for name in names},
+        )
+    return onnx.load_from_string(buffer.getvalue())
