@@ -32,10 +32,10 @@ from ..runtime.metadata import SHARED_DIM, require_decode
 
 SHARED_VARIANTS = ("mha", "optimised", "efficient", "dcmha")
 NOT_SHARED = {
-    "super": "its new U rows mix every cached x row before attention runs, a read of the x buffer "
-    "outside the attention op (its decode core is not fused onto standard attention)",
-    "reuse": "its heads pass post-softmax probabilities to the next layer (ProbAttention); "
-    "GroupQueryAttention returns none",
+    "super": "each new U row is a WA-weighted sum of every cached x row, computed outside attention: "
+    "a standard op that reads a buffer's valid rows copies them, the copy shared buffers remove",
+    "reuse": "its heads pass post-softmax probabilities to the next layer, which GroupQueryAttention does "
+    "not return; the standard-op attention that does (ProbAttention) would attend every buffer position",
 }
 
 
