@@ -178,27 +178,25 @@ def cache_form(program: torch.export.ExportedProgram, path: Path) -> CacheForm:
     ids = metas[roles["input_ids"]]
     if ids.dim() != 2 or ids.dtype.is_floating_point or not all(_symbolic(s) for s in ids.shape):
         raise _refuse(path, f"input_ids is {tuple(ids.shape)} {ids.dtype}, not integer [batch, seq] with both Dims")
-    batch = str(ids.shape[0])
     shapes = [tuple(metas[i].shape) for i in past]
-    if (
-        any(len(s) != 4 or str(s[0]) != batch or _symbolic(s[1]) or _symbolic(s[3]) for s in shapes)
-        or len({str(s[2]) for s in shapes}) != 1
-        or not _symbolic(shapes[0][2])
+    if (  # batch and past dynamic (torch need not know each cache's equal to the ids' batch)
+        any(len(s) != 4 or [_symbolic(d) for d in s] != [True, False, True, False] for s in shapes)
         or len({(s[1], s[3]) for s in shapes}) != 1
         or any(not metas[i].dtype.is_floating_point for i in past)
     ):
         shown = sorted({str(tuple(str(d) for d in s)) for s in shapes})
         raise _refuse(path, f"its cache inputs are {', '.join(shown)}, not alike [batch, kv_heads, past, head_dim]")
-    kv_heads, head_dim, past_dim = shapes[0][1], shapes[0][3], shapes[0][2]
+    kv_heads, head_dim = shapes[0][1], shapes[0][3]
     for i in present:
         out = outs[i]
         if out is None or out.dim() != 4 or (out.shape[1], out.shape[3]) != (kv_heads, head_dim):
             raise _refuse(path, f"cache output {i} is {None if out is None else tuple(out.shape)}")
     if outs[logits] is None or outs[logits].dim() != 3 or _symbolic(outs[logits].shape[-1]):
         raise _refuse(path, "its first output (or 'logits') is not logits [batch, seq, vocab]")
-    low = program.range_constraints.get(past_dim.node.expr)
-    if low is not None and low.lower > 0:
-        raise _refuse(path, f"its past Dim starts at {low.lower}: the prefill runs with an empty cache (min=0)")
+    ranges = [program.range_constraints.get(s[2].node.expr) for s in shapes]
+    low = max((r.lower for r in ranges if r is not None), default=0)
+    if low > 0:
+        raise _refuse(path, f"its past Dim starts at {low}: the prefill runs with an empty cache (min=0)")
     return CacheForm(
         roles["input_ids"],
         roles["attention_mask"],
@@ -242,12 +240,13 @@ class ProgramLM(nn.Module):
     full-sequence logits (an empty cache; positions the padded index, as validate --decode feeds
     the decode graph), ``config`` its vocabulary, longest sequence and variant."""
 
-    def __init__(self, call: ProgramDecode, config: LMConfig, dtype: torch.dtype) -> None:
+    def __init__(self, call: ProgramDecode, config: LMConfig, dtype: torch.dtype, batch_max: int | None) -> None:
         super().__init__()
         self.call = call
         self.config = config
         self.caches = cache_specs(len(call.form.past) // 2, call.form.kv_heads, call.form.head_dim)
         self.dtype = dtype
+        self.batch_max = batch_max  # the program's batch Dim maximum: larger batches run in parts
 
     def train(self, mode: bool = True) -> ProgramLM:
         return self  # a loaded program refuses train / eval: it runs as it was exported
@@ -260,6 +259,11 @@ class ProgramLM(nn.Module):
         return self.caches
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        step = self.batch_max or len(input_ids)
+        parts = range(0, len(input_ids), step)
+        return torch.cat([self._logits(input_ids[i : i + step], mask[i : i + step]) for i in parts])
+
+    def _logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, seq = input_ids.shape
         positions = torch.arange(seq).expand(batch, seq)
         empty = [torch.zeros(c.shape(batch, 0), dtype=self.dtype) for c in self.caches]
@@ -296,7 +300,9 @@ def program_lm(program: torch.export.ExportedProgram, path: Path) -> ProgramLM:
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     dtype = nodes[names[form.past[0]]].meta["val"].dtype
     config = LMConfig(int(logits.shape[-1]), _max_len(program, form), VARIANT)
-    return ProgramLM(ProgramDecode(program.module(), program.call_spec.in_spec, form), config, dtype)
+    batch = program.range_constraints.get(nodes[names[form.ids]].meta["val"].shape[0].node.expr)
+    batch_max = int(batch.upper) if batch is not None and batch.upper.is_Integer else None
+    return ProgramLM(ProgramDecode(program.module(), program.call_spec.in_spec, form), config, dtype, batch_max)
 
 
 def takes_cache(program: torch.export.ExportedProgram) -> bool:
