@@ -36,7 +36,7 @@ struct Flash {
   float scale;
   bool causal;
   int64_t window;
-  int64_t Sp, dvb, dvp, nqb;  // dvp: dv rounded up to kCB
+  int64_t Sp, dvb, dvp, nqb;  // dvp: dv rounded up to kVL (the accumulators' row)
   const float* q;             // [B,T,N,d]
   const float* kt;            // [B,Hk,Sp/kCB,d,kCB]
   const float* vp;            // [B,Hk,dvb,Sp,kCB]
@@ -116,11 +116,18 @@ void run_block(const Flash& p, int64_t item) {
         for (int64_t c = 0; c < dvp; c += kVL) vstore(o + c, vload(o + c) * av);
       }
     }
-    // o += e v over the chunk (values packed per kCB head dims).
+    // o += e v over the chunk (values packed per kCB head dims; a last block of kVL columns or
+    // fewer takes the one-vector micro-kernel: at dv = 80 the work of 80 columns, not 96).
     for (int64_t dc = 0; dc < dvp; dc += kCB)
-      for (int64_t i = 0; i < tn; i += kMR)
-        pv_rows<kMR, 2>(tn - i, scores + i * kChunk, kChunk, vb + dc * Sp + c0 * kCB, kCB, w, acc + i * dvp + dc, dvp,
-                        kCB, true);
+      for (int64_t i = 0; i < tn; i += kMR) {
+        const float* e = scores + i * kChunk;
+        const float* vs = vb + dc * Sp + c0 * kCB;
+        if (dvp - dc > kVL) {
+          pv_rows<kMR, 2>(tn - i, e, kChunk, vs, kCB, w, acc + i * dvp + dc, dvp, kCB, true);
+        } else {
+          pv_rows<kMR, 1>(tn - i, e, kChunk, vs, kCB, w, acc + i * dvp + dc, dvp, kVL, true);
+        }
+      }
   }
   for (int64_t i = 0; i < tn; ++i) {
     const float inv = 1.f / l[i];
@@ -223,7 +230,7 @@ struct StandardAttentionKernel {
     p.scale = d == 0 ? 1.f : scale_ != 0.f ? scale_ : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
     p.causal = causal_ != 0;
     p.window = std::min(window_, S);
-    p.Sp = round_up(S, kCB), p.dvb = (dv + kCB - 1) / kCB, p.dvp = p.dvb * kCB, p.nqb = (T + kTq - 1) / kTq;
+    p.Sp = round_up(S, kCB), p.dvb = (dv + kCB - 1) / kCB, p.dvp = round_up(dv, kVL), p.nqb = (T + kTq - 1) / kTq;
     std::vector<float> q32, out32;
     p.q = float_view(q.data, static_cast<size_t>(B * T * N * d), q32);
     if constexpr (std::is_same_v<E, float>) {
