@@ -162,6 +162,18 @@ def test_decode_program_matches_transformers_generate(llama_program, capsys, tmp
     assert status == 0, out + err
 
 
+def test_decode_program_exports_its_full_forward_without_decode(llama_program, capsys, tmp_path):
+    """Without --decode a decode program exports its full-sequence logits (an empty cache):
+    input_ids and attention_mask in, logits out, checked on padded batches within its Dims."""
+    _, program = llama_program
+    path = str(tmp_path / "full.onnx")
+    status, out, err = call(capsys, "export", program, "-o", path)
+    assert status == 0, out + err
+    graph = onnx.load(path)
+    assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in graph.graph.output] == ["logits"]
+
+
 def test_flat_optimum_names_and_genai(capsys, tmp_path, rng):
     """GPT-2 (learned positions: max_len from its table) taking flat past_key_values.{i}.key /
     .value keyword tensors and returning a dict: its decode graph gives transformers' greedy

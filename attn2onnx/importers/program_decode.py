@@ -240,13 +240,15 @@ class ProgramLM(nn.Module):
     full-sequence logits (an empty cache; positions the padded index, as validate --decode feeds
     the decode graph), ``config`` its vocabulary, longest sequence and variant."""
 
-    def __init__(self, call: ProgramDecode, config: LMConfig, dtype: torch.dtype, batch_max: int | None) -> None:
+    def __init__(
+        self, call: ProgramDecode, config: LMConfig, dtype: torch.dtype, ranges: dict[str, tuple[int, int | None]]
+    ) -> None:
         super().__init__()
         self.call = call
         self.config = config
         self.caches = cache_specs(len(call.form.past) // 2, call.form.kv_heads, call.form.head_dim)
         self.dtype = dtype
-        self.batch_max = batch_max  # the program's batch Dim maximum: larger batches run in parts
+        self.ranges = ranges  # the full forward's batch and sequence (the mask's) under the program's Dims
 
     def train(self, mode: bool = True) -> ProgramLM:
         return self  # a loaded program refuses train / eval: it runs as it was exported
@@ -259,7 +261,9 @@ class ProgramLM(nn.Module):
         return self.caches
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        step = self.batch_max or len(input_ids)
+        step = self.ranges["batch"][1]  # a batch past the program's Dim runs in parts (not while exported)
+        if step is None or torch.compiler.is_exporting() or len(input_ids) <= step:
+            return self._logits(input_ids, mask)
         parts = range(0, len(input_ids), step)
         return torch.cat([self._logits(input_ids[i : i + step], mask[i : i + step]) for i in parts])
 
@@ -274,35 +278,35 @@ class ProgramLM(nn.Module):
         return write_decode_graph(self.call, self.config, self.caches, path, opset)
 
 
-def _max_len(program: torch.export.ExportedProgram, form: CacheForm) -> int:
-    """The longest sequence: the rows of a position table position_ids index, else the
-    attention mask's Dim maximum, else :data:`DEFAULT_MAX_LEN`."""
-    from ..sources import _vocabulary
-
-    names = list(program.graph_signature.user_inputs)
-    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    limits = []
-    if form.positions is not None:
-        limits.append(_vocabulary(nodes[names[form.positions]]))
-    total = nodes[names[form.mask]].meta["val"].shape[1]
-    bounds = program.range_constraints.get(getattr(total, "node", None) and total.node.expr)
-    if bounds is not None and bounds.upper.is_Integer:
-        limits.append(int(bounds.upper))
-    return min((n for n in limits if n), default=DEFAULT_MAX_LEN)
+def _dim_range(program: torch.export.ExportedProgram, size: Any) -> tuple[int, int | None]:
+    """(min, max) of a program input's dim ``size`` under its Dims (max None: unbounded)."""
+    bounds = program.range_constraints.get(size.node.expr) if _symbolic(size) else None
+    if bounds is None:
+        return (size, size) if isinstance(size, int) else (0, None)
+    return int(bounds.lower), int(bounds.upper) if bounds.upper.is_Integer else None
 
 
 def program_lm(program: torch.export.ExportedProgram, path: Path) -> ProgramLM:
-    """The decode program ``program`` (read from ``path``) as a :class:`ProgramLM`."""
+    """The decode program ``program`` (read from ``path``) as a :class:`ProgramLM`. Its longest
+    sequence: the rows of a position table position_ids index, else the attention mask's Dim
+    maximum, else :data:`DEFAULT_MAX_LEN`."""
+    from ..sources import _vocabulary
+
     form = cache_form(program, path)
     output = next(n for n in program.graph.nodes if n.op == "output")
     logits = output.args[0][form.logits].meta["val"]
     names = list(program.graph_signature.user_inputs)
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    dtype = nodes[names[form.past[0]]].meta["val"].dtype
-    config = LMConfig(int(logits.shape[-1]), _max_len(program, form), VARIANT)
-    batch = program.range_constraints.get(nodes[names[form.ids]].meta["val"].shape[0].node.expr)
-    batch_max = int(batch.upper) if batch is not None and batch.upper.is_Integer else None
-    return ProgramLM(ProgramDecode(program.module(), program.call_spec.in_spec, form), config, dtype, batch_max)
+    metas = [nodes[name].meta["val"] for name in names]
+    table = _vocabulary(nodes[names[form.positions]]) if form.positions is not None else None
+    ranges = {
+        "batch": _dim_range(program, metas[form.ids].shape[0]),
+        "seq": _dim_range(program, metas[form.mask].shape[1]),
+    }
+    max_len = min((n for n in (table, ranges["seq"][1]) if n), default=DEFAULT_MAX_LEN)
+    config = LMConfig(int(logits.shape[-1]), max_len, VARIANT)
+    call = ProgramDecode(program.module(), program.call_spec.in_spec, form)
+    return ProgramLM(call, config, metas[form.past[0]].dtype, ranges)
 
 
 def takes_cache(program: torch.export.ExportedProgram) -> bool:
@@ -320,7 +324,9 @@ def program_source(program: torch.export.ExportedProgram, path: Path):
         InputSpec("input_ids", ("batch", "seq"), "ids", lm.config.vocab_size),
         InputSpec("attention_mask", ("batch", "seq"), "int_mask"),
     ]
-    return ModelSource(lm, specs, ["logits"], lm.config.max_len)
+    # sizes bounded by the Dims' ranges, not by max_seq: the exporter would declare seq from 0
+    ranges = {name: (max(1, low), high) for name, (low, high) in lm.ranges.items()}
+    return ModelSource(lm, specs, ["logits"], None, ranges)
 
 
 __all__ = ["EXPECTED", "CacheForm", "ProgramLM", "cache_form", "pair_order", "program_lm", "program_source"]
