@@ -506,6 +506,19 @@ def check_export(model: nn.Module, folder: str | Path) -> None:
     plan_caches(cache_specs(check_decodable(model)))
 
 
+def check_shared(variant: str) -> None:
+    """A one-line UsageError for a shared-KV graph (``--shared-kv``) GenAI cannot run: the folder
+    keeps ``past_present_share_buffer`` false, so GenAI hands the graph growing caches and expects
+    presents one step longer. GroupQueryAttention returns those from a past of any length; dcmha's
+    CacheUpdate writes into the buffer it is given, which has no room for the new rows."""
+    if variant == "dcmha":
+        raise UsageError(
+            "--genai with --shared-kv is not supported for dcmha: GenAI hands the graph growing caches "
+            "(past_present_share_buffer false), which have no room for CacheUpdate's new rows; "
+            "write the GenAI folder from the growing graph (without --shared-kv)"
+        )
+
+
 def write_genai_folder(
     decode_path: str | Path, folder: str | Path, *, eos_id: int | None = None, native: bool = True
 ) -> GenAIFolder:
@@ -519,6 +532,8 @@ def write_genai_folder(
     folder = check_folder(folder)
     model = load_onnx(decode_path, load_weights=True)
     meta = require_decode(model, str(decode_path))
+    if meta.shared:
+        check_shared(meta.variant)
     if eos_id is not None and not 0 <= eos_id < meta.vocab_size:
         raise UsageError(f"eos id {eos_id} is outside the model's vocabulary [0, {meta.vocab_size})")
     plans = plan_caches(meta.caches)
@@ -545,6 +560,7 @@ __all__ = [
     "check_export",
     "check_folder",
     "check_request",
+    "check_shared",
     "genai_config",
     "plan_caches",
     "write_byte_tokenizer",

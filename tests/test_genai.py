@@ -28,6 +28,7 @@ from attn2onnx.errors import UsageError  # noqa: E402
 from attn2onnx.genai import CONFIG_FILE, GENAI_KEY, plan_caches, write_byte_tokenizer, write_genai_folder  # noqa: E402
 from attn2onnx.generate import DecodeSession  # noqa: E402
 from attn2onnx.models.decode import DecodeLM, cache_specs, export_decode  # noqa: E402
+from attn2onnx.models.shared_decode import export_shared_decode  # noqa: E402
 from attn2onnx.runtime import native  # noqa: E402
 from test_decode_greedy import (  # noqa: E402
     BATCH_PROMPTS,
@@ -223,6 +224,17 @@ def test_refuses_bad_outputs_and_eos(exported, tmp_path) -> None:
     ):
         with pytest.raises(UsageError, match=words):
             write_genai_folder(decode, folder, eos_id=eos)
+    assert not (tmp_path / "genai").exists()
+
+
+def test_refuses_a_shared_dcmha_graph(exported, tmp_path) -> None:
+    """dcmha with shared KV buffers (``--shared-kv``): GenAI hands the graph growing caches, which
+    have no room for CacheUpdate's new rows (the folder was written and failed at GenAI's first
+    step); one line, no folder."""
+    model, _ = exported("dcmha")
+    shared = export_shared_decode(model, tmp_path / "shared.onnx").path
+    with pytest.raises(UsageError, match="--genai with --shared-kv is not supported for dcmha"):
+        write_genai_folder(shared, tmp_path / "genai")
     assert not (tmp_path / "genai").exists()
 
 
