@@ -2,7 +2,8 @@
 
 Written from what ``pytorch/dcformer/modeling_dcformer.py`` of the Caiyun-AI/DCFormer repository
 computes on a full sequence (``DCFormer.forward`` on a prompt, its prefill path), independently
-of attn2onnx (no attn2onnx import): float64 throughout, the release's own tensor layouts
+of attn2onnx's model code (only the checkpoint's shape table is shared, with
+attn2onnx.streaming.synthetic): float64 throughout, the release's own tensor layouts
 (fused ``wqkv``, grouped ``dw1`` [D,1,4,K] / ``qkw`` [1,4,K,2I,N] / ``dd`` [D,1,4N], static mix
 as ``pre_proj.w`` / ``post_proj.w`` [1,N,N]), its W + 1-key window mask, float16 RoPE table and
 ``finfo(float16).min`` mask fill.
@@ -52,33 +53,15 @@ def full_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def release_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every state-dict key of the release's model for ``config`` and its shape."""
-    c = full_config(config)
-    D, N, L, V, H = c["dim"], c["n_head"], c["n_local_heads"], c["vocab_size"], c["intermediate_size"]
-    d, K, I = D // N, 4 * N, N // (N // 2)
-    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D)}
-    for i in range(c["n_layer"]):
-        p = f"layers.{i}."
-        shapes.update(
-            {
-                p + "attention.wqkv.weight": ((N + 2 * L) * d, D),
-                p + "attention.wo.weight": (D, D),
-                p + "attention.dyn_w_proj.dw1": (D, 1, 4, K),
-                p + "attention.dyn_w_proj.qkw": (1, 4, K, 2 * I, N),
-                p + "attention.dyn_w_proj.dd": (D, 1, 4 * N),
-                p + "attention.dyn_w_proj.pre_proj.w": (1, N, N),
-                p + "attention.dyn_w_proj.post_proj.w": (1, N, N),
-                p + "feed_forward.w1.weight": (H, D),
-                p + "feed_forward.w3.weight": (H, D),
-                p + "feed_forward.w2.weight": (D, H),
-                p + "attention_norm.weight": (D,),
-                p + "ffn_norm.weight": (D,),
-            }
-        )
-        if c["use_qk_norm"]:
-            shapes[p + "attention.q_norm.scale"] = (d,)
-            shapes[p + "attention.k_norm.scale"] = (d,)
-    return shapes
+    """Every state-dict key of the release's model for ``config`` and its shape: the table of
+    :func:`attn2onnx.streaming.synthetic.release_shapes` (one source; the importer checks it
+    against the release's layout), in this module's order (embedding, final norm and head
+    first: the order random_release_state draws in)."""
+    from attn2onnx.streaming.synthetic import release_shapes as shapes_of
+
+    shapes = shapes_of(full_config(config))
+    first = ("tok_embeddings.weight", "norm.weight", "output.weight")
+    return {**{key: shapes[key] for key in first}, **shapes}
 
 
 def random_release_state(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -174,8 +175,9 @@ def write_release_checkpoint(
     """Write ``config.json`` and safetensors shards of random weights (``dtype``) into
     ``folder``, one tensor in memory at a time; yields (shard file, bytes) as each shard is done.
     Several shards get ``model.safetensors.index.json`` (Hugging Face's weight map).
-    ``values=False`` writes headers only, the data left as a hole (a sparse file of the full
-    size, zeros, no disk used): a folder whose sizes are real for checks that read no weight."""
+    ``values=False`` leaves every weight a hole (a sparse file of the full size, zeros, no disk
+    used) but the static head mixes (the identity, as the release stores them without use_sw):
+    a valid checkpoint of zero weights, whose sizes, memory and speed are real (its tokens not)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch_dtype, tag = DTYPES[dtype]
@@ -193,14 +195,15 @@ def write_release_checkpoint(
     for name, keys in zip(names, shards):
         with open(folder / name, "wb") as f:
             f.write(_header(keys, shapes, itemsize, tag))
-            if not values:
-                f.truncate(f.tell() + sum(math.prod(shapes[key]) * itemsize for key in keys))
-                keys = []
             for key in keys:
+                weight_map[key] = name
+                if not values and not key.endswith("_proj.w"):
+                    f.seek(math.prod(shapes[key]) * itemsize, os.SEEK_CUR)  # a hole: zeros
+                    continue
                 tensor = random_tensor(key, shapes[key], config["n_head"]).to(torch_dtype)
                 f.write(_raw(tensor))
                 del tensor
-                weight_map[key] = name
+            f.truncate(f.tell())  # a trailing hole still counts in the size
         yield name, (folder / name).stat().st_size
     if len(shards) > 1:
         total = sum(math.prod(s) * itemsize for s in shapes.values())
