@@ -328,6 +328,7 @@ class ParityReport:
     inputs: list[str] = field(default_factory=list)  # what was drawn per input (io_spec.describe_inputs)
     rule: Tolerance | None = None  # what each output was judged by
     fed: list[dict] = field(default_factory=list, repr=False, compare=False)  # each case's inputs (input_cases)
+    reference: str | None = None  # a large release folder's reference dtype: fp32, or bf16 where fp32 does not fit
 
     @property
     def passed(self) -> bool:
@@ -345,6 +346,7 @@ class ParityReport:
             "fixed": self.fixed,
             "inputs": self.inputs,
             "tolerance": asdict(self.rule) if self.rule else None,
+            "reference": self.reference,
         }
 
     def to_json(self) -> str:
@@ -542,9 +544,12 @@ def check_parity(
     rule = check_rule(path, model, dtype, atol, rtol, error_stat)
     if inputs is not None and shapes is not None:
         raise UsageError("saved inputs set the shapes they were saved at; give either inputs or shapes")
-    source = reference_source(reference, trust_pickle, trust_remote_code)
+    source, reference_dtype = large_reference(reference, path, model)
+    source = source or reference_source(reference, trust_pickle, trust_remote_code)
     if decode:
-        return decode_parity(path, model, source, shapes, backends, seed=seed, steps=steps, rule=rule, inputs=inputs)
+        report = decode_parity(path, model, source, shapes, backends, seed=seed, steps=steps, rule=rule, inputs=inputs)
+        report.reference = reference_dtype
+        return report
     specs = comparison_specs(path, model, source, precision)
     if inputs is not None:
         check_cases(specs, inputs)
@@ -562,7 +567,25 @@ def check_parity(
     fed = list(inputs) if inputs is not None else random_cases(specs, shapes, seed)
     comparisons = compare(reference_runner, runners, specs, rule=rule, feeds=fed, progress=progress)
     drawn = describe_inputs(specs) if inputs is None else [f"{s.name}: the saved values" for s in specs]
-    return ParityReport(comparisons, fixed, drawn, rule, fed)
+    return ParityReport(comparisons, fixed, drawn, rule, fed, reference_dtype)
+
+
+def large_reference(reference: Reference, path: str, model) -> tuple[ModelSource | None, str | None]:
+    """For a release folder past the streaming size (:func:`attn2onnx.streaming.command.large_release`)
+    the reference built in the dtype that fits beside the graph's session, float32 or else the
+    release's bf16 (:func:`attn2onnx.streaming.reference.release_reference`), and that dtype;
+    (None, None) for any other reference (loaded as :func:`reference_source` says)."""
+    if not isinstance(reference, (str, os.PathLike)):
+        return None, None
+    from .onnx_io import model_files
+    from .streaming.command import large_release
+
+    if not large_release(reference):
+        return None, None
+    from .streaming.reference import release_reference
+
+    graph_bytes = sum(f.stat().st_size for f in model_files(path, model))
+    return release_reference(reference, graph_bytes)
 
 
 def decode_parity(

@@ -15,8 +15,12 @@ child's ru_maxrss would count this process's size at the fork). Steps:
   disk, memory-mapped);
 * ``quantize-int4``: ``attn2onnx quantize --weights int4`` of the fp16 decode graph (one weight
   at a time, streamed to external data);
-* ``generate-fp16`` / ``generate-int4``: ``attn2onnx generate`` on the fp16 / int4 decode graph,
-  a 512-token prompt and 8 greedy tokens (batch 1): tokens/s of the decode steps, prefill seconds.
+* ``quantize-int4-acc4``: the same with ``--accuracy-level 4`` (int8 compute);
+* ``generate-fp16`` / ``generate-int4`` / ``generate-int4-acc4``: ``attn2onnx generate`` on that
+  decode graph, a 512-token prompt and 8 greedy tokens (batch 1): tokens/s of the decode steps,
+  prefill seconds;
+* ``agree-int4-acc4``: greedy agreement of that graph with the fp16 decode graph
+  (:func:`attn2onnx.validate.greedy_agreement`, fixed random prompts).
 
 Printed per step: wall s, peak RSS GiB, peak / output weight bytes, GB written. ``--json``
 appends the rows to a file; ``--write-results`` puts them in RESULTS.md's "Real sizes" table.
@@ -32,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 STEPS = (
     "export-fp16",
     "export-fp32",
@@ -40,17 +46,24 @@ STEPS = (
     "in-memory-fp32",
     "optimize-fp16",
     "quantize-int4",
+    "quantize-int4-acc4",
     "generate-fp16",
     "generate-int4",
+    "generate-int4-acc4",
+    "agree-int4-acc4",
 )
 PROMPT = 512  # prompt tokens of the generate step (ids 1..PROMPT), then NEW_TOKENS greedy steps
 NEW_TOKENS = 8
+# agree-*: greedy agreement with the fp16 decode graph (teacher-forced, one session at a time)
+# over AGREE_PROMPTS fixed prompts of AGREE_PROMPT random ids (seed 0), AGREE_TOKENS steps each.
+AGREE_PROMPTS, AGREE_PROMPT, AGREE_TOKENS = 4, 32, 8
 
 
 def _outputs(out: Path, step: str) -> Path:
     name = {
-        "optimize-fp16": "fp16.opt", "quantize-int4": "decode-int4",
-        "generate-fp16": "decode-fp16", "generate-int4": "decode-int4",
+        "optimize-fp16": "fp16.opt", "quantize-int4": "decode-int4", "quantize-int4-acc4": "decode-int4-acc4",
+        "generate-fp16": "decode-fp16", "generate-int4": "decode-int4", "generate-int4-acc4": "decode-int4-acc4",
+        "agree-int4-acc4": "decode-int4-acc4",
     }.get(step, step)  # fmt: skip
     return out / f"{name}.onnx"
 
@@ -70,10 +83,20 @@ def run_step(step: str, folder: Path, out: Path) -> None:
         from attn2onnx.cli import main
 
         assert main(["optimize", str(_outputs(out, "export-fp16")), "-o", str(target), "--target", "ort"]) == 0
-    elif step == "quantize-int4":
+    elif step.startswith("quantize-"):
         from attn2onnx.cli import main
 
-        assert main(["quantize", str(_outputs(out, "decode-fp16")), "-o", str(target), "--weights", "int4"]) == 0
+        level = ["--accuracy-level", "4"] if step.endswith("acc4") else []
+        assert (
+            main(["quantize", str(_outputs(out, "decode-fp16")), "-o", str(target), "--weights", "int4", *level]) == 0
+        )
+    elif step.startswith("agree-"):
+        from attn2onnx.validate import greedy_agreement
+
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(1, 32000, AGREE_PROMPT).tolist() for _ in range(AGREE_PROMPTS)]
+        share = greedy_agreement(target, _outputs(out, "decode-fp16"), prompts, AGREE_TOKENS)
+        print(json.dumps({"agreement": share}))
     elif step.startswith("generate-"):
         from attn2onnx.cli import main
 
@@ -92,6 +115,11 @@ def measure(step: str, folder: Path, out: Path) -> dict:
         raise SystemExit(f"{step} failed:\n{done.stderr[-3000:]}")
     peak = int(done.stdout.split()[-1])
     target = _outputs(out, step)
+    if step.startswith("agree-"):
+        weights = Path(f"{target}.data").stat().st_size
+        share = json.loads(done.stdout.strip().splitlines()[-2])["agreement"]
+        return {"step": step, "wall_s": round(wall, 1), "peak_rss": peak, "weight_bytes": weights, "written": 0,
+                "agreement": share}  # fmt: skip
     if step.startswith("generate-"):  # the output is the decode graph it read; its JSON line the speed
         speed = json.loads(done.stdout.strip().splitlines()[-2])
         weights = Path(f"{target}.data").stat().st_size
@@ -111,7 +139,9 @@ def row(r: dict) -> str:
     return (
         f"| {r['folder']} | {r['step']} | {r['wall_s']:.0f} | {r['peak_rss'] / gib:.2f} | "
         f"{r['peak_rss'] / r['weight_bytes']:.2f} | {r['written'] / 1e9:.2f} |"
-        + (f" {r['tokens_per_s']:.2f} tokens/s, prefill {r['prefill_s']:.1f} s |" if "tokens_per_s" in r else " |")
+        + (f" {r['tokens_per_s']:.2f} tokens/s, prefill {r['prefill_s']:.1f} s |" if "tokens_per_s" in r else "")
+        + (f" greedy agreement {r['agreement']:.0%} |" if "agreement" in r else "")
+        + (" |" if "tokens_per_s" not in r and "agreement" not in r else "")
     )
 
 

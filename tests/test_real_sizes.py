@@ -31,7 +31,13 @@ from attn2onnx.streaming.command import export_release
 from attn2onnx.streaming.export import export_streamed
 from attn2onnx.streaming.limits import available_memory, check_fits, estimate
 from attn2onnx.streaming.release import ReleaseCheckpoint
-from attn2onnx.streaming.synthetic import PRESETS, parameter_count, scaled, write_release_checkpoint
+from attn2onnx.streaming.synthetic import (
+    PRESETS,
+    parameter_count,
+    release_shapes,
+    scaled,
+    write_release_checkpoint,
+)
 from peak_rss import available
 
 TINY = dict(
@@ -65,6 +71,20 @@ def test_lazy_checkpoint_gives_the_import(tiny):
     for name, tensor in state.items():
         assert torch.equal(checkpoint.tensor(name), tensor), name
     assert checkpoint.weight_bytes == parameter_count(TINY) * 2
+
+
+def test_sparse_folder_is_a_checkpoint_of_zeros(tmp_path):
+    """``values=False`` (the 6.9B folder of the benchmarks: no disk used) is a valid release
+    checkpoint: every key in the index's weight map, the static head mixes the identity the
+    release stores (zeros made the importer refuse it: a mix without use_sw), the rest zeros."""
+    import json
+
+    folder = tmp_path / "zeros"
+    list(write_release_checkpoint(folder, TINY, shard_bytes=100_000, values=False))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(release_shapes(TINY))
+    state = import_dcformer(folder).state_dict()
+    assert state and all(not t.any() for k, t in state.items() if k.endswith("weight"))
 
 
 def test_published_sizes():
@@ -184,3 +204,29 @@ def test_export_command_streams_large_release_folders_only(tiny, tmp_path, monke
     for shard in tiny.glob("*.safetensors"):
         (other / shard.name).write_bytes(shard.read_bytes())
     assert not command.streams(argparse.Namespace(model=str(other)))
+
+
+def test_validate_picks_a_bf16_reference_where_float32_does_not_fit(tiny, tmp_path, monkeypatch):
+    """validate against a large release folder (STREAM_FROM lowered to the tiny folder's size):
+    the reference is float32 where it fits beside the graph's session, the release's bf16 where
+    only that fits (said in the report; an int4 graph passes its tolerance against it), and a
+    one-line error where neither does, before anything loads."""
+    from attn2onnx.quantize import quant_mode, quantize_file
+    from attn2onnx.streaming import command, limits
+    from attn2onnx.streaming.reference import reference_bytes
+    from attn2onnx.validate import check_parity
+
+    monkeypatch.setattr(command, "STREAM_FROM", parameter_count(TINY) * 4)
+    decode = export_streamed(tiny, tmp_path / "d.onnx", dtype="fp32", decode=True).path
+    graph = quantize_file(decode, tmp_path / "q.onnx", quant_mode("int4")).bytes_after
+    report = check_parity(tmp_path / "q.onnx", str(tiny), decode=True, steps=2)
+    assert report.passed and report.reference == "fp32"
+    bf16 = reference_bytes(ReleaseCheckpoint(tiny).parameters(), graph, "bf16")
+    monkeypatch.setattr(limits, "available_memory", lambda: bf16)
+    report = check_parity(tmp_path / "q.onnx", str(tiny), decode=True, steps=2)
+    assert report.passed and report.reference == "bf16", report.comparisons
+    assert report.to_dict()["reference"] == "bf16"
+    monkeypatch.setattr(limits, "available_memory", lambda: bf16 - 1)
+    with pytest.raises(UsageError, match="even with a bf16 reference") as err:
+        check_parity(tmp_path / "q.onnx", str(tiny), decode=True, steps=2)
+    assert "\n" not in str(err.value)

@@ -214,6 +214,10 @@ def header_lines(report) -> list[str]:
     lines = [f"input {line}" for line in report.inputs]
     if report.fixed:
         lines.append(f"{describe_fixed(report.fixed)}: the graph runs only there, so it is checked there")
+    if report.reference == "bf16":
+        lines.append("reference: the release folder in bf16 (its float32 does not fit beside the graph's session here)")
+    elif report.reference:
+        lines.append(f"reference: the release folder in {report.reference}")
     return lines
 
 

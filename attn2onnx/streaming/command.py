@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 from ..errors import UsageError
@@ -18,9 +19,14 @@ STREAM_FROM = 2**30  # float32 weight bytes from which a release folder is expor
 
 
 def streams(args: argparse.Namespace) -> bool:
-    """Whether ``args.model`` is a DCFormer release folder of safetensors weights that holds at
-    least :data:`STREAM_FROM` bytes once in float32 (read from the headers, nothing loaded)."""
-    folder = Path(args.model)
+    """Whether ``args.model`` is a large release folder (:func:`large_release`)."""
+    return large_release(args.model)
+
+
+def large_release(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DCFormer release folder of safetensors weights that holds at least
+    :data:`STREAM_FROM` bytes once in float32 (read from the headers, nothing loaded)."""
+    folder = Path(path)
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         return False
     from safetensors import safe_open
@@ -93,4 +99,4 @@ def export_release(args: argparse.Namespace) -> int:
     return finish_check(args, report)
 
 
-__all__ = ["STREAM_FROM", "export_release", "streams"]
+__all__ = ["STREAM_FROM", "export_release", "large_release", "streams"]
