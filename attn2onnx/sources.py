@@ -149,10 +149,11 @@ def _program_source(path: Path, trust_pickle: bool) -> ModelSource:
     program, cause = _load_program(path, trust_pickle)
     if cause is not None and register_pytree_library(cause):  # a Hugging Face ModelOutput, say
         program, cause = _load_program(path, trust_pickle)
+    from .importers.program_decode import cache_object_error, program_source, takes_cache
+
     if cause is not None:
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise UsageError(f"{path}: not a readable torch.export program ({reason})")
-    from .importers.program_decode import program_source, takes_cache
+        raise cache_object_error(path, reason) or UsageError(f"{path}: not a readable torch.export program ({reason})")
 
     if takes_cache(program):  # a decode program: its cache in the documented form
         return program_source(program, path)

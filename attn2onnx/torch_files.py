@@ -205,7 +205,7 @@ def _check_program(path: Path, entries: dict[str, zipfile.ZipInfo]) -> None:
                 raise TorchFileError(path, f"entry {name!r} is {why}; {TRUST_HINT}")
             if name.endswith(("_weights_config.json", "_constants_config.json")):
                 _check_payload_config(path, name, archive.read(info))
-            elif name.startswith("data/sample_inputs/"):
+            elif name.startswith("data/sample_inputs/") and info.file_size:  # empty: saved without any
                 _check_sample_inputs(path, name, archive.read(info))
 
 

@@ -215,6 +215,42 @@ def test_other_cache_forms_are_refused_in_one_line(capsys, tmp_path):
     assert not path.exists()
 
 
+class PairCache:
+    """A cache object of the saver's own, registered as a pytree node only while it saves."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.key, self.value = key, value
+
+
+class CacheObjectLM(torch.nn.Module):
+    def forward(self, input_ids, past_key_values):
+        return input_ids * 2, PairCache(past_key_values.key + 1, past_key_values.value + 1)
+
+
+def test_a_cache_object_is_refused_naming_the_form(capsys, tmp_path):
+    """A program holding a cache object (a DynamicCache registered by the code that saved it)
+    does not load elsewhere: one line naming the form to save instead."""
+    pytree = torch.utils._pytree
+    pytree.register_pytree_node(
+        PairCache,
+        lambda c: ([c.key, c.value], None),
+        lambda leaves, _: PairCache(*leaves),
+        serialized_type_name=f"{__name__}.PairCache",
+        flatten_with_keys_fn=lambda c: ([(pytree.GetAttrKey(k), getattr(c, k)) for k in ("key", "value")], None),
+    )
+    try:
+        cache = PairCache(torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8))
+        program = torch.export.export(CacheObjectLM(), (torch.ones(2, 3, dtype=torch.int64), cache))
+        program._example_inputs = None  # saved, they would be a pickle (refused before the cache's turn)
+        torch.export.save(program, tmp_path / "object.pt2")
+    finally:
+        pytree._deregister_pytree_node(PairCache)
+    status, _, err = call(capsys, "export", str(tmp_path / "object.pt2"), "-o", str(tmp_path / "d.onnx"), "--decode")
+    assert status == 2
+    assert_one_line_error(err, "it holds a PairCache object")
+    assert "per layer a (key, value) pair" in err
+
+
 @pytest.mark.parametrize(
     "labels,order",
     [

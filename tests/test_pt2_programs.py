@@ -177,3 +177,12 @@ def test_bool_mask_of_unknown_convention_gets_rows_of_both_values(tmp_path, caps
     status, out, err = call(capsys, "export", str(path), "-o", str(tmp_path / "m.onnx"), "--optimize")
     assert status == 0, out + err
     assert "unknown convention" in out
+
+
+def test_a_program_saved_without_sample_inputs_loads(tmp_path):
+    """A program without example inputs has an empty sample_inputs entry: nothing to check, not
+    a damaged archive (it was refused as one)."""
+    program = torch.export.export(TwoOutputs().eval(), (torch.randn(2, 8),))
+    program._example_inputs = None
+    torch.export.save(program, tmp_path / "bare.pt2")
+    assert load_source(tmp_path / "bare.pt2").output_names == ["output_0", "output_1"]

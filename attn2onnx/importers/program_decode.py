@@ -309,6 +309,18 @@ def program_lm(program: torch.export.ExportedProgram, path: Path) -> ProgramLM:
     return ProgramLM(call, config, metas[form.past[0]].dtype, ranges)
 
 
+def cache_object_error(path: Path, reason: str) -> UsageError | None:
+    """The one-line error for a program that does not load because it holds a cache object
+    (a DynamicCache registered as a pytree node by the code that saved it; loading has no such
+    code): what form to save instead. None for any other reason."""
+    from ..torch_files import _NOT_REGISTERED
+
+    found = _NOT_REGISTERED.search(reason)
+    if found is None or not found.group(2).endswith("Cache"):
+        return None
+    return _refuse(path, f"it holds a {found.group(2)} object, which loads only with the code that registered it")
+
+
 def takes_cache(program: torch.export.ExportedProgram) -> bool:
     """Whether ``program`` has an input named as a cache (then it must have the decode form)."""
     return any(is_cache_label(name) for name in program.graph_signature.user_inputs)
