@@ -172,7 +172,7 @@ def _mask_chain(value: ir.Value, logits_dims: tuple) -> tuple[ir.Value, dict]:
         node = producer(value, ("Where", "Add", "Reshape"))
         view = node is not None and node.op_type == "Reshape" and _folded_view(node, logits_dims)
         if node is None or (node.op_type == "Reshape" and not view):
-            return value, found
+            return value, _as_boolean(found, logits_dims)
         if not single_use(value):
             raise NoMatch(node, "masked logits used once (by the Softmax)", f"{len(list(value.uses()))} uses")
         if view:
@@ -192,12 +192,17 @@ def _mask_chain(value: ir.Value, logits_dims: tuple) -> tuple[ir.Value, dict]:
         else:  # additive masks, outermost first: T5 adds its relative position bias, then the padding mask
             i = _logits_side(node)
             value = node.inputs[i]
-            parts = _additive_boolean(node.inputs[1 - i], logits_dims) if "where" not in found else None
-            if parts is not None:  # Where(allowed, 0, -inf) added: the boolean mask itself
-                found["parts"], found["allowed"], found["negated"], found["where"] = parts, None, False, node
-                continue
             found["more_bias"] = (*found.get("more_bias", ()), found["bias"]) if "bias" in found else ()
             found["bias"] = node.inputs[1 - i]
+
+
+def _as_boolean(found: dict, logits_dims: tuple) -> dict:
+    """The masks found, with a lone additive mask Where(allowed, 0, fill) read as the boolean
+    mask it adds (:func:`_additive_boolean`) where there is no other mask."""
+    bias = found.get("bias")
+    alone = bias is not None and not found.get("more_bias") and set(found) <= {"bias", "more_bias"}
+    parts = _additive_boolean(bias, logits_dims) if alone else None
+    return found if parts is None else {"parts": parts, "allowed": None, "negated": False, "where": bias.producer()}
 
 
 def _additive_boolean(bias: ir.Value, logits_dims: tuple) -> dict | None:
