@@ -1,8 +1,8 @@
 """Decode benchmark (issue 21 "Measure"): one decode step (one new token per row) of the same
 LM in every engine, side by side in one process, 2 threads, against a competent eager baseline.
 
-Models: mha and dcmha LMs (4 layers, vocabulary 256, swiglu MLP, random weights) at D=512 (N=8)
-and D=2048 (N=16), and for the GenAI anchor a transformers Llama of the D=512 size. Engines:
+Models: mha and dcmha LMs (vocabulary 256, swiglu MLP, random weights) at D=512 (N=8, 4 layers)
+and D=2048 (N=16, 2 layers), and for the GenAI anchor a transformers Llama of the D=512 size. Engines:
 
   * eager static: PyTorch eager with a static KV cache (buffers allocated once, new rows written
     in place, attention over the valid prefix: benchmarks/_decode_cells.StaticCacheLM, as
@@ -70,6 +70,7 @@ PROBE_SECTION = "## Decode: shared cache buffer probe"
 PLOT = Path(__file__).with_name("decode_step.png")
 RAW = Path(__file__).with_name("decode_step.json")
 D_MODEL, HEADS, LAYERS = 512, 8, 4  # the D=512 models (and the one-layer probe's size)
+WIDE_LAYERS = 2  # the D=2048 models: 100M parameters, each engine's copy 0.4 GB (the RAM is shared)
 IMPLS = (
     "eager static",
     "eager static 1 thread",
@@ -242,11 +243,12 @@ def models_of(args: argparse.Namespace, every: bool = False) -> list[Model]:
     """The table's models (``--models`` picks some by name, e.g. mha-512 llama-512; ``every``:
     all of them)."""
     d, wide, layers, heads, wide_heads = (64, 128, 2, 4, 4) if args.quick else (D_MODEL, 2048, LAYERS, HEADS, 16)
+    wide_layers = WIDE_LAYERS if not args.quick else layers
     models = [
         Model(f"mha-{d}", "mha", d, heads, layers, False),
         Model(f"dcmha-{d}", "dcmha", d, heads, layers, False),
-        Model(f"mha-{wide}", "mha", wide, wide_heads, layers, True),
-        Model(f"dcmha-{wide}", "dcmha", wide, wide_heads, layers, True),
+        Model(f"mha-{wide}", "mha", wide, wide_heads, wide_layers, True),
+        Model(f"dcmha-{wide}", "dcmha", wide, wide_heads, wide_layers, True),
         Model(f"llama-{d}", "llama", d, heads, layers, False),
     ]
     return [m for m in models if every or not args.models or m.name in args.models]
