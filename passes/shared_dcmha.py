@@ -44,6 +44,7 @@ P = "shared_dcmha"  # prefix of the names this pass adds
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
+    """Attribute ``name`` of ``node`` as a Python value, ``default`` when the node has none."""
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
@@ -72,6 +73,7 @@ CONSTANTS = {
     f"{P}_one_1d": np.array([1], np.int64),
     f"{P}_axis1": np.array([1], np.int64),
     f"{P}_false": np.array([False]),
+    f"{P}_zero_float": np.array(0.0, np.float32),
 }
 
 
@@ -188,7 +190,6 @@ def share_dcmha_buffers(
     windows = sorted({int(_attr(n, "window", 0)) for n in layers})
     prelude = _lengths(mask, ids)
     init = dict(CONSTANTS)
-    init[f"{P}_zero_float"] = np.array(0.0, np.float32)
     conditions: dict[int, tuple[str, str]] = {}
     for window in windows:
         nodes, valid, blind = _window_keys(window)
