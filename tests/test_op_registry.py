@@ -72,7 +72,7 @@ def test_doctor_lists_each_ops_backends(capsys):
     report = json.loads(capsys.readouterr().out)
     for kind, check in {"native": "native_kernels", "triton": "triton", "tensorrt": "tensorrt"}.items():
         assert report[check]["ops"] == sorted(n for n, op in custom_ops.REGISTRY.items() if kind in op.backends.names())
-    assert report["native_kernels"]["ops"] == ["DcmhaAttention"]
+    assert report["native_kernels"]["ops"] == ["CacheUpdate", "DcmhaAttention", "StandardAttention"]
     assert report["native_kernels"]["usable"] == native.available()
     assert main(["doctor"]) == 0
     lines = capsys.readouterr().out.splitlines()

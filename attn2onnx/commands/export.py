@@ -358,7 +358,12 @@ def run_decode(args: argparse.Namespace, progress) -> int:
     if args.shared_kv:
         from ..models.shared_decode import check_shareable, export_shared_decode
 
-        check_shareable(getattr(getattr(lm, "config", None), "variant", type(lm).__name__))
+        variant = getattr(getattr(lm, "config", None), "variant", type(lm).__name__)
+        check_shareable(variant)
+        if args.genai is not None:
+            from ..genai import check_shared
+
+            check_shared(variant)
     if args.genai is not None:
         from ..genai import check_export
 
