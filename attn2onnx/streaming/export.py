@@ -148,8 +148,9 @@ def export_streamed(
 
     if dtype not in ("fp32", "fp16"):
         raise UsageError(
-            f"a {dtype} graph is not valid ONNX for this model (opset 23's Einsum takes no bfloat16); "
-            "export fp16 or fp32 (the bf16 checkpoint converts exactly to fp32)"
+            f"a {dtype} graph is not valid ONNX for this model (opset 23's Einsum takes no bfloat16) and ONNX "
+            "Runtime's CPU runs no bfloat16 MatMul, Add or Mul; export fp16 or fp32 (the bf16 checkpoint "
+            "converts exactly to fp32)"
         )
     checkpoint = checkpoint or ReleaseCheckpoint(folder)
     model = meta_model(checkpoint, dtype)
