@@ -263,6 +263,13 @@ def test_export_genai_option(exported, tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert err.startswith("attn2onnx: error: ") and words in err and err.count("\n") == 1
         assert not out.exists() and not folder.exists()
+    dcmha = tmp_path / "dcmha.pt"
+    attn2onnx.save(exported("dcmha")[0], str(dcmha))
+    argv = ["export", str(dcmha), "-o", str(out), "--decode", "--shared-kv", "--genai", str(folder)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--genai with --shared-kv is not supported for dcmha" in err and err.count("\n") == 1
+    assert not out.exists() and not folder.exists()
     assert cli.main(["export", str(checkpoint), "-o", str(out), "--decode", "--genai", str(folder)]) == 0
     assert f"wrote {folder}: genai_config.json" in capsys.readouterr().out
     got, _ = genai_greedy(folder, [PROMPT], len(PROMPT) + NEW_TOKENS)
