@@ -3,7 +3,8 @@
 optimizer, each on the same stock export; then ours vs the stock export in ORT at a realistic size.
 
   python benchmarks/hf_architectures.py                 both tables into RESULTS.md "Transformers folders"
-  python benchmarks/hf_architectures.py --fusion-only   the fusion table only (tiny models, ~10 min)
+  python benchmarks/hf_architectures.py --fusion-only   the fusion table only (tiny models, ~10 min); the
+                                                        section keeps the speed table of the last full run
 
 Fusion: every architecture of tests/hf_configs.py (tiny random weights, eager attention, as
 ``attn2onnx export DIR`` loads it), exported once with ``attn2onnx export``; cores = the stock
@@ -31,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hf_configs  # noqa: E402
-from _results import cpu_model, replace_section  # noqa: E402
+from _results import RESULTS, cpu_model, replace_section  # noqa: E402
 
 FUSED = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "PackedAttention", "DcmhaAttention")
 ORT_TOOL_TYPES = {"gpt2": "gpt2", "bert": "bert", "roberta": "bert", "t5": "t5", "vit": "vit"}
 SECTION = "## Transformers folders"
+SPEED_HEADER = "Speed, batch 1, ORT CPU at 2 threads"
 
 # Realistic sizes for the speed table: hidden 1024, 16 heads, 2 layers.
 WIDE = {
@@ -191,10 +193,12 @@ def write(fusion: list[dict], speed: list[dict], command: str) -> None:
             continue
         cells = (row["architecture"], row["cores"], row["ours"], row["onnxscript"], row["ort_tool"])
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    if speed:
+    if not speed:
+        lines += previous_speed_table()
+    else:
         lines += [
             "",
-            "Speed, batch 1, ORT CPU at 2 threads, hidden 1024, 16 heads, 2 layers (median ms of interleaved runs):",
+            f"{SPEED_HEADER}, hidden 1024, 16 heads, 2 layers (median ms of interleaved runs):",
             "",
             "| architecture | T | stock export | ours (`--target ort`) | stock / ours |",
             "|---|---|---|---|---|",
@@ -205,6 +209,19 @@ def write(fusion: list[dict], speed: list[dict], command: str) -> None:
                 f"| {row['stock_ms'] / row['ours_ms']:.2f}x |"
             )
     replace_section(SECTION, "\n".join(lines))
+
+
+def previous_speed_table() -> list[str]:
+    """The speed table of the section's last full run (a --fusion-only run keeps it), from its
+    header line to the end of the table; none if the section has none."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    start = text.find(SPEED_HEADER, text.find(SECTION)) if SECTION in text else -1
+    if start < 0:
+        return []
+    lines = text[start:].splitlines()
+    end = next((i for i, line in enumerate(lines) if i > 2 and not line.startswith("|")), len(lines))
+    header = lines[0] if "last full run" in lines[0] else lines[0].rstrip(":") + ", from the last full run:"
+    return ["", header, *lines[1:end]]
 
 
 def main() -> None:

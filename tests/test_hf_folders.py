@@ -1,6 +1,6 @@
 """Hugging Face transformers folders (issue 20 item 1): ``attn2onnx export DIR``.
 
-Tiny random-weight models of 14 architectures (tests/hf_configs.py), saved locally with
+Tiny random-weight models of 15 architectures (tests/hf_configs.py), saved locally with
 save_pretrained, are read as model sources (the installed transformers builds them; weights
 from safetensors only), exported with dynamic batch and sequence and checked against the
 transformers model on padded batches. By default each architecture runs with one attention
