@@ -79,6 +79,7 @@ from ._match import (
     through_cast,
     transposed,
 )
+from . import native_attention
 from .lower_attention import MS_DOMAIN, NEG, emit_fused_attention, guard_empty_rows, pack_projections
 from .lower_attention import _allowed_from_parts as allowed_from_parts
 
@@ -589,7 +590,7 @@ def _folded_kpm(b: Builder, kpm: ir.Value, heads: int) -> ir.Value:
     return b.op("Flatten", [rows], {"axis": 2}, dtype=kpm.dtype, shape=None)
 
 
-def rewrite(core: Core, target: str) -> None:
+def rewrite(core: Core, target: str, native: bool = False) -> None:
     """Replace the core by one fused op on [B,X,H*d] tensors."""
     b = Builder(core.anchor, "std_attn")
     if (core.parts or {}).get("kpm_pads"):  # a "True = pad" mask: the fused ops take True = real
@@ -609,21 +610,26 @@ def rewrite(core: Core, target: str) -> None:
         k3 = transposed(b, core.kt, list(_compose(core.kt_perm, (0, 2, 1))))
         v3 = transposed(b, core.v, list(core.v_perm or (0, 1, 2)))
     out_dims = (dq[0], dq[-2], heads * dv[-1])
-    o3 = emit(b, target, core, q3, k3, v3, (heads, kv_heads, d, dv[-1]), out_dims)
+    o3 = emit(b, target, core, q3, k3, v3, (heads, kv_heads, d, dv[-1]), out_dims, native)
     _replace_output(b, core, o3, heads, dv[-1])
 
 
-def emit(b: Builder, target: str, core: Core, q3, k3, v3, sizes: tuple, out_dims) -> ir.Value:
+def emit(b: Builder, target: str, core: Core, q3, k3, v3, sizes: tuple, out_dims, native: bool = False) -> ir.Value:
     """The one place that chooses the fused op for a matched core on q [B,T,H*d], k / v
     [B,S,Hkv*d]: ``sizes`` = (H, Hkv, d, dv). Grouped K/V (Hkv < H) or tanh soft-capping on
     target ort -> GroupQueryAttention (:func:`gqa_fits`); otherwise K/V repeated to H heads and
     MultiHeadAttention (ort) / Attention-23 (trt, portable; its ``softcap`` for soft-capping).
-    ONNX Attention's boolean masks keep SDPA's zero rows where no key is allowed."""
+    ONNX Attention's boolean masks keep SDPA's zero rows where no key is allowed. With ``native``
+    (target ort), a core whose class measured faster on the native kernel becomes StandardAttention
+    on the K/V heads as they are (passes/native_attention.py)."""
     heads, kv_heads, d, dv = sizes
     allowed = core.allowed
     if core.negated:
         allowed = b.op("Not", [core.allowed], dtype=ir.DataType.BOOL, shape=dims(core.allowed))
-    if (kv_heads != heads or core.softcap) and gqa_fits(core, target):
+    plain = not core.biases() and not core.softcap
+    if plain and native_attention.choose(target, core.parts, allowed, d, out_dims[1], native):
+        o3 = native_attention.emit(b, q3, k3, v3, heads, kv_heads, core.scale, core.parts, out_dims)
+    elif (kv_heads != heads or core.softcap) and gqa_fits(core, target):
         o3 = _group_query_attention(b, core, q3, k3, v3, allowed, (heads, kv_heads), out_dims)
     else:
         if kv_heads != heads:
@@ -802,7 +808,7 @@ def match(node: ir.Node, target: str) -> Core:
     return core
 
 
-def fuse_standard_attention(model: ir.Model, target: str) -> int:
+def fuse_standard_attention(model: ir.Model, target: str, native: bool = False) -> int:
     """Fuse every standard attention core of every scope; returns how many fused."""
     count = 0
     for node in scope_nodes(model):
@@ -812,11 +818,12 @@ def fuse_standard_attention(model: ir.Model, target: str) -> int:
             core = match(node, target)
         except NoMatch:
             continue
-        rewrite(core, target)
+        rewrite(core, target, native)
         count += 1
     if count:
         if target == "ort":
             model.opset_imports.setdefault(MS_DOMAIN, 1)
+        native_attention.attach_function(model)
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return count
 
@@ -864,17 +871,22 @@ def full_query_axis_masks(model: ir.Model) -> int:
 class FuseStandardAttentionPass(ir.passes.InPlacePass):
     """Standard attention cores -> fused attention for ``target``, then projection packing."""
 
-    def __init__(self, target: str = "ort") -> None:
+    def __init__(self, target: str = "ort", native: bool = True) -> None:
         super().__init__()
         self.target = target
+        self.native = native  # StandardAttention where faster (target ort)
         self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         infer_missing_shapes(model)
-        fused = fuse_standard_attention(model, self.target)
+        before = native_attention.count(model)
+        fused = fuse_standard_attention(model, self.target, self.native)
+        on_native = native_attention.count(model) - before
         packed = pack_projections(model) if fused else 0
         op = "MultiHeadAttention" if self.target == "ort" else "Attention"
-        self.counts = {f"{op} (standard)": fused, "packed MatMul": packed}
+        self.counts = {f"{op} (standard)": fused - on_native, "packed MatMul": packed}
+        if on_native:
+            self.counts[f"{native_attention.OP} (standard)"] = on_native
         if self.target != "ort":
             self.counts["Attention mask expanded"] = full_query_axis_masks(model)
         return ir.passes.PassResult(model, bool(fused or self.counts.get("Attention mask expanded")))
