@@ -1,4 +1,5 @@
-"""The kernel cases of tests/fuzz/native_cases.py under AddressSanitizer and UndefinedBehaviorSanitizer.
+"""The kernel cases of tests/fuzz/native_cases.py (DcmhaAttention) and standard_cases.py
+(StandardAttention) under AddressSanitizer and UndefinedBehaviorSanitizer.
 
 The library is built a second time with ``native.SANITIZER_FLAGS`` (cached apart from the regular
 build) and the cases run in a plain ONNX Runtime session in a child Python that preloads the
@@ -10,6 +11,7 @@ sanitizer runtimes the test skips, saying why.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -18,8 +20,11 @@ from fuzz import native_cases
 
 from attn2onnx.runtime import native
 
+CASE_MODULES = ["fuzz.native_cases", "fuzz.standard_cases"]  # DcmhaAttention's, StandardAttention's
 
-def test_kernel_cases_under_sanitizers():
+
+@pytest.mark.parametrize("module", CASE_MODULES)
+def test_kernel_cases_under_sanitizers(module):
     reason = native.unavailable_reason()
     if reason is not None:
         skip_or_fail(f"native kernel library unavailable: {reason}")
@@ -36,5 +41,6 @@ def test_kernel_cases_under_sanitizers():
         UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
     )
     env.pop("ATTN2ONNX_NATIVE_LIB", None)
-    broken = native_cases.failures(native_cases.run_cases(library, env))
+    results = native_cases.run_cases(library, env, module=module)
+    broken = native_cases.failures(results, importlib.import_module(module).cases())
     assert not broken, "\n".join(f"{case}: {'; '.join(found)}" for case, found in broken.items())
