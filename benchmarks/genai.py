@@ -19,7 +19,6 @@ machine is shared, so read the ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,29 +29,24 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _decode_cells import THREADS, build, set_genai_threads  # noqa: E402
 from _results import cpu_model, replace_section  # noqa: E402
 
 SECTION = "## Decode: ONNX Runtime GenAI"
 VARIANTS = ("mha", "dcmha")
-D_MODEL, HEADS, LAYERS, THREADS = 512, 8, 4, 2
 
 
 def make_folder(variant: str, max_len: int, folder: Path) -> tuple[str, Path]:
     """The optimised decode graph of a random-weight LM and its GenAI folder (2 threads)."""
     import attn2onnx
-    from attn2onnx.genai import CONFIG_FILE, write_genai_folder
+    from attn2onnx.genai import write_genai_folder
     from attn2onnx.models.decode import export_decode
 
-    config = attn2onnx.ModelConfig(
-        family="lm", variant=variant, layers=LAYERS, d_model=D_MODEL, heads=HEADS, max_len=max_len
-    )
     decode, optimized = folder / "decode.onnx", folder / "decode.opt.onnx"
-    export_decode(attn2onnx.build_model(config).eval(), decode)
+    export_decode(build(variant, max_len), decode)
     attn2onnx.optimize(decode, optimized, target="ort")
     genai = write_genai_folder(optimized, folder / "genai").path
-    settings = json.loads((genai / CONFIG_FILE).read_text())
-    settings["model"]["decoder"]["session_options"].update(intra_op_num_threads=THREADS, inter_op_num_threads=1)
-    (genai / CONFIG_FILE).write_text(json.dumps(settings, indent=2))
+    set_genai_threads(genai)
     return str(optimized), genai
 
 
