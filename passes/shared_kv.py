@@ -60,10 +60,19 @@ def _empty_rows(producers: dict[str, onnx.NodeProto], bias: str) -> str:
 
 
 def _uniform_fix(
-    name: str, empty: str, present_value: str, total: str, out: str, fixed: str, width: int, elem_type: int
+    name: str,
+    empty: str,
+    present_value: str,
+    total: str,
+    out: str,
+    fixed: str,
+    width: int,
+    elem_type: int,
+    groups: int = 1,
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes giving ``fixed`` = out, where an empty row takes the mean of present_value's
-    first ``total`` positions instead (inside an If on "any row empty"), and their initializers."""
+    first ``total`` positions instead (inside an If on "any row empty"), and their initializers.
+    ``groups``: query heads per cache head (grouped-query attention: each mean repeated)."""
     p = f"{name}_uniform"
     rows = f"{p}_rows"  # [B,T,1] bool
     any_empty = f"{p}_any"
@@ -77,13 +86,26 @@ def _uniform_fix(
         helper.make_node("Slice", [present_value, f"{p}_zero", total, f"{p}_axis2"], [f"{p}_valid"]),
         helper.make_node("ReduceMean", [f"{p}_valid", f"{p}_axis2"], [f"{p}_mean"], keepdims=1),  # [B,N,1,d]
         helper.make_node("Transpose", [f"{p}_mean"], [f"{p}_tokens"], perm=[0, 2, 1, 3]),
-        helper.make_node("Reshape", [f"{p}_tokens", f"{p}_shape"], [f"{p}_flat"]),  # [B,1,N*d]
-        helper.make_node("Where", [rows, f"{p}_flat", out], [f"{p}_then"]),
     ]
     then_init = [
         numpy_helper.from_array(np.array([0], np.int64), f"{p}_zero"),
         numpy_helper.from_array(np.array([2], np.int64), f"{p}_axis2"),
         numpy_helper.from_array(np.array([0, 1, width], np.int64), f"{p}_shape"),
+    ]
+    tokens = f"{p}_tokens"
+    if groups > 1:  # [B,1,Hkv,d] -> [B,1,Hkv,G,d]: query head h reads cache head h // G
+        then_nodes += [
+            helper.make_node("Unsqueeze", [tokens, f"{p}_axis3"], [f"{p}_single"]),
+            helper.make_node("Expand", [f"{p}_single", f"{p}_groups"], [f"{p}_grouped"]),
+        ]
+        then_init += [
+            numpy_helper.from_array(np.array([3], np.int64), f"{p}_axis3"),
+            numpy_helper.from_array(np.array([1, 1, 1, groups, 1], np.int64), f"{p}_groups"),
+        ]
+        tokens = f"{p}_grouped"
+    then_nodes += [
+        helper.make_node("Reshape", [tokens, f"{p}_shape"], [f"{p}_flat"]),  # [B,1,N*d]
+        helper.make_node("Where", [rows, f"{p}_flat", out], [f"{p}_then"]),
     ]
     out_info = helper.make_tensor_value_info
     then_graph = helper.make_graph(then_nodes, f"{p}_then", [], [out_info(f"{p}_then", elem_type, None)], then_init)

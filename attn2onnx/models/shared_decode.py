@@ -13,7 +13,10 @@ attention_mask's, as ONNX Runtime GenAI's ``past_present_share_buffer`` runs its
 Covered: the variants whose decode attention is standard attention on separate K / V caches,
 and dcmha (its local-window layers too: their buffers hold every position, the window is in the
 key mask) (:data:`SHARED_VARIANTS`); every other causal variant is refused with the reason in
-:data:`NOT_SHARED`.
+:data:`NOT_SHARED`. A transformers folder's decode graph (variant ``transformers:<model_type>``)
+is shared where its attention fuses to MultiHeadAttention over Concat-grown caches
+(:mod:`passes.shared_hf_kv`: Llama-family GQA + RoPE, GPT-2, ...); otherwise the rewrite's
+one-line reason refuses it.
 """
 
 from __future__ import annotations
@@ -39,9 +42,13 @@ NOT_SHARED = {
 }
 
 
+TRANSFORMERS = "transformers:"  # a transformers folder's variant prefix (importers.transformers_decode)
+
+
 def check_shareable(variant: str) -> None:
-    """A one-line UsageError for a variant the shared form does not cover, with the reason."""
-    if variant not in SHARED_VARIANTS:
+    """A one-line UsageError for a variant the shared form does not cover, with the reason (a
+    transformers folder's graph is checked by the rewrite: :mod:`passes.shared_hf_kv`)."""
+    if variant not in SHARED_VARIANTS and not variant.startswith(TRANSFORMERS):
         reason = NOT_SHARED.get(variant, f"the shared form covers {', '.join(SHARED_VARIANTS)} only")
         raise UsageError(f"--shared-kv is not supported for {variant}: {reason}")
 
@@ -75,6 +82,7 @@ def share_decode_graph(in_path: str | os.PathLike, out_path: str | os.PathLike) 
     """Write the shared-buffer form of the ``optimize --target ort`` decode graph at ``in_path``
     to ``out_path`` (checked, atomic); returns how many attention layers it rewrote."""
     from ..passes.shared_dcmha import share_dcmha_buffers
+    from ..passes.shared_hf_kv import share_hf_kv_buffers
     from ..passes.shared_kv import SharedKvError, share_kv_buffers
 
     from ..onnx_io import check_model, load_onnx, save_model
@@ -85,12 +93,16 @@ def share_decode_graph(in_path: str | os.PathLike, out_path: str | os.PathLike) 
         raise UsageError(f"{in_path} already has shared KV buffers")
     check_shareable(meta.variant)
     rewrite = share_dcmha_buffers if meta.variant == "dcmha" else share_kv_buffers
-    if rewrite is share_kv_buffers and any(c.limit is not None for c in meta.caches):
+    if meta.variant.startswith(TRANSFORMERS):
+        rewrite = share_hf_kv_buffers
+    if rewrite is not share_dcmha_buffers and any(c.limit is not None for c in meta.caches):
         raise UsageError("--shared-kv covers local-window caches of dcmha only")
     try:
         count = rewrite(model, [(c.input, c.output) for c in meta.caches], *meta.inputs[:2], SHARED_DIM)
     except SharedKvError as e:
         hint = "" if rewrite is share_dcmha_buffers else " (optimize the decode graph for target ort first)"
+        if rewrite is share_hf_kv_buffers:
+            hint = f" ({meta.variant}: its attention is not the fused form --shared-kv rewrites)"
         raise UsageError(f"--shared-kv: {e}{hint}") from None
     _shared_metadata(model, {c.input for c in meta.caches})
     save_model(model, out_path, check=check_model)
