@@ -27,7 +27,10 @@ from .normalize_hosseini import merged_cores
 _THROUGH = ("Cast", "Where", "Add", "Mul", "Div", "Sub", "Squeeze", "Unsqueeze", "Reshape", "Tanh")
 # Ops that are a whole attention core already: this project's custom ops and ORT's contrib ones.
 _FUSED_OPS = frozenset(
-    [(DOMAIN, op) for op in ("DcmhaAttention", "PooledNormAttention", "ProbAttention", "LandmarkAttention")]
+    [
+        (DOMAIN, op)
+        for op in ("DcmhaAttention", "PooledNormAttention", "ProbAttention", "LandmarkAttention", "StandardAttention")
+    ]
     + [(MS_DOMAIN, op) for op in ("MultiHeadAttention", "GroupQueryAttention", "Attention")]
 )
 
@@ -105,13 +108,13 @@ def _key(scope: Scope, name: str) -> tuple:
     return scope.main, scope.top.name, name
 
 
-def explain(model: onnx.ModelProto | ir.Model, target: str = "ort") -> list[Outcome]:
-    """Run the ``target`` pipeline on a copy of ``model`` and say, per attention core, whether it
-    fused and, where not, why."""
+def explain(model: onnx.ModelProto | ir.Model, target: str = "ort", native: bool = True) -> list[Outcome]:
+    """Run the ``target`` pipeline (``native`` as pipeline.build_passes) on a copy of ``model`` and
+    say, per attention core, whether it fused and, where not, why."""
     from .pipeline import optimize_model
 
     before = to_ir(model)
-    after, _ = optimize_model(independent_copy(before), target=target)  # no weight copied
+    after, _ = optimize_model(independent_copy(before), target=target, native=native)  # no weight copied
     # a batched core (normalize_hosseini) stands for the per-head cores it replaced
     remaining = {_key(s, name): n for s in scopes(after) for n in s.graph for name in (n.name, *merged_cores(n))}
     outcomes = []

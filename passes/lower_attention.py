@@ -39,7 +39,6 @@ from ._ir_utils import (
     expand_to_logits,
     attr,
     const_array,
-    count_ops,
     dims,
     producer,
     rank,
@@ -563,18 +562,17 @@ def pack_projections(model: ir.Model, min_group: int = 2) -> int:
 class LowerAttentionPass(ir.passes.InPlacePass):
     """Attention lowering for ``target`` (ort | trt | portable) plus projection packing."""
 
-    def __init__(self, target: str = "ort", pack: bool = True, native: bool | None = None) -> None:
+    def __init__(self, target: str = "ort", pack: bool = True, native: bool = True) -> None:
         super().__init__()
         self.target, self.pack = target, pack
-        self.native = native_attention.enabled() if native is None else native  # StandardAttention where faster
+        self.native = native  # StandardAttention where faster (target ort)
         self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         fused = "MultiHeadAttention" if self.target == "ort" else "Attention"
-        native_op = f"{DOMAIN}::{native_attention.OP}"
-        before = count_ops(model).get(native_op, 0)
+        before = native_attention.count(model)
         cores = lower_decomposed(model, self.target, self.native)
-        on_native = count_ops(model).get(native_op, 0) - before
+        on_native = native_attention.count(model) - before
         bn = lower_pooled_norm(model, self.target)
         packed = pack_projections(model) if self.pack else 0
         self.counts = {fused: cores - on_native + bn, "packed MatMul": packed}

@@ -13,10 +13,12 @@ The op takes the masks as modes (``causal``) and the graph's own [B,S] key paddi
 all-true one, [B,S] from k's shape, when there is none): no [B,1,T,S] tensor is built. It keeps
 the contract's fully masked rows (uniform over all keys) itself, so no row guard is emitted.
 
-Off unless asked for (``ATTN2ONNX_NATIVE_ATTENTION=1``, or the passes' ``native`` flag): a graph
-holding the op runs the kernel only where ONNX Runtime has the attn2onnx kernel library
-registered (``attn2onnx run`` / ``runtime.session`` do); elsewhere its function body runs, right
-but slower than MultiHeadAttention.
+On by default for target ``ort``; the passes' ``native`` flag (``optimize`` / ``export --optimize``
+``--no-native-attention``) keeps com.microsoft MultiHeadAttention / GroupQueryAttention instead, for
+a stock ONNX Runtime: a graph holding the op runs the kernel only where ONNX Runtime has the
+attn2onnx kernel library registered (``attn2onnx run`` / ``runtime.session`` do); elsewhere its
+function body runs, right but slower than MultiHeadAttention. Decode graphs' cache attention
+(fuse_decode_attention, shared_kv) keeps its MultiHeadAttention / GroupQueryAttention forms.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +35,6 @@ from ._ir_utils import DOMAIN, Builder, ensure_function, scope_nodes
 
 OP = "StandardAttention"
 TABLE = Path(__file__).with_name("native_attention_table.json")
-ENV = "ATTN2ONNX_NATIVE_ATTENTION"
-
-
-def enabled() -> bool:
-    """Whether the ort pipeline lowers plain attention onto the native op (``ATTN2ONNX_NATIVE_ATTENTION=1``)."""
-    return os.environ.get(ENV, "0") == "1"
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,7 +96,12 @@ def emit(
     return b.op(OP, [q, k, v, kpm], attrs, domain=DOMAIN, dtype=q.dtype, shape=out_dims)
 
 
+def count(model: ir.Model) -> int:
+    """How many StandardAttention nodes ``model`` holds (the passes report the cores they put on it)."""
+    return sum(node.domain == DOMAIN and node.op_type == OP for node in scope_nodes(model))
+
+
 def attach_function(model: ir.Model) -> None:
     """Attach the op's function body (and import its domain) when the model holds the op."""
-    if any(node.domain == DOMAIN and node.op_type == OP for node in scope_nodes(model)):
+    if count(model):
         ensure_function(model, OP)

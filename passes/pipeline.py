@@ -58,8 +58,11 @@ class OptimizeError(UsageError):
     """Bad target or unreadable model."""
 
 
-def build_passes(target: str) -> list[tuple[str, ir.passes.PassBase]]:
-    """(name, pass) in the order ``optimize_model`` runs them for ``target``."""
+def build_passes(target: str, native: bool = True) -> list[tuple[str, ir.passes.PassBase]]:
+    """(name, pass) in the order ``optimize_model`` runs them for ``target``. ``native`` (target
+    ort): plain attention onto ai.attn2onnx::StandardAttention where its table says it is faster
+    (:mod:`.native_attention`); off keeps com.microsoft MultiHeadAttention / GroupQueryAttention
+    for a stock ONNX Runtime."""
     if target not in TARGETS:
         raise OptimizeError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     passes: list[tuple[str, ir.passes.PassBase]] = [
@@ -74,9 +77,9 @@ def build_passes(target: str) -> list[tuple[str, ir.passes.PassBase]]:
         ("fuse_super_mix", FuseSuperMixPass()),
         ("fuse_imhsa", FuseImhsaPass()),
         ("fuse_reuse", FuseReusePass()),
-        ("lower_attention", LowerAttentionPass(target=target)),
+        ("lower_attention", LowerAttentionPass(target=target, native=native)),
         # after lower_attention: only what it left (this project's forms keep their own lowering)
-        ("fuse_standard_attention", FuseStandardAttentionPass(target=target)),
+        ("fuse_standard_attention", FuseStandardAttentionPass(target=target, native=native)),
     ]
     if target == "ort":  # last: onnxscript's maintained ORT rules on what ours left (see the module docstring)
         passes.append(("ort_fusions", OrtFusionStage()))
@@ -104,13 +107,15 @@ def optimize_model(
     target: str = "ort",
     sizes: dict[str, int] | None = None,
     progress: Progress | None = None,
+    native: bool = True,
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Run the ``target`` pipeline. An ``onnx_ir.Model`` is changed in place and returned; a
     ModelProto gives a new ModelProto. ``sizes`` (symbol -> int) sets where MACs are counted;
-    ``progress`` shows a bar over the passes (attn2onnx.progress; none by default)."""
+    ``progress`` shows a bar over the passes (attn2onnx.progress; none by default); ``native``
+    as :func:`build_passes`."""
     from attn2onnx.custom_ops import check_model  # imports the op set (torch) only when optimising
 
-    passes = build_passes(target)
+    passes = build_passes(target, native)
     was_proto = isinstance(model, onnx.ModelProto)
     irm = to_ir(model)
     # every ai.attn2onnx node against its op's rules (InvalidModelError, a UsageError); the
@@ -131,6 +136,7 @@ def optimize(
     target: str = "ort",
     sizes: dict[str, int] | None = None,
     progress: Progress | None = None,
+    native: bool = True,
 ) -> Report:
     """Optimize the model at ``in_path`` and write it to ``out_path`` with
     :func:`attn2onnx.onnx_io.save_model` (atomic; weights in ``<out>.data`` past its one
@@ -142,6 +148,6 @@ def optimize(
     from attn2onnx.onnx_io import load_ir
 
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
-    model, report = optimize_model(load_ir(in_path), target, sizes, progress)
+    model, report = optimize_model(load_ir(in_path), target, sizes, progress, native)
     save_model(model, out_path)
     return report

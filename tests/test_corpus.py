@@ -26,19 +26,24 @@ from attn2onnx.passes.explain import explain
 
 SHAPES = [(4, 7), (3, 16)]  # two dynamic shapes; batch 4 holds an all-padding row
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+NATIVE = "ai.attn2onnx::StandardAttention"  # ort's default where its table says it is faster (Entry.native)
 FUSED_OPS = (
+    NATIVE,
     "com.microsoft::MultiHeadAttention",
     "com.microsoft::GroupQueryAttention",
     "Attention",
     "ai.attn2onnx::DcmhaAttention",
 )
 STANDARD = [e for e in corpus.ENTRIES if e.expected is not None]
+# default ort, and ort with native attention off (ort-mha) where that differs: Entry.expected
+ORT_CASES = [(e, "ort") for e in STANDARD] + [(e, "ort-mha") for e in STANDARD if e.native]
 NEAR_MISSES = [e for e in corpus.ENTRIES if e.expected is None]
 
 
 @pytest.fixture(scope="module")
 def optimised():
-    """(entry, target) -> (fp32 module, stock export, export optimised for target), each built once."""
+    """(entry, target) -> (fp32 module, stock export, export optimised for target), each built once
+    (target ort-mha: ort with native attention off, com.microsoft ops only)."""
     cache: dict = {}
 
     def get(entry: corpus.Entry, target: str = "ort"):
@@ -47,7 +52,8 @@ def optimised():
             cache[entry.name] = (module, corpus.export(entry, module))
         if (entry.name, target) not in cache:
             module, stock = cache[entry.name]
-            cache[entry.name, target] = (module, stock, optimize_model(stock, target=target)[0])
+            graph = optimize_model(stock, target=target.removesuffix("-mha"), native=target != "ort-mha")[0]
+            cache[entry.name, target] = (module, stock, graph)
         return cache[entry.name, target]
 
     return get
@@ -76,14 +82,15 @@ def check_parity(entry: corpus.Entry, module: torch.nn.Module, graph, stock=None
         np.testing.assert_allclose(got[rows], expected[rows], atol=tol, rtol=tol, err_msg=f"{entry.name} {batch}x{seq}")
 
 
-@pytest.mark.parametrize("entry", STANDARD, ids=lambda e: e.name)
-def test_standard_attention_fuses_with_parity(optimised, entry):
-    module, _, graph = optimised(entry)
+@pytest.mark.parametrize("entry, target", ORT_CASES, ids=lambda c: getattr(c, "name", c))
+def test_standard_attention_fuses_with_parity(optimised, entry, target):
+    module, _, graph = optimised(entry, target)
     ops = count_ops(ir.serde.deserialize_model(graph))
+    expected = NATIVE if entry.native and target == "ort" else entry.expected
     if entry.gap:
         assert ops.get("Softmax") == entry.cores, f"{entry.name} now fuses: drop its gap"
     else:
-        assert ops.get(entry.expected) == (entry.fused or entry.cores) and "Softmax" not in ops, ops
+        assert ops.get(expected) == (entry.fused or entry.cores) and "Softmax" not in ops, ops
     check_parity(entry, module, graph)
 
 
@@ -121,9 +128,11 @@ def _fused_node(graph) -> ir.Node:
 @pytest.mark.parametrize("name", ["llama_eager", "torch_mha_causal", "gqa_repeat_kv_eager"])
 def test_additive_causal_mask_becomes_causal_mode(optimised, name):
     """Llama's triu(finfo.min) and torch's float causal mask: the fused op's causal mode, no
-    [T,S] bias read per head."""
+    [T,S] bias read per head (StandardAttention's by default, com.microsoft's with native off)."""
     entry = next(e for e in corpus.ENTRIES if e.name == name)
     node = _fused_node(optimised(entry)[2])
+    assert node.op_type == "StandardAttention" and node.attributes["causal"].value == 1 and len(node.inputs) == 4
+    node = _fused_node(optimised(entry, "ort-mha")[2])
     if node.op_type == "MultiHeadAttention":
         assert node.attributes["unidirectional"].value == 1 and len(node.inputs) <= 5, node
     else:
@@ -154,7 +163,7 @@ def test_folded_heads_masks_become_modes(optimised, name, causal, padding):
     key_padding_mask with each row repeated per head ([B*H,S]); never an attention_bias. The same
     for "True = pad" masks (the padding input itself as masked_fill's condition, negated once for
     the fused op) and ``triu(ones, 1)`` read as causal, on heads folded or not."""
-    node = _fused_node(optimised(next(e for e in corpus.ENTRIES if e.name == name))[2])
+    node = _fused_node(optimised(next(e for e in corpus.ENTRIES if e.name == name), "ort-mha")[2])
     assert node.op_type == "MultiHeadAttention" and node.attributes["unidirectional"].value == causal, node
     assert (len(node.inputs) > 4 and node.inputs[4] is not None) == padding and len(node.inputs) <= 5, node
 
@@ -168,10 +177,10 @@ def test_explain_names_a_per_head_mask_on_folded_logits(optimised):
 
 
 def test_grouped_query_attention_reads_each_kv_head_once(optimised):
-    """GroupQueryAttention gets k / v with H/g heads ([B,S,Hkv*d], the projections' own outputs):
-    the repeat_kv copies are gone."""
+    """GroupQueryAttention (native attention off; StandardAttention by default: test_native_attention_lowering)
+    gets k / v with H/g heads ([B,S,Hkv*d], the projections' own outputs): the repeat_kv copies are gone."""
     for name in ("gqa_repeat_kv_eager", "gqa_repeat_interleave_sdpa", "gqa_sdpa_enable_gqa"):
-        graph = optimised(next(e for e in corpus.ENTRIES if e.name == name))[2]
+        graph = optimised(next(e for e in corpus.ENTRIES if e.name == name), "ort-mha")[2]
         node = _fused_node(graph)
         assert node.attributes["kv_num_heads"].value == corpus.st.KV_HEADS, name
         assert [d for d in node.inputs[1].shape][-1] == corpus.st.KV_HEADS * corpus.st.HEAD, name

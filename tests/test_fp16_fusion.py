@@ -37,7 +37,8 @@ SHAPES = [(2, 16), (3, 9)]
 MHA = "com.microsoft::MultiHeadAttention"
 TINY = dict(d_model=32, heads=4, max_len=24, vocab_size=13, num_classes=3, layers=2)
 
-# (variant, family, stock export, expected fused ops) -- layers=2: one fused op per layer.
+# (variant, family, stock export, expected fused ops with native attention off, com.microsoft's
+# forms) -- layers=2: one fused op per layer.
 # Stock exports decompose our ops into their references (what plain PyTorch code exports): the
 # fusions must rebuild them. lm = causal, encoder = non-causal; every input is padded.
 CASES = [
@@ -92,8 +93,16 @@ def assert_parity(model: onnx.ModelProto, source: ModelSource, dtype: str, shape
 @pytest.mark.parametrize("variant,family,stock,expected", CASES, ids=IDS)
 def test_fp16_export_fuses_with_parity(variant, family, stock, expected, tmp_path):
     source = source_of(variant, family)
-    optimised, _ = optimize_model(export(source, "fp16", stock=stock), target="ort")
+    optimised, _ = optimize_model(export(source, "fp16", stock=stock), target="ort", native=False)
     assert fused_ops(optimised) == expected
+    assert_parity(optimised, source, "fp16", SHAPES, tmp_path / "fp16.onnx")
+
+
+def test_fp16_default_ort_uses_standard_attention(tmp_path):
+    """Target ort's default (native attention on): the fp16 lm's plain cores on StandardAttention."""
+    source = source_of("mha", "lm")
+    optimised, _ = optimize_model(export(source, "fp16"), target="ort")
+    assert fused_ops(optimised) == {"ai.attn2onnx::StandardAttention": 2}
     assert_parity(optimised, source, "fp16", SHAPES, tmp_path / "fp16.onnx")
 
 
@@ -115,7 +124,7 @@ def test_plain_reuse_fuses_in_static_and_dynamic_exports(static, tmp_path):
     """Layers 0 and 2 pass probabilities on (ProbAttention); layer 3's fresh heads are plain attention.
     A static export holds the causal mask as a constant lower-triangular tensor."""
     module, stock = plain_reuse_export(static)
-    optimised, _ = optimize_model(stock, target="ort")
+    optimised, _ = optimize_model(stock, target="ort", native=False)
     assert fused_ops(optimised) == {"ai.attn2onnx::ProbAttention": 2, MHA: 1}
     source = ModelSource(
         module,
@@ -129,7 +138,7 @@ def test_plain_reuse_fuses_in_static_and_dynamic_exports(static, tmp_path):
 @pytest.mark.parametrize("variant,family", [("mha", "lm"), ("reuse", "lm")])
 def test_static_fp16_exports_fuse(variant, family, tmp_path):
     source = source_of(variant, family)
-    optimised, _ = optimize_model(export(source, "fp16", stock=True, static=True), target="ort")
+    optimised, _ = optimize_model(export(source, "fp16", stock=True, static=True), target="ort", native=False)
     expected = {MHA: 2} if variant == "mha" else {"ai.attn2onnx::ProbAttention": 1, MHA: 1}
     assert fused_ops(optimised) == expected
     assert_parity(optimised, source, "fp16", [(2, 8)], tmp_path / "static.onnx")

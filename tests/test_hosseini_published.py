@@ -27,7 +27,12 @@ from attn2onnx.passes.pipeline import optimize_model
 from corpus_hosseini import published_style as ps
 from plain_dcmha import run_ort
 
-FUSED = {"ort": "com.microsoft::MultiHeadAttention", "portable": "Attention"}
+# ort: StandardAttention by default (passes/native_attention_table.json); ort-mha: native attention off
+FUSED = {
+    "ort": "ai.attn2onnx::StandardAttention",
+    "ort-mha": "com.microsoft::MultiHeadAttention",
+    "portable": "Attention",
+}
 BATCHES = (1, 3)
 QUERIES = "softmax over queries: no fused kernel"
 # (kind, shared W_a, softmax dim): every published module and its softmax-over-keys twin
@@ -112,13 +117,13 @@ def test_export_is_static_in_tokens_dynamic_in_batch(exported):
     assert dims == ["batch", ps.MAX_LEN, ps.D]
 
 
-@pytest.mark.parametrize("target", ["ort", "portable"])
+@pytest.mark.parametrize("target", list(FUSED))
 @pytest.mark.parametrize("case", CASES, ids=_name)
 def test_published_loop_becomes_one_core_with_parity(exported, case, target):
     kind, shared, dim = case
     module, stock = exported(case)
     assert _ops(stock)["Softmax"] == ps.H  # the published per-head loop
-    graph, report = optimize_model(stock, target=target)
+    graph, report = optimize_model(stock, target=target.removesuffix("-mha"), native=target != "ort-mha")
     ops = _ops(graph)
     over = "queries" if dim == 1 else "keys"
     assert _batched(report) == {f"batched head loop (softmax over {over})": 1}

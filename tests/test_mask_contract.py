@@ -34,8 +34,10 @@ from attn2onnx.variants import build_attention
 
 D, N = 32, 4
 SHAPES = [(5, 7), (5, 16)]  # two dynamic shapes, one odd length
-TARGETS = ["ort", "trt", "portable"]
+TARGETS = ["ort", "ort-mha", "trt", "portable"]  # ort-mha: ort with native attention off (stock ONNX Runtime)
 FUSED = {"ort": "com.microsoft::MultiHeadAttention", "trt": "Attention", "portable": "Attention"}
+NATIVE = "ai.attn2onnx::StandardAttention"  # ort's default for plain cores (passes/native_attention_table.json)
+POOLED = ("bn", "sh", "bn-sh")  # PooledNormAttention lowers to MultiHeadAttention either way
 # every variant the pass lowers, causal where it can be: (variant, causal, fused nodes)
 LOWERED = [
     ("mha", True, 1),
@@ -97,6 +99,16 @@ def exported():
     return get
 
 
+def optimise(stock: onnx.ModelProto, target: str) -> onnx.ModelProto:
+    """``stock`` through the pipeline of ``target`` (ort-mha: ort with ``native`` off)."""
+    return optimize_model(stock, target=target.removesuffix("-mha"), native=not target.endswith("-mha"))[0]
+
+
+def fused_op(target: str, name: str) -> str:
+    """The op a lowered core of variant ``name`` becomes on ``target``."""
+    return NATIVE if target == "ort" and name not in POOLED else FUSED[target.removesuffix("-mha")]
+
+
 def check_contract(module: torch.nn.Module, graph: onnx.ModelProto, precision: str) -> None:
     """The graph equals the fp32 PyTorch module on :func:`contract_mask` inputs at SHAPES."""
     for i, (batch, seq) in enumerate(SHAPES):
@@ -115,8 +127,8 @@ def check_contract(module: torch.nn.Module, graph: onnx.ModelProto, precision: s
 @pytest.mark.parametrize("name,causal,fused", LOWERED)
 def test_lowering_keeps_fully_masked_rows(exported, name, causal, fused, target):
     module, stock = exported(name, causal)
-    optimised, _ = optimize_model(stock, target=target)
-    assert count_ops(ir.serde.deserialize_model(optimised)).get(FUSED[target]) == fused
+    optimised = optimise(stock, target)
+    assert count_ops(ir.serde.deserialize_model(optimised)).get(fused_op(target, name)) == fused
     check_contract(module, optimised, "fp32")
 
 
@@ -129,9 +141,9 @@ def test_fp16_lowering_keeps_fully_masked_rows(exported, name, causal, fused, ta
     pooled variants; mha's fp16 export computes its softmax in fp32 between casts, a core the pass
     does not match) still keeps the contract."""
     module, stock = exported(name, causal, "fp16")
-    optimised, _ = optimize_model(stock, target=target)
+    optimised = optimise(stock, target)
     if fused is not None:
-        assert count_ops(ir.serde.deserialize_model(optimised)).get(FUSED[target]) == fused
+        assert count_ops(ir.serde.deserialize_model(optimised)).get(fused_op(target, name)) == fused
     check_contract(module, optimised, "fp16")
 
 
@@ -180,7 +192,7 @@ def test_validate_fails_a_lowering_that_breaks_the_contract(layer_model, monkeyp
     with monkeypatch.context() as patch:
         patch.setattr(lower_attention, "guard_empty_rows", lambda b, q, allowed: (q, allowed))
         patch.setattr(lower_attention, "NEG", -10000.0)
-        optimize(layer_model / "layer.onnx", bad, target="ort")
+        optimize(layer_model / "layer.onnx", bad, target="ort", native=False)
     mha = next(n for n in onnx.load(bad).graph.node if n.op_type == "MultiHeadAttention")
     assert onnx.helper.get_attribute_value(next(a for a in mha.attribute if a.name == "mask_filter_value")) == -10000.0
     status, result = validate(capsys, bad, layer_model / "layer.pt")

@@ -32,8 +32,7 @@ MASK_BUILDERS = ("Trilu", "ReduceMax", "Where", "com.microsoft::MultiHeadAttenti
 
 @pytest.fixture
 def table(monkeypatch):
-    """Lowering on, with the table given by the test (the checked-in one changes with each benchmark run)."""
-    monkeypatch.setenv(native_attention.ENV, "1")
+    """The table given by the test (the checked-in one changes with each benchmark run); lowering is on by default."""
 
     def use(t: dict) -> None:
         monkeypatch.setattr(native_attention, "load_table", lambda: t)
@@ -101,12 +100,19 @@ def test_slower_classes_keep_multi_head_attention(table):
     assert "ai.attn2onnx::StandardAttention" not in counts and counts.get("com.microsoft::MultiHeadAttention") == 1
 
 
-def test_off_without_the_switch(monkeypatch):
-    monkeypatch.delenv(native_attention.ENV, raising=False)
-    monkeypatch.setattr(native_attention, "load_table", lambda: FASTER)
+def test_off_with_native_false(table):
     _, stock = export("mha", False)
-    counts = count_ops(ir.serde.deserialize_model(optimize_model(stock, target="ort")[0]))
-    assert "ai.attn2onnx::StandardAttention" not in counts
+    counts = count_ops(ir.serde.deserialize_model(optimize_model(stock, target="ort", native=False)[0]))
+    assert "ai.attn2onnx::StandardAttention" not in counts and counts.get("com.microsoft::MultiHeadAttention") == 1
+
+
+def test_optimize_command_option_off_keeps_multi_head_attention(table, tmp_path):
+    _, stock = export("mha", True)
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(stock, source)
+    assert main(["optimize", str(source), "-o", str(target), "--no-native-attention"]) == 0
+    counts = count_ops(ir.load(str(target)))
+    assert "ai.attn2onnx::StandardAttention" not in counts and counts.get("com.microsoft::MultiHeadAttention") == 1
 
 
 def test_choice_by_nearest_class():
@@ -142,14 +148,8 @@ def test_optimize_command_writes_the_lowered_graph(table, tmp_path):
 def test_standard_attention_fusion_uses_the_native_op(table, name):
     """Other tools' attention (tests/corpus) through fuse_standard_attention's hook: grouped K / V
     reach the op unrepeated (kv_num_heads), masks as modes, outputs as PyTorch's."""
-    import inspect
-
     import corpus
 
-    from attn2onnx.passes.fuse_standard_attention import FuseStandardAttentionPass
-
-    if "native" not in inspect.signature(FuseStandardAttentionPass).parameters:
-        pytest.skip("fuse_standard_attention's native hook is not applied (kernel helper's report)")
     table({"classes": {f"{m}/d8": {"T": [256], "ratio": [0.5]} for m in ("causal", "padded")}})
     entry = next(e for e in corpus.ENTRIES if e.name == name)
     module = corpus.build(entry)
@@ -167,3 +167,18 @@ def test_standard_attention_fusion_uses_the_native_op(table, name):
             want = module(*(torch.from_numpy(v) for v in feeds.values())).numpy()
         rows = np.isfinite(want).all(-1)
         np.testing.assert_allclose(fast.run(None, feeds)[0][rows], want[rows], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("flags, op", [((), "StandardAttention"), (("--no-native-attention",), "MultiHeadAttention")])
+def test_export_optimize_takes_the_option(tmp_path, flags, op):
+    """``export --optimize`` lowers onto StandardAttention by default, MultiHeadAttention with the option."""
+    torch.manual_seed(0)
+    module = build_attention("mha", d_model=D, n_heads=N, causal=True, max_len=96).eval()
+    seq = torch.export.Dim("seq", max=96)
+    program = torch.export.export(module, (torch.randn(2, 8, D),), dynamic_shapes=({1: seq},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    out = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["export", str(tmp_path / "m.pt2"), "-o", str(out), "--optimize", "--no-check", *flags]) == 0
+    assert sum(n.op_type == op for n in onnx.load(out).graph.node) == 1

@@ -66,7 +66,12 @@ def test_explain_lists_custom_attention_ops_as_fused(layers, tmp_path, capsys, v
 
 
 def test_explain_counts_contrib_attention_of_an_optimised_graph(layers, tmp_path, capsys):
-    """mha optimised for ort holds com.microsoft::MultiHeadAttention: optimising it again lists it."""
-    _optimize(capsys, layers["mha"], str(tmp_path / "mha.ort.onnx"), "--target", "ort")
-    out = _optimize(capsys, str(tmp_path / "mha.ort.onnx"), str(tmp_path / "again.onnx"), "--explain")
-    assert "attention cores: 1, fused 1" in out and "already com.microsoft::MultiHeadAttention" in out, out
+    """mha optimised for ort with --no-native-attention holds com.microsoft::MultiHeadAttention,
+    by default ai.attn2onnx::StandardAttention: optimising it again lists it."""
+    for flags, op in [
+        (("--no-native-attention",), "com.microsoft::MultiHeadAttention"),
+        ((), "ai.attn2onnx::StandardAttention"),
+    ]:
+        _optimize(capsys, layers["mha"], str(tmp_path / "mha.ort.onnx"), "--target", "ort", *flags)
+        out = _optimize(capsys, str(tmp_path / "mha.ort.onnx"), str(tmp_path / "again.onnx"), "--explain", *flags)
+        assert "attention cores: 1, fused 1" in out and f"already {op}" in out, out

@@ -34,11 +34,12 @@ SHAPES = [(1, 5), (3, 16)]
 LOCAL = "test.local"
 MHA = "com.microsoft::MultiHeadAttention"
 # model -> the ops the ort pipeline must make where the attention lives
+NATIVE = f"{DOMAIN}::StandardAttention"  # ort's default for plain cores (passes/native_attention_table.json)
 FUSED = {
-    "mha": {MHA: 1},  # this project's mha variant: lower_attention
-    "corpus": {MHA: 1},  # GPT-2 style (HF) attention: fuse_standard_attention
+    "mha": {NATIVE: 1},  # this project's mha variant: lower_attention
+    "corpus": {MHA: 1},  # GPT-2 style (HF) attention, its additive mask a bias: fuse_standard_attention
     "dcmha": {f"{DOMAIN}::DcmhaAttention": 1},
-    "super": {f"{DOMAIN}::SuperMix": 1, MHA: 1},
+    "super": {f"{DOMAIN}::SuperMix": 1, NATIVE: 1},
 }
 
 

@@ -35,6 +35,7 @@ import contextlib
 from typing import Iterator
 
 from . import check_input_memory, positive_int
+from .optimize import add_native_option
 from .validate import add_check_options, check_options, check_save_inputs, save_inputs
 
 HELP = "export a model to ONNX (custom ops + function bodies) and check parity"
@@ -77,6 +78,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", choices=("ort", "trt", "portable"), default="ort", help="pass pipeline (with --optimize)"
     )
+    add_native_option(parser)
     parser.add_argument("--no-check", action="store_true", help="skip the ORT vs PyTorch check")
     add_check_options(parser)  # the check's rule and --save-inputs, as validate's
     parser.add_argument(
@@ -279,7 +281,7 @@ def optimize_written(args: argparse.Namespace, progress) -> None:
     from ..passes import optimize
 
     progress.stage(f"optimizing for {args.target}")
-    report = optimize(args.output, args.output, target=args.target, progress=progress)
+    report = optimize(args.output, args.output, target=args.target, progress=progress, native=args.native_attention)
     print(f"optimized for {args.target}: {report.before.nodes} -> {report.after.nodes} nodes")
 
 

@@ -5,6 +5,7 @@
   attn2onnx optimize model.onnx -o model.opt.onnx --report           what each pass changed
   attn2onnx optimize model.onnx -o model.opt.onnx --json
   attn2onnx optimize model.onnx -o model.opt.onnx --explain         each attention core: fused, or why not
+  attn2onnx optimize model.onnx -o model.opt.onnx --no-native-attention   MultiHeadAttention for stock ORT
 
 Targets: ort (may use com.microsoft contrib ops), trt (standard ops + plugin nodes),
 portable (standard ops + ai.attn2onnx nodes with their bodies). --json prints
@@ -27,12 +28,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="IN.onnx")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     parser.add_argument("--target", choices=("ort", "trt", "portable"), default="ort")
+    add_native_option(parser)
     parser.add_argument("--report", action="store_true", help="print per pass what changed")
     parser.add_argument("--json", action="store_true", help="print one JSON summary object")
     parser.add_argument(
         "--explain",
         action="store_true",
         help="list each attention core (softmax over q.k logits) and the fusion it got or why not",
+    )
+
+
+def add_native_option(parser: argparse.ArgumentParser) -> None:
+    """``--no-native-attention`` (optimize, export --optimize): target ort without StandardAttention."""
+    parser.add_argument(
+        "--no-native-attention",
+        dest="native_attention",
+        action="store_false",
+        help="target ort: keep com.microsoft MultiHeadAttention / GroupQueryAttention for stock ONNX Runtime "
+        "instead of ai.attn2onnx StandardAttention where the latter measured faster",
     )
 
 
@@ -74,14 +87,21 @@ def run(args: argparse.Namespace) -> int:
 
     inputs = model_files(args.model, load_onnx(args.model))  # one-line error for a missing / non-ONNX file
     refuse_overwriting_inputs(output_files(args.output), inputs)  # (that proto is not kept: its weights)
-    report = optimize(args.model, args.output, target=args.target, progress=Progress.for_command(json_output=args.json))
+    report = optimize(
+        args.model,
+        args.output,
+        target=args.target,
+        progress=Progress.for_command(json_output=args.json),
+        native=args.native_attention,
+    )
     outcomes = None
     if args.explain:
         import onnx_ir as ir
 
         from ..passes.explain import explain
 
-        outcomes = explain(ir.load(args.model), target=args.target)  # with its weights (tril buffers)
+        # with its weights (tril buffers)
+        outcomes = explain(ir.load(args.model), target=args.target, native=args.native_attention)
     if args.json:  # stdout is one JSON document, the explanation inside it
         doc = summary(report)
         if outcomes is not None:

@@ -26,7 +26,7 @@ class Entry:
     name: str
     make: Callable[[], torch.nn.Module]
     mask: bool  # takes a key_padding_mask input
-    expected: str | None  # fused op on target ort; None: a near miss, must not fuse
+    expected: str | None  # fused op on target ort with native attention off; None: a near miss, must not fuse
     precision: str = "fp32"  # export precision (fp16: module.half())
     cores: int = 1  # attention cores in the module (per-head loops: one per head)
     fused: int = 0  # fused ops expected where not one per core (a head loop batched by normalize_hosseini: 1)
@@ -34,12 +34,13 @@ class Entry:
     portable_gap: str = ""  # the same on targets trt / portable only
     pads: bool = False  # its key_padding_mask is True = pad (fed negated)
     exporter: str = ""  # "": attn2onnx's export; "opset18": torch.onnx dynamo at opset 18; "torchscript": dynamo=False
+    native: bool = False  # ort's default puts it on ai.attn2onnx::StandardAttention (`expected`: with native off)
 
 
 BELOW_23 = "a model below opset 23 has no ONNX Attention to fuse into"
 
 ENTRIES: list[Entry] = [
-    Entry("nanogpt_causal", st.NanoGptCausal, False, MHA),
+    Entry("nanogpt_causal", st.NanoGptCausal, False, MHA, native=True),
     Entry(
         "gpt2_hf_causal_padding",
         st.Gpt2HfCausal,
@@ -48,50 +49,50 @@ ENTRIES: list[Entry] = [
         portable_gap="an additive padding mask with causality: ORT's Attention-23 differs from PyTorch on empty rows",
     ),
     Entry("timm_vit", st.TimmVit, False, MHA),
-    Entry("timm_vit_sdpa", st.TimmVitFused, False, MHA),
+    Entry("timm_vit_sdpa", st.TimmVitFused, False, MHA, native=True),
     Entry("bert_additive", st.BertAdditive, True, MHA),
-    Entry("llama_rope_sdpa", st.LlamaRopeSdpa, False, MHA),
-    Entry("llama_eager", st.LlamaEager, False, MHA),
-    Entry("sdpa_causal", st.SdpaCausal, False, MHA),
-    Entry("sdpa_bool_mask", st.SdpaBoolMask, True, MHA),
+    Entry("llama_rope_sdpa", st.LlamaRopeSdpa, False, MHA, native=True),
+    Entry("llama_eager", st.LlamaEager, False, MHA, native=True),
+    Entry("sdpa_causal", st.SdpaCausal, False, MHA, native=True),
+    Entry("sdpa_bool_mask", st.SdpaBoolMask, True, MHA, native=True),
     Entry("torch_mha_padding", st.TorchMhaPadding, True, MHA),
-    Entry("torch_mha_causal", st.TorchMhaCausal, False, MHA),
-    Entry("per_head_loop", st.PerHeadLoop, False, MHA, cores=st.H, fused=1),
+    Entry("torch_mha_causal", st.TorchMhaCausal, False, MHA, native=True),
+    Entry("per_head_loop", st.PerHeadLoop, False, MHA, cores=st.H, fused=1, native=True),
     Entry("einsum", st.Einsum, False, MHA),
     Entry("einsum_heads_last", st.EinsumHeadsLast, False, MHA),
     Entry("einsum_heads_folded", st.EinsumHeadsFolded, False, MHA),
     Entry("einsum_ellipsis", st.EinsumEllipsis, False, MHA),
-    Entry("einsum_ellipsis_causal", st.EinsumEllipsisCausal, False, MHA),
-    Entry("scale_on_q", st.ScaleOnQ, False, MHA),
-    Entry("scale_on_k_div", st.ScaleOnK, False, MHA),
+    Entry("einsum_ellipsis_causal", st.EinsumEllipsisCausal, False, MHA, native=True),
+    Entry("scale_on_q", st.ScaleOnQ, False, MHA, native=True),
+    Entry("scale_on_k_div", st.ScaleOnK, False, MHA, native=True),
     Entry("scale_split_q_k", st.SqrtScaleBoth, False, MHA),
-    Entry("where_allowed", st.WhereAllowed, True, MHA),
-    Entry("masked_fill_padding", st.MaskedFillPadding, True, MHA),
-    Entry("causal_and_padding", st.CausalAndPadding, True, MHA),
-    Entry("dropout_eval", st.DropoutEval, False, MHA),
-    Entry("softmax_fp32_casts_fp16", st.SoftmaxFp32Casts, False, MHA, precision="fp16"),
+    Entry("where_allowed", st.WhereAllowed, True, MHA, native=True),
+    Entry("masked_fill_padding", st.MaskedFillPadding, True, MHA, native=True),
+    Entry("causal_and_padding", st.CausalAndPadding, True, MHA, native=True),
+    Entry("dropout_eval", st.DropoutEval, False, MHA, native=True),
+    Entry("softmax_fp32_casts_fp16", st.SoftmaxFp32Casts, False, MHA, precision="fp16", native=True),
     Entry("timm_vit_fp16", st.TimmVit, False, MHA, precision="fp16"),
-    Entry("gqa_repeat_kv_eager", st.GqaRepeatKvEager, False, GQA),
-    Entry("gqa_repeat_interleave_sdpa", st.GqaRepeatInterleaveSdpa, False, GQA),
-    Entry("gqa_sdpa_enable_gqa", st.GqaSdpaEnable, False, GQA),
-    Entry("gqa_padding_repeat_kv", st.GqaPaddingRepeatKv, True, GQA),
-    Entry("gqa_hf_causal_padding", st.GqaHfCausalPadding, True, GQA),
-    Entry("gqa_causal_padding_masked_fill", st.GqaCausalPaddingMaskedFill, True, GQA),
-    Entry("gqa_sdpa_padding", st.GqaSdpaPadding, True, GQA),
-    Entry("gqa_tiled_causal", st.GqaTiledCausal, False, MHA),
+    Entry("gqa_repeat_kv_eager", st.GqaRepeatKvEager, False, GQA, native=True),
+    Entry("gqa_repeat_interleave_sdpa", st.GqaRepeatInterleaveSdpa, False, GQA, native=True),
+    Entry("gqa_sdpa_enable_gqa", st.GqaSdpaEnable, False, GQA, native=True),
+    Entry("gqa_padding_repeat_kv", st.GqaPaddingRepeatKv, True, GQA, native=True),
+    Entry("gqa_hf_causal_padding", st.GqaHfCausalPadding, True, GQA, native=True),
+    Entry("gqa_causal_padding_masked_fill", st.GqaCausalPaddingMaskedFill, True, GQA, native=True),
+    Entry("gqa_sdpa_padding", st.GqaSdpaPadding, True, GQA, native=True),
+    Entry("gqa_tiled_causal", st.GqaTiledCausal, False, MHA, native=True),
     Entry("multi_query_broadcast", st.MultiQueryBroadcast, False, GQA),
     Entry("soft_causal_penalty", nm.SoftCausalPenalty, False, MHA),  # fuses, but as a bias
-    Entry("fairseq_encoder_padding", st.FairseqEncoderPadding, True, MHA),
-    Entry("fairseq_decoder_causal", st.FairseqDecoderCausal, False, MHA),
-    Entry("fairseq_decoder_causal_padding", st.FairseqDecoderCausalPadding, True, MHA),
-    Entry("bmm_causal_bias", st.BmmCausalBias, False, MHA),
-    Entry("bmm_tril_masked_fill", st.BmmTrilMaskedFill, False, MHA),
+    Entry("fairseq_encoder_padding", st.FairseqEncoderPadding, True, MHA, native=True),
+    Entry("fairseq_decoder_causal", st.FairseqDecoderCausal, False, MHA, native=True),
+    Entry("fairseq_decoder_causal_padding", st.FairseqDecoderCausalPadding, True, MHA, native=True),
+    Entry("bmm_causal_bias", st.BmmCausalBias, False, MHA, native=True),
+    Entry("bmm_tril_masked_fill", st.BmmTrilMaskedFill, False, MHA, native=True),
     Entry("bmm_alibi_padding", st.BmmAlibiPadding, True, MHA),  # fuses, the per-row ALiBi as a bias
     Entry("bloom_view_alibi", st.BloomViewAlibi, True, MHA),
     Entry("t5_relative_bias_padding", st.T5RelativeBiasPadding, True, MHA),
     Entry("gemma2_soft_cap", st.Gemma2SoftCap, True, GQA),
     Entry("sdpa_causal_opset18", st.SdpaCausal, False, MHA, portable_gap=BELOW_23, exporter="opset18"),
-    Entry("sdpa_bool_mask_opset18", st.SdpaBoolMask, True, MHA, portable_gap=BELOW_23, exporter="opset18"),
+    Entry("sdpa_bool_mask_opset18", st.SdpaBoolMask, True, MHA, portable_gap=BELOW_23, exporter="opset18", native=True),
     Entry("sdpa_causal_torchscript", st.SdpaCausal, False, MHA, portable_gap=BELOW_23, exporter="torchscript"),
     Entry(
         "sdpa_bool_mask_torchscript",
@@ -101,12 +102,14 @@ ENTRIES: list[Entry] = [
         gap="opset 17: the padding mask's empty-row guard needs ReduceMax with axes as an input (opset 18)",
         exporter="torchscript",
     ),
-    Entry("gqa_sdpa_padding_opset18", st.GqaSdpaPadding, True, GQA, portable_gap=BELOW_23, exporter="opset18"),
-    Entry("masked_fill_pad_true", st.MaskedFillPadTrue, True, MHA, pads=True),
+    Entry(
+        "gqa_sdpa_padding_opset18", st.GqaSdpaPadding, True, GQA, portable_gap=BELOW_23, exporter="opset18", native=True
+    ),
+    Entry("masked_fill_pad_true", st.MaskedFillPadTrue, True, MHA, pads=True, native=True),
     Entry("torch_mha_pad_true", st.TorchMhaPadTrue, True, MHA, pads=True),
-    Entry("fairseq_encoder_pad_true", st.FairseqEncoderPadTrue, True, MHA, pads=True),
-    Entry("triu_masked_fill", st.TriuMaskedFill, False, MHA),
-    Entry("pad_true_then_triu", st.PadTrueThenTriu, True, MHA, pads=True),
+    Entry("fairseq_encoder_pad_true", st.FairseqEncoderPadTrue, True, MHA, pads=True, native=True),
+    Entry("triu_masked_fill", st.TriuMaskedFill, False, MHA, native=True),
+    Entry("pad_true_then_triu", st.PadTrueThenTriu, True, MHA, pads=True, native=True),
     Entry("near_softmax_over_queries", nm.SoftmaxOverQueries, False, None),
     Entry("near_fill_with_zero", nm.FillWithZero, True, None),
     Entry("near_mix_over_queries", nm.MixOverQueries, False, None),
