@@ -677,7 +677,7 @@ def core(args, argv) -> int:
             + "ours = DcmhaAttention (native kernel, R=2: both composes included, "
             "so it does more work than the others); plain = StandardAttention (the same kernel core for plain "
             "attention, single-pass flash form, the mask as its causal mode and a [B,S] key mask: what "
-            "`optimize --target ort` emits by default where it beats MultiHeadAttention (`--no-native-attention` keeps MultiHeadAttention)); "
+            "`optimize --target ort` emits by default where it beats MultiHeadAttention); "
             "ort_mha = com.microsoft.MultiHeadAttention; sdpa / "
             "sdpa_compiled = torch's scaled_dot_product_attention, eager / torch.compile, on contiguous "
             "[B,N,T,d]. causal: every key real; padded: non-causal, the last quarter of the keys padding. "
