@@ -46,6 +46,9 @@ FUSED = {
     "reuse": {"ProbAttention": 2},
     "reuse_noncausal": {"ProbAttention": 1},
 }
+# layer 3 of reuse is plain attention: the ort target's default puts it on StandardAttention
+# (passes/native_attention.py), which the standard rule, not fuse_reuse, emits
+STANDARD = {"reuse": {"StandardAttention": 1}}
 NEAR_MISSES = ["imhsa_unmasked_pool", "imhsa_wrong_axis_mix", "reuse_column_softmax"]
 
 
@@ -85,7 +88,7 @@ def assert_matches_eager(module: torch.nn.Module, model: onnx.ModelProto, atol: 
 @pytest.mark.parametrize("name", list(FUSED))
 def test_fuses_and_preserves_outputs(exported, name):
     module, stock, fused, report = exported(name)
-    assert ours(fused) == FUSED[name]
+    assert ours(fused) == {**FUSED[name], **STANDARD.get(name, {})}
     misc = {op: n for p in report.passes if p["pass"] in ("fuse_imhsa", "fuse_reuse") for op, n in p["fused"].items()}
     assert FUSED[name].items() <= misc.items()
     counts = count_ops(ir.serde.deserialize_model(fused))
